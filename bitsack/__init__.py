@@ -1,0 +1,11 @@
+"""bitsack: joint structural pruning and mixed-precision quantization of causal LMs.
+
+The choice of prune / keep-at-b-bits for every structure of a model is solved as one
+multiple-choice knapsack over the model's global loss, with a certificate of optimality.
+
+Importing ``bitsack`` is cheap: torch, CuPy and OR-Tools load only when a stage needs them.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
