@@ -1,0 +1,1 @@
+"""Subcommands of the ``bitsack`` CLI, one module each (see ``bitsack.cli``)."""

@@ -1,0 +1,197 @@
+"""The backend protocol, the registry, and the one place a backend's answer becomes a Solution.
+
+A backend is a class with ``name``, ``is_available()`` and ``solve(problem, options)``.
+Register it with ``@register``. Backends return ``Solution`` objects built by
+``make_solution``, which recomputes the objective, usage and gap with ``evaluate`` so no
+backend's own claims reach the certificate unchecked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bitsack.errors import SolverError
+from bitsack.solver.problem import Problem
+from bitsack.solver.solution import (
+    DEFAULT_ABS_GAP,
+    DEFAULT_REL_GAP,
+    Certificate,
+    Infeasibility,
+    Solution,
+    evaluate,
+    gap,
+    is_optimal,
+)
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """Limits and knobs every backend honours (those that make sense for it).
+
+    Attributes:
+        time_limit_s: wall-clock limit; None = no limit.
+        rel_gap: stop once the relative gap is at most this; also the tolerance for "optimal".
+        abs_gap: absolute gap tolerance for "optimal".
+        seed: random seed (solvers run deterministically for a given seed).
+        threads: worker threads; None = backend default.
+        verbose: let the backend print its log.
+        params: backend-specific extra parameters (documented by each backend).
+    """
+
+    time_limit_s: float | None = None
+    rel_gap: float = DEFAULT_REL_GAP
+    abs_gap: float = DEFAULT_ABS_GAP
+    seed: int = 0
+    threads: int | None = None
+    verbose: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    @classmethod
+    def is_available(cls) -> bool: ...
+
+    def solve(self, problem: Problem, options: SolveOptions) -> Solution: ...
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a backend available by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type]:
+    """Name -> backend class, for every registered backend (available or not)."""
+    from bitsack.solver import backends  # noqa: F401  (imports every backend module)
+
+    return dict(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """Instantiate backend ``name``.
+
+    Raises:
+        SolverError: unknown name, or the backend's dependency is missing.
+    """
+    reg = registry()
+    if name not in reg:
+        raise SolverError(f"solver: {name!r} is not a backend; valid: {sorted(reg)}")
+    cls = reg[name]
+    if not cls.is_available():
+        raise SolverError(f"solver: backend {name!r} is not available here "
+                          f"(its dependency is missing); available: "
+                          f"{sorted(n for n, c in reg.items() if c.is_available())}")
+    return cls()
+
+
+class Stopwatch:
+    """Wall time since construction, for certificates."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def make_solution(
+    problem: Problem,
+    *,
+    assignment: dict[str, str] | None,
+    dual_bound: float | None,
+    solver: str,
+    solver_version: str,
+    options: SolveOptions,
+    wall_time_s: float,
+    params: dict[str, Any] | None = None,
+    infeasible: bool = False,
+    message: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Solution:
+    """Build the Solution for a backend's answer, recomputing everything checkable.
+
+    Args:
+        assignment: unit -> option, or None when the backend found nothing.
+        dual_bound: a valid lower bound on the optimum (already corrected for any scaling the
+            backend did), or None if it has none.
+        infeasible: the backend *proved* infeasibility (status ``infeasible``, explained by
+            ``explain_infeasibility``); otherwise no assignment means ``no_solution``.
+
+    Raises:
+        SolverError: the backend's assignment violates the problem (a backend bug, never a
+            status), or its dual bound exceeds the recomputed objective beyond tolerance.
+    """
+    limits = problem.limits
+    params = dict(params or {})
+    if assignment is None:
+        status = "infeasible" if infeasible else "no_solution"
+        infeas = explain_infeasibility(problem) if infeasible else ()
+        if infeasible and not message:
+            message = "; ".join(i.message for i in infeas) or "the constraints cannot all hold"
+        cert = Certificate(
+            primal_bound=None, dual_bound=dual_bound, abs_gap=None, rel_gap=None, usage={},
+            limits=limits, max_violation=0.0, solver=solver, solver_version=solver_version,
+            params=params, wall_time_s=wall_time_s,
+        )
+        return Solution(problem=problem.name, status=status, assignment={}, objective=None,
+                        certificate=cert, infeasibility=infeas, message=message,
+                        extra=dict(extra or {}))
+
+    ev = evaluate(problem, assignment)
+    if not ev.feasible:
+        raise SolverError(f"solver {solver} returned an infeasible assignment: "
+                          f"{'; '.join(ev.violations[:3])}")
+    primal = ev.objective
+    if dual_bound is not None:
+        slack = max(options.abs_gap, 1e-9 * max(1.0, abs(primal)))
+        if dual_bound > primal + slack:
+            raise SolverError(f"solver {solver} reported dual bound {dual_bound!r} above the "
+                              f"recomputed objective {primal!r}")
+        dual_bound = min(dual_bound, primal)
+    abs_gap, rel_gap = gap(primal, dual_bound)
+    optimal = is_optimal(abs_gap, rel_gap, options.rel_gap, options.abs_gap)
+    cert = Certificate(
+        primal_bound=primal, dual_bound=dual_bound, abs_gap=abs_gap, rel_gap=rel_gap,
+        usage=ev.usage, limits=limits, max_violation=ev.max_violation, solver=solver,
+        solver_version=solver_version, params=params, wall_time_s=wall_time_s,
+    )
+    return Solution(problem=problem.name, status="optimal" if optimal else "feasible",
+                    assignment=dict(assignment), objective=primal, certificate=cert,
+                    message=message, extra=dict(extra or {}))
+
+
+def explain_infeasibility(problem: Problem) -> tuple[Infeasibility, ...]:
+    """For each budget, the smallest limit any assignment could meet, respecting constraints.
+
+    Per resource r this is ``min Σ_u cost_r[u, o_u]`` subject to the side constraints, solved
+    exactly on its own: without constraints it is the sum of each unit's cheapest option;
+    ``same_option`` / ``same_bits`` groups choose one shared option / bit-width;
+    ``min_kept`` groups keep their cheapest kept units. (Overlapping constraint groups are
+    resolved by the exact MIP when OR-Tools is present, else by the relaxation that ignores
+    overlaps, which is still a valid lower bound.)
+    """
+    from bitsack.solver.feasibility import min_cost_per_resource
+
+    out = []
+    for res in problem.resources:
+        if res.limit is None:
+            continue
+        low = min_cost_per_resource(problem, res.name)
+        if low > res.limit + 1e-9 * max(1.0, abs(res.limit)):
+            out.append(Infeasibility(
+                resource=res.name, limit=res.limit, min_achievable=low,
+                message=f"{res.name} limit {res.limit:.6g} cannot be met: the cheapest "
+                        f"assignment needs {low:.6g}",
+            ))
+    return tuple(out)
+
+
+SolveFn = Callable[[Problem, SolveOptions], Solution]
