@@ -1,0 +1,107 @@
+"""The cost-model protocol and its registry (a dict and a decorator; no package walking)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bitsack.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class SliceShape:
+    """One weight slice of a unit: ``rows × cols`` in [out, in] orientation.
+
+    ``dim`` says how the unit owns it: 0 = a range of output rows (full input width),
+    1 = a range of input columns (full output height). Quantization groups run along columns.
+    """
+
+    rows: int
+    cols: int
+    dim: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class UnitShape:
+    """What a cost model may know about a unit: its kind, layer and weight slices.
+
+    ``extra`` carries architecture facts a cost model may use (e.g. ``q_heads``, ``head_dim``
+    for attention FLOPs); adapters fill it, cost models must tolerate it missing.
+    """
+
+    id: str
+    kind: str
+    slices: tuple[SliceShape, ...]
+    layer: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(s.numel for s in self.slices)
+
+
+class CostModel:
+    """Base class of cost models. Subclasses set ``name`` and ``resources`` and implement
+    ``cost``; ``bits == 0`` means the unit is pruned."""
+
+    name: str = ""
+    resources: tuple[str, ...] = ()
+
+    def cost(self, unit: UnitShape, bits: int, group_size: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description recorded in the problem's metadata."""
+        return {"name": self.name, "resources": list(self.resources)}
+
+
+_COST_MODELS: dict[str, type[CostModel]] = {}
+
+
+def register_cost_model(cls: type[CostModel]) -> type[CostModel]:
+    """Class decorator: make a cost model available by its ``name``."""
+    if not cls.name:
+        raise ValidationError("cost_model.name", "is empty; a registered cost model needs a name")
+    _COST_MODELS[cls.name] = cls
+    return cls
+
+
+def cost_model_names() -> list[str]:
+    return sorted(_COST_MODELS)
+
+
+def get_cost_model(name: str, **kwargs: Any) -> CostModel:
+    """Instantiate cost model ``name`` with its keyword arguments."""
+    if name not in _COST_MODELS:
+        raise ValidationError("cost_model", f"{name!r} is not a cost model; "
+                              f"valid: {cost_model_names()}")
+    return _COST_MODELS[name](**kwargs)
+
+
+def option_costs(models: Sequence[CostModel], unit: UnitShape, bits: int,
+                 group_size: int) -> dict[str, float]:
+    """Costs of one option under several cost models (their resources must not overlap)."""
+    out: dict[str, float] = {}
+    for model in models:
+        for res, value in model.cost(unit, bits, group_size).items():
+            if res in out:
+                raise ValidationError("cost_models", f"resource {res!r} is defined by two cost "
+                                      "models; each resource needs exactly one")
+            out[res] = float(value)
+    return out
+
+
+def check_resources(models: Iterable[CostModel]) -> list[str]:
+    """All resources the models define, in order; raises on a duplicate."""
+    seen: list[str] = []
+    for model in models:
+        for res in model.resources:
+            if res in seen:
+                raise ValidationError("cost_models", f"resource {res!r} is defined twice")
+            seen.append(res)
+    return seen
