@@ -1,0 +1,569 @@
+"""The architecture-independent half of a model adapter: unit ids, dims records, surgery plans.
+
+An adapter sees a decoder-only model as a list of layers, each with
+
+  - an attention block made of *head groups* (a KV head with the query heads that share it;
+    one head when there is no GQA), and
+  - an MLP block made of *channels* (intermediate features), grouped into blocks of
+    ``mlp_group`` channels for decisions.
+
+Unit ids name *original* structures and never change: after pruning or permuting, the group
+``L3.attn.g2`` is still called g2 wherever it now sits. The model carries a *dims record*
+(``model.bitsack_dims``, JSON-able) that maps current positions to original indices:
+
+.. code-block:: python
+
+    {"schema": "bitsack.dims/v1", "model_type": "llama",
+     "layers": [{"attn_groups": [0, 2],           # original group index at each position
+                 "mlp_channels": [0, 1, ..., 1535],  # original channel at each position
+                 "heads": 6, "kv_heads": 2, "mlp_width": 1536}, ...]}
+
+``heads``, ``kv_heads`` and ``mlp_width`` are derived (for readers); the two index lists are
+the record. ``apply_dims`` replays a record on a freshly built full-size model, so that a saved
+state dict of a pruned or permuted model loads into it.
+
+Subclasses (``llama.py``, ``gpt2.py``, ``opt.py``) supply the geometry (which slices a group or
+channel range owns) and the surgery primitives (keep these positions of this block, in this
+order); this module does the bookkeeping once for all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bitsack.errors import ModelError
+from bitsack.models.base import Slice, UnitSpec
+
+DIMS_SCHEMA = "bitsack.dims/v1"
+_UNIT_RE = re.compile(r"^L(\d+)\.(attn)\.g(\d+)$|^L(\d+)\.(mlp)\.c(\d+)$")
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What ``prune`` removed and the dims record of the model after it.
+
+    Attributes:
+        pruned: the unit ids removed (sorted as given).
+        dims: the model's dims record after surgery (JSON-able; see module docstring).
+        params_before: weights in the decoder layers' quantizable matrices before surgery.
+        params_after: the same count after surgery.
+    """
+
+    pruned: tuple[str, ...]
+    dims: dict
+    params_before: int
+    params_after: int
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """The inputs of decoder layer 0, captured for layer-by-layer processing.
+
+    ``hidden`` is the hidden state entering layer 0 (``[batch, seq, hidden]``); ``kwargs`` are
+    every other argument the model passes to a decoder layer (attention mask, position ids,
+    rotary position embeddings, ...), by name. They are the same for every layer, so
+    ``adapter.run_layer(i, hidden, inputs.kwargs)`` runs layer ``i`` as the model would.
+    """
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_unit_id(unit_id: str) -> tuple[int, str, int]:
+    """Split ``"L3.attn.g2"`` into ``(3, "attn", 2)`` and ``"L0.mlp.c5"`` into ``(0, "mlp", 5)``.
+
+    Raises:
+        ModelError: for any other string (embedding units are not structural units).
+    """
+    m = _UNIT_RE.match(unit_id)
+    if not m:
+        raise ModelError(
+            f"unit id: {unit_id!r} is not a prunable unit; valid ids look like "
+            "'L<layer>.attn.g<group>' or 'L<layer>.mlp.c<block>' (embeddings can only be quantized)"
+        )
+    if m.group(2):
+        return int(m.group(1)), "attn", int(m.group(3))
+    return int(m.group(4)), "mlp", int(m.group(6))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class _Caught(Exception):
+    """Raised by the layer-0 catcher to stop the forward pass once the inputs are captured."""
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer 0: records its inputs by name, then stops the forward."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.signature = inspect.signature(layer.forward)
+        self.captured: tuple[torch.Tensor, dict[str, Any]] | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Some models pass layer arguments positionally (GPT-2 passes cache and mask so);
+        # binding them to names makes the captured kwargs valid for every layer call.
+        bound = self.signature.bind(*args, **kwargs)
+        named = dict(bound.arguments)
+        hidden_name = next(iter(self.signature.parameters))
+        hidden = named.pop(hidden_name)
+        for name, param in self.signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+                named.update(named.pop(name))
+        self.captured = (hidden, named)
+        raise _Caught
+
+
+class PrunedBlock(nn.Module):
+    """Replaces a sub-block (attention or MLP) whose units were all pruned.
+
+    It returns what the masked original would return: the output projection's bias broadcast
+    over the tokens (zeros when there is no bias), so the residual stream passes through. As an
+    attention stand-in (``attention=True``) it returns ``(output, None)`` like the attention
+    modules, and it keeps a one-number-per-token placeholder in a KV cache: transformers reads
+    the cached sequence length from layer 0 to place new tokens, which would be wrong if a fully
+    pruned layer cached nothing.
+    """
+
+    def __init__(self, hidden_size: int, bias: torch.Tensor | None, *, attention: bool,
+                 layer_idx: int | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.attention = attention
+        self.layer_idx = layer_idx
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        shape = (*hidden_states.shape[:-1], self.hidden_size)
+        if self.bias is None:
+            out = hidden_states.new_zeros(shape)
+        else:
+            out = self.bias.to(hidden_states.dtype).expand(shape).clone()
+        if not self.attention:
+            return out
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and args and hasattr(args[0], "update"):
+            cache = args[0]
+        if cache is not None and self.layer_idx is not None:
+            b, s = hidden_states.shape[0], hidden_states.shape[1]
+            placeholder = hidden_states.new_zeros(b, 1, s, 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        return out, None
+
+    def extra_repr(self) -> str:
+        kind = "attention" if self.attention else "mlp"
+        return f"{kind} pruned, hidden={self.hidden_size}, bias={self.bias is not None}"
+
+
+def select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new ``nn.Linear`` keeping rows (``dim=0``, bias too) or columns (``dim=1``) ``index``.
+
+    The weights are copied (contiguous), on the original device and dtype; meta tensors stay
+    meta, which is how ``apply_dims`` reshapes a model before its weights are loaded.
+    """
+    w = linear.weight.detach()
+    index = index.to(w.device) if w.device.type != "meta" else index
+    new_w = w.index_select(dim, index) if w.device.type != "meta" else _meta_select(w, index, dim)
+    out_f, in_f = new_w.shape
+    new = nn.Linear(in_f, out_f, bias=linear.bias is not None, device="meta", dtype=w.dtype)
+    new.weight = nn.Parameter(new_w.contiguous(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        b = linear.bias.detach()
+        if dim == 0:
+            b = b.index_select(0, index) if b.device.type != "meta" else _meta_select(b, index, 0)
+        new.bias = nn.Parameter(b.clone().contiguous(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+def _meta_select(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = int(index.numel())
+    return torch.empty(shape, dtype=t.dtype, device="meta")
+
+
+def expand_positions(positions: Sequence[int], width: int) -> torch.Tensor:
+    """Row indices of blocks ``positions`` of ``width`` rows each, in the given order."""
+    if not positions:
+        return torch.empty(0, dtype=torch.long)
+    base = torch.as_tensor(list(positions), dtype=torch.long) * width
+    return (base[:, None] + torch.arange(width)[None, :]).reshape(-1)
+
+
+class Adapter:
+    """Architecture-independent unit bookkeeping and surgery driver.
+
+    Subclasses set ``model_types`` and implement the hooks marked "architecture hook". Get one
+    with ``bitsack.models.get_adapter(model)``; it holds no state besides the model, whose
+    ``bitsack_dims`` attribute carries the pruning/permutation record.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---- architecture hooks -------------------------------------------------------------
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        raise NotImplementedError
+
+    def layer_prefix(self, i: int) -> str:
+        """Qualified name prefix of layer ``i`` in ``model.named_parameters()``."""
+        raise NotImplementedError
+
+    def full_sizes(self) -> tuple[int, int]:
+        """(head groups, MLP channels) per layer of the unpruned architecture."""
+        raise NotImplementedError
+
+    def heads_per_group(self) -> int:
+        """Query heads per head group (1 without GQA)."""
+        raise NotImplementedError
+
+    def linear_modules(self, i: int) -> dict[str, nn.Module]:
+        """Quantizable linear modules of layer ``i`` by name relative to the layer.
+
+        Pruned-away sub-blocks contribute nothing. GPT-2 returns ``Conv1D`` modules, whose
+        weights are stored ``[in, out]``.
+        """
+        raise NotImplementedError
+
+    def _group_slices(self, i: int, pos: int, n_groups: int) -> tuple[Slice, ...]:
+        """Architecture hook: slices of the head group at current position ``pos``."""
+        raise NotImplementedError
+
+    def _channel_slices(self, i: int, start: int, stop: int, width: int) -> tuple[Slice, ...]:
+        """Architecture hook: slices of current MLP channels ``start:stop`` (of ``width``)."""
+        raise NotImplementedError
+
+    def _keep_groups(self, i: int, positions: list[int], n_groups: int) -> None:
+        """Architecture hook: keep head groups at ``positions`` (in that order); [] -> pruned."""
+        raise NotImplementedError
+
+    def _keep_channels(self, i: int, positions: list[int], width: int) -> None:
+        """Architecture hook: keep MLP channels at ``positions`` (in that order); [] -> pruned."""
+        raise NotImplementedError
+
+    def embedding_units(self) -> list[UnitSpec]:
+        """Embedding / lm_head / position-embedding units (bits only)."""
+        raise NotImplementedError
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the hidden state leaving the last layer (final norm + lm_head)."""
+        raise NotImplementedError
+
+    # ---- dims record --------------------------------------------------------------------
+    def dims(self) -> dict:
+        """The model's dims record (a deep copy); the identity record for an unpruned model."""
+        rec = getattr(self.model, "bitsack_dims", None)
+        if rec is None:
+            rec = self._identity_dims()
+        return copy.deepcopy(rec)
+
+    def _identity_dims(self) -> dict:
+        n_groups, width = self.full_sizes()
+        return self._make_dims(
+            [list(range(n_groups)) for _ in self.layers()],
+            [list(range(width)) for _ in self.layers()],
+        )
+
+    def _make_dims(self, groups: list[list[int]], channels: list[list[int]]) -> dict:
+        hpg = self.heads_per_group()
+        kv_per_group = 1
+        return {
+            "schema": DIMS_SCHEMA,
+            "model_type": self.config.model_type,
+            "layers": [
+                {
+                    "attn_groups": [int(g) for g in g_list],
+                    "mlp_channels": [int(c) for c in c_list],
+                    "heads": len(g_list) * hpg,
+                    "kv_heads": len(g_list) * kv_per_group,
+                    "mlp_width": len(c_list),
+                }
+                for g_list, c_list in zip(groups, channels, strict=True)
+            ],
+        }
+
+    # ---- units --------------------------------------------------------------------------
+    def units(self, mlp_group: int = 128, group_size: int = 64,
+              embeddings: bool = True) -> list[UnitSpec]:
+        """Every unit of the model with the weight slices it owns.
+
+        Args:
+            mlp_group: MLP channels per unit. The last block of a layer may be smaller, as long
+                as it stays a multiple of ``group_size``.
+            group_size: quantization group size along the input dimension; every column slice
+                must be a multiple of it and every row slice's full width divisible by it.
+            embeddings: include embedding / lm_head units (bits only, not prunable).
+
+        Returns:
+            Units in model order: per layer its head groups then its MLP blocks, then the
+            embedding units. Ids are stable under pruning and permutation.
+
+        Raises:
+            ModelError: when ``mlp_group`` or ``group_size`` does not fit the model.
+        """
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ModelError(f"group_size: {group_size!r} must be a positive integer")
+        if not isinstance(mlp_group, int) or mlp_group < 1:
+            raise ModelError(f"mlp_group: {mlp_group!r} must be a positive integer")
+        rec = self.dims()
+        _, full_width = self.full_sizes()
+        self._check_mlp_group(mlp_group, group_size, full_width)
+        out: list[UnitSpec] = []
+        for i, layer_rec in enumerate(rec["layers"]):
+            groups = layer_rec["attn_groups"]
+            for pos, g in enumerate(groups):
+                out.append(UnitSpec(id=f"L{i}.attn.g{g}", kind="head_group", layer=i,
+                                    slices=self._group_slices(i, pos, len(groups)),
+                                    prunable=True))
+            channels = layer_rec["mlp_channels"]
+            for block, start, stop in self._blocks(i, channels, mlp_group):
+                out.append(UnitSpec(id=f"L{i}.mlp.c{block}", kind="mlp_group", layer=i,
+                                    slices=self._channel_slices(i, start, stop, len(channels)),
+                                    prunable=True))
+        if embeddings:
+            out.extend(self.embedding_units())
+        self._check_group_size(out, group_size)
+        return out
+
+    def _check_mlp_group(self, mlp_group: int, group_size: int, width: int) -> None:
+        last = width % mlp_group
+        # A width the group size does not divide is the group size's fault: the slice check
+        # reports it with the valid group sizes.
+        if width % group_size or (mlp_group % group_size == 0 and last % group_size == 0):
+            return
+        valid = list(range(group_size, width + 1, group_size))
+        shown = ", ".join(map(str, valid[:12])) + (", ..." if len(valid) > 12 else "")
+        raise ModelError(
+            f"mlp_group: {mlp_group} does not fit MLP width {width} with group_size {group_size}"
+            f" (blocks of {mlp_group}, last block {last or mlp_group}: column slices must be "
+            f"multiples of the group size); valid mlp_group values: {shown or 'none'}"
+        )
+
+    @staticmethod
+    def _blocks(i: int, channels: list[int], mlp_group: int) -> list[tuple[int, int, int]]:
+        """(block id, start, stop) of current channel positions, one per original block."""
+        blocks: list[tuple[int, int, int]] = []
+        pos = 0
+        seen: set[int] = set()
+        while pos < len(channels):
+            block = channels[pos] // mlp_group
+            start = pos
+            while pos < len(channels) and channels[pos] // mlp_group == block:
+                pos += 1
+            if block in seen:
+                raise ModelError(
+                    f"mlp_group: {mlp_group} does not match layer {i}'s channel order (block "
+                    f"{block} is split in two); use the mlp_group the model was pruned or "
+                    "permuted with"
+                )
+            seen.add(block)
+            blocks.append((block, start, pos))
+        return blocks
+
+    @staticmethod
+    def _check_group_size(units: Iterable[UnitSpec], group_size: int) -> None:
+        widths: list[tuple[str, Slice, int]] = []
+        for u in units:
+            for s in u.slices:
+                # A row slice is quantized along its full width; a column slice within itself.
+                widths.append((u.id, s, s.shape[1]))
+        bad = [(uid, s, w) for uid, s, w in widths if w % group_size]
+        if not bad:
+            return
+        g = 0
+        for _, _, w in widths:
+            g = math.gcd(g, w)
+        uid, s, w = bad[0]
+        what = "columns" if s.dim == 1 else "rows of width"
+        raise ModelError(
+            f"group_size: {group_size} does not divide unit {uid}'s {what} {w} ({s.param}); "
+            f"valid group sizes for this model: {', '.join(map(str, _divisors(g)))}"
+        )
+
+    # ---- surgery ------------------------------------------------------------------------
+    def quantizable_params(self) -> int:
+        """Weights in the decoder layers' quantizable matrices (for before/after counts)."""
+        total = 0
+        for i in range(len(self.layers())):
+            for mod in self.linear_modules(i).values():
+                total += mod.weight.numel()
+        return total
+
+    def prune(self, unit_ids: Iterable[str], mlp_group: int = 128) -> PruneResult:
+        """Remove head groups and MLP blocks physically (see ``bitsack.models.prune``)."""
+        ids = list(dict.fromkeys(unit_ids))
+        rec = self.dims()
+        n_layers = len(rec["layers"])
+        drop_groups: dict[int, set[int]] = {}
+        drop_blocks: dict[int, set[int]] = {}
+        for uid in ids:
+            layer, kind, idx = parse_unit_id(uid)
+            if layer >= n_layers:
+                raise ModelError(f"unit id: {uid!r} names layer {layer}; the model has layers "
+                                 f"0..{n_layers - 1}")
+            lr = rec["layers"][layer]
+            if kind == "attn":
+                if idx not in lr["attn_groups"]:
+                    raise ModelError(f"unit id: {uid!r} is not a head group of the model (layer "
+                                     f"{layer} has groups {lr['attn_groups']})")
+                drop_groups.setdefault(layer, set()).add(idx)
+            else:
+                blocks = {c // mlp_group for c in lr["mlp_channels"]}
+                if idx not in blocks:
+                    raise ModelError(f"unit id: {uid!r} is not an MLP block of the model with "
+                                     f"mlp_group={mlp_group} (layer {layer} has blocks "
+                                     f"{sorted(blocks)})")
+                drop_blocks.setdefault(layer, set()).add(idx)
+        before = self.quantizable_params()
+        for layer in sorted(set(drop_groups) | set(drop_blocks)):
+            lr = rec["layers"][layer]
+            if layer in drop_groups:
+                keep = [p for p, g in enumerate(lr["attn_groups"]) if g not in drop_groups[layer]]
+                self._keep_groups(layer, keep, len(lr["attn_groups"]))
+                lr["attn_groups"] = [lr["attn_groups"][p] for p in keep]
+            if layer in drop_blocks:
+                keep = [p for p, c in enumerate(lr["mlp_channels"])
+                        if c // mlp_group not in drop_blocks[layer]]
+                self._keep_channels(layer, keep, len(lr["mlp_channels"]))
+                lr["mlp_channels"] = [lr["mlp_channels"][p] for p in keep]
+        self._set_dims(rec)
+        return PruneResult(pruned=tuple(ids), dims=self.dims(), params_before=before,
+                           params_after=self.quantizable_params())
+
+    def permute_units(self, order: Sequence[str], mlp_group: int = 128) -> dict:
+        """Reorder units inside their matrices, preserving the function.
+
+        For every (layer, attn|mlp) that ``order`` mentions, its units must all be listed, once
+        each; they are placed in the order given (e.g. sorted by bit-width, so each matrix has
+        one contiguous segment per bit-width). A head group moves its q/k/v rows and o_proj
+        columns together; an MLP block its gate/up rows and down columns.
+
+        Returns:
+            The new dims record.
+        """
+        rec = self.dims()
+        wanted: dict[tuple[int, str], list[int]] = {}
+        for uid in order:
+            layer, kind, idx = parse_unit_id(uid)
+            if layer >= len(rec["layers"]):
+                raise ModelError(f"order: {uid!r} names layer {layer}; the model has layers "
+                                 f"0..{len(rec['layers']) - 1}")
+            wanted.setdefault((layer, kind), []).append(idx)
+        for (layer, kind), idxs in sorted(wanted.items()):
+            lr = rec["layers"][layer]
+            if kind == "attn":
+                current = lr["attn_groups"]
+            else:
+                current = [b for b, _, _ in self._blocks(layer, lr["mlp_channels"], mlp_group)]
+            if sorted(idxs) != sorted(current) or len(set(idxs)) != len(idxs):
+                raise ModelError(
+                    f"order: layer {layer} {kind} units {sorted(idxs)} must list each of the "
+                    f"layer's current units exactly once: {sorted(current)}")
+            if kind == "attn":
+                pos_of = {g: p for p, g in enumerate(current)}
+                positions = [pos_of[g] for g in idxs]
+                self._keep_groups(layer, positions, len(current))
+                lr["attn_groups"] = [current[p] for p in positions]
+            else:
+                spans = {b: (s, e) for b, s, e in self._blocks(layer, lr["mlp_channels"],
+                                                                  mlp_group)}
+                positions = [p for b in idxs for p in range(*spans[b])]
+                self._keep_channels(layer, positions, len(lr["mlp_channels"]))
+                lr["mlp_channels"] = [lr["mlp_channels"][p] for p in positions]
+        self._set_dims(rec)
+        return self.dims()
+
+    def apply_dims(self, dims: dict) -> None:
+        """Reshape a freshly built full-size model to a recorded dims record.
+
+        Sizes and orders only: load the saved state dict afterwards. Works on the meta device.
+
+        Raises:
+            ModelError: the record is malformed, of another architecture, or the model was
+                already pruned or permuted.
+        """
+        if not isinstance(dims, dict) or dims.get("schema") != DIMS_SCHEMA:
+            got = dims.get("schema") if isinstance(dims, dict) else type(dims).__name__
+            raise ModelError(f"dims.schema: {got!r} is not {DIMS_SCHEMA!r}")
+        if dims.get("model_type") != self.config.model_type:
+            raise ModelError(f"dims.model_type: {dims.get('model_type')!r} does not match the "
+                             f"model's {self.config.model_type!r}")
+        if getattr(self.model, "bitsack_dims", None) is not None and \
+                self.dims() != self._identity_dims():
+            raise ModelError("apply_dims: the model is already pruned or permuted; build a fresh "
+                             "full-size model from its config first")
+        n_groups, width = self.full_sizes()
+        layers = dims.get("layers")
+        if not isinstance(layers, list) or len(layers) != len(self.layers()):
+            raise ModelError(f"dims.layers: {len(layers) if isinstance(layers, list) else layers!r}"
+                             f" entries; the model has {len(self.layers())} layers")
+        for i, lr in enumerate(layers):
+            for key, full in (("attn_groups", n_groups), ("mlp_channels", width)):
+                vals = lr.get(key) if isinstance(lr, dict) else None
+                if (not isinstance(vals, list) or len(set(vals)) != len(vals)
+                        or any(not isinstance(v, int) or not 0 <= v < full for v in vals)):
+                    raise ModelError(f"dims.layers[{i}].{key}: must be distinct integers in "
+                                     f"0..{full - 1}")
+        for i, lr in enumerate(layers):
+            if lr["attn_groups"] != list(range(n_groups)):
+                self._keep_groups(i, list(lr["attn_groups"]), n_groups)
+            if lr["mlp_channels"] != list(range(width)):
+                self._keep_channels(i, list(lr["mlp_channels"]), width)
+        self._set_dims(self._make_dims([lr["attn_groups"] for lr in layers],
+                                       [lr["mlp_channels"] for lr in layers]))
+
+    def _set_dims(self, rec: dict) -> None:
+        self.model.bitsack_dims = self._make_dims(
+            [lr["attn_groups"] for lr in rec["layers"]],
+            [lr["mlp_channels"] for lr in rec["layers"]])
+
+    # ---- layer-by-layer processing ------------------------------------------------------
+    @torch.no_grad()
+    def capture_layer_inputs(self, input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> LayerInputs:
+        """Run the embeddings and capture what enters decoder layer 0.
+
+        No decoder layer runs, so only the embedding modules need to be on a device (the
+        layers may stay on the CPU or the meta device) — this is how models larger than memory
+        are processed one layer at a time (GPTQ's "catcher", Frantar et al. 2022).
+
+        Args:
+            input_ids: ``[batch, seq]`` token ids, on the embedding's device.
+            attention_mask: optional padding mask, as for the model's forward.
+
+        Returns:
+            The hidden state and the keyword arguments of a layer call.
+        """
+        layers = self.layers()
+        first = layers[0]
+        catcher = _Catcher(first)
+        layers[0] = catcher
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Caught:
+            pass
+        finally:
+            layers[0] = first
+        if catcher.captured is None:
+            raise ModelError("capture_layer_inputs: the model never called decoder layer 0")
+        hidden, kwargs = catcher.captured
+        return LayerInputs(hidden=hidden, kwargs=kwargs)
+
+    def run_layer(self, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Run decoder layer ``i`` on ``hidden`` with captured ``kwargs``; returns its output."""
+        out = self.layers()[i](hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out

