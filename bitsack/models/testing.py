@@ -100,3 +100,36 @@ class ByteTokenizer:
 
     def decode(self, ids, **kwargs: Any) -> str:
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def unit_coverage(model, units) -> dict[str, torch.Tensor]:
+    """How many unit slices cover each element of each 2-D parameter (stored orientation).
+
+    Raises:
+        AssertionError: a slice names a parameter that is not 2-D or has a wrong shape.
+    """
+    counts = {name: torch.zeros(p.shape, dtype=torch.int32)
+              for name, p in model.named_parameters() if p.ndim == 2}
+    for u in units:
+        for s in u.slices:
+            if s.param not in counts:
+                raise AssertionError(f"{u.id}: {s.param} is not a 2-D parameter")
+            view = counts[s.param].T if s.transposed else counts[s.param]
+            idx = [slice(None), slice(None)]
+            idx[s.dim] = slice(s.start, s.stop)
+            region = view[tuple(idx)]
+            if tuple(region.shape) != s.shape:
+                raise AssertionError(f"{u.id}: slice {s} selects {tuple(region.shape)}")
+            region += 1
+    return counts
+
+
+def assert_exact_cover(model, units) -> None:
+    """Assert every element of every 2-D parameter lies in exactly one unit slice."""
+    counts = unit_coverage(model, units)
+    for name, c in counts.items():
+        if c.numel() and (int(c.min()) != 1 or int(c.max()) != 1):
+            raise AssertionError(f"{name}: covered {int(c.min())}..{int(c.max())} times")
+    total = sum(c.numel() for c in counts.values())
+    if sum(u.params for u in units) != total:
+        raise AssertionError(f"units own {sum(u.params for u in units)} weights, model has {total}")

@@ -5,35 +5,10 @@ from __future__ import annotations
 import types
 
 import pytest
-import torch
 
 from bitsack.errors import ModelError
 from bitsack.models import get_adapter, model_units, supported_model_types
-from bitsack.models.testing import TINY_ARCHS, tiny_model
-
-
-def coverage_counts(model, units) -> dict[str, torch.Tensor]:
-    """How many unit slices cover each element of each 2-D parameter (stored orientation)."""
-    counts = {name: torch.zeros(p.shape, dtype=torch.int32)
-              for name, p in model.named_parameters() if p.ndim == 2}
-    for u in units:
-        for s in u.slices:
-            assert s.param in counts, f"{u.id}: {s.param} is not a 2-D parameter"
-            view = counts[s.param].T if s.transposed else counts[s.param]
-            idx = [slice(None), slice(None)]
-            idx[s.dim] = slice(s.start, s.stop)
-            region = view[tuple(idx)]
-            assert tuple(region.shape) == s.shape, (u.id, s)
-            region += 1
-    return counts
-
-
-def assert_exact_cover(model, units) -> None:
-    counts = coverage_counts(model, units)
-    for name, c in counts.items():
-        assert int(c.min()) == 1 and int(c.max()) == 1, f"{name}: coverage {c.min()}..{c.max()}"
-    total = sum(c.numel() for c in counts.values())
-    assert sum(u.params for u in units) == total
+from bitsack.models.testing import TINY_ARCHS, assert_exact_cover, tiny_model
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
