@@ -1,4 +1,4 @@
-"""Packed low-bit formats and their exact sizes.
+"""Packed low-bit formats, their exact sizes, and pack/unpack (NumPy and torch).
 
 The size function is the contract with the solver's memory cost model: a memory budget is
 bytes on disk, so ``packed_nbytes`` must equal what packing really writes.
@@ -8,15 +8,62 @@ Layout of a packed segment (DESIGN.md): ``bits`` and ``group_size`` (along the i
 fp16 ``zero`` per group; ``w ≈ scale · (q − zero)``. Value k of a row occupies bits
 ``[k·b, (k+1)·b)`` of the little-endian concatenation of the row's words (3-bit: 32 values in
 3 words). 16 bits means untouched: the weights are stored as fp16, no groups.
+
+This module must stay importable without torch (the solver imports it); torch is imported
+lazily, only when a torch tensor is packed or unpacked.
 """
 
 from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+
+from bitsack.errors import ValidationError
 
 #: Bit-widths with a packed layout (16 = plain fp16).
 PACKABLE_BITS = (1, 2, 3, 4, 8, 16)
 
 #: Bytes of per-group metadata: fp16 scale + fp16 zero.
 GROUP_META_BYTES = 4
+
+
+class PackFormat(str, enum.Enum):
+    """How one segment of a weight matrix is stored.
+
+    ``BITSTREAM_U32`` (bits 1–8): ``qdata`` is a ``uint32`` array ``[rows, words_per_row]``
+    with ``words_per_row = ceil(bits·cols/32)``. Row r is a little-endian bit stream: its
+    words concatenated as ``word0 | word1 << 32 | word2 << 64 | …``; value k (column k) of the
+    row is the unsigned integer in bits ``[k·bits, (k+1)·bits)`` of that stream, so values may
+    straddle two words when ``bits`` does not divide 32 (3-bit: 32 values fill exactly 3
+    words). Unused high bits of a row's last word are zero. Every row starts on a new word.
+    Beside it, ``scale`` and ``zero`` are fp16 ``[rows, cols // group_size]``, group ``g``
+    covering columns ``[g·group_size, (g+1)·group_size)``; the weight is
+    ``float32(scale) · (float32(q) − float32(zero))`` computed in fp32.
+
+    ``FP16`` (bits 16): the weights themselves, fp16 ``[rows, cols]``, no groups.
+    """
+
+    BITSTREAM_U32 = "bitstream-u32"
+    FP16 = "fp16"
+
+    @classmethod
+    def for_bits(cls, bits: int) -> PackFormat:
+        """The format that stores ``bits``-bit weights."""
+        check_bits(bits, allow_16=True)
+        return cls.FP16 if bits == 16 else cls.BITSTREAM_U32
+
+
+def check_bits(bits: Any, *, allow_16: bool = False, field: str = "bits") -> int:
+    """Return ``bits`` as an int if it has a packed layout, else raise ``ValidationError``."""
+    valid = "1..8 or 16" if allow_16 else "1..8"
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValidationError(field, f"{bits!r} is not an integer; valid: {valid}")
+    bits = int(bits)
+    if not (1 <= bits <= 8 or (allow_16 and bits == 16)):
+        raise ValidationError(field, f"{bits} has no packed layout; valid: {valid}")
+    return bits
 
 
 def words_per_row(cols: int, bits: int) -> int:
@@ -31,15 +78,169 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     group; 16 bits is fp16, ``2·rows·cols``; 0 bits (pruned) is 0.
 
     Raises:
-        ValueError: bits not in 0..16, or ``group_size`` does not divide ``cols``.
+        ValueError: bits not in 0..16, or ``group_size`` does not divide ``cols``
+            (a ``bitsack.errors.ValidationError``, which is a ``ValueError``).
     """
     if bits == 0:
         return 0
     if bits == 16:
         return 2 * rows * cols
     if not 1 <= bits <= 8:
-        raise ValueError(f"bits: {bits} has no packed layout; valid: 1..8 or 16")
+        raise ValidationError("bits", f"{bits} has no packed layout; valid: 1..8 or 16")
     if group_size <= 0 or cols % group_size:
-        raise ValueError(f"group_size: {group_size} does not divide the {cols} columns; "
-                         f"valid: a positive divisor of {cols}")
+        raise ValidationError("group_size", f"{group_size} does not divide the {cols} columns; "
+                              f"valid: a positive divisor of {cols}")
     return rows * words_per_row(cols, bits) * 4 + rows * (cols // group_size) * GROUP_META_BYTES
+
+
+# --------------------------------------------------------------------------------------------
+# pack / unpack
+#
+# Both work on chunks of 32 values: 32 values of b bits fill exactly b words, so value k of a
+# chunk sits at bit offset k·b of the chunk's b words, i.e. word (k·b)//32, shift (k·b)%32, and
+# straddles into the next word when shift + b > 32. Rows are padded with zero values to whole
+# chunks and the padding words are cut off afterwards (they hold only zeros).
+# --------------------------------------------------------------------------------------------
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _check_codes(shape: tuple[int, ...], bits: int) -> None:
+    if len(shape) != 2:
+        raise ValidationError("codes", f"shape {tuple(shape)} is not 2-D; valid: [rows, cols]")
+
+
+def pack(codes: Any, bits: int) -> Any:
+    """Pack integer codes ``[rows, cols]`` (values ``< 2**bits``) into uint32 words.
+
+    Accepts a NumPy array (returns ``np.uint32``) or a torch tensor (returns ``torch.uint32``
+    on the same device). Layout: see ``PackFormat.BITSTREAM_U32``.
+
+    Raises:
+        ValidationError: bits outside 1..8, codes not 2-D, or a code does not fit in ``bits``.
+    """
+    if _is_torch(codes):
+        return pack_torch(codes, bits)
+    return pack_numpy(np.asarray(codes), bits)
+
+
+def unpack(qdata: Any, bits: int, cols: int) -> Any:
+    """Inverse of ``pack``: uint32 words ``[rows, words]`` -> uint8 codes ``[rows, cols]``."""
+    if _is_torch(qdata):
+        return unpack_torch(qdata, bits, cols)
+    return unpack_numpy(np.asarray(qdata), bits, cols)
+
+
+def _check_unpack(shape: tuple[int, ...], bits: int, cols: int) -> None:
+    if len(shape) != 2:
+        raise ValidationError("qdata", f"shape {tuple(shape)} is not 2-D; valid: [rows, words]")
+    if cols < 0:
+        raise ValidationError("cols", f"{cols} is negative; valid: >= 0")
+    if shape[1] != words_per_row(cols, bits):
+        raise ValidationError("qdata", f"{shape[1]} words per row do not hold {cols} values of "
+                              f"{bits} bits; valid: {words_per_row(cols, bits)} words")
+
+
+def pack_numpy(codes: np.ndarray, bits: int) -> np.ndarray:
+    """NumPy implementation of ``pack``."""
+    bits = check_bits(bits)
+    _check_codes(codes.shape, bits)
+    if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValidationError("codes", f"values span [{codes.min()}, {codes.max()}], which does "
+                              f"not fit in {bits} bits; valid: 0..{(1 << bits) - 1}")
+    rows, cols = codes.shape
+    chunks = -(-cols // 32)
+    padded = np.zeros((rows, chunks * 32), dtype=np.uint64)
+    padded[:, :cols] = codes
+    vals = padded.reshape(rows, chunks, 32)
+    # uint64 accumulators so a value shifted past bit 31 keeps its high part for the next word.
+    words = np.zeros((rows, chunks, bits + 1), dtype=np.uint64)
+    for k in range(32):
+        word, shift = divmod(k * bits, 32)
+        v = vals[:, :, k] << np.uint64(shift)
+        words[:, :, word] |= v & np.uint64(0xFFFFFFFF)
+        words[:, :, word + 1] |= v >> np.uint64(32)
+    out = words[:, :, :bits].reshape(rows, chunks * bits)[:, : words_per_row(cols, bits)]
+    return np.ascontiguousarray(out.astype(np.uint32))
+
+
+def unpack_numpy(qdata: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """NumPy implementation of ``unpack``."""
+    bits = check_bits(bits)
+    _check_unpack(qdata.shape, bits, cols)
+    rows, nwords = qdata.shape
+    chunks = -(-cols // 32)
+    words = np.zeros((rows, chunks * bits + 1), dtype=np.uint64)
+    words[:, :nwords] = qdata.astype(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    out = np.empty((rows, chunks, 32), dtype=np.uint8)
+    base = np.arange(chunks) * bits
+    for k in range(32):
+        word, shift = divmod(k * bits, 32)
+        # 64-bit window over two adjacent words covers a value that straddles them.
+        window = words[:, base + word] | (words[:, base + word + 1] << np.uint64(32))
+        out[:, :, k] = (window >> np.uint64(shift)) & mask
+    return out.reshape(rows, chunks * 32)[:, :cols].copy()
+
+
+def pack_torch(codes: Any, bits: int) -> Any:
+    """torch implementation of ``pack`` (int64 arithmetic; result viewed as ``torch.uint32``)."""
+    import torch
+
+    bits = check_bits(bits)
+    _check_codes(tuple(codes.shape), bits)
+    rows, cols = codes.shape
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
+        raise ValidationError("codes", f"values span [{int(c.min())}, {int(c.max())}], which "
+                              f"does not fit in {bits} bits; valid: 0..{(1 << bits) - 1}")
+    chunks = -(-cols // 32)
+    vals = torch.nn.functional.pad(c, (0, chunks * 32 - cols)).reshape(rows, chunks, 32)
+    words = torch.zeros((rows, chunks, bits + 1), dtype=torch.int64, device=codes.device)
+    for k in range(32):
+        word, shift = divmod(k * bits, 32)
+        v = vals[:, :, k] << shift  # < 2**40: no int64 overflow
+        words[:, :, word] |= v & 0xFFFFFFFF
+        words[:, :, word + 1] |= v >> 32
+    out = words[:, :, :bits].reshape(rows, chunks * bits)[:, : words_per_row(cols, bits)]
+    # int64 -> int32 keeps the low 32 bits (two's complement); the view reinterprets them.
+    return out.to(torch.int32).contiguous().view(torch.uint32)
+
+
+def _words_as_int64(qdata: Any) -> Any:
+    """uint32 (or int32) words as non-negative int64 values (torch lacks uint32 shifts)."""
+    import torch
+
+    if qdata.dtype == torch.uint32:
+        qdata = qdata.view(torch.int32)
+    if qdata.dtype != torch.int32:
+        raise ValidationError("qdata", f"dtype {qdata.dtype}; valid: torch.uint32 or torch.int32")
+    return qdata.to(torch.int64) & 0xFFFFFFFF
+
+
+def unpack_torch(qdata: Any, bits: int, cols: int, dtype: Any = None) -> Any:
+    """torch implementation of ``unpack``; codes as uint8 (or ``dtype``) on qdata's device."""
+    import torch
+
+    bits = check_bits(bits)
+    _check_unpack(tuple(qdata.shape), bits, cols)
+    rows, nwords = qdata.shape
+    w = _words_as_int64(qdata)
+    chunks = -(-cols // 32)
+    if 32 % bits == 0:
+        # Values never straddle words: one shift per position within a word.
+        per = 32 // bits
+        shifts = torch.arange(per, device=qdata.device, dtype=torch.int64) * bits
+        out = ((w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, nwords * per)
+    else:
+        words = torch.nn.functional.pad(w, (0, chunks * bits + 1 - nwords))
+        base = torch.arange(chunks, device=qdata.device) * bits
+        out = torch.empty((rows, chunks, 32), dtype=torch.int64, device=qdata.device)
+        for k in range(32):
+            word, shift = divmod(k * bits, 32)
+            window = words[:, base + word] | (words[:, base + word + 1] << 32)
+            out[:, :, k] = (window >> shift) & ((1 << bits) - 1)
+        out = out.reshape(rows, chunks * 32)
+    return out[:, :cols].to(dtype or torch.uint8).contiguous()

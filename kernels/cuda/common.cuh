@@ -1,0 +1,42 @@
+// Shared helpers of bitsack's kernels. No CUDA headers are included, so NVRTC compiles these
+// sources without an include path (fp16 is converted with PTX `cvt`, not cuda_fp16.h).
+#pragma once
+
+// fp16 bit pattern -> fp32 (exact: every fp16 value, subnormals included, is an fp32 value).
+__device__ __forceinline__ float bs_half_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// fp32 -> fp16 bit pattern, round to nearest even.
+__device__ __forceinline__ unsigned short bs_float_to_half(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Value k (0..31) of a 32-value chunk of BITS-bit codes held in the chunk's BITS words.
+// Value k occupies bits [k*BITS, (k+1)*BITS) of the little-endian concatenation of the words
+// (formats.PackFormat.BITSTREAM_U32); it straddles two words when the shift + BITS > 32.
+template <int BITS>
+__device__ __forceinline__ unsigned int bs_extract(const unsigned int (&words)[BITS], int k) {
+    const int bit = k * BITS;
+    const int wi = bit >> 5;
+    const int sh = bit & 31;
+    unsigned int v = words[wi] >> sh;
+    if (sh + BITS > 32) v |= words[wi + 1] << (32 - sh);
+    return v & ((1u << BITS) - 1u);
+}
+
+// Load the BITS words of chunk c of a row with `wpr` words; words past the row's end are 0
+// (the last chunk of a row whose length is not a multiple of 32 is shorter).
+template <int BITS>
+__device__ __forceinline__ void bs_load_chunk(const unsigned int* __restrict__ qrow, int wpr,
+                                              int c, unsigned int (&words)[BITS]) {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) {
+        const int idx = c * BITS + i;
+        words[i] = idx < wpr ? __ldg(qrow + idx) : 0u;
+    }
+}

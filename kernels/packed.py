@@ -1,0 +1,353 @@
+"""Packed layers: a weight matrix stored as segments of packed low-bit (or fp16) weights.
+
+A ``PackedLinear`` holds its ``[out_features, in_features]`` weight as ``Segment``s cut along
+one axis: ranges of output rows (``axis=0``; units of q/k/v/gate/up) or of input columns
+(``axis=1``; units of o_proj/down_proj), each with its own bit-width, covering the matrix once,
+in order. Groups always run along the input dimension inside a segment, so a column segment's
+width is a multiple of its group size. The numbers are ``bitsack.kernels.formats.PackFormat``;
+``forward`` runs on the backend named by ``backend`` (``bitsack.kernels.backends``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bitsack.errors import ValidationError
+from bitsack.kernels.formats import PackFormat, check_bits, pack, packed_nbytes, unpack_torch
+from bitsack.kernels.quantizers import QuantizedTensor, dequantize_codes, rtn_quantize
+
+__all__ = ["PackedEmbedding", "PackedLinear", "Segment"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One contiguous part of a matrix in one format.
+
+    Attributes:
+        axis: 0 = output rows ``start:stop`` (full width), 1 = input columns ``start:stop``
+            (full height).
+        start: first row/column of the segment in the matrix.
+        stop: one past the last.
+        bits: 1..8 (packed) or 16 (fp16 weights).
+        group_size: columns per group (for 16 bits: the segment's column count, unused).
+        shape: ``(rows, cols)`` of the segment.
+        qdata: uint32 ``[rows, words_per_row(cols, bits)]`` (None for 16 bits).
+        scale: fp16 ``[rows, cols // group_size]`` (None for 16 bits).
+        zero: fp16 ``[rows, cols // group_size]`` (None for 16 bits).
+        weight: fp16 ``[rows, cols]`` for 16 bits (None otherwise).
+    """
+
+    axis: int
+    start: int
+    stop: int
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+    qdata: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1):
+            raise ValidationError("segment.axis", f"{self.axis!r}; valid: 0 (rows) or 1 (cols)")
+        if not 0 <= self.start < self.stop:
+            raise ValidationError("segment.start:stop", f"{self.start}:{self.stop} is not a "
+                                  "non-empty range")
+        check_bits(self.bits, allow_16=True, field="segment.bits")
+        rows, cols = self.shape
+        if (rows if self.axis == 0 else cols) != self.stop - self.start:
+            raise ValidationError("segment.shape", f"{self.shape} does not match the range "
+                                  f"{self.start}:{self.stop} along axis {self.axis}")
+        if self.bits == 16:
+            w = self.weight
+            if w is None or w.dtype != torch.float16 or tuple(w.shape) != (rows, cols):
+                raise ValidationError("segment.weight", f"{_desc(w)}; valid: float16 "
+                                      f"[{rows}, {cols}] for a 16-bit segment")
+            return
+        if self.group_size <= 0 or cols % self.group_size:
+            raise ValidationError("segment.group_size", f"{self.group_size} does not divide "
+                                  f"the segment's {cols} columns; valid: a positive divisor")
+        want_q = (rows, -(-self.bits * cols // 32))
+        q = self.qdata
+        if q is None or q.dtype != torch.uint32 or tuple(q.shape) != want_q:
+            raise ValidationError("segment.qdata", f"{_desc(q)}; valid: uint32 {list(want_q)}")
+        want_g = (rows, cols // self.group_size)
+        for name in ("scale", "zero"):
+            t = getattr(self, name)
+            if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_g:
+                raise ValidationError(f"segment.{name}", f"{_desc(t)}; valid: float16 "
+                                      f"{list(want_g)}")
+
+    @property
+    def format(self) -> PackFormat:
+        return PackFormat.for_bits(self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of qdata + scale + zero (or of the fp16 weight): ``packed_nbytes(...)``."""
+        return packed_nbytes(self.shape[0], self.shape[1], self.bits, self.group_size)
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, axis: int, start: int) -> Segment:
+        """Pack a ``QuantizedTensor`` as the segment starting at ``start`` along ``axis``."""
+        rows, cols = qt.shape
+        n = rows if axis == 0 else cols
+        return cls(axis, start, start + n, qt.bits, qt.group_size, (rows, cols),
+                   qdata=pack(qt.codes, qt.bits), scale=qt.scale.contiguous(),
+                   zero=qt.zero.contiguous())
+
+    @classmethod
+    def from_fp16(cls, weight: torch.Tensor, axis: int, start: int) -> Segment:
+        """An fp16 (16-bit, untouched) segment starting at ``start`` along ``axis``."""
+        w = weight.detach().to(torch.float16).contiguous()
+        rows, cols = w.shape
+        n = rows if axis == 0 else cols
+        return cls(axis, start, start + n, 16, cols, (rows, cols), weight=w)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked uint8 codes ``[rows, cols]``."""
+        if self.bits == 16:
+            raise ValidationError("segment.bits", "16 has no codes; valid: a packed segment")
+        return unpack_torch(self.qdata, self.bits, self.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The segment's weights ``[rows, cols]`` (or only ``rows``), computed in fp32."""
+        if self.bits == 16:
+            w = self.weight if rows is None else self.weight[rows]
+            return w.to(dtype)
+        q, s, z = self.qdata, self.scale, self.zero
+        if rows is not None:
+            q, s, z = q[rows], s[rows], z[rows]
+        codes = unpack_torch(q, self.bits, self.shape[1])
+        return dequantize_codes(codes, s, z, self.group_size, dtype)
+
+
+def _desc(t: torch.Tensor | None) -> str:
+    return "None" if t is None else f"{t.dtype} {list(t.shape)}"
+
+
+def _check_tiling(segments: Sequence[Segment], rows: int, cols: int) -> int:
+    """Check that the segments tile a rows × cols matrix along one axis; return the axis."""
+    if not segments:
+        raise ValidationError("segments", "empty; valid: at least one segment")
+    axis = segments[0].axis
+    n = rows if axis == 0 else cols
+    other = cols if axis == 0 else rows
+    pos = 0
+    for i, seg in enumerate(segments):
+        if seg.axis != axis:
+            raise ValidationError(f"segments[{i}].axis", f"{seg.axis}; valid: {axis} (all "
+                                  "segments of one matrix run along one axis)")
+        if seg.start != pos:
+            raise ValidationError(f"segments[{i}].start", f"{seg.start}; valid: {pos} "
+                                  "(segments are contiguous, in order, from 0)")
+        if seg.shape[1 - axis] != other:
+            raise ValidationError(f"segments[{i}].shape", f"{seg.shape}; valid: the full "
+                                  f"{other} along the other axis")
+        pos = seg.stop
+    if pos != n:
+        raise ValidationError("segments", f"cover 0:{pos}; valid: exactly 0:{n}")
+    return axis
+
+
+class _SegmentStore(torch.nn.Module):
+    """Registers each segment's tensors as buffers (so ``state_dict``/``.to`` carry them)."""
+
+    _FIELDS = ("qdata", "scale", "zero", "weight")
+
+    def _store(self, segments: Sequence[Segment]) -> None:
+        self._meta = [(s.axis, s.start, s.stop, s.bits, s.group_size, s.shape) for s in segments]
+        for i, seg in enumerate(segments):
+            for f in self._FIELDS:
+                t = getattr(seg, f)
+                if t is not None:
+                    self.register_buffer(f"seg{i}_{f}", t)
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """The segments, built on the current buffers (wherever the module now lives)."""
+        out = []
+        for i, (axis, start, stop, bits, g, shape) in enumerate(self._meta):
+            tensors = {f: getattr(self, f"seg{i}_{f}", None) for f in self._FIELDS}
+            out.append(Segment(axis, start, stop, bits, g, shape, **tensors))
+        return tuple(out)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weights (qdata + scale + zero, or fp16), bias excluded."""
+        return sum(packed_nbytes(sh[0], sh[1], b, g) for _, _, _, b, g, sh in self._meta)
+
+
+class PackedLinear(_SegmentStore):
+    """``y = x Ŵᵀ + b`` with Ŵ stored as packed segments.
+
+    Args:
+        in_features: columns of the weight.
+        out_features: rows of the weight.
+        segments: along one axis, contiguous, covering the matrix exactly once.
+        bias: optional ``[out_features]`` (kept in its dtype; computed with in fp32).
+        backend: kernel backend name (``reference``, ``torch``, ``cupy``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, segments: Sequence[Segment],
+                 bias: torch.Tensor | None = None, backend: str = "torch"):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.axis = _check_tiling(segments, self.out_features, self.in_features)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValidationError("bias", f"shape {tuple(bias.shape)}; valid: "
+                                  f"[{self.out_features}]")
+        self._store(segments)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        from bitsack.kernels.backends import get_backend
+
+        get_backend(name)  # fail early on an unknown name
+        self._backend = name
+
+    @classmethod
+    def from_quantized(cls, parts: Sequence[QuantizedTensor | torch.Tensor], axis: int,
+                       bias: torch.Tensor | None = None, backend: str = "torch") -> PackedLinear:
+        """Pack pieces laid end to end along ``axis``.
+
+        Args:
+            parts: ``QuantizedTensor``s (packed) or fp16/float tensors (kept as fp16), in
+                order; row pieces (``axis=0``) share the width, column pieces the height.
+            axis: 0 (pieces are row ranges) or 1 (column ranges).
+            bias: optional bias.
+            backend: kernel backend name.
+        """
+        if axis not in (0, 1):
+            raise ValidationError("axis", f"{axis!r}; valid: 0 (rows) or 1 (columns)")
+        segments, pos = [], 0
+        for part in parts:
+            if isinstance(part, QuantizedTensor):
+                seg = Segment.from_quantized(part, axis, pos)
+            else:
+                seg = Segment.from_fp16(part, axis, pos)
+            segments.append(seg)
+            pos = seg.stop
+        if not segments:
+            raise ValidationError("parts", "empty; valid: at least one piece")
+        rows = pos if axis == 0 else segments[0].shape[0]
+        cols = segments[0].shape[1] if axis == 0 else pos
+        return cls(cols, rows, segments, bias=bias, backend=backend)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bits: int | Sequence[tuple[int, int, int]],
+                   group_size: int, axis: int = 0, bias: torch.Tensor | None = None,
+                   backend: str = "torch") -> PackedLinear:
+        """RTN-quantize a dense ``[out, in]`` weight and pack it.
+
+        Args:
+            weight: the dense weight.
+            bits: one bit-width for the whole matrix, or ``(start, stop, bits)`` ranges along
+                ``axis`` tiling it (bits 16 keeps a range in fp16).
+            group_size: columns per group.
+            axis: the axis the ranges cut.
+            bias: optional bias.
+            backend: kernel backend name.
+        """
+        n = weight.shape[axis]
+        ranges = [(0, n, bits)] if isinstance(bits, int) else list(bits)
+        parts: list[QuantizedTensor | torch.Tensor] = []
+        for start, stop, b in ranges:
+            piece = weight[start:stop] if axis == 0 else weight[:, start:stop]
+            parts.append(piece.to(torch.float16) if b == 16
+                         else rtn_quantize(piece, b, group_size))
+        layer = cls.from_quantized(parts, axis, bias=bias, backend=backend)
+        if (layer.out_features, layer.in_features) != tuple(weight.shape):
+            raise ValidationError("bits", f"ranges {ranges} do not tile the {n} "
+                                  f"{'rows' if axis == 0 else 'columns'}")
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]`` the kernels compute with."""
+        parts = [seg.dequantize(torch.float32) for seg in self.segments]
+        return torch.cat(parts, dim=self.axis).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValidationError("x", f"last dim {x.shape[-1]}; valid: {self.in_features}")
+        from bitsack.kernels.backends import get_backend
+
+        return get_backend(self.backend).linear(self, x)
+
+    def extra_repr(self) -> str:
+        segs = ", ".join(f"{s}:{e}@{b}b" for _, s, e, b, _, _ in self._meta)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"axis={self.axis}, segments=[{segs}], backend={self.backend}")
+
+
+class PackedEmbedding(_SegmentStore):
+    """An embedding table ``[num_embeddings, embedding_dim]`` stored as packed segments.
+
+    ``forward(ids)`` gathers the rows of ``ids`` and dequantizes only those. A tied lm_head
+    computes ``h Eᵀ`` with the same table: ``as_linear()`` returns a ``PackedLinear`` whose
+    buffers are the same tensors (no copy). They stay shared as long as both modules are
+    moved together (``model.to``) — moving one alone copies its buffers.
+
+    Args:
+        num_embeddings: rows of the table (vocabulary).
+        embedding_dim: columns.
+        segments: tiling the table along one axis.
+        dtype: dtype of the returned embeddings.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, segments: Sequence[Segment],
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.axis = _check_tiling(segments, self.num_embeddings, self.embedding_dim)
+        self._store(segments)
+        self.dtype = dtype
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bits: int, group_size: int,
+                   dtype: torch.dtype | None = None) -> PackedEmbedding:
+        """RTN-quantize a dense table (bits 16: fp16) into one segment."""
+        seg = Segment.from_fp16(weight, 0, 0) if bits == 16 else \
+            Segment.from_quantized(rtn_quantize(weight, bits, group_size), 0, 0)
+        return cls(weight.shape[0], weight.shape[1], [seg], dtype=dtype or weight.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValidationError("ids", f"dtype {ids.dtype}; valid: int32 or int64")
+        flat = ids.reshape(-1).to(torch.int64)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise ValidationError("ids", f"values span [{int(flat.min())}, {int(flat.max())}]; "
+                                  f"valid: 0..{self.num_embeddings - 1}")
+        out = torch.empty((flat.numel(), self.embedding_dim), dtype=torch.float32,
+                          device=flat.device)
+        for seg in self.segments:
+            if seg.axis == 1:
+                out[:, seg.start:seg.stop] = seg.dequantize(torch.float32, rows=flat)
+            else:
+                hit = (flat >= seg.start) & (flat < seg.stop)
+                if bool(hit.any()):
+                    out[hit] = seg.dequantize(torch.float32, rows=flat[hit] - seg.start)
+        return out.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense table."""
+        return torch.cat([s.dequantize(torch.float32) for s in self.segments],
+                         dim=self.axis).to(dtype)
+
+    def as_linear(self, backend: str = "torch") -> PackedLinear:
+        """A ``PackedLinear`` (in = embedding_dim, out = num_embeddings) on the same buffers."""
+        return PackedLinear(self.embedding_dim, self.num_embeddings, self.segments,
+                            backend=backend)
