@@ -21,6 +21,7 @@ from bitsack.errors import BitsackError
 # Order here is the order in `bitsack --help`.
 _COMMAND_MODULES = (
     "bitsack.commands.solve",
+    "bitsack.commands.check",
 )
 
 EXIT_OK = 0

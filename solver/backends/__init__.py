@@ -1,5 +1,11 @@
 """Solver backends. Importing this package registers every backend module listed here."""
 
+# One line per backend module; each registers itself with @register on import.
+# (Backends whose dependency is missing still register; is_available() says so.)
+import bitsack.solver.backends.auto  # noqa: F401  (picks the best available backend)
+import bitsack.solver.backends.brute  # noqa: F401  (exhaustive, the test oracle)
+import bitsack.solver.backends.dp  # noqa: F401  (exact DP, one budget, additive)
+import bitsack.solver.backends.greedy  # noqa: F401  (Lagrangian / convex-hull heuristic)
 from bitsack.solver.backends.base import (  # noqa: F401
     Backend,
     SolveOptions,
@@ -8,6 +14,3 @@ from bitsack.solver.backends.base import (  # noqa: F401
     register,
     registry,
 )
-
-# One line per backend module; each registers itself with @register on import.
-# (Backends whose dependency is missing still register; is_available() says so.)

@@ -50,7 +50,22 @@ class SolveOptions:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+class UnsupportedProblem(SolverError):
+    """A backend declines an instance it cannot solve by design (too large for ``brute``,
+    interactions or two budgets for ``dp``). ``auto`` and ``bitsack regress`` skip to the
+    next backend on this error; any other ``SolverError`` is a failure."""
+
+
 class Backend(Protocol):
+    """What every backend provides.
+
+    Attributes:
+        name: the registry name (``--solver NAME``).
+        exact: class attribute; True when the backend proves optimality given time (its
+            certificate then closes the gap). Backends without it count as exact; ``greedy``
+            and ``auto`` set False. ``bitsack regress`` compares goldens against exact ones.
+    """
+
     name: str
 
     @classmethod
@@ -92,6 +107,18 @@ def get_backend(name: str) -> Backend:
     return cls()
 
 
+def check_params(backend: str, params: dict[str, Any], valid: tuple[str, ...]) -> None:
+    """Refuse backend params this backend does not understand (a typo is not silently ignored).
+
+    Raises:
+        SolverError: an unknown key, naming it and the valid ones.
+    """
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise SolverError(f"params: {unknown} not understood by {backend}; valid: "
+                          f"{list(valid)}")
+
+
 class Stopwatch:
     """Wall time since construction, for certificates."""
 
@@ -131,11 +158,14 @@ def make_solution(
     """
     limits = problem.limits
     params = dict(params or {})
+    # the tolerances "optimal" was judged by, so `bitsack check` can judge it the same way
+    params.setdefault("rel_gap", options.rel_gap)
+    params.setdefault("abs_gap", options.abs_gap)
     if assignment is None:
         status = "infeasible" if infeasible else "no_solution"
         infeas = explain_infeasibility(problem) if infeasible else ()
         if infeasible and not message:
-            message = "; ".join(i.message for i in infeas) or "the constraints cannot all hold"
+            message = infeasibility_message(problem, infeas)
         cert = Certificate(
             primal_bound=None, dual_bound=dual_bound, abs_gap=None, rel_gap=None, usage={},
             limits=limits, max_violation=0.0, solver=solver, solver_version=solver_version,
@@ -174,24 +204,43 @@ def explain_infeasibility(problem: Problem) -> tuple[Infeasibility, ...]:
     Per resource r this is ``min Σ_u cost_r[u, o_u]`` subject to the side constraints, solved
     exactly on its own: without constraints it is the sum of each unit's cheapest option;
     ``same_option`` / ``same_bits`` groups choose one shared option / bit-width;
-    ``min_kept`` groups keep their cheapest kept units. (Overlapping constraint groups are
-    resolved by the exact MIP when OR-Tools is present, else by the relaxation that ignores
-    overlaps, which is still a valid lower bound.)
+    ``min_kept`` groups keep their cheapest kept units (``bitsack.solver.feasibility``).
+    Components of overlapping constraints are enumerated when small; beyond that the value is
+    the best single-constraint relaxation, a valid lower bound, and the message says "at least".
     """
-    from bitsack.solver.feasibility import min_cost_per_resource
+    from bitsack.solver.feasibility import min_cost_is_exact, min_cost_per_resource
 
+    exact = min_cost_is_exact(problem)
     out = []
     for res in problem.resources:
         if res.limit is None:
             continue
         low = min_cost_per_resource(problem, res.name)
         if low > res.limit + 1e-9 * max(1.0, abs(res.limit)):
+            needs = "needs" if exact else "needs at least"
             out.append(Infeasibility(
                 resource=res.name, limit=res.limit, min_achievable=low,
                 message=f"{res.name} limit {res.limit:.6g} cannot be met: the cheapest "
-                        f"assignment needs {low:.6g}",
+                        f"assignment respecting the constraints {needs} {low:.6g}",
             ))
     return tuple(out)
+
+
+def infeasibility_message(problem: Problem, infeas: tuple[Infeasibility, ...]) -> str:
+    """One line explaining a proven infeasibility (budget by budget, or their combination)."""
+    if infeas:
+        return "; ".join(i.message for i in infeas)
+    from bitsack.solver.feasibility import min_cost_per_resource, min_weighted
+
+    if min_weighted(problem, problem.arrays.loss).chosen is None:
+        return "the side constraints admit no assignment at all"
+    limited = [r for r in problem.resources if r.limit is not None]
+    if len(limited) > 1:
+        parts = ", ".join(f"{r.name} needs >= {min_cost_per_resource(problem, r.name):.6g} "
+                          f"(limit {r.limit:.6g})" for r in limited)
+        return ("each budget can be met on its own but not all together (" + parts + "); "
+                "loosen one of them")
+    return "the budgets and constraints cannot all hold"
 
 
 SolveFn = Callable[[Problem, SolveOptions], Solution]

@@ -1,0 +1,339 @@
+"""``greedy``: the MCKP convex-hull / Lagrangian heuristic, with its Lagrangian lower bound.
+
+This is the baseline that HAWQ- and NNCF-style mixed-precision tools use: price every
+resource, let each unit take the option that is cheapest in ``loss + price · cost``, and
+raise the prices until the budgets hold; then spend what budget is left on the steepest
+remaining improvements. It is fast and usually close, but it proves nothing by itself —
+which is why it reports the Lagrangian bound, so its gap is visible.
+
+Normalized costs ``ĉ_r = cost_r / limit_r`` make the multipliers comparable across resources
+(loss units per whole budget). For multipliers ``λ >= 0``
+
+    L(λ) = min_{x satisfying the side constraints} Σ_u (ℓ[u,o_u] + λ·ĉ[u,o_u])  −  Σ_r λ_r
+
+is a lower bound on the optimum for every λ (weak duality: any feasible x has λ·(ĉx − 1) <= 0;
+(a zero budget is normalized by its largest cost instead, with 0 in place of the 1).
+The inner minimization is exact and fast (``bitsack.solver.feasibility.min_weighted``;
+separable over units, closed form over constraint groups). With one binding budget L is a
+concave function of a scalar, maximized by bisection on its supergradient ``usage/limit − 1``
+(the breakpoints are exactly the slopes of the units' lower convex hulls, so this *is* the
+convex-hull greedy). With several budgets: cyclic coordinate bisection, then projected
+supergradient steps (Polyak step towards the best primal value). Every L(λ) evaluated is a
+valid bound; the best is reported.
+
+Interactions. The heuristic chooses by the standalone losses only; the objective it reports
+is always the full one (``evaluate``). For the bound, the interaction term must be bounded
+below: with the low-rank factor it equals ``½‖Σ_u U_{:,o_u}‖² − ½ Σ_u ‖U_{:,o_u}‖²`` and the
+first part is >= 0, so using ``ℓ' = ℓ − ½‖U_{:,(u,o)}‖²`` per option gives a valid (often
+loose) additive lower bound; an explicit pair of value v < 0 adds v to the loss of its ``a``
+option (``v·[a∧b] >= v·[a]``), one with v > 0 is dropped (>= 0). The dual bound is computed on
+ℓ', so it stays valid with interactions.
+
+Primal. Among the minimizers x(λ) met during the search, the feasible one with the least
+objective; and separately the cheapest assignment. Each is then improved by the classic
+greedy fill: over units not in a ``same_bits`` / ``min_kept`` group, repeatedly take the
+option change with the largest loss decrease per unit of normalized extra cost that still
+fits every budget. The better of the two is returned.
+
+Params: ``iterations`` (supergradient steps with several budgets, default 200).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bitsack.solver.backends.base import (
+    SolveOptions,
+    Stopwatch,
+    check_params,
+    make_solution,
+    register,
+)
+from bitsack.solver.problem import Problem
+from bitsack.solver.solution import FEASIBILITY_TOL, Solution
+
+_BISECTIONS = 60
+
+
+@register
+class GreedyBackend:
+    """Lagrangian / convex-hull heuristic with a Lagrangian dual bound."""
+
+    name = "greedy"
+    exact = False
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def solve(self, problem: Problem, options: SolveOptions) -> Solution:
+        clock = Stopwatch()
+        check_params(self.name, options.params, ("iterations",))
+        run = _Greedy(problem, int(options.params.get("iterations", 200)))
+        result = run.solve()
+        params = {"lambda": {r: float(v) for r, v in zip(run.names, run.best_lambda,
+                                                         strict=True)},
+                  "evaluations": run.evaluations}
+        if result is None:
+            return make_solution(problem, assignment=None, dual_bound=run.best_dual
+                                 if np.isfinite(run.best_dual) else None, solver=self.name,
+                                 solver_version="1", options=options, wall_time_s=clock(),
+                                 params=params, infeasible=run.proven_infeasible,
+                                 message="" if run.proven_infeasible else
+                                 "greedy found no feasible plan; try an exact backend")
+        flat_ids = run.flat_ids
+        assignment = {u.id: flat_ids[result[i]] for i, u in enumerate(problem.units)}
+        dual = run.best_dual if np.isfinite(run.best_dual) else None
+        return make_solution(problem, assignment=assignment, dual_bound=dual,
+                             solver=self.name, solver_version="1", options=options,
+                             wall_time_s=clock(), params=params)
+
+
+def _scales(limits: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Per-resource normalization: the limit, or the largest cost for a zero limit."""
+    out = np.array(limits, dtype=np.float64, copy=True)
+    for r, lim in enumerate(out):
+        if lim <= 0:
+            out[r] = max(1.0, float(costs[r].max()) if costs.shape[1] else 1.0)
+    return out
+
+
+def lower_bound_losses(problem: Problem) -> np.ndarray:
+    """Per-option losses whose additive sum is a lower bound on the full objective.
+
+    ``ℓ − ½‖U_{:,i}‖²`` for the low-rank part, plus each negative pair's value on its ``a``
+    option (see the module docstring). Equal to the losses without interactions.
+    """
+    lb = problem.arrays.loss.copy()
+    inter = problem.interactions
+    if inter is None:
+        return lb
+    if inter.U is not None:
+        U = np.asarray(inter.U, dtype=np.float64)
+        lb -= 0.5 * np.einsum("ij,ij->j", U, U)
+    for p in inter.pairs:
+        if p.value < 0:
+            lb[problem.option_index(*p.a)] += p.value
+    return lb
+
+
+class _Greedy:
+    def __init__(self, problem: Problem, iterations: int):
+        from bitsack.solver.feasibility import (
+            max_cost_per_resource,
+            min_cost_is_exact,
+            min_cost_per_resource,
+            structure_of,
+        )
+
+        self.problem = problem
+        self.iterations = iterations
+        arrays = problem.arrays
+        self.loss = arrays.loss
+        self.lb_loss = lower_bound_losses(problem)
+        inter = problem.interactions
+        self.has_inter = inter is not None and bool(
+            inter.pairs or (inter.U is not None and np.any(inter.U != 0)))
+        self.flat_ids = [o.id for u in problem.units for o in u.options]
+        limited = [r for r in problem.resources if r.limit is not None]
+        self.all_cost = np.stack([arrays.cost[r.name] for r in limited]) if limited \
+            else np.zeros((0, problem.n_options))
+        self.all_limit = np.array([r.limit for r in limited], dtype=np.float64)
+        self.exact = min_cost_is_exact(problem)
+        self.st = structure_of(problem)
+        self.proven_infeasible = self.st.infeasible is not None
+        if self.exact and not self.proven_infeasible:
+            self.proven_infeasible = any(
+                min_cost_per_resource(problem, r.name) > r.limit
+                + FEASIBILITY_TOL * max(1.0, abs(r.limit)) for r in limited)
+        binding = [r for r in limited if max_cost_per_resource(problem, r.name) > r.limit]
+        self.names = [r.name for r in binding]
+        raw = np.stack([arrays.cost[r.name] for r in binding]) if binding \
+            else np.zeros((0, problem.n_options))
+        limits = np.array([r.limit for r in binding], dtype=np.float64)
+        scale = _scales(limits, raw)
+        self.cost = raw / scale[:, None]  # normalized costs ĉ
+        self.lim = limits / scale  # normalized limits (1, or 0 for a zero budget)
+        self.best_dual = -np.inf
+        self.best_lambda = np.zeros(len(binding))
+        self.candidates: list[np.ndarray] = []
+        self.evaluations = 0
+        spread = self.loss.max() - self.loss.min() if len(self.loss) else 1.0
+        self.lam_scale = max(float(spread) * len(problem.units), 1e-12)
+
+    # -- the dual function -----------------------------------------------------------------
+
+    def dual(self, lam: np.ndarray) -> tuple[float, np.ndarray]:
+        """L(λ) and its supergradient; records the primal minimizer as a candidate."""
+        from bitsack.solver.feasibility import min_weighted
+
+        self.evaluations += 1
+        priced = lam @ self.cost if len(lam) else 0.0
+        res = min_weighted(self.problem, self.lb_loss + priced)
+        if res.chosen is None:
+            return -np.inf, np.zeros(len(lam))
+        value = res.value - float(lam @ self.lim)
+        grad = self.cost[:, res.chosen].sum(axis=1) - self.lim
+        if value > self.best_dual:
+            self.best_dual, self.best_lambda = value, lam.copy()
+        primal = res.chosen
+        if self.has_inter:
+            primal = min_weighted(self.problem, self.loss + priced).chosen
+        if primal is not None and self.feasible(primal):
+            self.candidates.append(primal)
+        return value, grad
+
+    def _bisect(self, lam: np.ndarray, r: int) -> np.ndarray:
+        """Maximize L along coordinate r (concave in λ_r) by bisection on its supergradient."""
+        lam = lam.copy()
+        lam[r] = 0.0
+        _, g = self.dual(lam)
+        if g[r] <= 0:
+            return lam
+        lo, hi = 0.0, self.lam_scale
+        for _ in range(80):  # find a price at which this budget holds
+            lam[r] = hi
+            _, g = self.dual(lam)
+            if g[r] <= 0:
+                break
+            lo, hi = hi, hi * 4
+        else:
+            return lam
+        for _ in range(_BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            lam[r] = mid
+            _, g = self.dual(lam)
+            if g[r] > 0:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-12 * hi:
+                break
+        lam[r] = hi
+        self.dual(lam)
+        return lam
+
+    def maximize_dual(self) -> None:
+        k = len(self.names)
+        lam = np.zeros(k)
+        self.dual(lam)
+        if k == 0:
+            return
+        for _ in range(1 if k == 1 else 4):
+            for r in range(k):
+                lam = self._bisect(lam, r)
+        if k == 1:
+            return
+        lam = self.best_lambda.copy()
+        theta = 1.0
+        stall = 0
+        for _ in range(self.iterations):
+            value, g = self.dual(lam)
+            norm = float(g @ g)
+            if norm == 0:
+                break
+            target = self.best_primal_value()
+            if target is None:
+                step = self.lam_scale * 0.01
+            else:
+                step = theta * max(target - value, 1e-12 * abs(target)) / norm
+            prev_best = self.best_dual
+            lam = np.maximum(0.0, lam + step * g)
+            stall = 0 if self.best_dual > prev_best else stall + 1
+            if stall >= 10:
+                theta *= 0.5
+                stall = 0
+                lam = self.best_lambda.copy()
+
+    # -- primal side -----------------------------------------------------------------------
+
+    def feasible(self, chosen: np.ndarray) -> bool:
+        from bitsack.solver.feasibility import constraint_violations_vectorized
+
+        usage = self.all_cost[:, chosen].sum(axis=1)
+        if np.any(usage - self.all_limit > FEASIBILITY_TOL * np.maximum(1.0,
+                                                                        np.abs(self.all_limit))):
+            return False
+        return bool(constraint_violations_vectorized(self.problem, chosen[None, :])[0])
+
+    def objective(self, chosen: np.ndarray) -> float:
+        value = float(self.loss[chosen].sum())
+        inter = self.problem.interactions
+        if inter is not None and inter.U is not None:
+            cols = np.asarray(inter.U)[:, chosen]
+            tot = cols.sum(axis=1)
+            value += 0.5 * (float(tot @ tot) - float(np.sum(cols * cols)))
+        if inter is not None and inter.pairs:
+            picked = set(chosen.tolist())
+            for p in inter.pairs:
+                if self.problem.option_index(*p.a) in picked and \
+                        self.problem.option_index(*p.b) in picked:
+                    value += p.value
+        return value
+
+    def best_primal_value(self) -> float | None:
+        if not self.candidates:
+            return None
+        return min(self.objective(c) for c in self.candidates[-20:])
+
+    def fill(self, chosen: np.ndarray) -> np.ndarray:
+        """Steepest feasible improvements over units outside same_bits/min_kept groups."""
+        st = self.st
+        free_supers = np.flatnonzero(st.free)
+        if len(free_supers) == 0:
+            return chosen
+        chosen = chosen.copy()
+        # super-options of free super-units and their aggregated loss / costs
+        ks = np.concatenate([np.arange(st.s_start[s], st.s_start[s + 1]) for s in free_supers])
+        owner = st.s_of[ks]
+        ls = st.super_weights(self.loss)[ks]
+        cs = np.stack([st.super_weights(c)[ks] for c in self.all_cost]) if len(self.all_cost) \
+            else np.zeros((0, len(ks)))
+        lead = st.agg_idx[st.agg_ptr[ks]]  # flat option of each super-option's first member
+        pos_of_flat = {int(f): i for i, f in enumerate(lead)}
+        cur = np.empty(st.n_supers, dtype=np.int64)  # position in ks of the current option
+        for s in free_supers:
+            cur[s] = pos_of_flat[int(chosen[st.members[s][0]])]
+        scale = _scales(self.all_limit, self.all_cost)[:, None]
+        usage = self.all_cost[:, chosen].sum(axis=1)
+        tol = FEASIBILITY_TOL * np.maximum(1.0, np.abs(self.all_limit))
+        for _ in range(10 * len(ks) + 10):
+            dl = ls - ls[cur[owner]]
+            dc = cs - cs[:, cur[owner]]
+            slack = self.all_limit - usage + tol
+            fits = np.all(dc <= slack[:, None], axis=0) & (dl < 0)
+            if not fits.any():
+                break
+            extra = np.maximum(dc, 0.0) / scale
+            eff = extra.sum(axis=0)
+            with np.errstate(divide="ignore"):
+                ratio = np.where(eff > 0, -dl / np.where(eff > 0, eff, 1.0), np.inf)
+            ratio = np.where(fits, ratio, -np.inf)
+            best = int(np.argmax(ratio))
+            s = int(owner[best])
+            usage = usage + dc[:, best]
+            cur[s] = best
+            k = ks[best]
+            flat = st.agg_idx[st.agg_ptr[k]:st.agg_ptr[k + 1]]
+            chosen[self.problem.arrays.unit_of[flat]] = flat
+        return chosen
+
+    def solve(self) -> np.ndarray | None:
+        from bitsack.solver.feasibility import min_weighted
+
+        if self.st.infeasible is not None:
+            return None
+        self.maximize_dual()
+        starts = []
+        if self.candidates:
+            starts.append(min(self.candidates, key=self.objective))
+        if len(self.all_cost):
+            norm = self.all_cost / _scales(self.all_limit, self.all_cost)[:, None]
+            cheapest = min_weighted(self.problem, norm.sum(axis=0)).chosen
+            if cheapest is not None and self.feasible(cheapest):
+                starts.append(cheapest)
+        results = [self.fill(x) for x in starts]
+        results = [x for x in results if self.feasible(x)] + [x for x in starts]
+        if not results:
+            return None
+        return min(results, key=self.objective)
