@@ -1,0 +1,49 @@
+"""``bitsack eval``: perplexity of a model (or compressed model dir) on WikiText-2, C4 or a file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="perplexity under the GPTQ protocol",
+        description="Perplexity under the GPTQ protocol: the evaluation text tokenized once, "
+        "non-overlapping windows of --seqlen tokens, ppl = exp(mean window NLL).")
+    p.add_argument("--model", required=True,
+                   help="'default' (SmolLM2-135M GGUF), a .gguf file, a checkpoint or "
+                   "compressed-model directory, or a hub id")
+    p.add_argument("--data", default="wikitext2",
+                   help="wikitext2 | c4 | a text file (default: wikitext2)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--windows", type=int, default=None,
+                   help="evaluate only the first K windows (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object, no progress")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitsack.data import describe_spec, eval_tokens
+    from bitsack.evaluate import perplexity
+    from bitsack.models.loading import load_model
+
+    quiet = args.json or not sys.stderr.isatty()
+    data_info = describe_spec(args.data)  # fail on missing data before loading the model
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=not quiet)
+    tokens = eval_tokens(args.data, lm.tokenizer)
+    result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
+                        batch_size=args.batch_size, progress=not quiet)
+    if args.json:
+        print(json.dumps({"model": lm.source, "data": {**data_info, "tokens": tokens.shape[1]},
+                          "result": result.to_dict()}, indent=2))
+    else:
+        print(f"{args.data} perplexity {result.ppl:.4f} (nll {result.nll_mean:.5f} nats/token, "
+              f"{result.windows} x {result.seqlen} tokens)")
+        print(f"protocol: {result.protocol}; data: {data_info['file']} "
+              f"({data_info['protocol']}, {tokens.shape[1]} tokens)")
+    return 0
