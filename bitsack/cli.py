@@ -22,6 +22,8 @@ from bitsack.errors import BitsackError
 _COMMAND_MODULES = (
     "bitsack.commands.solve",
     "bitsack.commands.check",
+    "bitsack.commands.eval",
+    "bitsack.commands.generate_text",
 )
 
 EXIT_OK = 0
