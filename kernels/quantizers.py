@@ -452,7 +452,8 @@ class GPTQ:
         done = torch.zeros(ngroups, dtype=torch.bool, device=dev)
 
         def set_group(gi: int, values: torch.Tensor) -> None:
-            s, z = minmax_params(values, maxq[:, gi])
+            # 16-bit rows get throwaway parameters (maxq 1 keeps the division finite).
+            s, z = minmax_params(values, maxq[:, gi].clamp(min=1))
             scale[:, gi] = torch.where(is16[:, gi], scale[:, gi], s)
             zero[:, gi] = torch.where(is16[:, gi], zero[:, gi], z)
             done[gi] = True

@@ -1,0 +1,263 @@
+"""Backends against the float64 reference, within the computed bound; packed modules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from bitsack.errors import ValidationError
+from bitsack.kernels.backends import (
+    GEMV_MAX_BATCH,
+    available_backends,
+    get_backend,
+    reference_output,
+    reference_weight,
+)
+from bitsack.kernels.bounds import Numerics, gamma, layer_error_bound, output_error_bound
+from bitsack.kernels.emulate import emulate_dequant, emulate_gemv
+from bitsack.kernels.packed import PackedEmbedding, PackedLinear, Segment
+from bitsack.kernels.quantizers import rtn_quantize
+
+BITS = [1, 2, 3, 4, 8]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FP16_MAX = 65504.0
+
+
+def _layer(seed: int, rows: int, cols: int, g: int, pieces: list[int], axis: int,
+           log_mag: float, bias: bool) -> PackedLinear:
+    """A layer of len(pieces) segments along ``axis`` with the given bit-widths."""
+    rng = np.random.default_rng(seed)
+    w = torch.from_numpy(rng.standard_normal((rows, cols)) * 10.0**log_mag).float()
+    n = rows if axis == 0 else cols
+    unit = g if axis == 1 else 1
+    # split n into len(pieces) non-empty ranges on unit boundaries
+    k = min(len(pieces), n // unit)
+    cuts = sorted(rng.choice(np.arange(1, n // unit), size=k - 1, replace=False) * unit) \
+        if k > 1 else []
+    bounds = [0, *[int(c) for c in cuts], n]
+    ranges = [(bounds[i], bounds[i + 1], pieces[i]) for i in range(k)]
+    b = torch.from_numpy(rng.standard_normal(rows) * 10.0**log_mag).float() if bias else None
+    return PackedLinear.from_dense(w, ranges, g, axis=axis, bias=b)
+
+
+def _input(seed: int, batch: int, cols: int, xlog: float, dtype: torch.dtype) -> torch.Tensor:
+    rng = np.random.default_rng(seed + 7)
+    return torch.from_numpy(rng.standard_normal((batch, cols)) * 10.0**xlog).to(dtype)
+
+
+layer_args = dict(
+    seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 20), ngroups=st.integers(1, 4),
+    g=st.sampled_from([8, 16, 32, 48, 64]),
+    pieces=st.lists(st.sampled_from([*BITS, 16]), min_size=1, max_size=3),
+    axis=st.sampled_from([0, 1]), log_mag=st.floats(-5, 2), xlog=st.floats(-4, 3),
+    bias=st.booleans(), batch=st.integers(1, 12), dtype=st.sampled_from(DTYPES),
+)
+
+
+def _fits_fp16(layer: PackedLinear, x: torch.Tensor) -> bool:
+    y = reference_output(layer, x).abs().max()
+    return float(y) < FP16_MAX / 2 and float(layer.dequantize().abs().max()) < FP16_MAX / 2
+
+
+@settings(max_examples=120, deadline=None)
+@given(**layer_args)
+def test_torch_backend_within_bound(seed, rows, ngroups, g, pieces, axis, log_mag, xlog, bias,
+                                    batch, dtype):
+    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, bias)
+    x = _input(seed, batch, ngroups * g, xlog, dtype)
+    assume(_fits_fp16(layer, x))
+    y_ref = reference_output(layer, x)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (batch, rows)
+    bound = layer_error_bound(layer, x, "torch", y_ref=y_ref)
+    assert bool(((y.double() - y_ref).abs() <= bound).all())
+
+
+def test_bound_is_not_vacuous():
+    # for fp32 the bound is γ_n·Σ|ŵx| (plus float64 crumbs), and the error really is nonzero
+    layer = _layer(0, 64, 512, 32, [4], 0, 0.0, False)
+    x = _input(0, 4, 512, 0.0, torch.float32)
+    y_ref = reference_output(layer, x)
+    bound = layer_error_bound(layer, x, "torch", y_ref=y_ref)
+    sum_abs = x.double().abs() @ layer.dequantize(torch.float64).abs().T
+    assert float((bound / sum_abs).max()) < 1.001 * gamma(513)
+    err = (layer(x).double() - y_ref).abs()
+    assert float(err.max()) > 0
+    assert float((err / bound).max()) <= 1.0
+    # the bound grows with n as γ_n does
+    assert gamma(1024) > 2 * gamma(512) * 0.999
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), bits=st.sampled_from(BITS), rows=st.integers(1, 6),
+       ngroups=st.integers(1, 3), g=st.sampled_from([8, 16, 32, 48]), batch=st.integers(1, 3),
+       threads=st.sampled_from([32, 64, 128]), log_mag=st.floats(-4, 2))
+def test_gemv_emulation_matches_reference(seed, bits, rows, ngroups, g, batch, threads,
+                                          log_mag):
+    cols = ngroups * g
+    layer = _layer(seed, rows, cols, g, [bits], 0, log_mag, False)
+    (seg,) = layer.segments
+    x = _input(seed, batch, cols, 0.0, torch.float32)
+    y = np.full((batch, rows), np.nan, dtype=np.float32)
+    emulate_gemv(seg.qdata.view(torch.int32).numpy(), seg.scale.numpy(), seg.zero.numpy(),
+                 x.numpy(), y, rows, cols, g, batch, cols, 0, rows, 0, 0, bits, threads)
+    y_ref = reference_output(layer, x)
+    bound = output_error_bound(layer.dequantize(), x, None, Numerics(), y_ref=y_ref)
+    assert bool(((torch.from_numpy(y).double() - y_ref).abs() <= bound).all())
+
+
+def test_gemv_emulation_column_segments_accumulate():
+    # two column segments of different bits, the second adding into y: the cupy launch plan
+    layer = _layer(3, 5, 96, 16, [3, 8], 1, 0.0, False)
+    x = _input(3, 2, 96, 0.0, torch.float32)
+    y = np.zeros((2, 5), dtype=np.float32)
+    for i, seg in enumerate(layer.segments):
+        rows, cols = seg.shape
+        emulate_gemv(seg.qdata.view(torch.int32).numpy(), seg.scale.numpy(), seg.zero.numpy(),
+                     x.numpy(), y, rows, cols, 16, 2, 96, seg.start, 5, 0, int(i > 0),
+                     seg.bits)
+    y_ref = reference_output(layer, x)
+    bound = output_error_bound(layer.dequantize(), x, None, Numerics(), y_ref=y_ref)
+    assert bool(((torch.from_numpy(y).double() - y_ref).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("g", [8, 32, 40])
+def test_dequant_emulation_is_exact(bits, g):
+    layer = _layer(bits * 7 + g, 4, 3 * g, g, [bits], 1, 0.0, False)
+    (seg,) = layer.segments
+    rows, cols = seg.shape
+    want = reference_weight(layer)
+    for out_half, dt in ((0, np.float32), (1, np.float16)):
+        out = np.zeros((rows, cols + 5), dtype=dt)  # wider: tests stride and column offset
+        emulate_dequant(seg.qdata.view(torch.int32).numpy(), seg.scale.numpy(),
+                        seg.zero.numpy(), out, rows, cols, g, cols + 5, 5, bits, out_half, 64)
+        np.testing.assert_array_equal(out[:, 5:], want.astype(dt))
+        assert not out[:, :5].any()
+
+
+def test_reference_backend_spec():
+    layer = _layer(11, 6, 64, 16, [2, 16, 4], 0, 0.0, True)
+    x = _input(11, 3, 64, 0.0, torch.float32)
+    w = torch.from_numpy(reference_weight(layer))
+    assert torch.equal(w, layer.dequantize(torch.float64))
+    y = reference_output(layer, x)
+    assert torch.allclose(y, x.double() @ w.T + layer.bias.double(), rtol=0, atol=1e-12)
+    layer.backend = "reference"
+    assert torch.equal(layer(x), y.float())
+
+
+def test_backend_registry():
+    assert {"reference", "torch"} <= set(available_backends())
+    with pytest.raises(ValidationError, match="backend: 'triton' is unknown; valid: cupy, "
+                                              "reference, torch"):
+        get_backend("triton")
+    layer = _layer(0, 4, 32, 16, [4], 0, 0.0, False)
+    with pytest.raises(ValidationError, match="backend: 'nope' is unknown"):
+        layer.backend = "nope"
+
+
+def test_packed_linear_module():
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    layer = PackedLinear.from_dense(w, [(0, 8, 3), (8, 16, 16), (16, 24, 2)], 32, axis=0,
+                                    bias=torch.randn(24))
+    x = torch.randn(2, 5, 64)
+    assert layer(x).shape == (2, 5, 24)
+    sd = layer.state_dict()
+    assert {"seg0_qdata", "seg0_scale", "seg0_zero", "seg1_weight", "seg2_qdata",
+            "bias"} <= set(sd)
+    assert sd["seg0_qdata"].dtype == torch.uint32
+    clone = PackedLinear.from_dense(torch.zeros(24, 64), [(0, 8, 3), (8, 16, 16), (16, 24, 2)],
+                                    32, axis=0, bias=torch.zeros(24))
+    clone.load_state_dict(sd)
+    assert torch.equal(clone(x), layer(x))
+    assert torch.equal(clone.dequantize(), layer.dequantize())
+    with pytest.raises(ValidationError, match=r"segments\[1\].start: 9; valid: 8"):
+        segs = list(layer.segments)
+        bad = Segment.from_fp16(torch.zeros(8, 64), 0, 9)
+        PackedLinear(64, 25, [segs[0], bad, segs[2]])
+    with pytest.raises(ValidationError, match="segments: cover 0:16; valid: exactly 0:24"):
+        PackedLinear(64, 24, layer.segments[:2])
+    with pytest.raises(ValidationError, match=r"segments\[1\].axis: 1"):
+        PackedLinear(64, 24, [layer.segments[0], Segment.from_fp16(torch.zeros(24, 64), 1, 8)])
+    with pytest.raises(ValidationError, match="x: last dim 63; valid: 64"):
+        layer(torch.randn(63))
+    with pytest.raises(ValidationError, match="segment.group_size: 24 does not divide"):
+        Segment(0, 0, 2, 4, 24, (2, 64), qdata=torch.zeros(2, 8, dtype=torch.uint32),
+                scale=torch.zeros(2, 2, dtype=torch.float16),
+                zero=torch.zeros(2, 2, dtype=torch.float16))
+
+
+def test_packed_embedding_and_tied_lm_head():
+    torch.manual_seed(1)
+    table = torch.randn(50, 32)
+    emb = PackedEmbedding.from_dense(table, 4, 16)
+    ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
+    out = emb(ids)
+    dense = rtn_quantize(table, 4, 16).dequantize()
+    assert out.shape == (2, 3, 32)
+    assert torch.equal(out, dense[ids])
+    head = emb.as_linear()
+    assert head.seg0_qdata.data_ptr() == emb.seg0_qdata.data_ptr()  # shared, not copied
+    h = torch.randn(3, 32)
+    y_ref = reference_output(head, h)
+    assert bool(((head(h).double() - y_ref).abs()
+                 <= layer_error_bound(head, h, y_ref=y_ref)).all())
+    # segments along the vocabulary with different bits
+    segs = [Segment.from_quantized(rtn_quantize(table[:20], 2, 16), 0, 0),
+            Segment.from_fp16(table[20:], 0, 20)]
+    emb2 = PackedEmbedding(50, 32, segs)
+    got = emb2(torch.tensor([1, 25, 19, 20]))
+    assert torch.equal(got[1], table[25].half().float())
+    assert torch.equal(got[0], rtn_quantize(table[:20], 2, 16).dequantize()[1])
+    with pytest.raises(ValidationError, match=r"ids: values span \[0, 50\]; valid: 0..49"):
+        emb(torch.tensor([0, 50]))
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the cupy backend (skipped without a device)
+# ------------------------------------------------------------------------------------------
+
+
+def _cupy_ready() -> bool:
+    return get_backend("cupy").is_available()
+
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cupy_ready(), reason="no CUDA device / CuPy")
+@settings(max_examples=60, deadline=None)
+@given(**layer_args)
+def test_cupy_backend_within_bound(seed, rows, ngroups, g, pieces, axis, log_mag, xlog, bias,
+                                   batch, dtype):
+    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, bias)
+    x = _input(seed, batch, ngroups * g, xlog, dtype)
+    assume(_fits_fp16(layer, x))
+    y_ref = reference_output(layer, x)
+    bound = layer_error_bound(layer, x, "cupy", y_ref=y_ref)
+    layer = layer.cuda()
+    layer.backend = "cupy"
+    y = layer(x.cuda()).cpu()
+    assert y.dtype == dtype and y.shape == (batch, rows)
+    assert bool(((y.double() - y_ref).abs() <= bound).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cupy_ready(), reason="no CUDA device / CuPy")
+@pytest.mark.parametrize("batch", [1, GEMV_MAX_BATCH, GEMV_MAX_BATCH + 1, 64])
+def test_cupy_large_matrix_and_dequant(batch):
+    layer = _layer(1, 1024, 2048, 128, [3, 4, 2], 0, 0.0, True).cuda()
+    x = _input(1, batch, 2048, 0.0, torch.float16)
+    y_ref = reference_output(layer.cpu(), x)
+    bound = layer_error_bound(layer.cpu(), x, "cupy", y_ref=y_ref)
+    layer = layer.cuda()
+    layer.backend = "cupy"
+    y = layer(x.cuda()).cpu()
+    assert bool(((y.double() - y_ref).abs() <= bound).all())
+    w = get_backend("cupy").dequantize(layer, torch.float32, torch.device("cuda"))
+    assert torch.equal(w.cpu(), layer.cpu().dequantize())

@@ -1,0 +1,262 @@
+"""Quantizers: min-max RTN (grid, bound, edge cases, errors) and GPTQ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitsack.errors import NumericalError, ValidationError
+from bitsack.kernels.bounds import RTN_SLACK, rtn_error_bound
+from bitsack.kernels.quantizers import (
+    GPTQ,
+    QuantizedTensor,
+    available_quantizers,
+    fake_quantize,
+    get_quantizer,
+    rtn_quantize,
+)
+
+BITS = [1, 2, 3, 4, 8]
+
+
+def _weights(seed: int, rows: int, cols: int, log_mag: float, offset: float = 0.0,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) + offset) * 10.0**log_mag
+    return torch.from_numpy(w).to(dtype)
+
+
+@settings(max_examples=120, deadline=None)
+@given(bits=st.sampled_from(BITS), rows=st.integers(1, 6), ngroups=st.integers(1, 4),
+       group_size=st.sampled_from([1, 3, 8, 32, 40]), log_mag=st.floats(-6, 3),
+       offset=st.sampled_from([0.0, 3.0, -50.0]), xlog=st.floats(-4, 4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 2**32 - 1))
+def test_rtn_within_bound_of_unquantized(bits, rows, ngroups, group_size, log_mag, offset,
+                                         xlog, dtype, seed):
+    cols = ngroups * group_size
+    w = _weights(seed, rows, cols, log_mag, offset, dtype)
+    qt = rtn_quantize(w, bits, group_size)
+    w64 = w.to(torch.float64)
+    what = qt.dequantize(torch.float64)
+    # per element: |ŵ − w| ≤ s/2 (stored scale) up to RTN_SLACK
+    s = qt.scale.to(torch.float64).repeat_interleave(group_size, dim=1)
+    assert bool(((what - w64).abs() <= s / 2 * RTN_SLACK).all())
+    # per output, against any input: the documented bound
+    rng = np.random.default_rng(seed + 1)
+    x = torch.from_numpy(rng.standard_normal((3, cols)) * 10.0**xlog)
+    err = (x @ (what - w64).T).abs()
+    assert bool((err <= rtn_error_bound(qt.scale, x, group_size)).all())
+    # the codes and zero lie on the grid, the zero is an integer, dequantize is fp32 exact
+    maxq = 2**bits - 1
+    assert int(qt.codes.max()) <= maxq
+    z = qt.zero.to(torch.float64)
+    assert bool((z == z.round()).all()) and float(z.min()) >= 0 and float(z.max()) <= maxq
+    assert torch.equal(qt.dequantize(torch.float32).to(torch.float64), what)
+
+
+def test_rtn_worked_example():
+    # One group [-1, 0, 0.5, 2] at 2 bits: range [-1, 2], s = 3/3 = 1 (exact in fp16),
+    # z = round(1/1) = 1, q = round(x/s + z) = [0, 1, 2 (1.5 rounds to even), 3].
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    qt = rtn_quantize(w, 2, 4)
+    assert qt.codes.tolist() == [[0, 1, 2, 3]]
+    assert qt.scale.tolist() == [[1.0]] and qt.zero.tolist() == [[1.0]]
+    assert qt.dequantize().tolist() == [[-1.0, 0.0, 1.0, 2.0]]
+
+
+def test_scale_rounded_up_to_fp16():
+    # range 1.0 over maxq 3 -> s = 1/3; fp16 nearest is below 1/3, so the stored one is above.
+    qt = rtn_quantize(torch.tensor([[0.0, 1.0]]), 2, 2)
+    s = float(qt.scale[0, 0])
+    assert s >= 1.0 / 3.0
+    assert float(torch.tensor(1.0 / 3.0).half()) < 1.0 / 3.0  # the case really needs it
+    # the top of the range is still reachable within s/2
+    assert abs(float(qt.dequantize()[0, 1]) - 1.0) <= s / 2
+
+
+def test_degenerate_groups():
+    w = torch.zeros(2, 8)
+    w[1, 4:] = 0.75  # group of equal nonzero values; first row all zero
+    qt = rtn_quantize(w, 3, 4)
+    d = qt.dequantize()
+    assert torch.equal(d[0], torch.zeros(8))  # all-zero groups dequantize to exact zeros
+    assert float(qt.scale[0, 0]) > 0
+    assert torch.allclose(d[1, 4:], torch.full((4,), 0.75), atol=float(qt.scale[1, 1]) / 2)
+    assert torch.equal(d[1, :4], torch.zeros(4))
+
+
+def test_rtn_errors():
+    w = torch.randn(4, 12)
+    with pytest.raises(ValidationError, match=r"group_size: 5 does not divide the 12 columns"):
+        rtn_quantize(w, 4, 5)
+    with pytest.raises(ValidationError, match=r"bits: 0 has no packed layout; valid: 1\.\.8"):
+        rtn_quantize(w, 0, 4)
+    with pytest.raises(ValidationError, match=r"bits: 16 has no packed layout; valid: 1\.\.8"):
+        rtn_quantize(w, 16, 4)
+    with pytest.raises(ValidationError, match="w: holds NaN"):
+        rtn_quantize(torch.full((2, 4), float("nan")), 4, 4)
+    with pytest.raises(ValidationError, match="w: .*valid: a 2-D floating-point"):
+        rtn_quantize(torch.zeros(4, dtype=torch.int64), 4, 4)
+    with pytest.raises(ValidationError, match="exceeds the fp16 maximum"):
+        rtn_quantize(torch.tensor([[-1e5, 1e5]]), 1, 2)
+    with pytest.raises(ValidationError, match=r"scale: torch.float32 of shape"):
+        QuantizedTensor(torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(2, 1),
+                        torch.zeros(2, 1, dtype=torch.float16), 4, 4)
+
+
+def test_fake_quantize_and_registry():
+    w = torch.randn(8, 32, dtype=torch.bfloat16)
+    fq = fake_quantize(w, 4, 16)
+    assert fq.dtype == w.dtype and fq.shape == w.shape
+    assert torch.equal(fq, rtn_quantize(w, 4, 16).dequantize(w.dtype))
+    assert torch.equal(fake_quantize(w, 16, 16), w.half().to(w.dtype))
+    assert available_quantizers() == ["gptq", "rtn"]
+    with pytest.raises(ValidationError, match="quantizer: 'awq' is unknown; valid: gptq, rtn"):
+        get_quantizer("awq")
+    with pytest.raises(ValidationError, match="hessian: None; gptq needs"):
+        fake_quantize(w.float(), 4, 16, method="gptq")
+    gp = GPTQ(32)
+    gp.add_batch(torch.randn(64, 32))
+    fq = fake_quantize(w.float(), 4, 16, method="gptq", hessian=gp.H)
+    assert fq.shape == w.shape
+
+
+def _correlated(seed: int, n: int, cols: int, rank: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, rank, generator=g) @ torch.randn(rank, cols, generator=g)
+    return base + 0.05 * torch.randn(n, cols, generator=g)
+
+
+def _out_err(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((w.double() - q.double()) @ x.double().T).norm())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
+    torch.manual_seed(0)
+    rows, cols, g = 48, 128, 32
+    w = torch.randn(rows, cols)
+    x = _correlated(1, 1024, cols)
+    gp = GPTQ(cols)
+    for chunk in x.split(256):
+        gp.add_batch(chunk)
+    res = gp.quantize(w, bits, g, act_order=act_order, block_size=48)
+    rtn = rtn_quantize(w, bits, g).dequantize()
+    assert _out_err(w, res.weight, x) < 0.7 * _out_err(w, rtn, x)
+    # what GPTQ reports is what the packed kernels compute from its codes
+    qt = res.to_quantized()
+    assert torch.equal(qt.dequantize(), res.weight)
+    assert int(qt.codes.max()) <= 2**bits - 1
+
+
+def test_gptq_hessian_is_2xxt_over_n():
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    gp = GPTQ(16)
+    gp.add_batch(x[0])
+    gp.add_batch(x[1:])
+    flat = x.reshape(-1, 16)
+    assert gp.nsamples == 15
+    assert torch.allclose(gp.H, 2 * flat.T @ flat / 15, rtol=1e-12, atol=1e-12)
+
+
+def test_gptq_group_params_see_pending_block_updates():
+    # With block_size not a multiple of group_size, groups straddle blocks; the group's
+    # scale must come from the weights *with* the pending lazy updates. Check against an
+    # unblocked run (block_size >= cols applies every update immediately).
+    torch.manual_seed(3)
+    w = torch.randn(16, 96)
+    x = _correlated(4, 512, 96)
+    gp = GPTQ(96)
+    gp.add_batch(x)
+    a = gp.quantize(w, 3, 32, block_size=20)
+    b = gp.quantize(w, 3, 32, block_size=96)
+    assert torch.equal(a.scale, b.scale) or torch.allclose(
+        a.scale.float(), b.scale.float(), rtol=2e-3)
+    assert torch.allclose(a.weight, b.weight, atol=1e-5 + 0.01 * float(b.weight.abs().max()))
+
+
+def test_gptq_singular_hessian_dead_columns_does_not_crash():
+    torch.manual_seed(5)
+    x = torch.randn(256, 64)
+    x[:, ::3] = 0.0  # dead inputs: zero rows/cols in H
+    x[:, 1] = x[:, 2]  # duplicated input: rank deficiency beyond the dead ones
+    w = torch.randn(8, 64)
+    gp = GPTQ(64)
+    gp.add_batch(x)
+    for damp in (0.0, 0.01):
+        res = gp.quantize(w, 3, 16, damp=damp)
+        assert torch.isfinite(res.weight).all()
+        assert torch.equal(res.weight[:, ::3], torch.zeros(8, 22))  # dead columns -> 0
+        assert _out_err(w, res.weight, x) <= _out_err(w, rtn_quantize(w, 3, 16).dequantize(), x)
+
+
+def test_gptq_damping_escalates_when_cholesky_fails():
+    # An indefinite H (as accumulated rounding can make one): smallest eigenvalue about
+    # −0.05·mean diag (trace = sum of eigenvalues). λ = 0.01·mean fails, ×10 succeeds.
+    torch.manual_seed(6)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    eig = torch.linspace(1.0, 2.0, 32, dtype=torch.float64)
+    eig[0] = -0.05 * float(eig[1:].mean())
+    H = q @ torch.diag(eig) @ q.T
+    mean_diag = float(torch.diag(H).mean())
+    assert float(torch.linalg.eigvalsh(H + 0.01 * mean_diag * torch.eye(32)).min()) < 0
+    res = GPTQ.from_hessian(H).quantize(torch.randn(4, 32), 4, 8, damp=0.01)
+    assert res.damp == pytest.approx(0.1 * mean_diag)
+    assert torch.isfinite(res.weight).all()
+    with pytest.raises(NumericalError, match="Cholesky of H"):
+        GPTQ.from_hessian(-torch.eye(8, dtype=torch.float64) * 1e6 + torch.ones(8, 8)
+                          ).quantize(torch.randn(2, 8), 4, 8, max_escalations=1)
+
+
+def test_gptq_mixed_bits_per_row_and_per_group():
+    torch.manual_seed(7)
+    rows, cols, g = 12, 64, 16
+    w = torch.randn(rows, cols)
+    x = _correlated(8, 512, cols)
+    gp = GPTQ(cols)
+    gp.add_batch(x)
+    per_row = torch.tensor([2] * 4 + [4] * 4 + [16] * 4)
+    res = gp.quantize(w, per_row, g, bits_axis=0)
+    assert res.bits.shape == (rows, cols // g)
+    lo, mid, hi = res.segment(0, 0, 4), res.segment(0, 4, 8), res.segment(0, 8, 12)
+    assert lo.bits == 2 and mid.bits == 4 and hi.dtype == torch.float16
+    assert int(lo.codes.max()) <= 3
+    assert torch.equal(lo.dequantize(), res.weight[:4])
+    assert torch.equal(hi.float(), res.weight[8:])
+    # more bits, smaller output error, row by row
+    e = ((w - res.weight).double() @ x.double().T).norm(dim=1)
+    assert e[:4].min() > e[4:8].max() > e[8:].max()
+    per_group = torch.tensor([8, 3, 3, 2])
+    res2 = gp.quantize(w, per_group, g, act_order=True)
+    seg = res2.segment(1, 16, 48)
+    assert seg.bits == 3 and seg.codes.shape == (rows, 32)
+    assert torch.equal(seg.dequantize(), res2.weight[:, 16:48])
+    with pytest.raises(ValidationError, match="mix bit-widths"):
+        res2.segment(1, 0, 32)
+    with pytest.raises(ValidationError, match="not on group boundaries"):
+        res2.segment(1, 8, 32)
+
+
+def test_gptq_errors():
+    gp = GPTQ(16)
+    w = torch.randn(4, 16)
+    with pytest.raises(ValidationError, match="hessian: no calibration inputs"):
+        gp.quantize(w, 4, 8)
+    gp.add_batch(torch.randn(10, 16))
+    with pytest.raises(ValidationError, match="weight: 12 columns; valid: 16"):
+        gp.quantize(torch.randn(4, 12), 4, 4)
+    with pytest.raises(ValidationError, match="x: last dim 8; valid: 16"):
+        gp.add_batch(torch.randn(3, 8))
+    with pytest.raises(ValidationError, match=r"bits: shape \(3,\); valid"):
+        gp.quantize(w, torch.tensor([2, 3, 4]), 8)
+    with pytest.raises(ValidationError, match="bits: 9 has no packed layout"):
+        gp.quantize(w, torch.tensor([2, 3, 9, 4]), 8)
+    sq = GPTQ(16)
+    sq.add_batch(torch.randn(10, 16))
+    with pytest.raises(ValidationError, match="bits_axis: None is ambiguous"):
+        sq.quantize(torch.randn(2, 16), torch.tensor([2, 3]), 8)
