@@ -21,7 +21,9 @@ to the reference for each output:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +36,10 @@ from bitsack.kernels.formats import unpack_numpy
 __all__ = [
     "GEMV_MAX_BATCH",
     "KernelBackend",
+    "Launch",
+    "dequant_plan",
+    "gemv_plan",
+    "run_plan",
     "available_backends",
     "get_backend",
     "reference_output",
@@ -206,13 +212,105 @@ _GEMV_THREADS = 128  # 4 warps = 4 rows per block
 _DEQUANT_THREADS = 256
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: source, NVRTC name expression, grid, block, arguments in order.
+
+    Pointer arguments are torch tensors (a view's first element is the pointer), int
+    arguments Python ints. ``CupyBackend`` runs a plan on the GPU; ``emulate.emulate_launch``
+    runs the same plan on CPU tensors, which is how CI tests the plans without a GPU.
+    """
+
+    source: str
+    kernel: str
+    grid: tuple[int, ...]
+    block: tuple[int, ...]
+    args: tuple[Any, ...]
+
+
+def gemv_plan(layer: Any, x32: torch.Tensor, y: torch.Tensor) -> list[Launch]:
+    """Launches computing ``y = x32 Ŵᵀ`` (fp32 ``[batch, in]`` -> fp32 ``[batch, out]``).
+
+    One launch per segment: a row segment writes its rows of y; a column segment reads its
+    columns of x and adds into y (the first one overwrites), in order on one stream.
+    """
+    batch = x32.shape[0]
+    if batch > GEMV_MAX_BATCH:
+        raise ValidationError("x", f"{batch} rows; valid: ≤ {GEMV_MAX_BATCH} for the GEMV")
+    plan, first_col_segment = [], True
+    for seg in layer.segments:
+        rows, cols = seg.shape
+        if seg.axis == 0:
+            x_off, y_off, acc = 0, seg.start, 0
+        else:
+            x_off, y_off, acc = seg.start, 0, 0 if first_col_segment else 1
+            first_col_segment = False
+        grid = (-(-rows // (_GEMV_THREADS // 32)),)
+        tail = (batch, layer.in_features, x_off, layer.out_features, y_off, acc)
+        if seg.bits == 16:
+            plan.append(Launch("gemv.cu", "bs_gemv_fp16", grid, (_GEMV_THREADS,),
+                               (seg.weight, x32, y, rows, cols, *tail)))
+        else:
+            plan.append(Launch("gemv.cu", f"bs_gemv<{seg.bits}>", grid, (_GEMV_THREADS,),
+                               (seg.qdata, seg.scale, seg.zero, x32, y, rows, cols,
+                                seg.group_size, *tail)))
+    return plan
+
+
+def dequant_plan(layer: Any, w: torch.Tensor) -> list[Launch]:
+    """Launches writing the dense weight into ``w`` (fp16 or fp32 ``[out, in]``)."""
+    out_half = int(w.dtype == torch.float16)
+    plan = []
+    for seg in layer.segments:
+        rows, cols = seg.shape
+        dst = w[seg.start:] if seg.axis == 0 else w  # row segments: pointer to their first row
+        col_off = seg.start if seg.axis == 1 else 0
+        if seg.bits == 16:
+            n = rows * cols
+            plan.append(Launch("dequant.cu", f"bs_dequant_fp16<{out_half}>",
+                               (-(-n // _DEQUANT_THREADS),), (_DEQUANT_THREADS,),
+                               (seg.weight, dst, rows, cols, layer.in_features, col_off)))
+        else:
+            n = rows * -(-cols // 32)
+            plan.append(Launch("dequant.cu", f"bs_dequant<{seg.bits}, {out_half}>",
+                               (-(-n // _DEQUANT_THREADS),), (_DEQUANT_THREADS,),
+                               (seg.qdata, seg.scale, seg.zero, dst, rows, cols,
+                                seg.group_size, layer.in_features, col_off)))
+    return plan
+
+
 def _to_cupy(t: torch.Tensor) -> Any:
     """Zero-copy torch -> CuPy through DLPack (uint32 crosses as int32: same bits)."""
     import cupy
 
     if t.dtype == torch.uint32:
         t = t.view(torch.int32)
-    return cupy.from_dlpack(t.contiguous())
+    if not t.is_contiguous():
+        raise ValidationError("tensor", "not contiguous; kernels take contiguous buffers")
+    return cupy.from_dlpack(t)
+
+
+def run_plan(plan: list[Launch]) -> None:
+    """Launch a plan with CuPy on the current CuPy stream (call inside ``CupyBackend``'s
+    stream context, or with one of your own)."""
+    from bitsack.kernels.cuda_build import get_function
+
+    for item in plan:
+        fn = get_function(item.source, item.kernel)
+        args = tuple(_to_cupy(a) if isinstance(a, torch.Tensor) else np.int32(a)
+                     for a in item.args)
+        fn(item.grid, item.block, args)
+
+
+@contextlib.contextmanager
+def _cupy_on_torch_stream(device: torch.device) -> Iterator[None]:
+    """Make CuPy launch on torch's current stream of ``device`` (so ordering is torch's)."""
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        yield
 
 
 @register_backend
@@ -241,13 +339,11 @@ class CupyBackend:
                         out_u=out_u, out_eta=out_eta, accum_u=U_FP32)
 
     def linear(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
-        import cupy
 
         if x.device.type != "cuda":
             raise ValidationError("x", f"on {x.device}; valid: a CUDA tensor for backend cupy")
         xf = _flat(layer, x)
-        with cupy.cuda.Device(x.device.index or 0), \
-                cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream):
+        with _cupy_on_torch_stream(x.device):
             if xf.shape[0] <= GEMV_MAX_BATCH:
                 y = self._gemv(layer, xf)
             else:
@@ -257,59 +353,18 @@ class CupyBackend:
         return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
     def _gemv(self, layer: Any, xf: torch.Tensor) -> torch.Tensor:
-        from bitsack.kernels.cuda_build import get_function
-
-        batch = xf.shape[0]
         x32 = xf.to(torch.float32).contiguous()
-        y = torch.empty((batch, layer.out_features), dtype=torch.float32, device=xf.device)
-        if batch == 0:
-            return y
-        xc, yc = _to_cupy(x32), _to_cupy(y)
-        i32 = np.int32
-        first_col_segment = True
-        for seg in layer.segments:
-            rows, cols = seg.shape
-            if seg.axis == 0:
-                x_off, y_off, acc = 0, seg.start, 0
-            else:
-                x_off, y_off, acc = seg.start, 0, 0 if first_col_segment else 1
-                first_col_segment = False
-            grid = (-(-rows // (_GEMV_THREADS // 32)),)
-            tail = (i32(batch), i32(layer.in_features), i32(x_off), i32(layer.out_features),
-                    i32(y_off), i32(acc))
-            if seg.bits == 16:
-                fn = get_function("gemv.cu", "bs_gemv_fp16")
-                fn(grid, (_GEMV_THREADS,), (_to_cupy(seg.weight), xc, yc, i32(rows), i32(cols),
-                                            *tail))
-            else:
-                fn = get_function("gemv.cu", f"bs_gemv<{seg.bits}>")
-                fn(grid, (_GEMV_THREADS,), (_to_cupy(seg.qdata), _to_cupy(seg.scale),
-                                            _to_cupy(seg.zero), xc, yc, i32(rows), i32(cols),
-                                            i32(seg.group_size), *tail))
+        y = torch.empty((x32.shape[0], layer.out_features), dtype=torch.float32,
+                        device=xf.device)
+        if x32.shape[0]:
+            run_plan(gemv_plan(layer, x32, y))
         return y
 
     def dequantize(self, layer: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The dense weight ``[out, in]`` in fp16 or fp32, built by the dequantize kernels."""
-        from bitsack.kernels.cuda_build import get_function
-
-        out_half = dtype == torch.float16
         w = torch.empty((layer.out_features, layer.in_features), dtype=dtype, device=device)
-        wc = _to_cupy(w)
-        i32 = np.int32
-        for seg in layer.segments:
-            rows, cols = seg.shape
-            if seg.bits == 16:
-                dst = w[seg.start:seg.stop] if seg.axis == 0 else w[:, seg.start:seg.stop]
-                dst.copy_(seg.weight)  # fp16 -> fp16 or fp32: exact
-                continue
-            row_off = seg.start if seg.axis == 0 else 0
-            col_off = seg.start if seg.axis == 1 else 0
-            nthreads = rows * -(-cols // 32)
-            fn = get_function("dequant.cu", f"bs_dequant<{seg.bits}, {int(out_half)}>")
-            fn((-(-nthreads // _DEQUANT_THREADS),), (_DEQUANT_THREADS,),
-               (_to_cupy(seg.qdata), _to_cupy(seg.scale), _to_cupy(seg.zero),
-                wc[row_off:], i32(rows), i32(cols), i32(seg.group_size),
-                i32(layer.in_features), i32(col_off)))
+        with _cupy_on_torch_stream(w.device):
+            run_plan(dequant_plan(layer, w))
         return w
 
     def _dequant_gemm(self, layer: Any, xf: torch.Tensor) -> torch.Tensor:
@@ -321,5 +376,5 @@ class CupyBackend:
         # fp16 GEMM with fp32 compute; fp32 GEMM without TF32 (the bound assumes fp32 sums).
         linalg.set_compute_type(np.float16, linalg.COMPUTE_TYPE_FP32)
         linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_PEDANTIC)
-        yc = cupy.matmul(_to_cupy(xf.to(dtype)), _to_cupy(w).T)
+        yc = cupy.matmul(_to_cupy(xf.to(dtype).contiguous()), _to_cupy(w).T)
         return torch.from_dlpack(yc)

@@ -72,7 +72,8 @@ def kernel_names(name: str) -> tuple[str, ...]:
     if name == "gemv.cu":
         return tuple(f"bs_gemv<{b}>" for b in GEMV_BITS) + ("bs_gemv_fp16",)
     if name == "dequant.cu":
-        return tuple(f"bs_dequant<{b}, {h}>" for b in GEMV_BITS for h in (0, 1))
+        return tuple(f"bs_dequant<{b}, {h}>" for b in GEMV_BITS for h in (0, 1)) + (
+            "bs_dequant_fp16<0>", "bs_dequant_fp16<1>")
     raise ValidationError("source", f"{name!r} has no kernel list; valid: gemv.cu, dequant.cu")
 
 

@@ -1,20 +1,45 @@
 """NumPy ports of the CUDA kernels' per-thread logic, for CPU tests of their indexing.
 
-Each function walks the same (block, warp, lane, chunk, value) loops as its kernel in
-``kernels/cuda`` and reads words, scales and zeros through the same index expressions, so an
-indexing mistake in the kernel (made again here, in the same shape) shows up on a CPU as a
-disagreement with the reference backend. Arithmetic is float32 like the kernel's, but NumPy
-does not fuse multiply-adds, so results agree with the GPU within the fp32 bound, not bit for
-bit. Slow (Python loops): for small shapes only.
+Each function takes a launch exactly as the GPU gets it — ``grid``, ``block`` and the kernel's
+argument list in order (tensors or arrays for pointers, ints for ints) — and walks the same
+(block, thread) loops, computing each thread's row / lane / chunk and reading words, scales and
+zeros through the same index expressions as its kernel in ``kernels/cuda``. An indexing
+mistake in the kernel or in the launch plan (``bitsack.kernels.backends.CupyBackend``), made
+again here in the same shape, shows up on a CPU as a disagreement with the reference backend;
+a grid too small leaves outputs unwritten.
+
+Arithmetic is float32 like the kernel's, but NumPy does not fuse multiply-adds, so results
+agree with the GPU within the fp32 bound, not bit for bit. Slow (Python loops): small shapes.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import numpy as np
 
-__all__ = ["emulate_dequant", "emulate_gemv"]
+__all__ = ["emulate_launch"]
 
 _WARP = 32
+
+
+def _np(a: Any) -> np.ndarray:
+    """A NumPy view of a CPU tensor or array (uint32 tensors via int32: same bits)."""
+    if type(a).__module__.startswith("torch"):
+        import torch
+
+        if a.dtype == torch.uint32:
+            a = a.view(torch.int32)
+        return a.numpy()
+    return np.asarray(a)
+
+
+def _flat(a: Any) -> np.ndarray:
+    arr = _np(a)
+    if not arr.flags["C_CONTIGUOUS"]:
+        raise ValueError("emulated kernels take contiguous buffers (as pointers)")
+    return arr.reshape(-1)
 
 
 def _extract(words: np.ndarray, k: int, bits: int) -> int:
@@ -36,71 +61,93 @@ def _load_chunk(qflat: np.ndarray, row_base: int, wpr: int, c: int, bits: int) -
     return words
 
 
-def emulate_gemv(qdata: np.ndarray, scale: np.ndarray, zero: np.ndarray, x: np.ndarray,
-                 y: np.ndarray, rows: int, cols: int, group_size: int, batch: int,
-                 x_stride: int, x_offset: int, y_stride: int, y_offset: int, accumulate: int,
-                 bits: int, threads_per_block: int = 128) -> None:
-    """Run ``bs_gemv<bits>`` on flat NumPy buffers (``y`` is updated in place)."""
-    qflat = np.ascontiguousarray(qdata).reshape(-1).view(np.uint32)
-    sflat = np.ascontiguousarray(scale).reshape(-1).astype(np.float32)
-    zflat = np.ascontiguousarray(zero).reshape(-1).astype(np.float32)
-    xflat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    yflat = y.reshape(-1)
-    warps = threads_per_block // _WARP
-    grid = -(-rows // warps)
+def _warp_sum(lane_acc: np.ndarray) -> np.ndarray:
+    """``__shfl_down_sync`` tree over offsets 16, 8, 4, 2, 1: what lane 0 ends with."""
+    v = lane_acc.copy()
+    off = 16
+    while off:
+        v[: _WARP - off] = v[: _WARP - off] + v[off:]
+        off >>= 1
+    return v[0]
+
+
+def _store(yflat: np.ndarray, idx: int, v: np.float32, accumulate: int) -> None:
+    yflat[idx] = (yflat[idx] + v) if accumulate else v
+
+
+def _gemv(grid, block, args, bits: int) -> None:
+    (qdata, scale, zero, x, y, rows, cols, group_size, batch, x_stride, x_offset, y_stride,
+     y_offset, accumulate) = args
+    qflat = _flat(qdata).view(np.uint32)
+    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.float16)
+    xflat, yflat = _flat(x), _flat(y)
+    assert xflat.dtype == np.float32 and yflat.dtype == np.float32
     wpr = (bits * cols + 31) // 32
     ngroups = cols // group_size
     nchunks = (cols + 31) // 32
     chunk_in_group = group_size % 32 == 0
-    for block in range(grid):
-        for tid_warp in range(warps):
-            row = block * warps + tid_warp
+    warps = block[0] // _WARP
+    for bx in range(grid[0]):
+        for w in range(warps):
+            row = bx * warps + w
             if row >= rows:
                 continue
+            srow, zrow = row * ngroups, row * ngroups
             lane_acc = np.zeros((_WARP, batch), dtype=np.float32)
             for lane in range(_WARP):
                 for c in range(lane, nchunks, _WARP):
                     words = _load_chunk(qflat, row * wpr, wpr, c, bits)
                     if chunk_in_group:
                         g = (c * 32) // group_size
-                        s, z = sflat[row * ngroups + g], zflat[row * ngroups + g]
+                        s, z = np.float32(sflat[srow + g]), np.float32(zflat[zrow + g])
                     for k in range(32):
                         j = c * 32 + k
                         if j >= cols:
                             continue
                         if not chunk_in_group:
                             g = j // group_size
-                            s, z = sflat[row * ngroups + g], zflat[row * ngroups + g]
-                        w = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
+                            s, z = np.float32(sflat[srow + g]), np.float32(zflat[zrow + g])
+                        wv = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
                         for b in range(batch):
-                            lane_acc[lane, b] += w * xflat[x_offset + j + b * x_stride]
-            # __shfl_down_sync tree: after offsets 16, 8, 4, 2, 1 lane 0 holds the sum.
-            v = lane_acc.copy()
-            off = 16
-            while off:
-                v[:_WARP - off] = v[:_WARP - off] + v[off:]
-                off >>= 1
+                            lane_acc[lane, b] += wv * xflat[x_offset + j + b * x_stride]
+            total = _warp_sum(lane_acc)
             for b in range(batch):
-                idx = b * y_stride + y_offset + row
-                yflat[idx] = (yflat[idx] + v[0, b]) if accumulate else v[0, b]
+                _store(yflat, b * y_stride + y_offset + row, total[b], accumulate)
 
 
-def emulate_dequant(qdata: np.ndarray, scale: np.ndarray, zero: np.ndarray, out: np.ndarray,
-                    rows: int, cols: int, group_size: int, out_stride: int, col_offset: int,
-                    bits: int, out_half: int, threads_per_block: int = 256) -> None:
-    """Run ``bs_dequant<bits, out_half>`` on flat NumPy buffers (``out`` updated in place)."""
-    qflat = np.ascontiguousarray(qdata).reshape(-1).view(np.uint32)
-    sflat = np.ascontiguousarray(scale).reshape(-1).astype(np.float32)
-    zflat = np.ascontiguousarray(zero).reshape(-1).astype(np.float32)
-    oflat = out.reshape(-1)
+def _gemv_fp16(grid, block, args) -> None:
+    (weight, x, y, rows, cols, batch, x_stride, x_offset, y_stride, y_offset, accumulate) = args
+    wflat = _flat(weight).view(np.float16)
+    xflat, yflat = _flat(x), _flat(y)
+    warps = block[0] // _WARP
+    for bx in range(grid[0]):
+        for w in range(warps):
+            row = bx * warps + w
+            if row >= rows:
+                continue
+            lane_acc = np.zeros((_WARP, batch), dtype=np.float32)
+            for lane in range(_WARP):
+                for j in range(lane, cols, _WARP):
+                    wv = np.float32(wflat[row * cols + j])
+                    for b in range(batch):
+                        lane_acc[lane, b] += wv * xflat[b * x_stride + x_offset + j]
+            total = _warp_sum(lane_acc)
+            for b in range(batch):
+                _store(yflat, b * y_stride + y_offset + row, total[b], accumulate)
+
+
+def _dequant(grid, block, args, bits: int, out_half: int) -> None:
+    qdata, scale, zero, out, rows, cols, group_size, out_stride, col_offset = args
+    qflat = _flat(qdata).view(np.uint32)
+    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.float16)
+    oflat = _flat(out)
+    assert oflat.dtype == (np.float16 if out_half else np.float32)
     nchunks = (cols + 31) // 32
     wpr = (bits * cols + 31) // 32
     ngroups = cols // group_size
-    total = rows * nchunks
-    grid = -(-total // threads_per_block)
-    for t in range(grid * threads_per_block):
-        if t >= total:
-            break
+    for t in range(grid[0] * block[0]):
+        if t >= rows * nchunks:
+            continue
         row, c = divmod(t, nchunks)
         words = _load_chunk(qflat, row * wpr, wpr, c, bits)
         base = row * out_stride + col_offset
@@ -109,6 +156,41 @@ def emulate_dequant(qdata: np.ndarray, scale: np.ndarray, zero: np.ndarray, out:
             if j >= cols:
                 continue
             g = j // group_size
-            s, z = sflat[row * ngroups + g], zflat[row * ngroups + g]
-            w = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
-            oflat[base + j] = np.float16(w) if out_half else w
+            s = np.float32(sflat[row * ngroups + g])
+            z = np.float32(zflat[row * ngroups + g])
+            oflat[base + j] = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
+
+
+def _dequant_fp16(grid, block, args, out_half: int) -> None:
+    weight, out, rows, cols, out_stride, col_offset = args
+    wflat = _flat(weight).view(np.float16)
+    oflat = _flat(out)
+    assert oflat.dtype == (np.float16 if out_half else np.float32)
+    for t in range(grid[0] * block[0]):
+        if t >= rows * cols:
+            continue
+        row, j = divmod(t, cols)
+        oflat[row * out_stride + col_offset + j] = wflat[t]
+
+
+_EXPR = re.compile(r"^(\w+)(?:<([\d, ]+)>)?$")
+
+
+def emulate_launch(kernel: str, grid: tuple[int, ...], block: tuple[int, ...],
+                   args: tuple[Any, ...]) -> None:
+    """Run the kernel named by its NVRTC name expression (``bs_gemv<3>``) on CPU buffers."""
+    m = _EXPR.match(kernel)
+    if not m:
+        raise ValueError(f"kernel: {kernel!r} is not a name expression")
+    name = m.group(1)
+    tpl = [int(v) for v in m.group(2).split(",")] if m.group(2) else []
+    if name == "bs_gemv":
+        _gemv(grid, block, args, *tpl)
+    elif name == "bs_gemv_fp16":
+        _gemv_fp16(grid, block, args)
+    elif name == "bs_dequant":
+        _dequant(grid, block, args, *tpl)
+    elif name == "bs_dequant_fp16":
+        _dequant_fp16(grid, block, args, *tpl)
+    else:
+        raise ValueError(f"kernel: {kernel!r} has no emulation")

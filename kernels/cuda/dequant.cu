@@ -38,3 +38,21 @@ __global__ void bs_dequant(const unsigned int* __restrict__ qdata,
         }
     }
 }
+
+// A 16-bit (fp16) segment copied into the dense matrix, same addressing as bs_dequant: one
+// thread per (row, column).
+template <int OUT_HALF>
+__global__ void bs_dequant_fp16(const unsigned short* __restrict__ weight,
+                                void* __restrict__ out, int rows, int cols, int out_stride,
+                                int col_offset) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (long long)rows * cols) return;
+    const int row = (int)(t / cols);
+    const int j = (int)(t % cols);
+    const unsigned short h = weight[t];
+    const size_t idx = (size_t)row * out_stride + col_offset + j;
+    if (OUT_HALF)
+        static_cast<unsigned short*>(out)[idx] = h;
+    else
+        static_cast<float*>(out)[idx] = bs_half_to_float(h);
+}

@@ -12,12 +12,14 @@ from bitsack.errors import ValidationError
 from bitsack.kernels.backends import (
     GEMV_MAX_BATCH,
     available_backends,
+    dequant_plan,
+    gemv_plan,
     get_backend,
     reference_output,
     reference_weight,
 )
 from bitsack.kernels.bounds import Numerics, gamma, layer_error_bound, output_error_bound
-from bitsack.kernels.emulate import emulate_dequant, emulate_gemv
+from bitsack.kernels.emulate import emulate_launch
 from bitsack.kernels.packed import PackedEmbedding, PackedLinear, Segment
 from bitsack.kernels.quantizers import rtn_quantize
 
@@ -92,51 +94,44 @@ def test_bound_is_not_vacuous():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), bits=st.sampled_from(BITS), rows=st.integers(1, 6),
-       ngroups=st.integers(1, 3), g=st.sampled_from([8, 16, 32, 48]), batch=st.integers(1, 3),
-       threads=st.sampled_from([32, 64, 128]), log_mag=st.floats(-4, 2))
-def test_gemv_emulation_matches_reference(seed, bits, rows, ngroups, g, batch, threads,
-                                          log_mag):
-    cols = ngroups * g
-    layer = _layer(seed, rows, cols, g, [bits], 0, log_mag, False)
-    (seg,) = layer.segments
-    x = _input(seed, batch, cols, 0.0, torch.float32)
-    y = np.full((batch, rows), np.nan, dtype=np.float32)
-    emulate_gemv(seg.qdata.view(torch.int32).numpy(), seg.scale.numpy(), seg.zero.numpy(),
-                 x.numpy(), y, rows, cols, g, batch, cols, 0, rows, 0, 0, bits, threads)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), ngroups=st.integers(1, 3),
+       g=st.sampled_from([8, 16, 32, 48]),
+       pieces=st.lists(st.sampled_from([*BITS, 16]), min_size=1, max_size=3),
+       axis=st.sampled_from([0, 1]), batch=st.integers(1, 3), log_mag=st.floats(-4, 2))
+def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, ngroups, g, pieces, axis, batch,
+                                                   log_mag):
+    # The cupy backend's own launch plan (segments, offsets, accumulate flags, grid), run
+    # through the NumPy port of the kernels, against the float64 reference.
+    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, False)
+    x = _input(seed, batch, ngroups * g, 0.0, torch.float32)
+    y = torch.full((batch, rows), float("nan"), dtype=torch.float32)  # unwritten stays NaN
+    for launch in gemv_plan(layer, x, y):
+        emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
     y_ref = reference_output(layer, x)
     bound = output_error_bound(layer.dequantize(), x, None, Numerics(), y_ref=y_ref)
-    assert bool(((torch.from_numpy(y).double() - y_ref).abs() <= bound).all())
+    assert bool(((y.double() - y_ref).abs() <= bound).all())
 
 
-def test_gemv_emulation_column_segments_accumulate():
-    # two column segments of different bits, the second adding into y: the cupy launch plan
-    layer = _layer(3, 5, 96, 16, [3, 8], 1, 0.0, False)
-    x = _input(3, 2, 96, 0.0, torch.float32)
-    y = np.zeros((2, 5), dtype=np.float32)
-    for i, seg in enumerate(layer.segments):
-        rows, cols = seg.shape
-        emulate_gemv(seg.qdata.view(torch.int32).numpy(), seg.scale.numpy(), seg.zero.numpy(),
-                     x.numpy(), y, rows, cols, 16, 2, 96, seg.start, 5, 0, int(i > 0),
-                     seg.bits)
-    y_ref = reference_output(layer, x)
-    bound = output_error_bound(layer.dequantize(), x, None, Numerics(), y_ref=y_ref)
-    assert bool(((torch.from_numpy(y).double() - y_ref).abs() <= bound).all())
-
-
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("g", [8, 32, 40])
-def test_dequant_emulation_is_exact(bits, g):
-    layer = _layer(bits * 7 + g, 4, 3 * g, g, [bits], 1, 0.0, False)
-    (seg,) = layer.segments
-    rows, cols = seg.shape
+def test_cupy_dequant_plan_emulated_is_exact(axis, g):
+    layer = _layer(7 * g + axis, 6, 4 * g, g, [3, 16, 8, 1], axis, 0.0,
+                   False)
     want = reference_weight(layer)
-    for out_half, dt in ((0, np.float32), (1, np.float16)):
-        out = np.zeros((rows, cols + 5), dtype=dt)  # wider: tests stride and column offset
-        emulate_dequant(seg.qdata.view(torch.int32).numpy(), seg.scale.numpy(),
-                        seg.zero.numpy(), out, rows, cols, g, cols + 5, 5, bits, out_half, 64)
-        np.testing.assert_array_equal(out[:, 5:], want.astype(dt))
-        assert not out[:, :5].any()
+    for dt in (torch.float32, torch.float16):
+        w = torch.full((6, 4 * g), float("nan"), dtype=dt)
+        for launch in dequant_plan(layer, w):
+            emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
+        np.testing.assert_array_equal(w.numpy(), want.astype(w.numpy().dtype))
+
+
+def test_emulation_detects_a_short_grid():
+    layer = _layer(0, 9, 32, 32, [4], 0, 0.0, False)
+    x = _input(0, 1, 32, 0.0, torch.float32)
+    y = torch.full((1, 9), float("nan"))
+    (launch,) = gemv_plan(layer, x, y)
+    emulate_launch(launch.kernel, (launch.grid[0] - 1,), launch.block, launch.args)
+    assert torch.isnan(y[0, -1]) and not torch.isnan(y[0, 0])
 
 
 def test_reference_backend_spec():
