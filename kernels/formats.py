@@ -172,16 +172,17 @@ def unpack_numpy(qdata: np.ndarray, bits: int, cols: int) -> np.ndarray:
     _check_unpack(qdata.shape, bits, cols)
     rows, nwords = qdata.shape
     chunks = -(-cols // 32)
-    words = np.zeros((rows, chunks * bits + 1), dtype=np.uint64)
-    words[:, :nwords] = qdata.astype(np.uint64)
+    words = np.zeros((rows, chunks * bits), dtype=np.uint64)
+    words[:, :nwords] = qdata
+    words = words.reshape(rows, chunks, bits)  # a chunk's words side by side: views, no gather
     mask = np.uint64((1 << bits) - 1)
     out = np.empty((rows, chunks, 32), dtype=np.uint8)
-    base = np.arange(chunks) * bits
     for k in range(32):
         word, shift = divmod(k * bits, 32)
-        # 64-bit window over two adjacent words covers a value that straddles them.
-        window = words[:, base + word] | (words[:, base + word + 1] << np.uint64(32))
-        out[:, :, k] = (window >> np.uint64(shift)) & mask
+        v = words[:, :, word] >> np.uint64(shift)
+        if shift + bits > 32:  # straddles into the next word of the chunk
+            v = v | (words[:, :, word + 1] << np.uint64(32 - shift))
+        out[:, :, k] = v & mask
     return out.reshape(rows, chunks * 32)[:, :cols].copy()
 
 
@@ -209,38 +210,38 @@ def pack_torch(codes: Any, bits: int) -> Any:
     return out.to(torch.int32).contiguous().view(torch.uint32)
 
 
-def _words_as_int64(qdata: Any) -> Any:
-    """uint32 (or int32) words as non-negative int64 values (torch lacks uint32 shifts)."""
-    import torch
-
-    if qdata.dtype == torch.uint32:
-        qdata = qdata.view(torch.int32)
-    if qdata.dtype != torch.int32:
-        raise ValidationError("qdata", f"dtype {qdata.dtype}; valid: torch.uint32 or torch.int32")
-    return qdata.to(torch.int64) & 0xFFFFFFFF
-
-
 def unpack_torch(qdata: Any, bits: int, cols: int, dtype: Any = None) -> Any:
-    """torch implementation of ``unpack``; codes as uint8 (or ``dtype``) on qdata's device."""
+    """torch implementation of ``unpack``; codes as uint8 (or ``dtype``) on qdata's device.
+
+    Works on the words as int32 (torch has no uint32 shifts): an arithmetic right shift drags
+    the sign bit in from the top, so only the value's own low bits are kept before anything
+    is combined, and the result is the same as with unsigned words.
+    """
     import torch
 
     bits = check_bits(bits)
     _check_unpack(tuple(qdata.shape), bits, cols)
     rows, nwords = qdata.shape
-    w = _words_as_int64(qdata)
-    chunks = -(-cols // 32)
+    w = qdata.view(torch.int32) if qdata.dtype == torch.uint32 else qdata
+    if w.dtype != torch.int32:
+        raise ValidationError("qdata", f"dtype {qdata.dtype}; valid: torch.uint32 or torch.int32")
+    mask = (1 << bits) - 1
     if 32 % bits == 0:
         # Values never straddle words: one shift per position within a word.
         per = 32 // bits
-        shifts = torch.arange(per, device=qdata.device, dtype=torch.int64) * bits
-        out = ((w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, nwords * per)
+        shifts = torch.arange(per, device=w.device, dtype=torch.int32) * bits
+        out = ((w.unsqueeze(-1) >> shifts) & mask).reshape(rows, nwords * per)
     else:
-        words = torch.nn.functional.pad(w, (0, chunks * bits + 1 - nwords))
-        base = torch.arange(chunks, device=qdata.device) * bits
-        out = torch.empty((rows, chunks, 32), dtype=torch.int64, device=qdata.device)
-        for k in range(32):
-            word, shift = divmod(k * bits, 32)
-            window = words[:, base + word] | (words[:, base + word + 1] << 32)
-            out[:, :, k] = (window >> shift) & ((1 << bits) - 1)
+        # 64-bit windows: window i of a chunk = its word i | word i+1 << 32 (non-negative
+        # int64), which holds every value starting in word i, straddling or not. One gather
+        # picks each position's window, one shift and mask extract all 32 values at once.
+        chunks = -(-cols // 32)
+        words = torch.nn.functional.pad(w, (0, chunks * bits - nwords)).reshape(rows, chunks,
+                                                                               bits)
+        u = words.to(torch.int64) & 0xFFFFFFFF
+        nxt = torch.nn.functional.pad(u[:, :, 1:], (0, 1))
+        windows = u | (nxt << 32)
+        k = torch.arange(32, device=w.device, dtype=torch.int64) * bits
+        out = (windows[:, :, k // 32] >> (k % 32)) & mask
         out = out.reshape(rows, chunks * 32)
     return out[:, :cols].to(dtype or torch.uint8).contiguous()

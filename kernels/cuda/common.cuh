@@ -29,6 +29,13 @@ __device__ __forceinline__ unsigned int bs_extract(const unsigned int (&words)[B
     return v & ((1u << BITS) - 1u);
 }
 
+// Exact float of a code v < 2^23 without an int->float conversion instruction (a quarter-rate
+// op on recent GPUs): the bit pattern 0x4B000000 | v is the float 2^23 + v, and subtracting
+// 2^23 is exact. Same value as (float)v.
+__device__ __forceinline__ float bs_code_to_float(unsigned int v) {
+    return __int_as_float(0x4B000000u | v) - 8388608.f;
+}
+
 // Load the BITS words of chunk c of a row with `wpr` words; words past the row's end are 0
 // (the last chunk of a row whose length is not a multiple of 32 is shorter).
 template <int BITS>

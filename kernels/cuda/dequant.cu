@@ -30,7 +30,7 @@ __global__ void bs_dequant(const unsigned int* __restrict__ qdata,
             const int g = j / group_size;
             const float s = bs_half_to_float(scale[(size_t)row * ngroups + g]);
             const float z = bs_half_to_float(zero[(size_t)row * ngroups + g]);
-            const float w = s * ((float)bs_extract<BITS>(words, k) - z);
+            const float w = s * (bs_code_to_float(bs_extract<BITS>(words, k)) - z);
             if (OUT_HALF)
                 static_cast<unsigned short*>(out)[base + j] = bs_float_to_half(w);
             else

@@ -52,7 +52,7 @@ __device__ __forceinline__ void bs_gemv_row(
                     s = bs_half_to_float(srow[g]);
                     z = bs_half_to_float(zrow[g]);
                 }
-                const float w = s * ((float)bs_extract<BITS>(words, k) - z);
+                const float w = s * (bs_code_to_float(bs_extract<BITS>(words, k)) - z);
                 const float* xj = x + x_offset + j;
 #pragma unroll
                 for (int b = 0; b < BS_MAX_BATCH; ++b)
