@@ -1,0 +1,130 @@
+"""``scip``: the MIP / MIQP of ``mathopt_model`` solved by SCIP through OR-Tools MathOpt.
+
+Interactions enter as the convex quadratic objective ½Σ_k y_k² over y = Ux (an MIQP; SCIP
+outer-approximates it inside its own branch and bound). ``params`` (``SolveOptions.params``):
+
+- ``interactions``: ``objective`` (default), ``epigraph`` (t_k ≥ y_k² as N quadratic
+  constraints) or ``direct`` (½xᵀUᵀUx, no y; small instances only). See
+  ``bench/results/solver.md`` for how they compare.
+
+Determinism: SCIP is deterministic for a fixed ``random_seed`` unless the wall-clock limit is
+what stops it (then where it stopped depends on the machine's speed).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from bitsack.errors import SolverError
+from bitsack.solver.backends.base import (
+    SolveOptions,
+    Stopwatch,
+    check_params,
+    make_solution,
+    register,
+)
+from bitsack.solver.backends.mathopt_model import (
+    additive_plan,
+    budget_excess,
+    build_mip,
+    hint_params,
+    mathopt_solver_works,
+    ortools_version,
+    read_result,
+    run_mathopt,
+    solve_params,
+    tighten_budgets,
+)
+from bitsack.solver.problem import Problem
+from bitsack.solver.solution import Solution
+
+#: Re-solves allowed to push a plan that violates a budget by the solver's tolerance back inside.
+_BUDGET_RETRIES = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _available() -> bool:
+    return mathopt_solver_works("GSCIP")
+
+
+@register
+class ScipBackend:
+    """OR-Tools MathOpt + SCIP: exact MIP, MIQP with interactions."""
+
+    name = "scip"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """True when OR-Tools imports and MathOpt's SCIP solves a trivial MIP."""
+        return _available()
+
+    def solve(self, problem: Problem, options: SolveOptions) -> Solution:
+        """Solve ``problem`` to ``options.rel_gap`` within ``options.time_limit_s``.
+
+        Raises:
+            SolverError: unknown ``params`` key or value, or SCIP failed.
+        """
+        from ortools.math_opt.python import mathopt
+
+        watch = Stopwatch()
+        check_params(self.name, options.params, ("interactions",))
+        mode = options.params.get("interactions", "objective")
+        if mode not in ("objective", "epigraph", "direct"):
+            raise SolverError(f"params.interactions: {mode!r} is not a scip formulation; "
+                              f"valid: ['objective', 'epigraph', 'direct']")
+        form = build_mip(problem, interactions=mode)
+        build_s = watch()
+
+        def remaining(share: float = 1.0) -> float | None:
+            if options.time_limit_s is None:
+                return None
+            return share * max(options.time_limit_s - watch(), 0.0)
+
+        terminations = []
+        model_params = None
+        if form.U is not None:
+            # SCIP's own heuristics find poor plans for the 7B-shaped MIQP (objective 800×
+            # the optimum after 60 s); the plan without interactions is a good start.
+            seed, seed_answer = additive_plan(problem, mathopt.SolverType.GSCIP, self.name,
+                                              options, remaining(0.25))
+            terminations.append(f"additive seed: {seed_answer.termination}")
+            if seed is not None:
+                model_params = hint_params(form, problem, seed)
+
+        answer = dual = None
+        for attempt in range(_BUDGET_RETRIES + 1):
+            params = solve_params(options, time_limit_s=remaining(), rel_gap=options.rel_gap,
+                                  objective_scale=form.objective_scale)
+            result = run_mathopt(form.model, mathopt.SolverType.GSCIP, self.name, params,
+                                 model_params)
+            answer = read_result(problem, form, result, self.name)
+            terminations.append(answer.termination)
+            if attempt == 0:
+                # Only the untightened model's bound is a bound of the problem.
+                dual = answer.dual_bound
+            if answer.assignment is None:
+                break
+            excess = budget_excess(problem, answer.assignment)
+            if not excess:
+                break
+            tighten_budgets(form, excess)
+        assignment = answer.assignment
+        if assignment is not None and budget_excess(problem, assignment):
+            assignment = None  # retries exhausted: report no plan rather than a violating one
+
+        used = {
+            "interactions": mode if form.U is not None else None,
+            "time_limit_s": options.time_limit_s,
+            "rel_gap": options.rel_gap,
+            "abs_gap": options.abs_gap,
+            "seed": options.seed,
+            "threads": options.threads,
+            "termination": terminations,
+            "build_s": round(build_s, 3),
+            **form.counts,
+        }
+        return make_solution(
+            problem, assignment=assignment, dual_bound=dual, solver=self.name,
+            solver_version=f"ortools {ortools_version()} (MathOpt GSCIP)", options=options,
+            wall_time_s=watch(), params=used, infeasible=answer.infeasible,
+        )
