@@ -108,6 +108,36 @@ class Segment:
         n = rows if axis == 0 else cols
         return cls(axis, start, start + n, 16, cols, (rows, cols), weight=w)
 
+    def spec(self) -> dict:
+        """The segment's layout as plain JSON-able values (everything but the tensors)."""
+        return {"axis": self.axis, "start": self.start, "stop": self.stop, "bits": self.bits,
+                "group_size": self.group_size, "shape": list(self.shape)}
+
+    @classmethod
+    def empty(cls, spec: dict, device: torch.device | str = "cpu") -> Segment:
+        """A zero-filled segment of the layout ``spec`` (to load a state dict into)."""
+        try:
+            axis, start, stop, bits, g = (int(spec[k]) for k in
+                                          ("axis", "start", "stop", "bits", "group_size"))
+            rows, cols = (int(v) for v in spec["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValidationError("segment", f"{spec!r}; valid: a dict with axis, start, stop, "
+                                  "bits, group_size, shape [rows, cols]") from None
+        check_bits(bits, allow_16=True, field="segment.bits")
+        if bits == 16:
+            return cls(axis, start, stop, 16, g, (rows, cols),
+                       weight=torch.zeros((rows, cols), dtype=torch.float16, device=device))
+        if g <= 0 or cols % g:
+            raise ValidationError("segment.group_size", f"{g} does not divide the segment's "
+                                  f"{cols} columns; valid: a positive divisor")
+        words = -(-bits * cols // 32)
+        meta = (rows, cols // g)
+        return cls(axis, start, stop, bits, g, (rows, cols),
+                   qdata=torch.zeros((rows, words), dtype=torch.int32, device=device)
+                   .view(torch.uint32),
+                   scale=torch.zeros(meta, dtype=torch.float16, device=device),
+                   zero=torch.zeros(meta, dtype=torch.float16, device=device))
+
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes ``[rows, cols]``."""
         if self.bits == 16:
@@ -176,6 +206,10 @@ class _SegmentStore(torch.nn.Module):
             tensors = {f: getattr(self, f"seg{i}_{f}", None) for f in self._FIELDS}
             out.append(Segment(axis, start, stop, bits, g, shape, **tensors))
         return tuple(out)
+
+    def layout(self) -> list[dict]:
+        """Each segment's ``Segment.spec()``: with the dims, enough to rebuild the module."""
+        return [s.spec() for s in self.segments]
 
     @property
     def nbytes(self) -> int:
@@ -274,6 +308,25 @@ class PackedLinear(_SegmentStore):
                                   f"{'rows' if axis == 0 else 'columns'}")
         return layer
 
+    @classmethod
+    def from_layout(cls, in_features: int, out_features: int, layout: Sequence[dict],
+                    bias_dtype: torch.dtype | None = None, backend: str = "torch",
+                    device: torch.device | str = "cpu") -> PackedLinear:
+        """A zero-filled layer of the given ``layout()``, to ``load_state_dict`` into.
+
+        Args:
+            in_features: columns.
+            out_features: rows.
+            layout: as returned by ``layout()``.
+            bias_dtype: dtype of the bias, or None for no bias.
+            backend: kernel backend name.
+            device: where the buffers are allocated.
+        """
+        segments = [Segment.empty(spec, device) for spec in layout]
+        bias = None if bias_dtype is None else torch.zeros(out_features, dtype=bias_dtype,
+                                                           device=device)
+        return cls(in_features, out_features, segments, bias=bias, backend=backend)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight ``[out_features, in_features]`` the kernels compute with."""
         parts = [seg.dequantize(torch.float32) for seg in self.segments]
@@ -346,6 +399,14 @@ class PackedEmbedding(_SegmentStore):
         """The dense table."""
         return torch.cat([s.dequantize(torch.float32) for s in self.segments],
                          dim=self.axis).to(dtype)
+
+    @classmethod
+    def from_layout(cls, num_embeddings: int, embedding_dim: int, layout: Sequence[dict],
+                    dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> PackedEmbedding:
+        """A zero-filled table of the given ``layout()``, to ``load_state_dict`` into."""
+        return cls(num_embeddings, embedding_dim, [Segment.empty(s, device) for s in layout],
+                   dtype=dtype)
 
     def as_linear(self, backend: str = "torch") -> PackedLinear:
         """A ``PackedLinear`` (in = embedding_dim, out = num_embeddings) on the same buffers."""

@@ -471,6 +471,9 @@ class GPTQ:
 
         Q = torch.zeros_like(W)
         codes = torch.zeros((rows, cols), dtype=torch.uint8, device=dev)
+        # Python copies of the per-column bookkeeping: no device sync per column on a GPU.
+        perm_list = perm.tolist()
+        group_done = done.tolist()
         loss = torch.zeros((), dtype=torch.float64, device=dev)
         for i1 in range(0, cols, block_size):
             i2 = min(i1 + block_size, cols)
@@ -478,9 +481,9 @@ class GPTQ:
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
-                col = int(perm[i1 + i])
+                col = perm_list[i1 + i]
                 gi = col // g
-                if not done[gi]:
+                if not group_done[gi]:
                     # The group starts here (no act-order: columns run in order). Its params
                     # come from the *current* weights: the block's updated columns, and beyond
                     # the block the columns with this block's pending (lazy) updates applied.
@@ -490,6 +493,7 @@ class GPTQ:
                         rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:end]
                         cur = torch.cat([cur, rest], dim=1)
                     set_group(gi, cur)
+                    group_done[gi] = True
                 w = W1[:, i]
                 d = Hinv1[i, i]
                 s = scale[:, gi].to(torch.float64)

@@ -108,3 +108,23 @@ def test_failed_write_keeps_old_file(tmp_path):
         save_tensors(path, {"bad": torch.randn(2, 2).to_sparse()}, {})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_packed_layer_save_reload_bit_identical(tmp_path):
+    import json as _json
+
+    torch.manual_seed(2)
+    layer = PackedLinear.from_dense(torch.randn(32, 96), [(0, 32, 2), (32, 64, 16), (64, 96, 3)],
+                                    16, axis=1, bias=torch.randn(32).half())
+    x = torch.randn(3, 96)
+    hashes = save_tensors(tmp_path / "l.safetensors", layer.state_dict(),
+                          {"layout": layer.layout()})
+    tensors, meta = load_tensors(tmp_path / "l.safetensors",
+                                 {k: (tuple(v.shape), dtype_name(v.dtype), hashes[k])
+                                  for k, v in layer.state_dict().items()})
+    layout = _json.loads(meta["layout"])
+    assert layout == layer.layout()
+    again = PackedLinear.from_layout(96, 32, layout, bias_dtype=torch.float16)
+    again.load_state_dict(tensors)
+    assert torch.equal(again(x), layer(x))
+    assert again.nbytes == layer.nbytes
