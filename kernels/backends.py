@@ -329,10 +329,11 @@ class CupyBackend:
 
     def numerics(self, layer: Any, x: torch.Tensor) -> Numerics:
         out_u, out_eta = _out_numerics(x.dtype)
+        x_u, _ = rounding(x.dtype, torch.float32)  # nonzero only for float64 inputs
         rows = x.numel() // max(layer.in_features, 1)
         if rows <= GEMV_MAX_BATCH or x.dtype != torch.float16:
             # GEMV, or GEMM on an fp32 weight: ŵ exact, x exact in fp32, fp32 sum with bias.
-            return Numerics(out_u=out_u, out_eta=out_eta)
+            return Numerics(x_u=x_u, out_u=out_u, out_eta=out_eta)
         s_u, s_eta = unit_roundoff(torch.float16)
         d_u, d_eta = unit_roundoff(torch.float16)
         return Numerics(dequant_u=d_u, dequant_eta=d_eta, sum_u=s_u, sum_eta=s_eta,

@@ -153,7 +153,7 @@ class Segment:
         q, s, z = self.qdata, self.scale, self.zero
         if rows is not None:
             q, s, z = q[rows], s[rows], z[rows]
-        codes = unpack_torch(q, self.bits, self.shape[1])
+        codes = unpack_torch(q, self.bits, self.shape[1], dtype=torch.float32)
         return dequantize_codes(codes, s, z, self.group_size, dtype)
 
 
