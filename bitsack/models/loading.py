@@ -149,7 +149,7 @@ def load_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu",
         source.update(kind="gguf", path=str(gguf.parent), gguf_file=gguf.name)
     elif path.is_dir():
         if (path / "bitsack.json").is_file():
-            return _load_compressed(path, source)
+            return _load_compressed(path, source, device)
         source.update(kind="local", path=str(path.resolve()))
     elif path.exists():
         raise ModelError(f"model: {spec_str!r} is a file but not a .gguf; give a checkpoint "
@@ -196,14 +196,14 @@ def load_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu",
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
-def _load_compressed(path: Path, source: dict) -> LoadedModel:
+def _load_compressed(path: Path, source: dict, device: str) -> LoadedModel:
     try:
         from bitsack.apply import load_compressed  # lands later; optional until then
     except ImportError as exc:
         raise ModelError(f"model: {str(path)!r} is a compressed bitsack model (bitsack.json), "
                          "but this installation cannot load compressed models yet "
                          "(bitsack.apply is missing)") from exc
-    loaded = load_compressed(path)
+    loaded = load_compressed(path, device=device)
     if isinstance(loaded, LoadedModel):
         return loaded
     model, tokenizer = loaded
