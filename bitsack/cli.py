@@ -22,6 +22,9 @@ from bitsack.errors import BitsackError
 _COMMAND_MODULES = (
     "bitsack.commands.solve",
     "bitsack.commands.check",
+    "bitsack.commands.generate",
+    "bitsack.commands.regress",
+    "bitsack.commands.pareto",
     "bitsack.commands.eval",
     "bitsack.commands.generate_text",
 )

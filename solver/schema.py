@@ -516,22 +516,19 @@ def _parse_constraints(raw: Any, units: tuple[Unit, ...],
 
 def _parse_interactions(raw: Any, units: tuple[Unit, ...], index: dict[str, int],
                         base_dir: str | Path | None, U: Any) -> Interactions | None:
+    n_options = sum(len(u.options) for u in units)
     if raw is None:
-        if U is not None:
-            raise ValidationError("interactions.file", "a factor U was given but the problem "
-                                  "names no sidecar file")
+        if U is not None:  # built in code: the factor has no file yet (dump names one)
+            return Interactions(U=_check_factor(U, n_options, "interactions.U"))
         return None
     if not isinstance(raw, Mapping):
         raise ValidationError("interactions", f"{_short(raw)} is not a mapping")
     _check_keys(raw, _INTERACTION_KEYS, "interactions")
     pairs = _parse_pairs(raw.get("pairs"), units, index)
     file = raw.get("file")
-    n_options = sum(len(u.options) for u in units)
     if file is None:
-        if U is not None:
-            raise ValidationError("interactions.file", "a factor U was given but the problem "
-                                  "names no sidecar file")
-        return Interactions(U=None, file=None, pairs=pairs)
+        U = None if U is None else _check_factor(U, n_options, "interactions.U")
+        return Interactions(U=U, file=None, pairs=pairs)
     if not isinstance(file, str) or not file:
         raise ValidationError("interactions.file", f"{file!r} is not a file name")
     if U is None:
@@ -610,8 +607,8 @@ def _check_factor(U: Any, n_options: int, path: str):
     arr = np.ascontiguousarray(arr, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValidationError(path, f"U[{bad[0]}, {bad[1]}] = {arr[tuple(bad)]!r} is not "
-                              "finite")
+        value = float(arr[tuple(bad)])
+        raise ValidationError(path, f"U[{bad[0]}, {bad[1]}] = {value!r} is not finite")
     arr.setflags(write=False)
     return arr
 
@@ -664,6 +661,10 @@ _YAML_RESERVED = frozenset(
 )
 
 
+# Printable, but folded or stripped inside a quoted scalar: NEL, LS, PS (line breaks) and BOM.
+_YAML_ESCAPE_ALWAYS = frozenset((0x85, 0x2028, 0x2029, 0xFEFF))
+
+
 def _yaml_str(text: str) -> str:
     """A YAML scalar that reads back as exactly ``text`` (plain when safe, else quoted)."""
     if _PLAIN.match(text) and text.lower() not in _YAML_RESERVED:
@@ -675,8 +676,8 @@ def _yaml_str(text: str) -> str:
             out.append('\\"')
         elif ch == "\\":
             out.append("\\\\")
-        elif 0x20 <= code <= 0x7E or code == 0x85 or 0xA0 <= code <= 0xD7FF \
-                or 0xE000 <= code <= 0xFFFD or 0x10000 <= code <= 0x10FFFF:
+        elif (0x20 <= code <= 0x7E or 0xA0 <= code <= 0xD7FF or 0xE000 <= code <= 0xFFFD
+              or 0x10000 <= code <= 0x10FFFF) and code not in _YAML_ESCAPE_ALWAYS:
             out.append(ch)
         elif code <= 0xFF:
             out.append(f"\\x{code:02x}")

@@ -52,7 +52,9 @@ class BruteBackend:
         sizes = [len(u.options) for u in problem.units]
         total = math.prod(sizes)
         if total > limit:
-            raise UnsupportedProblem(f"brute: {total:.3g} assignments exceed max_combinations "
+            digits = len(str(total))
+            size = str(total) if digits <= 12 else f"~1e{digits - 1}"
+            raise UnsupportedProblem(f"brute: {size} assignments exceed max_combinations "
                                      f"= {limit}; use dp, greedy or a MIP backend")
         best_value, best_row = _search(problem, sizes, total)
         if best_row is None:

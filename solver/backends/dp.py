@@ -19,7 +19,8 @@ The answer is ``min_c T[c]``; choices are recorded per block and cell and traced
 
 Discretization — what is exact and what is bounded. First each super-unit's cheapest option
 cost is subtracted from its options and from the limit (every assignment pays it), leaving
-costs ``c' >= 0`` and capacity ``L'``.
+costs ``c' >= 0`` and capacity ``L'``. The limit includes the relative 1e-9 float tolerance
+that ``evaluate`` allows (``FEASIBILITY_TOL``), so dp and ``evaluate`` agree on what fits.
 
 - *Exact mode*: if every ``c'`` is an integer (memory bytes are), divide by their greatest
   common divisor g; since sums of multiples of g are multiples of g,
@@ -30,8 +31,10 @@ costs ``c' >= 0`` and capacity ``L'``.
   feasible. Its loss is at most the true optimum at the tighter limit ``L' − n·s`` (rounding
   up adds less than s per unit, n units). Dual pass: costs rounded **down**, ``⌊c'/s⌋``;
   every truly feasible plan has ``Σ⌊c'/s⌋ <= Σ c'/s <= C``, so this DP is a relaxation and its
-  optimum is a valid lower bound, reported as the dual bound. The certificate's gap is the
-  honest distance between the two passes (0 when they agree).
+  optimum is a valid lower bound, reported as the dual bound. This pass runs first: if its
+  optimal plan happens to meet the true budget, it is optimal outright (gap 0); otherwise
+  the rounded-up pass supplies the plan and the certificate's gap is the honest distance
+  between the two.
 
 If the rounded-down relaxation has no solution, the problem is proven infeasible; if only the
 rounded-up pass fails, the status is ``no_solution`` with the dual bound.
@@ -57,7 +60,7 @@ from bitsack.solver.backends.base import (
     register,
 )
 from bitsack.solver.problem import Problem
-from bitsack.solver.solution import Solution
+from bitsack.solver.solution import FEASIBILITY_TOL, Solution
 
 DEFAULT_MAX_CELLS = 1 << 20
 DEFAULT_MAX_RECORD_MB = 384
@@ -115,14 +118,21 @@ class DPBackend:
         if p.capacity < 0 or p.cells <= 0:
             return done(None, None, infeasible=True)
         model = _Model(problem, p)
-        value, super_choice = model.run(rounding="up" if not p.exact else "exact", trace=True)
         if p.exact:
+            value, super_choice = model.run(rounding="exact", trace=True)
             if super_choice is None:
                 return done(None, None, infeasible=True)
             return done(model.assignment(super_choice), value)
-        dual, _ = model.run(rounding="down", trace=False)
-        if dual == _INF:
+        # grid mode: the rounded-down relaxation first; if its optimum happens to fit the
+        # true budget it is optimal outright, else the rounded-up pass supplies the plan
+        dual, relaxed = model.run(rounding="down", trace=True)
+        if relaxed is None:
             return done(None, None, infeasible=True)
+        if model.fits(relaxed):
+            params["relaxation_fits"] = True
+            return done(model.assignment(relaxed), dual)
+        del relaxed
+        _, super_choice = model.run(rounding="up", trace=True)
         if super_choice is None:
             return done(None, dual, message="dp (grid mode): the rounded-up pass found no plan; "
                         "its rounded-down relaxation is feasible. Try an exact backend.")
@@ -170,7 +180,8 @@ def plan(problem: Problem, params: dict | None = None) -> DPPlan:
     mins = np.minimum.reduceat(cs, st.s_start[:-1]) if len(cs) else np.zeros(0)
     shifted = cs - mins[st.s_of]
     shift = float(mins.sum())
-    capacity = float(res.limit) - shift
+    # the same float tolerance evaluate() allows, so dp and evaluate agree on what fits
+    capacity = float(res.limit) + FEASIBILITY_TOL * max(1.0, abs(res.limit)) - shift
     maxes = np.maximum.reduceat(shifted, st.s_start[:-1]) if len(cs) else np.zeros(0)
     reach = float(maxes.sum())
     if capacity < 0:
@@ -184,8 +195,10 @@ def plan(problem: Problem, params: dict | None = None) -> DPPlan:
         if cells <= cap_cells:
             return DPPlan(res.name, True, cells, float(g), shift, capacity, tuple(dropped))
     span = min(capacity, reach)
+    if span <= 0:  # zero capacity: only zero-cost options fit; any positive cost rounds up to 1
+        return DPPlan(res.name, False, 1, max(reach, 1.0), shift, capacity, tuple(dropped))
     cells = cap_cells
-    step = span / (cells - 1) if span > 0 else 1.0
+    step = span / (cells - 1)
     return DPPlan(res.name, False, cells, step, shift, capacity, tuple(dropped))
 
 
@@ -358,6 +371,12 @@ class _Model:
             recs.append((s, ks, opt_rec, prev_rec))
         final = tables[k] if tables[k] is not None else np.full(G, _INF)
         return final, recs
+
+    def fits(self, super_choice: np.ndarray) -> bool:
+        """Whether a choice meets the true (unrounded) budget."""
+        if self.p.resource is None:
+            return True
+        return float(self.cost[super_choice].sum()) <= self.p.capacity
 
     def assignment(self, super_choice: np.ndarray) -> dict[str, str]:
         chosen = self.st.flat_choice(super_choice, self.problem.arrays.unit_of)

@@ -150,7 +150,10 @@ class _Greedy:
         self.names = [r.name for r in binding]
         raw = np.stack([arrays.cost[r.name] for r in binding]) if binding \
             else np.zeros((0, problem.n_options))
-        limits = np.array([r.limit for r in binding], dtype=np.float64)
+        # budgets with evaluate()'s float tolerance: the bound is then valid for every plan
+        # evaluate() accepts, and prices do not diverge on a limit met only up to rounding
+        limits = np.array([r.limit + FEASIBILITY_TOL * max(1.0, abs(r.limit)) for r in binding],
+                          dtype=np.float64)
         scale = _scales(limits, raw)
         self.cost = raw / scale[:, None]  # normalized costs ĉ
         self.lim = limits / scale  # normalized limits (1, or 0 for a zero budget)
