@@ -97,7 +97,8 @@ def test_bound_is_not_vacuous():
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), ngroups=st.integers(1, 3),
        g=st.sampled_from([8, 16, 32, 48]),
        pieces=st.lists(st.sampled_from([*BITS, 16]), min_size=1, max_size=3),
-       axis=st.sampled_from([0, 1]), batch=st.integers(1, 3), log_mag=st.floats(-4, 2))
+       axis=st.sampled_from([0, 1]), batch=st.integers(1, GEMV_MAX_BATCH),
+       log_mag=st.floats(-4, 2))
 def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, ngroups, g, pieces, axis, batch,
                                                    log_mag):
     # The cupy backend's own launch plan (segments, offsets, accumulate flags, grid), run
@@ -123,6 +124,13 @@ def test_cupy_dequant_plan_emulated_is_exact(axis, g):
         for launch in dequant_plan(layer, w):
             emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
         np.testing.assert_array_equal(w.numpy(), want.astype(w.numpy().dtype))
+
+
+def test_gemv_plan_refuses_large_batch():
+    layer = _layer(0, 4, 32, 32, [4], 0, 0.0, False)
+    x = torch.zeros(GEMV_MAX_BATCH + 1, 32)
+    with pytest.raises(ValidationError, match=f"x: {GEMV_MAX_BATCH + 1} rows; valid"):
+        gemv_plan(layer, x, torch.zeros(GEMV_MAX_BATCH + 1, 4))
 
 
 def test_emulation_detects_a_short_grid():
