@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "bitsack.commands.generate",
     "bitsack.commands.regress",
     "bitsack.commands.pareto",
+    "bitsack.commands.compress",
     "bitsack.commands.eval",
     "bitsack.commands.generate_text",
 )

@@ -1,0 +1,96 @@
+"""``bitsack compress``: apply a solved plan to a model and save the packed result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compress", help="prune + quantize + pack a model according to a solution",
+        description="Apply SOLUTION (a solved PROBLEM) to MODEL: physical pruning, quantization "
+        "(sequential GPTQ or RTN) and packing; writes safetensors + bitsack.json to --out.")
+    p.add_argument("--model", required=True, help="'default', a .gguf file, a checkpoint dir, "
+                   "or a hub id (the model the problem was profiled on)")
+    p.add_argument("--problem", required=True, help="problem.yaml (its metadata gives "
+                   "group size and MLP block size)")
+    p.add_argument("--solution", required=True, help="solution.json from `bitsack solve`")
+    p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"])
+    p.add_argument("--calib", default="c4", help="calibration data for gptq: wikitext2 | c4 | "
+                   "a text file (default c4)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (gptq)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=None,
+                   help="override the problem's group size (must match how it was profiled)")
+    p.add_argument("--mlp-group", type=int, default=None, help="override the MLP block size")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitsack.apply import ApplyConfig, compress, plan_from_solution, save_compressed
+    from bitsack.errors import ValidationError
+    from bitsack.models.loading import load_model
+    from bitsack.solver.schema import load_problem
+    from bitsack.solver.solution import load_solution
+
+    problem = load_problem(args.problem)
+    solution = load_solution(args.solution)
+    if solution.problem != problem.name:
+        raise ValidationError("solution.problem", f"{solution.problem!r} does not match the "
+                              f"problem's name {problem.name!r}")
+    plan = plan_from_solution(problem, solution)
+    meta = problem.metadata or {}
+    group_size = args.group_size or int(meta.get("group_size", 64))
+    mlp_group = args.mlp_group or int(meta.get("mlp_group", 128))
+    quiet = args.json or not sys.stderr.isatty()
+    lm = load_model(args.model, progress=not quiet)
+    calib = None
+    if args.quantizer == "gptq":
+        from bitsack.data import calibration_tokens
+
+        calib = calibration_tokens(args.calib, lm.tokenizer, args.nsamples, args.seqlen,
+                                   seed=args.seed)
+    cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
+                      act_order=not args.no_act_order)
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="compress", unit="layer", file=sys.stderr)
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    result = compress(lm.model, plan, calib, cfg, progress=tick)
+    if bar is not None:
+        bar.close()
+    usage = solution.certificate.usage.get("memory_bytes")
+    out = save_compressed(lm.model, args.out, tokenizer=lm.tokenizer, extra={
+        "base_model": lm.source, "problem": problem.name, "solution_status": solution.status,
+        "calibration": None if calib is None else {"spec": args.calib, "nsamples": args.nsamples,
+                                                   "seqlen": args.seqlen, "seed": args.seed},
+        "plan_memory_bytes": usage,
+    })
+    summary = {"out": str(out), "packed_bytes": result.packed_bytes,
+               "plan_memory_bytes": usage, "untouched_units": list(result.untouched),
+               "pruned_units": sum(1 for b in plan.values() if b == 0),
+               "timings_s": result.report["timings_s"]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"compressed model written to {out}")
+        print(f"packed weights: {result.packed_bytes} bytes (plan: {usage} bytes)")
+        if result.untouched:
+            print(f"left dense (not in the plan): {', '.join(result.untouched)}")
+        print(f"pruned units: {summary['pruned_units']}; time "
+              f"{result.report['timings_s']['total']:.1f} s")
+    return 0
