@@ -184,7 +184,7 @@ class TorchBackend:
     def linear(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         xf = _flat(layer, x)
         compute = _torch_compute_dtype(x)
-        w = layer.dequantize(torch.float32).to(device=x.device, dtype=compute)
+        w = layer.dense_weight(torch.float32).to(device=x.device, dtype=compute)
         y = xf.to(compute) @ w.T
         if layer.bias is not None:
             # fp32 bias add (for fp16/bf16 compute this is the two-stage recipe of numerics()).

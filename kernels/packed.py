@@ -240,6 +240,27 @@ class PackedLinear(_SegmentStore):
         self._store(segments)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.backend = backend
+        #: Keep the dequantized weight after the first ``torch``-backend call (faster repeated
+        #: CPU inference at the memory cost of a dense fp32 weight; never saved).
+        self.cache_weight = False
+        self._weight_cache: torch.Tensor | None = None
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``dequantize(dtype)``, served from the cache when ``cache_weight`` is set."""
+        if not self.cache_weight:
+            return self.dequantize(dtype)
+        c = self._weight_cache
+        if c is None or c.dtype != dtype:
+            c = self._weight_cache = self.dequantize(dtype)
+        return c
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): the cache is stale
+        self._weight_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: the cache is stale
+        self._weight_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def backend(self) -> str:

@@ -195,6 +195,21 @@ def test_packed_linear_module():
                 zero=torch.zeros(2, 2, dtype=torch.float16))
 
 
+def test_weight_cache_is_exact_and_invalidated():
+    torch.manual_seed(4)
+    layer = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    x = torch.randn(2, 64)
+    y = layer(x)
+    layer.cache_weight = True
+    assert torch.equal(layer(x), y) and layer._weight_cache is not None
+    other = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    layer.load_state_dict(other.state_dict())
+    assert layer._weight_cache is None
+    assert torch.equal(layer(x), other(x))
+    layer.to(torch.device("cpu"))
+    assert layer._weight_cache is None
+
+
 def test_packed_embedding_and_tied_lm_head():
     torch.manual_seed(1)
     table = torch.randn(50, 32)
