@@ -5,6 +5,12 @@ One command on one GPU, a few minutes:
     python bench/kernels_gpu.py                 # -> bench/results/kernels_gpu.md
     python bench/kernels_gpu.py --dry-run       # CPU only: compile with NVRTC, build the plans
 
+On a lent device machine whose python3 already has CUDA torch + CuPy (no network there),
+install bitsack itself without dependencies first:
+
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+      && PYTHONUNBUFFERED=1 python3 bench/kernels_gpu.py --out $OUT/kernels_gpu.md
+
 Steps: device facts; NVRTC compile of every source (and RawModule load on the GPU); the
 ``gpu``-marked kernel tests (pytest, in a subprocess); the device-to-device copy bandwidth
 (cudaMemcpyAsync of a large buffer, read + write bytes); the mixed-bit GEMV at batch 1 on
@@ -35,8 +41,9 @@ from bitsack.kernels.backends import (
     dequant_plan,
     gemv_plan,
     get_backend,
+    launch_prepared,
+    prepare_plan,
     reference_output,
-    run_plan,
 )
 from bitsack.kernels.bounds import layer_error_bound
 from bitsack.kernels.cuda_build import compile_ptx, get_module, kernel_names, sources
@@ -105,7 +112,18 @@ def device_facts() -> dict[str, str]:
                                  f"{cupy.cuda.runtime.driverGetVersion()}",
         "torch / cupy": f"{torch.__version__} / {cupy.__version__}",
         "host": platform.node(),
+        "nvidia-smi": _nvidia_smi(),
     }
+
+
+def _nvidia_smi() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.max.memory,"
+                              "clocks.max.sm,power.limit,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().replace("\n", "; ") or out.stderr.strip()[:200]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
 
 
 def time_graph(launch_once, reps: int = 50, iters: int = 30) -> tuple[float, str]:
@@ -241,8 +259,8 @@ def gpu_run(out_path: Path, skip_tests: bool) -> int:
         layer.backend = "cupy"
         x = torch.randn(1, case.cols, device="cuda")
         y = torch.empty(1, case.rows, device="cuda")
-        plan = gemv_plan(layer, x, y)
-        t, how = time_graph(lambda plan=plan: run_plan(plan))
+        prepared = prepare_plan(gemv_plan(layer, x, y))  # no torch/DLPack inside the capture
+        t, how = time_graph(lambda prepared=prepared: launch_prepared(prepared))
         t_mod = time_torch_call(lambda layer=layer, x=x: layer(x))
         nbytes = bytes_per_call(layer, 1)
         gbs = nbytes / t / 1e9
@@ -269,8 +287,8 @@ def gpu_run(out_path: Path, skip_tests: bool) -> int:
         layer = random_layer(case, "cuda")
         x16 = torch.randn(batch, 8192, device="cuda", dtype=torch.float16)
         w16 = torch.empty(8192, 8192, device="cuda", dtype=torch.float16)
-        dq = dequant_plan(layer, w16)
-        t_dq, _ = time_graph(lambda dq=dq: run_plan(dq), reps=10, iters=10)
+        dq = prepare_plan(dequant_plan(layer, w16))
+        t_dq, _ = time_graph(lambda dq=dq: launch_prepared(dq), reps=10, iters=10)
         xc, wc = cupy.from_dlpack(x16), cupy.from_dlpack(w16)
         t_mm, _ = time_graph(lambda xc=xc, wc=wc: cupy.matmul(xc, wc.T), reps=10,
                              iters=10)

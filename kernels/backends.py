@@ -39,6 +39,8 @@ __all__ = [
     "Launch",
     "dequant_plan",
     "gemv_plan",
+    "launch_prepared",
+    "prepare_plan",
     "run_plan",
     "available_backends",
     "get_backend",
@@ -290,16 +292,29 @@ def _to_cupy(t: torch.Tensor) -> Any:
     return cupy.from_dlpack(t)
 
 
+def prepare_plan(plan: list[Launch]) -> list[tuple[Any, tuple, tuple, tuple]]:
+    """Resolve a plan's kernels and turn its arguments into CuPy arrays / int32 scalars.
+
+    The result can be launched many times (``launch_prepared``), e.g. inside a CUDA graph
+    capture, without touching torch or DLPack again.
+    """
+    from bitsack.kernels.cuda_build import get_function
+
+    return [(get_function(item.source, item.kernel), item.grid, item.block,
+             tuple(_to_cupy(a) if isinstance(a, torch.Tensor) else np.int32(a)
+                   for a in item.args)) for item in plan]
+
+
+def launch_prepared(prepared: list[tuple[Any, tuple, tuple, tuple]]) -> None:
+    """Launch a prepared plan on the current CuPy stream."""
+    for fn, grid, block, args in prepared:
+        fn(grid, block, args)
+
+
 def run_plan(plan: list[Launch]) -> None:
     """Launch a plan with CuPy on the current CuPy stream (call inside ``CupyBackend``'s
     stream context, or with one of your own)."""
-    from bitsack.kernels.cuda_build import get_function
-
-    for item in plan:
-        fn = get_function(item.source, item.kernel)
-        args = tuple(_to_cupy(a) if isinstance(a, torch.Tensor) else np.int32(a)
-                     for a in item.args)
-        fn(item.grid, item.block, args)
+    launch_prepared(prepare_plan(plan))
 
 
 @contextlib.contextmanager
