@@ -138,3 +138,12 @@ def test_formats_imports_without_torch():
             "print(f.packed_nbytes(4, 64, 3, 32))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(4 * 6 * 4 + 4 * 2 * 4)
+
+
+def test_kernel_modules_do_not_import_cupy():
+    code = ("import sys; import bitsack.kernels.backends, bitsack.kernels.packed, "
+            "bitsack.kernels.quantizers, bitsack.kernels.bounds, bitsack.kernels.io, "
+            "bitsack.kernels.cuda_build; "
+            "assert 'cupy' not in sys.modules, 'cupy imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
