@@ -115,10 +115,15 @@ class Structure:
 
     def flat_choice(self, super_choice: np.ndarray, unit_of: np.ndarray) -> np.ndarray:
         """Per-unit flat option indices for one chosen super-option per super-unit."""
+        ks = np.asarray(super_choice, dtype=np.int64)
+        lo = self.agg_ptr[ks]
+        lengths = self.agg_ptr[ks + 1] - lo
+        # the concatenated member ranges agg_ptr[k]:agg_ptr[k+1] of every chosen k, vectorized
+        offsets = np.cumsum(lengths) - lengths
+        pos = np.repeat(lo - offsets, lengths) + np.arange(int(lengths.sum()))
+        flat = self.agg_idx[pos]
         chosen = np.empty(self.n_units, dtype=np.int64)
-        for k in super_choice:
-            flat = self.agg_idx[self.agg_ptr[k]:self.agg_ptr[k + 1]]
-            chosen[unit_of[flat]] = flat
+        chosen[unit_of[flat]] = flat
         return chosen
 
 

@@ -11,10 +11,12 @@ Normalized costs ``ĉ_r = cost_r / limit_r`` make the multipliers comparable acr
 
     L(λ) = min_{x satisfying the side constraints} Σ_u (ℓ[u,o_u] + λ·ĉ[u,o_u])  −  Σ_r λ_r
 
-is a lower bound on the optimum for every λ (weak duality: any feasible x has λ·(ĉx − 1) <= 0;
-(a zero budget is normalized by its largest cost instead, with 0 in place of the 1).
-The inner minimization is exact and fast (``bitsack.solver.feasibility.min_weighted``;
-separable over units, closed form over constraint groups). With one binding budget L is a
+is a lower bound on the optimum for every λ (weak duality: any feasible x has
+λ·(ĉx − 1) <= 0). A zero budget is normalized by its largest cost instead, with 0 in place
+of the 1; every limit includes ``evaluate``'s relative 1e-9 float tolerance, so the bound
+holds for every plan ``evaluate`` accepts. The inner minimization is exact and fast
+(``bitsack.solver.feasibility.min_weighted``: separable over units, closed form over
+constraint groups). With one binding budget L is a
 concave function of a scalar, maximized by bisection on its supergradient ``usage/limit − 1``
 (the breakpoints are exactly the slopes of the units' lower convex hulls, so this *is* the
 convex-hull greedy). With several budgets: cyclic coordinate bisection, then projected
@@ -35,10 +37,13 @@ greedy fill: over units not in a ``same_bits`` / ``min_kept`` group, repeatedly 
 option change with the largest loss decrease per unit of normalized extra cost that still
 fits every budget. The better of the two is returned.
 
-Params: ``iterations`` (supergradient steps with several budgets, default 200).
+Params: ``iterations`` (supergradient steps with several budgets, default 200). The time
+limit is not consulted: the work is bounded (about 60 evaluations of L per budget and cycle).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -280,45 +285,60 @@ class _Greedy:
         return min(self.objective(c) for c in self.candidates[-20:])
 
     def fill(self, chosen: np.ndarray) -> np.ndarray:
-        """Steepest feasible improvements over units outside same_bits/min_kept groups."""
+        """Steepest feasible improvements over units outside same_bits/min_kept groups.
+
+        The classic MCKP greedy with a heap of candidate moves (unit u: current option ->
+        option j that lowers the loss), keyed by loss decrease per unit of normalized extra
+        cost. A popped move is applied if it still fits every budget, else dropped: with
+        non-negative extra costs the slack only shrinks, so it would never fit later. Moves of
+        a unit are re-generated from its new option after each change (stale ones skipped).
+        """
+        import heapq
+
         st = self.st
-        free_supers = np.flatnonzero(st.free)
-        if len(free_supers) == 0:
+        free_supers = [int(s) for s in np.flatnonzero(st.free)]
+        if not free_supers:
             return chosen
         chosen = chosen.copy()
-        # super-options of free super-units and their aggregated loss / costs
-        ks = np.concatenate([np.arange(st.s_start[s], st.s_start[s + 1]) for s in free_supers])
-        owner = st.s_of[ks]
-        ls = st.super_weights(self.loss)[ks]
-        cs = np.stack([st.super_weights(c)[ks] for c in self.all_cost]) if len(self.all_cost) \
-            else np.zeros((0, len(ks)))
-        lead = st.agg_idx[st.agg_ptr[ks]]  # flat option of each super-option's first member
-        pos_of_flat = {int(f): i for i, f in enumerate(lead)}
-        cur = np.empty(st.n_supers, dtype=np.int64)  # position in ks of the current option
-        for s in free_supers:
-            cur[s] = pos_of_flat[int(chosen[st.members[s][0]])]
-        scale = _scales(self.all_limit, self.all_cost)[:, None]
-        usage = self.all_cost[:, chosen].sum(axis=1)
-        tol = FEASIBILITY_TOL * np.maximum(1.0, np.abs(self.all_limit))
-        for _ in range(10 * len(ks) + 10):
-            dl = ls - ls[cur[owner]]
-            dc = cs - cs[:, cur[owner]]
-            slack = self.all_limit - usage + tol
-            fits = np.all(dc <= slack[:, None], axis=0) & (dl < 0)
-            if not fits.any():
-                break
-            extra = np.maximum(dc, 0.0) / scale
-            eff = extra.sum(axis=0)
-            with np.errstate(divide="ignore"):
-                ratio = np.where(eff > 0, -dl / np.where(eff > 0, eff, 1.0), np.inf)
-            ratio = np.where(fits, ratio, -np.inf)
-            best = int(np.argmax(ratio))
-            s = int(owner[best])
-            usage = usage + dc[:, best]
-            cur[s] = best
-            k = ks[best]
+        loss_s = st.super_weights(self.loss).tolist()
+        cost_s = [st.super_weights(c).tolist() for c in self.all_cost]
+        inv_scale = (1.0 / _scales(self.all_limit, self.all_cost)).tolist()
+        R = range(len(cost_s))
+        slack = (self.all_limit - self.all_cost[:, chosen].sum(axis=1)
+                 + FEASIBILITY_TOL * np.maximum(1.0, np.abs(self.all_limit))).tolist()
+        lead_of = {int(st.agg_idx[st.agg_ptr[k]]): k for k in range(len(loss_s))}
+        cur = {s: lead_of[int(chosen[st.members[s][0]])] for s in free_supers}
+        version = dict.fromkeys(free_supers, 0)
+
+        def moves(s: int) -> list[tuple[float, int, int, int, int]]:
+            """(−ratio, option, unit, unit version, from option) for every improving move."""
+            k0 = cur[s]
+            out = []
+            for k in range(int(st.s_start[s]), int(st.s_start[s + 1])):
+                dl = loss_s[k] - loss_s[k0]
+                if dl >= 0:
+                    continue
+                eff = sum(max(cost_s[r][k] - cost_s[r][k0], 0.0) * inv_scale[r] for r in R)
+                out.append((dl / eff if eff > 0 else -math.inf, k, s, version[s], k0))
+            return out
+
+        heap = [m for s in free_supers for m in moves(s)]
+        heapq.heapify(heap)
+        while heap:
+            _, k, s, ver, k0 = heapq.heappop(heap)
+            if ver != version[s]:
+                continue  # the unit moved since this candidate was made
+            dc = [cost_s[r][k] - cost_s[r][k0] for r in R]
+            if any(dc[r] > slack[r] for r in R):
+                continue
+            for r in R:
+                slack[r] -= dc[r]
+            cur[s] = k
+            version[s] += 1
             flat = st.agg_idx[st.agg_ptr[k]:st.agg_ptr[k + 1]]
             chosen[self.problem.arrays.unit_of[flat]] = flat
+            for m in moves(s):
+                heapq.heappush(heap, m)
         return chosen
 
     def solve(self) -> np.ndarray | None:
