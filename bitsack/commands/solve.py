@@ -144,6 +144,9 @@ def summarize(problem: Problem, solution: Solution, per_layer: bool = False) -> 
                                                problem.limits.items()))
     lines.append(f"status   {solution.status}  (solver {cert.solver}, "
                  f"{cert.wall_time_s:.3g} s)")
+    picked = cert.params.get("auto")
+    if isinstance(picked, dict):
+        lines.append(f"auto     picked {picked.get('picked')}: {picked.get('reason')}")
     if solution.message:
         lines.append(f"message  {solution.message}")
     if not solution.has_solution:
