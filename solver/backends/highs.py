@@ -99,7 +99,7 @@ class HighsBackend:
         form = build_mip(problem,
                          interactions="outer" if cuts == "per_factor" else "outer_aggregated")
         build_s = watch()
-        run = _Run(problem, options, form, watch, milp_gap)
+        run = OuterApproximation(problem, options, form, watch, milp_gap, "HIGHS", self.name)
         if form.U is None:
             run.solve_milp()
         else:
@@ -126,11 +126,14 @@ class HighsBackend:
         )
 
 
-class _Run:
-    """State of one solve: best plan, best bound, the MILP rounds so far."""
+class OuterApproximation:
+    """One solve by MILPs (HiGHS, or SCIP for ``scip``'s ``interactions="outer"``): best plan,
+    best bound, the rounds so far. ``solve_milp`` alone is a plain MILP solve."""
 
     def __init__(self, problem: Problem, options: SolveOptions, form: MipFormulation,
-                 watch: Stopwatch, milp_gap: float) -> None:
+                 watch: Stopwatch, milp_gap: float, solver_type: str, backend: str) -> None:
+        self.solver_type = solver_type
+        self.backend = backend
         self.problem = problem
         self.options = options
         self.form = form
@@ -162,11 +165,13 @@ class _Run:
 
         remaining = self.remaining()
         params = solve_params(self.options, time_limit_s=remaining, rel_gap=rel_gap,
-                              objective_scale=self.form.objective_scale, threads=False)
+                              objective_scale=self.form.objective_scale,
+                              threads=self.solver_type != "HIGHS")
         model_params = None if hint is None else hint_params(self.form, self.problem, hint)
-        result = run_mathopt(self.form.model, mathopt.SolverType.HIGHS, "highs", params,
+        result = run_mathopt(self.form.model, getattr(mathopt.SolverType, self.solver_type),
+                             self.backend, params,
                              model_params)
-        answer = read_result(self.problem, self.form, result, "highs")
+        answer = read_result(self.problem, self.form, result, self.backend)
         self.terminations.append(answer.termination)
         self.rounds += 1
         return answer
@@ -231,7 +236,8 @@ class _Run:
         """The plan that ignores interactions (``additive_plan``), offered as a candidate."""
         from ortools.math_opt.python import mathopt
 
-        plan, answer = additive_plan(self.problem, mathopt.SolverType.HIGHS, "highs",
+        plan, answer = additive_plan(self.problem, getattr(mathopt.SolverType, self.solver_type),
+                                     self.backend,
                                      self.options, self._share(0.25))
         self.terminations.append(f"additive seed: {answer.termination}")
         self.rounds += 1

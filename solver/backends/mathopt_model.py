@@ -45,8 +45,11 @@ cuts t ≥ (Uᵀp)·x − ½‖p‖²).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -464,6 +467,37 @@ def solve_params(options: Any, *, time_limit_s: float | None, rel_gap: float,
     return mathopt.SolveParameters(**kwargs)
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced(active: bool):
+    """Send file descriptor 1 to /dev/null while a native solver runs (``active`` only).
+
+    HiGHS prints a debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution
+    tmpSolver.run();") straight to the process's stdout when it is given a solution hint,
+    whatever its output setting; on ``bitsack solve --json`` that would corrupt the JSON.
+    """
+    if not active:
+        yield
+        return
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stdout (captured, embedded)
+        fd = 1
+    sys.stdout.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
 def run_mathopt(model: mathopt.Model, solver_type: mathopt.SolverType, backend: str,
                 params: mathopt.SolveParameters, model_params: Any = None):
     """``mathopt.solve`` with its failures turned into ``SolverError``.
@@ -475,7 +509,8 @@ def run_mathopt(model: mathopt.Model, solver_type: mathopt.SolverType, backend: 
     from ortools.math_opt.python import mathopt
 
     try:
-        return mathopt.solve(model, solver_type, params=params, model_params=model_params)
+        with _native_stdout_silenced(not params.enable_output):
+            return mathopt.solve(model, solver_type, params=params, model_params=model_params)
     except AttributeError as exc:
         cause = exc.__context__
         if cause is not None and type(cause).__name__ == "StatusNotOk":
@@ -599,8 +634,12 @@ def tighten_budgets(form: MipFormulation, excess: dict[str, float]) -> None:
 
 
 def hint_params(form: MipFormulation, problem: Problem, plan: dict[str, str]) -> Any:
-    """``ModelSolveParameters`` carrying ``plan`` as a solution hint on x (the solver completes
-    the continuous y, t, w and the z literals itself)."""
+    """``ModelSolveParameters`` carrying ``plan`` as a solution hint on x and y = √σ·Ux.
+
+    y is given too because completing a partial hint is a sub-MIP for SCIP: with only x
+    hinted, the 7B-shaped MIQP spent its whole minute there and never proved a bound. The
+    solver completes the z literals, w and t (few, or cheap) itself.
+    """
     from ortools.math_opt.python import mathopt
 
     from bitsack.solver.solution import option_vector
@@ -608,6 +647,9 @@ def hint_params(form: MipFormulation, problem: Problem, plan: dict[str, str]) ->
     chosen = np.zeros(problem.n_options, dtype=bool)
     chosen[option_vector(problem, plan)] = True
     values = {xi: float(c) for xi, c in zip(form.x, chosen, strict=True)}
+    if form.y and form.U is not None:
+        y = form.U[:, chosen].sum(axis=1)
+        values.update({yk: float(v) for yk, v in zip(form.y, y, strict=True)})
     return mathopt.ModelSolveParameters(
         solution_hints=[mathopt.SolutionHint(variable_values=values)])
 

@@ -4,7 +4,8 @@ Interactions enter as the convex quadratic objective ½Σ_k y_k² over y = Ux (a
 outer-approximates it inside its own branch and bound). ``params`` (``SolveOptions.params``):
 
 - ``interactions``: ``objective`` (default), ``epigraph`` (t_k ≥ y_k² as N quadratic
-  constraints) or ``direct`` (½xᵀUᵀUx, no y; small instances only). See
+  constraints), ``direct`` (½xᵀUᵀUx, no y; small instances only) or ``outer`` (the ``highs``
+  backend's outer approximation with SCIP solving each MILP). See
   ``bench/results/solver.md`` for how they compare.
 
 Determinism: SCIP is deterministic for a fixed ``random_seed`` unless the wall-clock limit is
@@ -38,6 +39,8 @@ from bitsack.solver.backends.mathopt_model import (
 from bitsack.solver.problem import Problem
 from bitsack.solver.solution import Solution
 
+_MODES = ("objective", "epigraph", "direct", "outer")
+
 #: Re-solves allowed to push a plan that violates a budget by the solver's tolerance back inside.
 _BUDGET_RETRIES = 2
 
@@ -69,9 +72,11 @@ class ScipBackend:
         watch = Stopwatch()
         check_params(self.name, options.params, ("interactions",))
         mode = options.params.get("interactions", "objective")
-        if mode not in ("objective", "epigraph", "direct"):
+        if mode not in _MODES:
             raise SolverError(f"params.interactions: {mode!r} is not a scip formulation; "
-                              f"valid: ['objective', 'epigraph', 'direct']")
+                              f"valid: {list(_MODES)}")
+        if mode == "outer":
+            return self._outer(problem, options, watch)
         form = build_mip(problem, interactions=mode)
         build_s = watch()
 
@@ -127,4 +132,36 @@ class ScipBackend:
             problem, assignment=assignment, dual_bound=dual, solver=self.name,
             solver_version=f"ortools {ortools_version()} (MathOpt GSCIP)", options=options,
             wall_time_s=watch(), params=used, infeasible=answer.infeasible,
+        )
+
+    def _outer(self, problem: Problem, options: SolveOptions, watch: Stopwatch) -> Solution:
+        """``interactions="outer"``: the ``highs`` backend's outer approximation (aggregated
+        cuts), each MILP solved by SCIP — no dense y = Ux rows in SCIP's LP."""
+        from bitsack.solver.backends.highs import OuterApproximation
+
+        form = build_mip(problem, interactions="outer_aggregated")
+        build_s = watch()
+        run = OuterApproximation(problem, options, form, watch, 0.5 * options.rel_gap, "GSCIP",
+                                 self.name)
+        if form.U is None:
+            run.solve_milp()
+        else:
+            run.outer_approximation("aggregated", 50)
+        used = {
+            "interactions": None if form.U is None else "outer approximation, aggregated cuts",
+            "time_limit_s": options.time_limit_s,
+            "rel_gap": options.rel_gap,
+            "abs_gap": options.abs_gap,
+            "seed": options.seed,
+            "threads": options.threads,
+            "rounds": run.rounds,
+            "cuts_added": run.cuts_added,
+            "termination": run.terminations,
+            "build_s": round(build_s, 3),
+            **form.counts,
+        }
+        return make_solution(
+            problem, assignment=run.best, dual_bound=run.lower, solver=self.name,
+            solver_version=f"ortools {ortools_version()} (MathOpt GSCIP)", options=options,
+            wall_time_s=watch(), params=used, infeasible=run.infeasible,
         )

@@ -306,7 +306,7 @@ def test_scip_formulations_agree():
         pytest.skip("scip not available")
     problem = random_problem(2, n_units=5, rank=2)
     best, _ = enumerate_optimum(problem)
-    for mode in ("objective", "epigraph", "direct"):
+    for mode in ("objective", "epigraph", "direct", "outer"):
         sol = get_backend("scip").solve(problem, SolveOptions(
             rel_gap=1e-6, abs_gap=1e-12, time_limit_s=20, params={"interactions": mode}))
         assert sol.objective == pytest.approx(best, rel=1e-6), mode
