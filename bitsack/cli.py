@@ -11,7 +11,9 @@ well-formed problem without a solution (infeasible / no solution in the limits).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -62,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"bitsack {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # stdout closed early (e.g. `bitsack solve --json | head`): not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"bitsack {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask_mode() -> int:
+    """0666 minus the process umask: the mode an ordinary ``open(path, "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success rename it over ``path``.
@@ -26,6 +33,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -45,6 +53,7 @@ def atomic_write_path(path: str | os.PathLike, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
