@@ -46,7 +46,8 @@ def best_time(fn, reps: int, warmup: int = 2) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/kernels_cpu.md")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: robust when other jobs share the cores)")
     p.add_argument("--reps", type=int, default=7)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
