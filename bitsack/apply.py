@@ -603,7 +603,7 @@ def _describe_packed(model: nn.Module) -> dict[str, dict]:
             "type": "embedding" if isinstance(mod, PackedEmbedding) else "linear",
             "rows": mod.num_embeddings if isinstance(mod, PackedEmbedding) else mod.out_features,
             "cols": mod.embedding_dim if isinstance(mod, PackedEmbedding) else mod.in_features,
-            "segments": [[a, s, e, b, g, list(sh)] for a, s, e, b, g, sh in mod._meta],
+            "segments": mod.layout(),
             "bias": getattr(mod, "bias", None) is not None,
             "dtype": str(getattr(mod, "dtype", torch.float32)).replace("torch.", ""),
         }
@@ -740,11 +740,12 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
         if "tied_to" in entry:
             continue
         segs = []
-        for i, (axis, start, stop, bits, g, shape) in enumerate(entry["segments"]):
+        for i, spec in enumerate(entry["segments"]):
             t = {f: tensors.pop(f"{name}.seg{i}_{f}", None)
                  for f in ("qdata", "scale", "zero", "weight")}
             try:
-                segs.append(Segment(axis, start, stop, bits, g, tuple(shape), **t))
+                segs.append(Segment(spec["axis"], spec["start"], spec["stop"], spec["bits"],
+                                    spec["group_size"], tuple(spec["shape"]), **t))
             except ValidationError as exc:
                 raise FormatError(f"{path}: module {name!r} segment {i}: {exc}") from None
         if entry["type"] == "embedding":
