@@ -208,6 +208,9 @@ class _Scaled:
         span = float(np.sum(np.maximum.reduceat(np.abs(loss), start[:-1]))) \
             + sum(abs(p.value) for p in pairs)
         if forced_scale is not None:
+            if not float(forced_scale) > 0:
+                raise SolverError(f"params.objective_scale: {forced_scale!r}; valid: a "
+                                  f"positive number (a power of two keeps it exact)")
             self.S = float(forced_scale)
         else:
             self.S = _pow2_below(2.0 ** obj_bits / span) if span > 0 else 1.0
@@ -235,7 +238,12 @@ class _Scaled:
             self.T[res.name] = T
             self.cost_up[res.name] = up.astype(np.int64)
             self.cost_down[res.name] = down.astype(np.int64)
-            self.limit[res.name] = int(math.floor(T * res.limit))
+            # A limit above the largest possible usage binds nothing; clamping it keeps
+            # the integer within int64 for huge limits.
+            most = int(np.sum(np.maximum.reduceat(up, start[:-1])))
+            scaled_limit = T * res.limit
+            self.limit[res.name] = most if not math.isfinite(scaled_limit) \
+                else int(min(math.floor(scaled_limit), most))
 
     def onehot(self, plan: dict[str, str]) -> np.ndarray:
         from bitsack.solver.solution import option_vector

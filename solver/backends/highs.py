@@ -224,21 +224,26 @@ class OuterApproximation:
         # Round 0: the additive plan (interactions ignored) seeds the first cuts. Its bound is
         # not a bound of the problem (the objective differs), so it is not kept.
         plan = self._additive_plan()
+        if self.infeasible:
+            return
         seen: set[tuple[str, ...]] = set()
-        while plan is not None:
-            key = tuple(plan[u.id] for u in self.problem.units)
-            if key in seen:
-                # Cutting at a point twice adds nothing: the tangent there is already exact,
-                # so the MILP's objective equals the true one and only its own gap is left.
-                break
-            seen.add(key)
-            self._add_cuts(plan, cuts)
+        while True:
+            if plan is not None:  # None only after a seed that found nothing in its time
+                key = tuple(plan[u.id] for u in self.problem.units)
+                if key in seen:
+                    # Cutting at a point twice adds nothing: the tangent there is already
+                    # exact, so the MILP's objective is the true one; only its gap is left.
+                    break
+                seen.add(key)
+                self._add_cuts(plan, cuts)
             if self.closed() or self.rounds - 1 >= max_rounds:  # round 1 is the seed
                 break
             remaining = self.remaining()
             if remaining is not None and remaining <= 0:
                 break
             plan = self.solve_milp(self.milp_gap, hint=self.best)
+            if plan is None:  # infeasible, or no plan within the time left
+                break
 
     def _additive_plan(self) -> dict[str, str] | None:
         """The plan that ignores interactions (``additive_plan``), offered as a candidate."""

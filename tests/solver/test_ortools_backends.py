@@ -283,6 +283,27 @@ def test_time_limited_certificate_is_consistent(name):
     assert sol.certificate.wall_time_s < 30
 
 
+@pytest.mark.parametrize("name", _backends("scip", "highs"))
+def test_time_limited_with_interactions(name):
+    problem = random_problem(6, n_units=200, rank=8, tightness=0.4)
+    sol = get_backend(name).solve(problem, SolveOptions(time_limit_s=0.3, rel_gap=1e-12,
+                                                        abs_gap=0.0))
+    assert sol.status in ("optimal", "feasible", "no_solution")
+    if sol.has_solution and sol.certificate.dual_bound is not None:
+        assert sol.certificate.dual_bound <= sol.certificate.primal_bound
+    assert sol.certificate.wall_time_s < 30
+
+
+@pytest.mark.parametrize("name", _backends(*ORTOOLS))
+def test_limit_far_above_any_usage(name):
+    problem = random_problem(8, n_units=5, budgets=1)
+    loose = Problem(problem.name, problem.units,
+                    (Resource(problem.resources[0].name, 1e30),))
+    best, _ = enumerate_optimum(loose)
+    sol = get_backend(name).solve(loose, TIGHT)
+    assert sol.status == "optimal" and sol.objective == pytest.approx(best)
+
+
 @pytest.mark.parametrize("name", _backends(*ORTOOLS))
 def test_same_seed_same_answer(name):
     kwargs = {"rank": 3} if name != "cpsat" else {"pairs": 4}
