@@ -36,7 +36,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- locating files ----------------------------------------------------------------------
-def _hub_probe(timeout: float = 3.0) -> str | None:
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     """Why the hub cannot be reached, or None when it can (one short TCP connect)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return "skipped: HF_HUB_OFFLINE is set"
@@ -163,7 +163,7 @@ def find_data_file(name: str, path: str | os.PathLike | None = None) -> Path:
         if fetch is None:
             tried.append("hub: no hub source for this file")
         else:
-            reason = _hub_probe()
+            reason = hub_unreachable_reason()
             if reason is None:
                 try:
                     return fetch(_hub_cache_dir() / name)
@@ -314,6 +314,7 @@ __all__ = [
     "C4_CALIB_DOCS",
     "find_data_file",
     "data_search_dirs",
+    "hub_unreachable_reason",
     "eval_tokens",
     "calibration_tokens",
     "c4_documents",

@@ -173,13 +173,27 @@ def load_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu",
         kwargs["dtype"] = torch_dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    offline_reason = None
+    if source["kind"] == "hub":
+        from bitsack.data import hub_unreachable_reason
+
+        # Without a reachable hub, use the local cache only: transformers would otherwise
+        # retry the network for ~20 s before falling back to it.
+        offline_reason = hub_unreachable_reason()
+        if offline_reason is not None:
+            kwargs["local_files_only"] = True
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(source["path"], **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            source["path"], **({"gguf_file": source["gguf_file"]} if source["gguf_file"] else {}))
+            source["path"], **({"gguf_file": source["gguf_file"]} if source["gguf_file"] else {}),
+            **({"local_files_only": True} if offline_reason else {}))
     except (OSError, ValueError, KeyError) as exc:
-        where = "the hub (is the network reachable? this machine may be offline)" \
-            if source["kind"] == "hub" else source["path"]
+        if source["kind"] != "hub":
+            where = source["path"]
+        elif offline_reason:
+            where = f"the local hub cache (hub {offline_reason.removeprefix('skipped: ')})"
+        else:
+            where = "the hub"
         raise ModelError(f"model: cannot load {spec_str!r} from {where}: {exc}") from exc
     finally:
         stack.close()

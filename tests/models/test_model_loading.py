@@ -31,7 +31,7 @@ def test_bad_dtype_names_valid_ones():
 
 def test_hub_id_offline_is_a_model_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="from the hub"):
+    with pytest.raises(ModelError, match="cannot load .*hub"):
         load_model("bitsack-test/does-not-exist", progress=False)
 
 
