@@ -30,6 +30,7 @@ _COMMAND_MODULES = (
     "bitsack.commands.compress",
     "bitsack.commands.eval",
     "bitsack.commands.generate_text",
+    "bitsack.commands.profile",
 )
 
 EXIT_OK = 0

@@ -1,0 +1,159 @@
+"""``bitsack profile``: model + calibration text -> problem.yaml, interactions.npz, profile.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+UNIT_KINDS = {"heads": "head_group", "mlp": "mlp_group", "embed": "embedding"}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers "
+                                         "(e.g. 1,2,3,4,8)") from None
+
+
+def _kinds(text: str) -> list[str]:
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [p for p in parts if p not in UNIT_KINDS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: valid unit kinds are "
+                                         f"{', '.join(UNIT_KINDS)} (comma-separated)")
+    return parts
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="estimate every unit's loss per option and write the problem",
+        description="Profile MODEL on calibration text: the predicted global-loss increase of "
+        "every unit (head group, MLP block, embedding) under every option (prune, b<k>, b16), "
+        "with costs from cost models. Writes OUT/problem.yaml, OUT/interactions.npz (fisher) "
+        "and OUT/profile.json.")
+    p.add_argument("--model", required=True, help="'default' (SmolLM2-135M GGUF), a .gguf "
+                   "file, a checkpoint directory, or a hub id")
+    p.add_argument("--calib", default="c4", help="wikitext2 | c4 | a text file (default c4)")
+    p.add_argument("--estimator", default="fisher", choices=["fisher", "fisher-diag",
+                   "hutchinson", "layerwise", "measured", "calibrated"],
+                   help="default fisher")
+    p.add_argument("--bits", type=_int_list, default=[1, 2, 3, 4, 8],
+                   help="bit-widths offered besides b16 (default 1,2,3,4,8)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size")
+    p.add_argument("--units", type=_kinds, default=["heads", "mlp", "embed"],
+                   help="unit kinds: heads,mlp[,embed] (default heads,mlp,embed)")
+    p.add_argument("--mlp-group", type=int, default=128, help="MLP channels per unit")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (64)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (256)")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="quantizer of the perturbations (default rtn)")
+    p.add_argument("--cost-model", action="append", dest="cost_models", metavar="NAME",
+                   help="cost model (repeatable; default memory and roofline)")
+    p.add_argument("--device", default="h200", help="roofline device table entry (h200, "
+                   "a100, l40, cpu-2c)")
+    p.add_argument("--latency-table", default=None, help="JSON table for --cost-model "
+                   "latency-table")
+    p.add_argument("--torch-device", default="cpu", help="where the model runs (default cpu)")
+    p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's)")
+    p.add_argument("--fisher-labels", default="sampled", choices=["sampled", "data"],
+                   help="labels of the Fisher gradients: sampled from the model (default) or "
+                   "the data (empirical Fisher)")
+    p.add_argument("--fisher-draws", type=int, default=1, help="label draws per sequence")
+    p.add_argument("--fisher-chunks", type=int, default=1,
+                   help="gradients per sequence (positions split in chunks; 1 = per sequence)")
+    p.add_argument("--first-order", default="off", choices=["off", "significant", "on"],
+                   help="first-order term (default off)")
+    p.add_argument("--measure-subset", type=float, default=None, metavar="FRACTION",
+                   help="measured: a seeded fraction of the units")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="calibrated: sequences held out for measurement (default nsamples/4)")
+    p.add_argument("--calibrate-fraction", type=float, default=0.1,
+                   help="calibrated: fraction of units measured per kind (default 0.1)")
+    p.add_argument("--hutchinson-probes", type=int, default=4)
+    p.add_argument("--hutchinson-samples", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--nproc", type=int, default=1, help="local processes (gloo); under "
+                   "torchrun the group comes from the environment")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _rank_main(dist, cfg: dict[str, Any]):
+    """One process's profile (module-level so spawned processes can import it)."""
+    from bitsack.data import calibration_tokens
+    from bitsack.models import model_units
+    from bitsack.models.loading import load_model
+    from bitsack.profiling.estimators import EstimatorOptions
+    from bitsack.profiling.run import profile
+
+    progress = cfg["_progress"] and dist.is_main
+    lm = load_model(cfg["model"], dtype=cfg["dtype"], device=cfg["torch_device"],
+                    progress=progress)
+    kinds = {UNIT_KINDS[k] for k in cfg["units"]}
+    units = [u for u in model_units(lm.model, mlp_group=cfg["mlp_group"],
+                                    group_size=cfg["group_size"],
+                                    embeddings="embed" in cfg["units"]) if u.kind in kinds]
+    calib = calibration_tokens(cfg["calib"], lm.tokenizer, cfg["nsamples"], cfg["seqlen"],
+                               seed=cfg["seed"])
+    opts = EstimatorOptions(
+        fisher_labels=cfg["fisher_labels"], fisher_draws=cfg["fisher_draws"],
+        fisher_chunks=cfg["fisher_chunks"], first_order=cfg["first_order"],
+        measure_fraction=cfg["measure_subset"], holdout=cfg["holdout"],
+        calibrate_fraction=cfg["calibrate_fraction"],
+        hutchinson_probes=cfg["hutchinson_probes"],
+        hutchinson_samples=cfg["hutchinson_samples"], batch_size=cfg["batch_size"])
+    cost_models = cfg["cost_models"] or ["memory", "roofline"]
+    cm_args: dict[str, dict[str, Any]] = {"roofline": {"device": cfg["device"]}}
+    if cfg["latency_table"]:
+        cm_args["latency-table"] = {"path": cfg["latency_table"]}
+    model_id = {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file", "sha256")}
+    return profile(lm.model, units, calib, estimator=cfg["estimator"], bits=cfg["bits"],
+                   group_size=cfg["group_size"], quantizer=cfg["quantizer"],
+                   cost_models=cost_models, cost_model_args=cm_args, seed=cfg["seed"],
+                   progress=progress, options=opts, dist=dist,
+                   metadata={"model": model_id, "calib": cfg["calib"],
+                             "mlp_group": cfg["mlp_group"]})
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitsack.errors import ValidationError
+    from bitsack.profiling.distributed import Dist, spawn
+    from bitsack.profiling.run import write_profile
+
+    if args.nproc < 1:
+        raise ValidationError("--nproc", f"{args.nproc}; valid: a positive integer")
+    cfg = _config(args)
+    cfg["_progress"] = not (args.json or args.quiet) and sys.stderr.isatty()
+    if args.nproc > 1:
+        result = spawn(args.nproc, _rank_main, cfg)
+        is_main = True
+    else:
+        dist = Dist.from_env()
+        result = _rank_main(dist, cfg)
+        is_main = dist.is_main
+    if not is_main:
+        return 0
+    problem_file = write_profile(result, args.out)
+    rep = result.report
+    if args.json:
+        print(json.dumps({"problem": str(problem_file), "report": rep}, indent=2))
+    elif not args.quiet:
+        res = rep["resources"]
+        print(f"profiled {rep['units']} units, {rep['options']} options with {rep['estimator']}"
+              f" on {rep['data']['nsamples']} x {rep['data']['seqlen']} tokens of "
+              f"{rep['data']['calib']} in {res['wall_s']:.1f} s (peak memory "
+              f"{res['peak_memory_bytes'] / 2**30:.2f} GiB)")
+        print(f"wrote {problem_file}" + (f", {problem_file.parent / 'interactions.npz'}"
+                                         if rep["interaction_rows"] else "")
+              + f", {problem_file.parent / 'profile.json'}")
+    return 0
