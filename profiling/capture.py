@@ -164,9 +164,14 @@ def lm_gradient_rows(model: torch.nn.Module, names: Sequence[str], tokens: torch
                 a, b = bounds[k]
                 loss = F.cross_entropy(logits[a:b], labels[a:b])
                 grads = torch.autograd.grad(loss, params, retain_graph=j < len(jobs) - 1)
-                yield GradRow(dict(zip(names, grads, strict=True)), b - a, seq_offset + n, src,
+                row = GradRow(dict(zip(names, grads, strict=True)), b - a, seq_offset + n, src,
                               draw, k)
-            del logits
+                # drop this frame's references so the consumer's release frees the gradients
+                # before the next backward allocates new ones (else two sets are alive)
+                del grads, loss
+                yield row
+                del row
+            del logits, labels, data_labels
 
 
 # ---- cached layer inputs ------------------------------------------------------------------

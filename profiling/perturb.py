@@ -23,9 +23,10 @@ columns): its per-matrix δ is the one-shot δ of the whole matrix at k bits wit
 own full-precision Hessian, an approximation of what a mixed-bit sequential apply produces.
 
 Storage: δ is kept per (matrix, bit-width) in fp16 scaled by a power of two chosen so the
-largest |δ| lands in [2¹⁴, 2¹⁵): 11 significant bits for every entry within 2²⁸ of the
-largest, at a quarter of float64's memory (SmolLM2-135M at 1,2,3,4,8,16 bits: 1.6 GB). The
-prune δ is the weight itself and is not stored.
+largest possible |δ| lands below 2¹⁵: 11 significant bits for every entry within 2²⁸ of
+the largest, at a quarter of float64's memory (SmolLM2-135M at 1,2,3,4,8 bits: 1.35 GB). The
+prune δ is the weight itself and the ``b16`` δ (the fp16 round trip) is recomputed when read:
+neither is stored.
 
 Reductions: ``reduce(f)`` sums an elementwise function ``f(entry, key)`` (for example g ⊙ δ)
 over each option's slices with one ``sum`` along the non-unit axis and one ``index_add_``
@@ -201,18 +202,21 @@ class Perturbations:
 
     def _store(self, entry: ParamEntry, hessian: torch.Tensor | None,
                gptq_options: Mapping[str, object]) -> None:
-        from bitsack.kernels.quantizers import GPTQ, fake_quantize
+        from bitsack.kernels.quantizers import GPTQ
 
-        w = entry.view(entry.param.detach()).float()
+        w = entry.view(entry.param.detach())
         for bits in self.bit_keys(entry):
-            if bits == 16 or hessian is None:
-                hat = fake_quantize(w, bits, self.group_size, "rtn")
+            if bits == 16:
+                continue  # recomputed when read: exact, and 2 bytes/weight less to hold
+            if hessian is None:
+                self._deltas[(entry.name, bits)] = _rtn_delta_fp16(w, bits, self.group_size)
             else:
-                res = GPTQ.from_hessian(hessian).quantize(w, bits, self.group_size,
+                w32 = w.float()
+                res = GPTQ.from_hessian(hessian).quantize(w32, bits, self.group_size,
                                                           **gptq_options)
-                hat = res.to_quantized().dequantize(torch.float32)
-            delta = hat - w
-            self._deltas[(entry.name, bits)] = _to_scaled_fp16(delta)
+                delta = res.to_quantized().dequantize(torch.float32) - w32
+                self._deltas[(entry.name, bits)] = _to_scaled_fp16(delta)
+        _trim_heap()
 
     def delta(self, name: str, key: int | str) -> torch.Tensor:
         """δ of matrix ``name`` for option key ``key`` in ``[out, in]`` float32.
@@ -223,6 +227,8 @@ class Perturbations:
         entry = self.entries[name]
         if key == "prune":
             return -entry.view(entry.param.detach()).float()
+        if key == 16:
+            return _fp16_delta(entry.view(entry.param.detach()))
         stored, inv = self._deltas[(name, key)]
         return stored.float().mul_(inv)
 
@@ -231,6 +237,8 @@ class Perturbations:
         entry = self.entries[name]
         if key == "prune":
             return -entry.view(entry.param.detach()), 1.0
+        if key == 16:
+            return _fp16_delta(entry.view(entry.param.detach())), 1.0
         return self._deltas[(name, key)]
 
     @property
@@ -329,6 +337,60 @@ def check_finite(values, layout: OptionLayout, what: str) -> None:
     raise NumericalError(f"{what}: {layout.describe(j)} is {value!r} (not finite); check the "
                          "model's weights and the calibration data (a non-finite gradient or "
                          "activation)")
+
+
+#: Elements per chunk of rows quantized at once: bounds the float64 temporaries of RTN.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _rtn_delta_fp16(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, float]:
+    """RTN (or fp16 round-trip) δ of ``w`` as scaled fp16, quantized in chunks of rows.
+
+    RTN groups lie inside rows, so chunks of rows give exactly the whole-matrix result while
+    holding only one chunk's float64 temporaries. The power-of-two scale comes from an a
+    priori bound on |δ| (min-max RTN: half the largest possible group step; fp16: 2⁻¹¹ of the
+    largest weight, plus the subnormal spacing), so no second pass is needed.
+    """
+    from bitsack.kernels.quantizers import fake_quantize
+
+    hi = max(float(w.max()), 0.0)
+    lo = min(float(w.min()), 0.0)
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        raise NumericalError("perturbation: the weight holds non-finite values")
+    if bits == 16:
+        bound = max(hi, -lo) * 2.0 ** -11 + 2.0 ** -25
+    else:
+        bound = (hi - lo) / ((1 << bits) - 1) * (1 + 2.0 ** -9) / 2 + 2.0 ** -25
+    s = _FP16_TOP - math.floor(math.log2(bound))
+    scale = 2.0 ** s
+    out = torch.empty(w.shape, dtype=torch.float16, device=w.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for r in range(0, w.shape[0], step):
+        chunk = w[r:r + step].float()
+        d = fake_quantize(chunk, bits, group_size, "rtn").sub_(chunk)
+        out[r:r + step] = d.mul_(scale)
+    if not bool(torch.isfinite(out).all()):  # the bound failed: never silently overflow
+        raise NumericalError(f"perturbation: |δ| at {bits} bits exceeds its bound {bound:.3g}")
+    return out, 1.0 / scale
+
+
+def _fp16_delta(w: torch.Tensor) -> torch.Tensor:
+    """``fp16(w) − w`` in float32 (exact: both are float32 numbers within 2⁻¹¹ of each other)."""
+    w32 = w.float()
+    return w32.half().float().sub_(w32)
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise: RSS stays high)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _to_scaled_fp16(delta: torch.Tensor) -> tuple[torch.Tensor, float]:
