@@ -618,6 +618,20 @@ def _describe_packed(model: nn.Module) -> dict[str, dict]:
     return out
 
 
+def cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
+    """Let every packed module keep its dequantized weight (CPU inference speed).
+
+    The cached weight is exactly what each forward would dequantize, so outputs are unchanged;
+    memory grows by one float copy per packed matrix. Returns the number of modules set.
+    """
+    n = 0
+    for mod in model.modules():
+        if hasattr(mod, "cache_weight"):
+            mod.cache_weight = enabled
+            n += 1
+    return n
+
+
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
                     extra: Mapping[str, Any] | None = None) -> Path:
     """Write a compressed model to ``out_dir`` atomically (a finished dir replaces the old).
@@ -655,7 +669,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
             **dict(extra or {}),
         }
         model.config.save_pretrained(tmp)
-        if tokenizer is not None:
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         (tmp / "bitsack.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         old = None

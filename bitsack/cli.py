@@ -22,6 +22,8 @@ from bitsack.errors import BitsackError
 
 # Order here is the order in `bitsack --help`.
 _COMMAND_MODULES = (
+    "bitsack.commands.run",
+    "bitsack.commands.demo",
     "bitsack.commands.solve",
     "bitsack.commands.check",
     "bitsack.commands.generate",

@@ -57,8 +57,7 @@ def plot_allocation(problem, assignment: dict[str, str], path: str | Path,
     for k, b in enumerate(present):
         index[data == b] = k
     cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, max(2, len(present))))
-                          [:len(present)])
-    cmap.set_bad("white")
+                          [:len(present)]).with_extremes(bad="white")
     norm = BoundaryNorm(np.arange(len(present) + 1) - 0.5, len(present))
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels) + 2), max(4, 0.22 * len(grid) + 1.5)))
     im = ax.imshow(np.ma.masked_invalid(index), aspect="auto", cmap=cmap, norm=norm,

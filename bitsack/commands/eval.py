@@ -23,27 +23,67 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--verify", action="store_true",
+                   help="check a sample of packed layers against the float64 reference within "
+                   "their computed error bounds while evaluating (exit 3 if a bound is broken)")
+    p.add_argument("--verify-sample", type=int, default=8, metavar="K",
+                   help="packed layers checked by --verify (default 8; 0 = all)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress")
     p.set_defaults(func=run)
 
 
+#: Exit status when --verify finds an output outside its computed bound.
+EXIT_BOUND_BROKEN = 3
+
+
 def run(args: argparse.Namespace) -> int:
     from bitsack.data import describe_spec, eval_tokens
+    from bitsack.errors import ValidationError
     from bitsack.evaluate import perplexity
     from bitsack.models.loading import load_model
 
+    if args.verify_sample < 0:
+        raise ValidationError("--verify-sample", f"{args.verify_sample}; valid: 0 (all) or a "
+                              "positive number of packed layers")
     quiet = args.json or not sys.stderr.isatty()
     data_info = describe_spec(args.data)  # fail on missing data before loading the model
     lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=not quiet)
     tokens = eval_tokens(args.data, lm.tokenizer)
-    result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
-                        batch_size=args.batch_size, progress=not quiet)
+    verify = None
+    if args.verify:
+        from bitsack.verify import Verifier
+
+        verify = Verifier(lm.model, sample=args.verify_sample or None)
+        if not verify.modules:
+            raise ValidationError("--verify", f"model {args.model!r} has no packed layers; "
+                                  "valid: a compressed-model directory (bitsack compress)")
+    else:
+        from bitsack.apply import cache_dequantized
+
+        cache_dequantized(lm.model)  # CPU speed: dequantize each packed layer once
+    if verify is not None:
+        with verify:
+            result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
+                                batch_size=args.batch_size, progress=not quiet)
+    else:
+        result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
+                            batch_size=args.batch_size, progress=not quiet)
+    report = None if verify is None else verify.report
     if args.json:
         print(json.dumps({"model": lm.source, "data": {**data_info, "tokens": tokens.shape[1]},
-                          "result": result.to_dict()}, indent=2))
+                          "result": result.to_dict(),
+                          "verify": None if report is None else report.to_dict()}, indent=2))
     else:
         print(f"{args.data} perplexity {result.ppl:.4f} (nll {result.nll_mean:.5f} nats/token, "
               f"{result.windows} x {result.seqlen} tokens)")
         print(f"protocol: {result.protocol}; data: {data_info['file']} "
               f"({data_info['protocol']}, {tokens.shape[1]} tokens)")
+        if report is not None:
+            print(f"verify: {report.checked_outputs} outputs of {len(report.per_module)} packed "
+                  f"layers, largest |error| / bound {report.max_ratio:.3g} "
+                  f"({report.worst_module}): {'ok' if report.ok else 'BOUND BROKEN'}")
+    if report is not None and not report.ok:
+        print(f"bitsack eval: --verify: {report.worst_module} exceeded its computed error bound "
+              f"by a factor {report.max_ratio:.3g}", file=sys.stderr)
+        return EXIT_BOUND_BROKEN
     return 0

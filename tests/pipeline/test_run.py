@@ -1,0 +1,122 @@
+"""``bitsack run`` end to end on a tiny random model: files, summary, resumption, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bitsack.cli import main
+from bitsack.errors import ValidationError
+from bitsack.models.testing import ByteTokenizer, tiny_model
+from bitsack.pipeline import RunConfig, run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """``load_model`` returns a fresh (identical) tiny Llama each call; text files as data."""
+    from bitsack.models import loading
+
+    def fake(*args, **kwargs):
+        return loading.LoadedModel(model=tiny_model("llama", seed=3), tokenizer=ByteTokenizer(),
+                                   source={"kind": "test", "spec": "tiny"})
+
+    monkeypatch.setattr(loading, "load_model", fake)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    ev = tmp_path / "eval.txt"
+    ev.write_text("Pack my box with five dozen liquor jugs, said the sphinx. " * 30)
+    return calib, ev
+
+
+def _cfg(tiny, out, **kw) -> RunConfig:
+    calib, ev = tiny
+    base = dict(model="tiny", out=str(out), avg_bits=3.0, calib=str(calib), eval=str(ev),
+                bits=(2, 3, 4), group_size=16, mlp_group=32, profile_nsamples=4,
+                profile_seqlen=24, compress_nsamples=4, compress_seqlen=24, eval_seqlen=32,
+                eval_windows=4, time_limit_s=10.0, frontier_points=3, solver="auto")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_run_writes_every_stage_and_a_consistent_summary(tiny, tmp_path):
+    out = tmp_path / "run"
+    s = run(_cfg(tiny, out))
+    for name in ("profile/problem.yaml", "profile/interactions.npz", "solution.json",
+                 "model/bitsack.json", "eval.json", "eval_base.json", "summary.json",
+                 "report.md", "allocation.png", "frontier.png"):
+        assert (out / name).is_file(), name
+    assert s.status in ("optimal", "feasible")
+    assert s.reused == ()
+    # the plan meets its budget: 3 bits per weight of the planned units, overhead included
+    assert s.bits_per_weight is not None and s.bits_per_weight <= 3.0 + 1e-9
+    assert s.memory_after_bytes < s.memory_before_bytes
+    assert s.ppl_before > 1 and s.ppl_after > 1
+    # measured = ln ppl_after - ln ppl_before, predicted = the solver's objective
+    import math
+    assert s.measured_loss_increase == pytest.approx(math.log(s.ppl_after / s.ppl_before))
+    sol = json.loads((out / "solution.json").read_text())
+    assert s.predicted_loss_increase == pytest.approx(sol["objective"])
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["schema"] == "bitsack.run/v1" and saved["ppl_after"] == s.ppl_after
+    assert "## Certificate" in (out / "report.md").read_text()
+
+
+def test_run_resumes_finished_stages_and_redoes_what_changed(tiny, tmp_path):
+    out = tmp_path / "run"
+    first = run(_cfg(tiny, out))
+    again = run(_cfg(tiny, out))
+    assert set(again.reused) == {"profile", "solve", "compress", "eval"}
+    assert again.ppl_after == first.ppl_after
+    assert again.memory_after_bytes == first.memory_after_bytes
+    # a new budget keeps the profile, re-solves, re-compresses, re-evaluates
+    looser = run(_cfg(tiny, out, avg_bits=4.0))
+    assert looser.reused == ("profile",)
+    assert looser.bits_per_weight <= 4.0 + 1e-9
+    assert looser.predicted_loss_increase <= first.predicted_loss_increase + 1e-12
+
+
+def test_run_cli_json(tiny, tmp_path, capsys):
+    calib, ev = tiny
+    out = tmp_path / "cli"
+    argv = ["run", "--model", "tiny", "--avg-bits", "3", "--calib", str(calib), "--eval",
+            str(ev), "--bits", "2,3,4", "--group-size", "16", "--mlp-group", "32",
+            "--nsamples", "4", "--seqlen", "24", "--compress-nsamples", "4",
+            "--compress-seqlen", "24", "--eval-seqlen", "32", "--eval-windows", "2",
+            "--frontier-points", "0", "--quantizer", "rtn", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["schema"] == "bitsack.run/v1"
+    assert got["bits_per_weight"] <= 3.0 + 1e-9
+    assert set(got["stage_seconds"]) >= {"profile", "solve", "compress", "eval"}
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"avg_bits": None}, "budget"),
+    ({"avg_bits": 40.0}, "avg_bits"),
+    ({"budgets": {"memory_bytes": -1.0}}, "budgets.memory_bytes"),
+    ({"units": ("heads", "attn")}, "units"),
+    ({"eval_windows": 0}, "eval_windows"),
+    ({"quantizer": "awq"}, "quantizer"),
+])
+def test_bad_config_names_the_field(kw, field, tmp_path):
+    args = dict(out=str(tmp_path), avg_bits=3.0)
+    args.update(kw)
+    with pytest.raises(ValidationError) as err:
+        RunConfig(**args)
+    assert err.value.path == field
+
+
+def test_cli_bad_budget_is_one_line_error(tmp_path, capsys):
+    assert main(["run", "--budget", "memory_bytes", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "--budget" in err and "RESOURCE=VALUE" in err and "Traceback" not in err
