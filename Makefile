@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # build). On a machine that already has the torch it wants, set TORCH_SPEC= to skip this step.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-all demo lint clean
+.PHONY: setup test test-all demo demo-solve lint clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,12 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
+# The whole job on the embedded SmolLM2-135M: profile -> solve -> compress -> evaluate -> report.
 demo: setup
+	$(BIN)/bitsack demo --out bitsack-demo
+
+# Just the solver, on the bundled SmolLM2-135M-shaped instance (seconds).
+demo-solve: setup
 	$(BIN)/bitsack solve problems/smollm2-135m.yaml
 
 lint: setup
