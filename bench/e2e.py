@@ -60,7 +60,7 @@ from bitsack.io import atomic_write, write_json  # noqa: E402
 RESULT_SCHEMA = "bitsack.bench.e2e/v1"
 MAIN_METHODS = ("rtn", "gptq", "hqq", "layerwise", "fdiag-greedy", "joint", "sequential",
                 "joint-cal")
-ABLATION_METHODS = ("joint", "fdiag-solver", "layerwise", "joint-noint", "joint-rtn",
+ABLATION_METHODS = ("joint", "fdiag-solver", "layerwise", "joint-int", "joint-rtn",
                     "sequential")
 LATENCY = "lat"
 #: A perplexity above this is "collapsed": reported, never used as a reference for ratios.
@@ -697,14 +697,14 @@ def write_report(results_dir: Path, md_path: Path, cfg: BenchConfig, command: st
     L.append("")
 
     abl = [b for b in budgets if any(f"{m}@{b}" in results for m in
-                                     ("fdiag-solver", "joint-noint", "joint-rtn"))]
+                                     ("fdiag-solver", "joint-int", "joint-rtn"))]
     if abl:
         L.append("## Ablations (equal budget)\n")
         L.append("| budget | comparison | variant | WikiText-2 ppl | C4 ppl | predicted ΔL "
                  "(own objective) | Fisher objective of the plan | pruned |")
         L.append("|---|---|---|---|---|---|---|---|")
         groups = (("objective", ("joint", "fdiag-solver", "layerwise")),
-                  ("interactions", ("joint", "joint-noint")),
+                  ("interactions", ("joint", "joint-int")),
                   ("apply quantizer", ("joint", "joint-rtn")),
                   ("joint vs sequential", ("joint", "sequential")))
         for b in abl:
