@@ -37,6 +37,13 @@ class RunConfig:
 
     Budgets: ``avg_bits`` (bits per original weight, overhead included, on ``memory_bytes``)
     and/or explicit ``budgets`` {resource: limit}.
+
+    ``interactions`` weighs the profile's interaction terms in the objective
+    (``bitsack.solver.with_interaction_weight``): 0 (default) solves the additive objective.
+    Measured on SmolLM2-135M at 3.5 bits/weight with 16 Fisher rows, weight 1 let the solver
+    prune 426 of 451 units at a predicted +0.08 nats/token (errors cancelling in the 16
+    sampled directions) while the real loss rose by 18.6 nats; the additive objective is the
+    faithful default until the factor has many more rows than the plan has free units.
     """
 
     model: str = "default"
@@ -46,6 +53,7 @@ class RunConfig:
     calib: str = "c4"
     eval: str = "wikitext2"
     estimator: str = "fisher"
+    interactions: float = 0.0
     profile_quantizer: str = "rtn"
     bits: tuple[int, ...] = (2, 3, 4, 8)
     units: tuple[str, ...] = ("heads", "mlp", "embed")
@@ -87,6 +95,9 @@ class RunConfig:
         if self.eval_windows is not None and self.eval_windows < 1:
             raise ValidationError("eval_windows", f"{self.eval_windows}; valid: a positive "
                                   "integer or None (all windows)")
+        if isinstance(self.interactions, bool) or not 0.0 <= self.interactions <= 1.0:
+            raise ValidationError("interactions", f"{self.interactions!r}; valid: a weight in "
+                                  "[0, 1] (0 = additive objective)")
         if self.quantizer not in ("gptq", "rtn"):
             raise ValidationError("quantizer", f"{self.quantizer!r}; valid: gptq, rtn")
 
@@ -171,7 +182,12 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
     from bitsack.models.loading import load_model
     from bitsack.solver import solve
     from bitsack.solver.backends import SolveOptions
-    from bitsack.solver.schema import avg_bits_limit, load_problem, with_limits
+    from bitsack.solver.schema import (
+        avg_bits_limit,
+        load_problem,
+        with_interaction_weight,
+        with_limits,
+    )
     from bitsack.solver.solution import Solution, load_solution
 
     say = progress or (lambda msg: None)
@@ -223,9 +239,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
                                      avg_bits_limit(problem, cfg.avg_bits))
     sol_file = out / "solution.json"
     solve_inputs = {"problem": file_sha256(problem_file), "limits": limits,
-                    "solver": cfg.solver, "time_limit_s": cfg.time_limit_s, "gap": cfg.gap,
-                    "seed": cfg.seed}
-    budgeted = with_limits(problem, limits)
+                    "interactions": cfg.interactions, "solver": cfg.solver,
+                    "time_limit_s": cfg.time_limit_s, "gap": cfg.gap, "seed": cfg.seed}
+    budgeted = with_interaction_weight(with_limits(problem, limits), cfg.interactions)
     if not stages.done("solve", solve_inputs, [sol_file]):
         say(f"solve: {cfg.solver}, limits {limits}")
         t = time.perf_counter()

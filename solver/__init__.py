@@ -63,6 +63,7 @@ __all__ = [
     "evaluate",
     "load_problem",
     "solve",
+    "with_interaction_weight",
     "with_limits",
 ]
 
@@ -75,6 +76,7 @@ _LAZY = {
     "load_problem": "bitsack.solver.schema",
     "dump_problem": "bitsack.solver.schema",
     "with_limits": "bitsack.solver.schema",
+    "with_interaction_weight": "bitsack.solver.schema",
     "avg_bits_limit": "bitsack.solver.schema",
 }
 

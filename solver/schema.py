@@ -248,6 +248,34 @@ def with_limits(problem: Problem, limits: Mapping[str, float | None]) -> Problem
     return _replace(problem, resources=resources)
 
 
+def with_interaction_weight(problem: Problem, weight: float) -> Problem:
+    """A copy of ``problem`` whose interaction terms are multiplied by ``weight`` in [0, 1].
+
+    ``U`` is scaled by √weight and explicit pair values by ``weight``; 0 removes the
+    interactions (additive objective), 1 returns ``problem`` unchanged. When each unit's
+    standalone loss is its own Fisher form (``loss_u = ½‖U_u‖²``, the ``fisher`` estimator),
+    the weighted objective is ``(1 − w)·Σ loss + w·½‖Σ U‖²``: a shrinkage of the estimated
+    Fisher matrix toward its block diagonal, which stays convex and keeps at least
+    ``(1 − w)`` of the additive loss, so a plan cannot look free by cancelling errors in the N
+    sampled directions of a rank-N factor.
+
+    Raises:
+        bitsack.errors.ValidationError: ``weight`` outside [0, 1].
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not 0.0 <= weight <= 1.0:
+        raise ValidationError("interactions", f"{weight!r}; valid: a weight in [0, 1] (0 = "
+                              "additive objective, 1 = the full interaction terms)")
+    inter = problem.interactions
+    if inter is None or weight == 1.0:
+        return problem
+    if weight == 0.0:
+        return _replace(problem, interactions=None)
+    U = None if inter.U is None else inter.U * math.sqrt(weight)
+    pairs = tuple(Pair(p.a, p.b, p.value * weight) for p in inter.pairs)
+    return _replace_interactions(problem, Interactions(U=U, file=inter.file, pairs=pairs))
+
+
 def avg_bits_limit(problem: Problem, bits: float, resource: str = "memory_bytes") -> float:
     """The ``memory_bytes`` limit meaning ``bits`` bits per original weight, overhead included.
 

@@ -120,3 +120,24 @@ def test_cli_bad_budget_is_one_line_error(tmp_path, capsys):
     assert main(["run", "--budget", "memory_bytes", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "--budget" in err and "RESOURCE=VALUE" in err and "Traceback" not in err
+
+
+def test_interaction_weight_changes_the_solved_objective_only(tiny, tmp_path):
+    from bitsack.solver import evaluate, load_problem, with_interaction_weight
+
+    out = tmp_path / "w"
+    add = run(_cfg(tiny, out, quantizer="rtn", frontier_points=0))
+    full = run(_cfg(tiny, out, quantizer="rtn", frontier_points=0, interactions=1.0))
+    assert full.reused == ("profile",)  # same profile, new solve
+    problem = load_problem(out / "profile" / "problem.yaml")
+    assert problem.interactions is not None
+    # weight w: objective = (1-w)·additive + w·full, checked on an arbitrary plan
+    plan = {u.id: u.options[-1].id for u in problem.units}
+    a = evaluate(with_interaction_weight(problem, 0.0), plan).objective
+    f = evaluate(problem, plan).objective
+    h = evaluate(with_interaction_weight(problem, 0.5), plan).objective
+    assert h == pytest.approx(0.5 * a + 0.5 * f, rel=1e-9, abs=1e-15)
+    assert add.status in ("optimal", "feasible") and full.status in ("optimal", "feasible")
+    with pytest.raises(ValidationError) as err:
+        with_interaction_weight(problem, 1.5)
+    assert err.value.path == "interactions"
