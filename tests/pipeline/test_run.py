@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from bitsack.cli import main
 from bitsack.errors import ValidationError
 from bitsack.models.testing import ByteTokenizer, tiny_model
 from bitsack.pipeline import RunConfig, run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,15 +1,10 @@
-"""Profiling tests run tiny models on one thread: on a shared 2-core machine, multi-threaded
-BLAS on 64-wide matrices spends its time waiting for cores (50x slower here)."""
+"""Profiling tests run tiny models on one thread (see ``one_thread`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)

@@ -1,0 +1,197 @@
+"""Whole-model CPU figures of a compressed model: bytes (plan vs disk vs RAM) and time.
+
+Takes a finished ``bitsack run`` / ``bitsack demo`` directory and answers two questions of
+issue #4 on the CPU path:
+
+1. Does the packed model take the bytes the plan said? The plan's ``memory_bytes`` (the
+   solver's certificate) must equal the packed bytes of the planned units, both as recorded in
+   ``bitsack.json`` and as counted from the loaded modules' buffers; the file on disk adds only
+   the unplanned tensors (norms, biases) and the safetensors header.
+2. What do prefill and decode cost, dense vs packed? The dense model as loaded (fp32), the
+   packed model dequantizing every call (the memory-saving mode), and the packed model with
+   its dequantized weights cached (``bitsack.apply.cache_dequantized``: the speed mode, which
+   gives the memory back). Configurations are timed in interleaved rounds (``time_interleaved``
+   of ``bench/prune_speed.py``) so a change of load on a shared machine hits them alike.
+
+Usage:
+    python bench/kernels_model.py RUN_DIR [--tokens 256] [--decode 16] [--repeats 5]
+        [--out bench/results/kernels.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_speed import time_interleaved  # noqa: E402
+
+from bitsack.io import atomic_write  # noqa: E402
+
+
+def _module_bytes(model) -> tuple[int, int]:
+    """(packed bytes of packed modules, bytes of every other tensor), shared tensors once."""
+    from bitsack.kernels.packed import PackedEmbedding, PackedLinear
+
+    seen: set[int] = set()
+    packed = other = 0
+    packed_ids: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, (PackedLinear, PackedEmbedding)):
+            for t in mod.buffers(recurse=False):
+                packed_ids.add(t.data_ptr())
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.data_ptr()
+        if t.device.type == "meta" or ptr in seen:
+            continue
+        seen.add(ptr)
+        if ptr in packed_ids:
+            packed += t.numel() * t.element_size()
+        else:
+            other += t.numel() * t.element_size()
+    return packed, other
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", help="a finished `bitsack run` / `bitsack demo` directory")
+    ap.add_argument("--tokens", type=int, default=256, help="prefill prompt length")
+    ap.add_argument("--decode", type=int, default=16, help="decode steps timed after prefill")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from bitsack.apply import cache_dequantized, load_compressed
+    from bitsack.data import eval_tokens
+    from bitsack.models.loading import load_model
+
+    run_dir = Path(args.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    solution = json.loads((run_dir / "solution.json").read_text())
+    meta = json.loads((run_dir / "model" / "bitsack.json").read_text())
+    plan_bytes = solution["certificate"]["usage"]["memory_bytes"]
+    load_before = os.getloadavg()[0]
+
+    base = load_model(summary["config"]["model"], progress=False)
+    packed_dir = run_dir / "model"
+    slow = load_compressed(packed_dir).model.eval()
+    fast = load_compressed(packed_dir).model.eval()
+    cache_dequantized(fast)
+    packed_ram, other_ram = _module_bytes(slow)
+    dense_ram = sum(p.numel() * p.element_size() for p in {id(p): p for p in
+                                                             base.model.parameters()}.values())
+    disk = sum(f.stat().st_size for f in packed_dir.glob("*.safetensors"))
+
+    prompt = eval_tokens("wikitext2", base.tokenizer)[:, :args.tokens]
+    models = {"dense fp32": base.model.eval(), "packed (dequantize per call)": slow,
+              "packed (cached dequantized weights)": fast}
+
+    def prefill(m):
+        return lambda: m(prompt, use_cache=False, logits_to_keep=1)
+
+    def decode(m):
+        def go():
+            out = m(prompt[:, :8], use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, prompt[:, 8:9]
+            for _ in range(args.decode):
+                out = m(nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+        return go
+
+    with torch.inference_mode():
+        for m in models.values():  # warm the caches (the cached mode dequantizes here)
+            m(prompt[:, :8])
+    t0 = time.perf_counter()
+    pre = time_interleaved([prefill(m) for m in models.values()], args.repeats, 1)
+    dec = time_interleaved([decode(m) for m in models.values()], args.repeats, 1)
+    bench_s = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
+
+    rows = [
+        "| quantity | bytes | ratio to plan |",
+        "|---|---|---|",
+        f"| plan `memory_bytes` (solver certificate) | {plan_bytes:,.0f} | 1.000 |",
+        f"| packed bytes recorded in `bitsack.json` | {meta['packed_bytes']:,} | "
+        f"{meta['packed_bytes'] / plan_bytes:.4f} |",
+        f"| packed buffers of the loaded model (RAM) | {packed_ram:,} | "
+        f"{packed_ram / plan_bytes:.4f} |",
+        f"| other tensors of the loaded model (norms, biases; not planned) | {other_ram:,} | — |",
+        f"| `model.safetensors` on disk (packed + other + header) | {disk:,} | "
+        f"{disk / plan_bytes:.4f} |",
+        f"| dense model as loaded (fp32 parameters) | {dense_ram:,} | "
+        f"{dense_ram / plan_bytes:.2f} |",
+    ]
+    t_rows = ["| model | prefill ms (median) | × dense | decode ms/token (median) | × dense |",
+              "|---|---|---|---|---|"]
+    for (name, _), (p_min, p_med), (d_min, d_med) in zip(models.items(), pre, dec, strict=True):
+        t_rows.append(f"| {name} | {p_min * 1e3:.0f} ({p_med * 1e3:.0f}) | "
+                      f"{p_min / pre[0][0]:.2f} | {d_min / args.decode * 1e3:.1f} "
+                      f"({d_med / args.decode * 1e3:.1f}) | {d_min / dec[0][0]:.2f} |")
+    match = meta["packed_bytes"] == round(plan_bytes) == packed_ram
+    text = "\n".join([
+        "# Kernels and packed models: what is measured",
+        "",
+        "- Whole-model CPU figures (this page): packed bytes vs the plan, dense vs packed "
+        "prefill and decode time.",
+        "- Per-layer CPU kernels, torch backend vs dense fp32 matmul: "
+        "[kernels_cpu.md](kernels_cpu.md).",
+        "- CPU prefill time of pruned models: [prune_speed.md](prune_speed.md).",
+        "- GPU kernels (CuPy, mixed-bit GEMV vs copy bandwidth): [kernels_gpu.md]"
+        "(kernels_gpu.md) — **not measured yet: no GPU has been lent**; only the NVRTC "
+        "compilation of every kernel and the launch plans are checked (CI compiles them too).",
+        "",
+        f"Command: `python bench/kernels_model.py {args.run_dir} --tokens {args.tokens} "
+        f"--decode {args.decode} --repeats {args.repeats} --threads {args.threads}` "
+        f"({time.strftime('%Y-%m-%d')}, timing {bench_s:.0f} s)",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores visible, torch "
+        f"{torch.__version__} ({args.threads} thread(s)), Python {platform.python_version()}; "
+        f"load average {load_before:.1f} before / {load_after:.1f} after (other jobs share "
+        "the cores when above the thread count).",
+        "",
+        f"Run: `{run_dir}` — {summary['config']['model']} at "
+        f"{summary['bits_per_weight']:.3f} bits per planned weight, "
+        f"{sum(c.get('prune', 0) for c in summary['plan_counts'].values())} units pruned, "
+        f"ppl {summary['ppl_before']:.2f} -> {summary['ppl_after']:.2f}.",
+        "",
+        "## Bytes",
+        "",
+        *rows,
+        "",
+        f"Plan bytes = recorded packed bytes = packed buffers in RAM: **{match}** (exact, "
+        "integers).",
+        "",
+        "## Time (CPU, torch backend)",
+        "",
+        f"Prefill: 1 × {args.tokens} tokens (start of the WikiText-2 test stream), logits of "
+        f"the last position. Decode: {args.decode} single-token steps with the KV cache after "
+        f"an 8-token prompt, per token. Minimum of {args.repeats} interleaved runs, median in "
+        "parentheses.",
+        "",
+        *t_rows,
+        "",
+        "The per-call mode unpacks and dequantizes every packed matrix on every forward (the "
+        "CPU path has no fused low-bit matmul: see `kernels_cpu.md`), so it trades time for "
+        "memory; the cached mode holds fp32 weights again and runs at dense speed minus what "
+        "pruning removed. Decode speed-ups from low-bit weights need the GPU kernels "
+        "(`kernels_gpu.md`).",
+        "",
+    ])
+    out = Path(args.out)
+    with atomic_write(out, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    print(text)
+    return 0 if match else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
