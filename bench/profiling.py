@@ -60,8 +60,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT_SCHEMA = "bitsack.bench.profiling/v1"
 QUANT_OPTIONS = ("b2", "b3", "b4")
 EVAL_OPTIONS = ("prune", *QUANT_OPTIONS)
-PIECES = ("measured", "grad_sampled", "grad_chunks", "grad_data", "plans", "layerwise",
-          "hutchinson", "timing_plain", "timing_fisher")
+PIECES = ("measured", "measured_retest", "grad_sampled", "grad_chunks", "grad_data", "plans",
+          "layerwise", "hutchinson", "timing_plain", "timing_fisher")
+RETEST_NAME = "measured again on other {n} × {L} held-out tokens"
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 
@@ -241,27 +242,38 @@ def _context(cfg: BenchConfig, s: Setup, progress: bool, **opts):
                    seed=cfg.seed, progress=progress, meter=ResourceMeter().start())
 
 
-def run_measured(cfg: BenchConfig, s: Setup, cache: Cache, progress: bool, log) -> dict:
-    """Every (unit, option) alone on the held-out tokens, saved every few options."""
+def run_measured(cfg: BenchConfig, s: Setup, cache: Cache, progress: bool, log,
+                 piece: str = "measured") -> dict:
+    """Every (unit, option) alone on the held-out tokens, saved every few options.
+
+    ``measured_retest``: the quantized options again on OTHER held-out sequences (seed
+    ``seed + 2·holdout_seed``), to see how reproducible the ground truth itself is.
+    """
     from tqdm.auto import tqdm
 
     from bitsack.profiling.estimators import Measurer
 
     ctx = _context(cfg, s, progress)
     t0 = time.perf_counter()
-    meas = Measurer(ctx, s.holdout)
-    state = cache.partial("measured")
+    holdout, options = s.holdout, EVAL_OPTIONS
+    if piece == "measured_retest":
+        holdout = tokens(cfg, s.tokenizer, cfg.n_holdout, cfg.seqlen,
+                         cfg.seed + 2 * cfg.holdout_seed)
+        options = QUANT_OPTIONS
+    meas = Measurer(ctx, holdout)
+    state = cache.partial(piece)
     done: dict[str, float] = dict(state.get("values", {}))
-    todo = [(ui, oid) for ui, oid in s.layout.flat if oid in EVAL_OPTIONS
+    todo = [(ui, oid) for ui, oid in s.layout.flat if oid in options
             and f"{s.layout.units[ui].id}|{oid}" not in done]
     last = time.perf_counter()
-    for ui, oid in tqdm(todo, desc="measured", disable=not progress, leave=False):
+    for ui, oid in tqdm(todo, desc=piece, disable=not progress, leave=False):
         unit = s.layout.units[ui]
         done[f"{unit.id}|{oid}"] = float(meas.delta_loss([(unit, oid)]))
         if time.perf_counter() - last > 30:
-            cache.save_partial("measured", {"values": done})
+            cache.save_partial(piece, {"values": done, "wall_s": state.get("wall_s", 0.0)
+                                       + time.perf_counter() - t0})
             last = time.perf_counter()
-            log(f"measured {len(done)} options")
+            log(f"{piece} {len(done)} options")
     return {"values": done, "base_loss": float(meas.base_loss), "tokens": meas.n_tokens,
             "wall_s": round(time.perf_counter() - t0 + state.get("wall_s", 0.0), 2)}
 
@@ -306,12 +318,22 @@ def run_plans(cfg: BenchConfig, s: Setup, cache: Cache, progress: bool, log) -> 
 
 
 def _via_profile(cfg: BenchConfig, s: Setup, progress: bool, estimator: str, **opts) -> dict:
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from bitsack.profiling import EstimatorOptions, profile
 
-    res = profile(s.model, s.units, s.grad_tokens[:cfg.n_grad], estimator=estimator,
-                  bits=cfg.bits, group_size=cfg.group_size, cost_models=("memory",),
-                  seed=cfg.seed, progress=progress,
-                  options=EstimatorOptions(batch_size=cfg.batch_size, **opts))
+    # hutchinson differentiates twice; PyTorch's fused CPU attention kernels have no double
+    # backward ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+    # not implemented" on SmolLM2 loaded with sdpa), the math kernel has
+    guard = sdpa_kernel([SDPBackend.MATH]) if estimator == "hutchinson" \
+        else contextlib.nullcontext()
+    with guard:
+        res = profile(s.model, s.units, s.grad_tokens[:cfg.n_grad], estimator=estimator,
+                      bits=cfg.bits, group_size=cfg.group_size, cost_models=("memory",),
+                      seed=cfg.seed, progress=progress,
+                      options=EstimatorOptions(batch_size=cfg.batch_size, **opts))
     pr = res.problem
     loss = {f"{u.id}|{o.id}": float(o.loss) for u in pr.units for o in u.options}
     return {"loss": loss, "wall_s": res.report["resources"]["wall_s"],
@@ -359,8 +381,8 @@ def run_timing(cfg: BenchConfig, piece: str, progress: bool, log) -> dict:
 
 def run_piece(piece: str, cfg: BenchConfig, s: Setup | None, cache: Cache, progress: bool,
               log) -> dict:
-    if piece == "measured":
-        return run_measured(cfg, s, cache, progress, log)
+    if piece in ("measured", "measured_retest"):
+        return run_measured(cfg, s, cache, progress, log, piece)
     if piece == "grad_sampled":
         return _grad_pass(cfg, s, progress, cfg.n_grad_more, "sampled", 1, True)
     if piece == "grad_chunks":
@@ -447,6 +469,9 @@ def estimators(cfg: BenchConfig, layout, res: dict[str, dict]) -> tuple[list[Est
             out.append(Est(f"calibrated (fisher {n} seq)", f16.loss * scale,
                            f16.U * np.sqrt(scale)[None, :], eval_units=rest,
                            note=f"fit on {len(ids)} units, scored on the other {len(rest)}"))
+            # the uncalibrated default on the same units, for a like-for-like comparison
+            out.append(Est(f"fisher (sampled, {n} seq) on calibrated's units", f16.loss, None,
+                           eval_units=rest, note=f"the same {len(rest)} units"))
             facts["calibration"] = {"fit_units": ids, **cal.to_dict()}
     if "grad_chunks" in res:
         C = _stats(res["grad_chunks"])
@@ -496,6 +521,10 @@ def score(layout, est: Est, measured: dict[str, float]) -> dict[str, Any]:
             p.append(est.loss[j])
             m.append(measured[f"{uid}|{oid}"])
         p, m = np.array(p), np.array(m)
+        fin = np.isfinite(p)  # the retest row has no prune values
+        if not fin.any():
+            continue
+        p, m = p[fin], m[fin]
         allp.extend(p)
         allm.extend(m)
         pos = m > 0
@@ -517,7 +546,7 @@ def plan_predictions(layout, ests: list[Est], plans: list[dict],
         if measured is not None:
             row["sum_measured_singles"] = float(sum(measured[f"{u}|{o}"] for u, o in p["plan"]))
         for e in ests:
-            if e.name.startswith("layerwise"):
+            if e.name.startswith("layerwise") or "on calibrated's units" in e.name:
                 continue
             add = float(e.loss[cols].sum())
             pr = {"additive": add}
@@ -551,23 +580,55 @@ def build_report(cfg: BenchConfig, res: dict[str, dict], layout, units_info: lis
 
     ests, facts = estimators(cfg, layout, res) if layout is not None else ([], {})
     measured = res.get("measured", {}).get("values")
-    scores = {e.name: score(layout, e, measured) for e in ests} if measured else {}
+    rows = list(ests)
+    if measured and "measured_retest" in res and layout is not None:
+        rt = res["measured_retest"]["values"]
+        keys = [f"{layout.units[ui].id}|{oid}" for ui, oid in layout.flat]
+        rows.insert(0, Est(RETEST_NAME.format(n=cfg.n_holdout, L=cfg.seqlen),
+                           np.array([rt.get(k, np.nan) for k in keys]),
+                           note="ceiling: the ground truth against itself"))
+    scores = {e.name: score(layout, e, measured) for e in rows} if measured else {}
+    noise = _noise(cfg, layout, res) if measured and "grad_data" in res else {}
     plans = (plan_predictions(layout, ests, res["plans"]["plans"], measured)
              if "plans" in res else [])
     timing = _timing(cfg, res)
     summary = {"schema": RESULT_SCHEMA, "config": dataclasses.asdict(cfg),
                "pieces_done": sorted(res), "units": units_info, "scores": scores,
-               "plans": plans, "timing": timing, "facts": facts,
+               "plans": plans, "timing": timing, "facts": facts, "noise": noise,
                "walls_s": {k: v.get("wall_s") for k, v in res.items()},
                "machine": res.get("measured", {}).get("machine") or machine(),
                "measured_base_loss": res.get("measured", {}).get("base_loss")}
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "profiling.json", _clean(summary))
-    figs = _plots(layout, ests, measured, plans, out_dir) if measured else []
-    md = _markdown(cfg, res, summary, ests, figs, commands, old_notes)
+    figs = _plots(layout, ests + rows[:len(rows) - len(ests)], measured, plans, out_dir) \
+        if measured else []
+    md = _markdown(cfg, res, summary, rows, figs, commands, old_notes)
+    write_json(out_dir / "profiling.json", _clean(summary))  # after: md adds plan_errors
     with atomic_write(out_dir / "profiling.md", "w", encoding="utf-8") as fh:
         fh.write(md)
     return summary
+
+
+def _noise(cfg: BenchConfig, layout, res: dict[str, dict]) -> dict[str, Any]:
+    """How big the sampling noise of ``measured`` is, per option.
+
+    On a finite held-out set the first-order term ``ḡ_holdout·δ`` does not vanish (it only
+    has zero mean over data), so a measured ΔL carries noise of standard deviation about
+    ``sd_r(g_r·δ) / sqrt(n_holdout)`` with ``g_r`` per-sequence data-label gradients; the
+    empirical-Fisher pass gives exactly these projections.
+    """
+    V = np.asarray(res["grad_data"]["V"], dtype=np.float64)
+    sd = V.std(0, ddof=1) / math.sqrt(cfg.n_holdout)
+    meas = res["measured"]["values"]
+    out = {}
+    for opt in EVAL_OPTIONS:
+        js = [j for j, (_, oid) in enumerate(layout.flat) if oid == opt]
+        m = np.array([abs(meas[f"{layout.units[layout.flat[j][0]].id}|{opt}"]) for j in js])
+        n = sd[js]
+        out[opt] = {"median_noise_sd": float(np.median(n)), "median_abs_measured":
+                    float(np.median(m)), "frac_within_2sd": float(np.mean(m < 2 * n)),
+                    "n_nonpositive": int(sum(meas[f"{layout.units[layout.flat[j][0]].id}|{opt}"]
+                                             <= 0 for j in js)), "n": len(js)}
+    return out
 
 
 def _clean(obj):
@@ -614,7 +675,10 @@ def _plots(layout, ests: list[Est], measured: dict[str, float], plans: list[dict
     import matplotlib.pyplot as plt
 
     figs = []
-    pick = [e for e in ests if not e.name.startswith("layerwise")][:6]
+    retest = [e for e in ests if e.name.startswith("measured again")]
+    pick = [e for e in ests if not e.name.startswith(("layerwise", "measured again"))
+            and "on calibrated's units" not in e.name][:5]
+    pick += retest
     if pick:
         ncol = 3
         nrow = math.ceil(len(pick) / ncol)
@@ -682,8 +746,8 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
           f"). Generated by `bench/profiling.py`; pieces finished: "
           f"{', '.join(summary['pieces_done']) or 'none'}.", ""]
     L += ["## How it was run", "", "```"] + list(commands) + ["```", ""]
-    L += [f"Machine: {mach.get('cpus')} CPUs shared with two other long benchmark processes "
-          f"(load average {mach.get('loadavg')} when the run started), torch "
+    L += [f"Machine: {mach.get('cpus')} CPUs shared with other helpers' long benchmark processes "
+          f"(load average {mach.get('loadavg')} recorded during the run), torch "
           f"{mach.get('torch')} on {mach.get('torch_threads')} thread(s), {mach.get('platform')}. "
           "Times are wall-clock under that load.", ""]
     L += [f"Units: {cfg.head_units} head groups + {cfg.mlp_units} MLP blocks of "
@@ -705,11 +769,13 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
         for e in ests:
             s = summary["scores"][e.name]
             name = e.name + (f" ({e.note})" if e.note else "")
-            L.append(f"| {name} | " + " | ".join(_fmt(s[o]["rho"]) for o in EVAL_OPTIONS)
+            L.append(f"| {name} | "
+                     + " | ".join(_fmt(s.get(o, {}).get("rho")) for o in EVAL_OPTIONS)
                      + f" | {_fmt(s['pooled']['rho'])} | "
-                     + " | ".join(_g(s[o]["median_ratio"]) for o in EVAL_OPTIONS) + " |")
-        missing = [p for p in ("grad_sampled", "grad_chunks", "grad_data", "layerwise",
-                               "hutchinson") if p not in res]
+                     + " | ".join(_g(s.get(o, {}).get("median_ratio")) for o in EVAL_OPTIONS)
+                     + " |")
+        missing = [p for p in ("measured_retest", "grad_sampled", "grad_chunks", "grad_data",
+                               "layerwise", "hutchinson") if p not in res]
         if missing:
             L += ["", f"Not run (time): {', '.join(missing)}."]
         if "chunk_collapse_max_rel_diff" in summary["facts"]:
@@ -719,6 +785,19 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
     else:
         L += ["not run (time): `measured` (or every estimator) is missing."]
     L.append("")
+    if summary.get("noise"):
+        L += ["### How noisy is the ground truth?", "",
+              f"A measured ΔL on {cfg.n_holdout} held-out sequences includes the first-order "
+              "term ḡ·δ of that sample (zero only on average), with a standard deviation of "
+              f"about sd_r(g_r·δ)/√{cfg.n_holdout} (per-sequence data-label gradients g_r of "
+              "the empirical-Fisher pass). Per option, the median of that noise over the units "
+              "against the median |measured ΔL|:", "",
+              "| option | median noise sd | median abs measured | units with abs measured "
+              "< 2 sd | measured ≤ 0 |", "|---|---|---|---|---|"]
+        for o, v in summary["noise"].items():
+            L.append(f"| {o} | {_g(v['median_noise_sd'])} | {_g(v['median_abs_measured'])} "
+                     f"| {v['frac_within_2sd']:.0%} | {v['n_nonpositive']} of {v['n']} |")
+        L.append("")
     # ---- plans
     L += ["## Multi-unit plans: joint ΔL vs the sum of predictions", ""]
     if summary["plans"]:
@@ -736,6 +815,7 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
             head += [f"{n} additive", f"{n} +U"]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         errs: dict[str, list[float]] = {}
+        abs_errs: dict[str, list[float]] = {}
         for i, p in enumerate(summary["plans"]):
             cells = [f"{i} ({p['kind']})", " ".join(f"{u}:{o}" for u, o in p["plan"]),
                      _g(p["measured"])]
@@ -743,20 +823,28 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
             cells.append("—" if sm is None else f"{_g(sm)} ({_err(sm, p['measured']):+.0%})")
             if sm is not None:
                 errs.setdefault("Σ measured singles", []).append(abs(_err(sm, p["measured"])))
+                abs_errs.setdefault("Σ measured singles", []).append(abs(sm - p["measured"]))
             for n, pr in p["pred"].items():
                 for k in ("additive", "with_U"):
                     if k not in pr:
                         continue
                     e = _err(pr[k], p["measured"])
                     errs.setdefault(f"{n} {k}", []).append(abs(e))
+                    abs_errs.setdefault(f"{n} {k}", []).append(abs(pr[k] - p["measured"]))
                     if n in names:
                         cells.append(f"{_g(pr[k])} ({e:+.0%})")
             L.append("| " + " | ".join(cells) + " |")
-        L += ["", "| prediction | median abs rel error | mean abs rel error |", "|---|---|---|"]
+        L += ["", "Over all plans (a plan whose measured ΔL is near 0 makes relative errors "
+              "explode; the absolute error in nats/token does not):", "",
+              "| prediction | median abs rel error | mean abs rel error | mean abs error "
+              "(nats/token) |", "|---|---|---|---|"]
         for k, v in errs.items():
-            L.append(f"| {k} | {np.nanmedian(v):.0%} | {np.nanmean(v):.0%} |")
-        summary["plan_errors"] = {k: {"median": float(np.nanmedian(v)),
-                                      "mean": float(np.nanmean(v))} for k, v in errs.items()}
+            L.append(f"| {k} | {np.nanmedian(v):.0%} | {np.nanmean(v):.0%} | "
+                     f"{np.mean(abs_errs[k]):.4f} |")
+        summary["plan_errors"] = {k: {"median_rel": float(np.nanmedian(v)),
+                                      "mean_rel": float(np.nanmean(v)),
+                                      "mean_abs": float(np.mean(abs_errs[k]))}
+                                  for k, v in errs.items()}
     else:
         L += ["not run (time)."]
     L.append("")
@@ -800,7 +888,9 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
         L += ["not run (time)."]
     L.append("")
     if figs:
-        L += ["## Plots", ""] + [f"![{f}]({f})" for f in figs] + [""]
+        L += ["## Plots", "", "Log-log axes: options whose measured (or predicted) ΔL is ≤ 0 "
+              "are not drawn (counts in the noise table); dashed line: prediction = "
+              "measurement.", ""] + [f"![{f}]({f})" for f in figs] + [""]
     L += ["## Wall time per piece (s)", "", "| piece | wall s |", "|---|---|"]
     L += [f"| {k} | {_fmt(v, 1)} |" for k, v in summary["walls_s"].items()] + [""]
     L += ["## Findings", "", NOTES_BEGIN, old_notes.strip() or "(to be written)", NOTES_END, ""]
@@ -891,8 +981,12 @@ def _report(cfg: BenchConfig, cache: Cache, setup: Setup | None, out: Path,
     units_info = [] if setup is None else [{"id": u.id, "kind": u.kind, "layer": u.layer}
                                            for u in setup.units]
     cmds = (["python bench/profiling.py --quick"] if cfg.mode == "quick" else
-            ["python bench/profiling.py            # estimators, measured, plans",
-             "python bench/profiling.py --pieces timing_plain,timing_fisher",
+            ["# what `python bench/profiling.py` does in one process, run here as three",
+             "# concurrent processes to get more of the shared CPUs:",
+             "python bench/profiling.py --pieces measured,plans",
+             "python bench/profiling.py --pieces grad_sampled,grad_chunks,grad_data,layerwise,"
+             "hutchinson",
+             "python bench/profiling.py --pieces timing_plain,timing_fisher  # 1 process each",
              "python bench/profiling.py --report"])
     build_report(cfg, res, None if setup is None else setup.layout, units_info, out, cmds,
                  read_notes(out / "profiling.md"))

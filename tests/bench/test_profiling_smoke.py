@@ -47,6 +47,10 @@ def test_quick_run_report_cache_and_partial(tmp_path):
     assert any(n.startswith("calibrated") for n in names)
     assert any(n.startswith("hutchinson") for n in names)
     assert any(n.startswith("layerwise") for n in names)
+    assert any(n.startswith("measured again") for n in names)  # the test-retest ceiling
+    for v in data["noise"].values():
+        assert _finite(v["median_noise_sd"]) and v["median_noise_sd"] >= 0
+        assert 0.0 <= v["frac_within_2sd"] <= 1.0
     n_rho = 0
     for s in data["scores"].values():
         for opt in (*bench.EVAL_OPTIONS, "pooled"):
