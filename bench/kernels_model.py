@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Time (CPU, torch backend)",
         "",
         f"Prefill: 1 × {args.tokens} tokens (start of the WikiText-2 test stream), logits of "
-        f"the last position. Decode: {args.decode} single-token steps with the KV cache after "
-        f"an 8-token prompt, per token. Minimum of {args.repeats} interleaved runs, median in "
-        "parentheses.",
+        f"the last position. Decode: an 8-token prompt, then {args.decode} single-token steps "
+        "with the KV cache; the whole time divided by the steps (the prompt's forward included). "
+        f"Minimum of {args.repeats} interleaved runs, median in parentheses.",
         "",
         *t_rows,
         "",
