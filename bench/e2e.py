@@ -61,7 +61,7 @@ RESULT_SCHEMA = "bitsack.bench.e2e/v1"
 MAIN_METHODS = ("rtn", "gptq", "hqq", "layerwise", "fdiag-greedy", "joint", "sequential",
                 "joint-cal")
 ABLATION_METHODS = ("joint", "fdiag-solver", "layerwise", "joint-int", "joint-rtn",
-                    "sequential")
+                    "sequential", "mp")
 LATENCY = "lat"
 #: A perplexity above this is "collapsed": reported, never used as a reference for ratios.
 COLLAPSED_PPL = 1000.0
@@ -270,7 +270,7 @@ class Bench:
         m = METHODS[cell.method]
         inputs = {"config": self.config_dict(), "method": asdict(m), "budget": cell.budget,
                   "schema": RESULT_SCHEMA}
-        if m.kind in ("solve", "sequential"):
+        if m.kind in ("solve", "sequential", "mp"):
             _, record = self.problem(m.estimator)
             inputs["profile_files_sha256"] = record["files_sha256"]
         if m.kind == "sequential" and cell.budget != LATENCY:
@@ -340,6 +340,8 @@ class Bench:
                     n = inputs["joint_n_pruned"]
                 budgeted = sequential_problem(budgeted, n, name=f"{problem.name}-seq{n}")
                 out["sequential_n_pruned"] = n
+            elif m.kind == "mp":  # no unit pruned: every unit loses its prune option
+                budgeted = sequential_problem(budgeted, 0, name=f"{problem.name}-bits")
             if not m.interactions:
                 budgeted = without_interactions(budgeted, name=f"{problem.name}-noint")
             solution, seconds = self._solve(budgeted, m.solver)
@@ -697,7 +699,7 @@ def write_report(results_dir: Path, md_path: Path, cfg: BenchConfig, command: st
     L.append("")
 
     abl = [b for b in budgets if any(f"{m}@{b}" in results for m in
-                                     ("fdiag-solver", "joint-int", "joint-rtn"))]
+                                     ("fdiag-solver", "joint-int", "joint-rtn", "mp"))]
     if abl:
         L.append("## Ablations (equal budget)\n")
         L.append("| budget | comparison | variant | WikiText-2 ppl | C4 ppl | predicted ΔL "
@@ -706,7 +708,8 @@ def write_report(results_dir: Path, md_path: Path, cfg: BenchConfig, command: st
         groups = (("objective", ("joint", "fdiag-solver", "layerwise")),
                   ("interactions", ("joint", "joint-int")),
                   ("apply quantizer", ("joint", "joint-rtn")),
-                  ("joint vs sequential", ("joint", "sequential")))
+                  ("joint vs sequential", ("joint", "sequential")),
+                  ("pruning allowed", ("joint", "mp")))
         for b in abl:
             for gname, names in groups:
                 for name in names:

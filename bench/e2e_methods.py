@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from bitsack.errors import ValidationError
 
 #: Method kinds the runner knows.
-KINDS = ("uniform", "hqq", "solve", "sequential")
+#: ``mp``: the solver's mixed precision with the prune option removed (bits only).
+KINDS = ("uniform", "hqq", "solve", "sequential", "mp")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Method:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValidationError("method.kind", f"{self.kind!r}; valid: {list(KINDS)}")
-        if self.kind in ("solve", "sequential") and not self.estimator:
+        if self.kind in ("solve", "sequential", "mp") and not self.estimator:
             raise ValidationError("method.estimator", f"None for {self.name!r}; a "
                                   f"{self.kind} method needs a profiling estimator")
 
@@ -86,6 +87,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            estimator="fisher-diag"),
     Method("joint-int", "bitsack joint with fisher interactions (low-rank U)", "solve",
            estimator="fisher", bitsack=True),
+    Method("mp", "bitsack, bits only (fisher, additive, no pruning) + GPTQ", "mp",
+           estimator="fisher", interactions=False, bitsack=True),
     Method("joint-rtn", "bitsack joint, RTN apply", "solve", estimator="fisher",
            quantizer="rtn", bitsack=True),
 )}

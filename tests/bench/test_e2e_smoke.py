@@ -164,6 +164,11 @@ def test_profiled_cells_joint_sequential_latency(tmp_path):
     # the additive plan is judged by the full objective too; joint-int minimises that one
     assert joint["objective_full"] >= inter["solution"]["objective"] - 1e-9 - \
         abs(inter["solution"]["abs_gap"] or 0)
+    bits_only = bench.run_cell(e2e.Cell("mp", budget))
+    assert bits_only["n_pruned"] == 0 and bits_only["bits_per_weight"] <= 5.0 + 1e-12
+    # the bits-only optimum cannot beat the joint optimum on the same objective
+    assert bits_only["solution"]["objective"] >= joint["solution"]["objective"] - 1e-9 - \
+        abs(joint["solution"]["abs_gap"] or 0)
     record = json.loads((tmp_path / "work" / "profiles" / "fisher" / "record.json").read_text())
     assert record["inputs"]["estimator"] == "fisher"
 
