@@ -813,6 +813,7 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
         head = ["plan", "units", "measured", "Σ measured singles"]
         for n in names:
             head += [f"{n} additive", f"{n} +U"]
+        head += ["measured interaction (joint − Σ singles)", f"U term of {names[0]}"]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         errs: dict[str, list[float]] = {}
         abs_errs: dict[str, list[float]] = {}
@@ -833,6 +834,9 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
                     abs_errs.setdefault(f"{n} {k}", []).append(abs(pr[k] - p["measured"]))
                     if n in names:
                         cells.append(f"{_g(pr[k])} ({e:+.0%})")
+            pr0 = p["pred"][names[0]]
+            cells += ["—" if sm is None else f"{p['measured'] - sm:+.4f}",
+                      f"{pr0['with_U'] - pr0['additive']:+.4f}"]
             L.append("| " + " | ".join(cells) + " |")
         L += ["", "Over all plans (a plan whose measured ΔL is near 0 makes relative errors "
               "explode; the absolute error in nats/token does not):", "",
