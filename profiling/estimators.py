@@ -445,9 +445,13 @@ def hutchinson(ctx: Context) -> Estimate:
             logits = _logits(ctx.model, ids)[0, :-1]
             yield offset + n, F.cross_entropy(logits, ids[0, 1:])
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Hessian-vector products differentiate the backward pass: the fused CPU flash-attention
+    # kernel has no double backward, the math kernel does (same values).
     with ctx.meter.phase("hutchinson"), ctx._bar(local.shape[0] * opts.hutchinson_probes,
                                                  "hutchinson") as bar, \
-            grad_only(ctx.model, names):
+            grad_only(ctx.model, names), sdpa_kernel([SDPBackend.MATH]):
         acc = hutchinson_sums(pert, params, losses(), opts.hutchinson_probes, ctx.seed,
                               bar.update)
     acc = ctx.dist.all_reduce(acc)

@@ -4,6 +4,7 @@ computation (layerwise vs ‖ΔW X‖², measured vs a loss difference, projecti
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -274,3 +275,15 @@ def test_bad_arguments_are_named():
         EstimatorOptions(fisher_labels="model")
     with pytest.raises(ValidationError, match="quantizer: 'awq'"):
         profile(model, units, toks, quantizer="awq", group_size=G, progress=False)
+
+
+def test_hutchinson_runs_under_sdpa_attention():
+    """transformers' default sdpa attention: the fused CPU kernel has no double backward, so
+    the Hessian-vector products must run under the math kernel."""
+    m = tiny_model("llama", seed=1)
+    m.config._attn_implementation = "sdpa"
+    units = model_units(m, mlp_group=32, group_size=16)
+    toks = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    r = profile(m, units, toks, estimator="hutchinson", bits=(2, 3), group_size=16,
+                progress=False)
+    assert all(math.isfinite(o.loss) for u in r.problem.units for o in u.options)
