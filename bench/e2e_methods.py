@@ -169,46 +169,10 @@ def hqq_fake_quantize_(model, units, bits: int, group_size: int) -> int:
 # ------------------------------------------------------------------------------------------
 
 def restrict_options(problem, allowed: Mapping[str, Iterable[str]], name: str | None = None):
-    """A copy of ``problem`` where unit ``u`` keeps only the options in ``allowed[u]``.
+    """``bitsack.solver.schema.restrict_options`` (kept here for the harness's callers)."""
+    from bitsack.solver.schema import restrict_options as restrict
 
-    Units not in ``allowed`` keep all their options. The interaction factor keeps the columns
-    of the surviving options (so the objective of any surviving assignment is unchanged);
-    explicit pairs that name a removed option are dropped.
-
-    Raises:
-        ValidationError: a unit would be left with no option.
-    """
-    import numpy as np
-
-    from bitsack.solver.problem import Interactions
-    from bitsack.solver.schema import validate_problem
-
-    keep_cols: list[int] = []
-    units = []
-    col = 0
-    for unit in problem.units:
-        ok = set(allowed[unit.id]) if unit.id in allowed else None
-        opts = []
-        for opt in unit.options:
-            if ok is None or opt.id in ok:
-                opts.append(opt)
-                keep_cols.append(col)
-            col += 1
-        if not opts:
-            raise ValidationError(f"allowed[{unit.id!r}]", f"{sorted(ok or ())} leaves no "
-                                  f"option; valid: a subset of {[o.id for o in unit.options]}")
-        units.append(dataclasses.replace(unit, options=tuple(opts)))
-    inter = problem.interactions
-    if inter is not None:
-        kept = {(u.id, o.id) for u in units for o in u.options}
-        pairs = tuple(p for p in inter.pairs if tuple(p.a) in kept and tuple(p.b) in kept)
-        U = None if inter.U is None else np.ascontiguousarray(inter.U[:, keep_cols])
-        inter = Interactions(U=U, file=inter.file, pairs=pairs)
-        if inter.U is None and not inter.pairs:
-            inter = None
-    out = dataclasses.replace(problem, name=name or problem.name, units=tuple(units),
-                              interactions=inter)
-    return validate_problem(out)
+    return restrict(problem, allowed, name=name)
 
 
 def without_interactions(problem, name: str | None = None):

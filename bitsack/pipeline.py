@@ -54,6 +54,7 @@ class RunConfig:
     eval: str = "wikitext2"
     estimator: str = "fisher"
     interactions: float = 0.0
+    prune: bool = True
     profile_quantizer: str = "rtn"
     bits: tuple[int, ...] = (2, 3, 4, 8)
     units: tuple[str, ...] = ("heads", "mlp", "embed")
@@ -187,6 +188,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
         load_problem,
         with_interaction_weight,
         with_limits,
+        without_option,
     )
     from bitsack.solver.solution import Solution, load_solution
 
@@ -239,9 +241,11 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
                                      avg_bits_limit(problem, cfg.avg_bits))
     sol_file = out / "solution.json"
     solve_inputs = {"problem": file_sha256(problem_file), "limits": limits,
-                    "interactions": cfg.interactions, "solver": cfg.solver,
+                    "interactions": cfg.interactions, "prune": cfg.prune, "solver": cfg.solver,
                     "time_limit_s": cfg.time_limit_s, "gap": cfg.gap, "seed": cfg.seed}
     budgeted = with_interaction_weight(with_limits(problem, limits), cfg.interactions)
+    if not cfg.prune:
+        budgeted = without_option(budgeted, "prune")
     if not stages.done("solve", solve_inputs, [sol_file]):
         say(f"solve: {cfg.solver}, limits {limits}")
         t = time.perf_counter()

@@ -64,6 +64,8 @@ __all__ = [
     "load_problem",
     "solve",
     "with_interaction_weight",
+    "restrict_options",
+    "without_option",
     "with_limits",
 ]
 
@@ -77,6 +79,8 @@ _LAZY = {
     "dump_problem": "bitsack.solver.schema",
     "with_limits": "bitsack.solver.schema",
     "with_interaction_weight": "bitsack.solver.schema",
+    "restrict_options": "bitsack.solver.schema",
+    "without_option": "bitsack.solver.schema",
     "avg_bits_limit": "bitsack.solver.schema",
 }
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,59 @@ def with_limits(problem: Problem, limits: Mapping[str, float | None]) -> Problem
         for r in problem.resources
     )
     return _replace(problem, resources=resources)
+
+
+def restrict_options(problem: Problem, allowed: Mapping[str, Iterable[str]],
+                     name: str | None = None) -> Problem:
+    """A copy of ``problem`` where unit ``u`` keeps only the options in ``allowed[u]``.
+
+    Units not in ``allowed`` keep all their options. The interaction factor keeps the columns
+    of the surviving options (so the objective of any surviving assignment is unchanged);
+    explicit pairs that name a removed option are dropped.
+
+    Raises:
+        ValidationError: a unit would be left with no option.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    keep_cols: list[int] = []
+    units = []
+    col = 0
+    for unit in problem.units:
+        ok = set(allowed[unit.id]) if unit.id in allowed else None
+        opts = []
+        for opt in unit.options:
+            if ok is None or opt.id in ok:
+                opts.append(opt)
+                keep_cols.append(col)
+            col += 1
+        if not opts:
+            raise ValidationError(f"allowed[{unit.id!r}]", f"{sorted(ok or ())} leaves no "
+                                  f"option; valid: a subset of {[o.id for o in unit.options]}")
+        units.append(dataclasses.replace(unit, options=tuple(opts)))
+    inter = problem.interactions
+    if inter is not None:
+        kept = {(u.id, o.id) for u in units for o in u.options}
+        pairs = tuple(p for p in inter.pairs if tuple(p.a) in kept and tuple(p.b) in kept)
+        U = None if inter.U is None else np.ascontiguousarray(inter.U[:, keep_cols])
+        inter = Interactions(U=U, file=inter.file, pairs=pairs)
+        if inter.U is None and not inter.pairs:
+            inter = None
+    out = dataclasses.replace(problem, name=name or problem.name, units=tuple(units),
+                              interactions=inter)
+    return validate_problem(out)
+
+
+def without_option(problem: Problem, option_id: str, name: str | None = None) -> Problem:
+    """A copy of ``problem`` where no unit offers ``option_id`` (e.g. ``"prune"``: bits only).
+
+    Units whose only option it is keep it (nothing else could be chosen for them).
+    """
+    allowed = {u.id: [o.id for o in u.options if o.id != option_id] for u in problem.units
+               if any(o.id == option_id for o in u.options) and len(u.options) > 1}
+    return restrict_options(problem, allowed, name=name)
 
 
 def with_interaction_weight(problem: Problem, weight: float) -> Problem:

@@ -60,6 +60,8 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     p.add_argument("--interactions", type=float, default=d["interactions"], metavar="W",
                    help="weight in [0, 1] of the profile's interaction terms in the objective "
                    f"(default {d['interactions']:g}: additive; see README)")
+    p.add_argument("--no-prune", dest="prune", action="store_false", default=d["prune"],
+                   help="bits only: no unit may be pruned")
     p.add_argument("--bits", type=_int_list, default=d["bits"], help="bit-widths offered "
                    f"besides b16 and prune (default {','.join(map(str, d['bits']))})")
     p.add_argument("--units", type=_str_list, default=d["units"],
@@ -113,7 +115,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
     return RunConfig(
         model=model, out=out, avg_bits=args.avg_bits, budgets=parse_budgets(args.budget),
         calib=args.calib, eval=args.eval, estimator=args.estimator,
-        interactions=args.interactions, bits=tuple(args.bits),
+        interactions=args.interactions, prune=args.prune, bits=tuple(args.bits),
         units=tuple(args.units), group_size=args.group_size, mlp_group=args.mlp_group,
         profile_nsamples=args.nsamples, profile_seqlen=args.seqlen, quantizer=args.quantizer,
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,

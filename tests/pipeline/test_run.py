@@ -134,3 +134,14 @@ def test_interaction_weight_changes_the_solved_objective_only(tiny, tmp_path):
     with pytest.raises(ValidationError) as err:
         with_interaction_weight(problem, 1.5)
     assert err.value.path == "interactions"
+
+
+def test_no_prune_keeps_every_unit(tiny, tmp_path):
+    out = tmp_path / "np"
+    # 3 bits/weight at group 16 (2 bits of scale + zero per weight): bits-only is all-1-bit
+    joint = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn", frontier_points=0))
+    bits = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn", frontier_points=0,
+                    prune=False))
+    assert bits.reused == ("profile",)
+    assert not any("prune" in c for c in bits.plan_counts.values())
+    assert bits.predicted_loss_increase >= joint.predicted_loss_increase - 1e-12
