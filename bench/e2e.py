@@ -234,7 +234,10 @@ class Bench:
                      f"{self.cfg.calib_seqlen} tokens of {self.cfg.calib}")
             torch.manual_seed(self.cfg.seed)
             t = time.perf_counter()
-            result = profile(self.model, self.units, self.calib, estimator=estimator,
+            # "<estimator>+<quantizer>": perturbations from that quantizer (default rtn)
+            name, _, quantizer = estimator.partition("+")
+            result = profile(self.model, self.units, self.calib, estimator=name,
+                             quantizer=quantizer or "rtn",
                              bits=self.cfg.bits, group_size=self.cfg.group_size,
                              cost_models=("memory", "roofline"),
                              cost_model_args={"roofline": {"device": self.cfg.device}},
