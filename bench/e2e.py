@@ -59,7 +59,7 @@ from bitsack.io import atomic_write, write_json  # noqa: E402
 
 RESULT_SCHEMA = "bitsack.bench.e2e/v1"
 MAIN_METHODS = ("rtn", "gptq", "hqq", "layerwise", "fdiag-greedy", "joint", "sequential",
-                "joint-cal")
+                "joint-gq", "joint-cal")
 ABLATION_METHODS = ("joint", "fdiag-solver", "layerwise", "joint-int", "joint-rtn",
                     "sequential", "mp")
 LATENCY = "lat"
@@ -608,7 +608,7 @@ def targets(results: Mapping[str, dict], dataset: str = "wikitext2") -> list[tup
             ("2.5", "gptq@3.5", 1.0, "joint @ 2.5 ≤ uniform GPTQ 3-bit (3.5 bits/weight)"),
             ("3.5", "gptq@4.5", 1.0, "joint @ 3.5 ≤ uniform GPTQ 4-bit (4.5 bits/weight)"),
             ("3.5", "gptq@3.5", 0.9, "joint @ 3.5 ≤ 0.9 × uniform GPTQ 3-bit (3.5)")):
-        for method in ("joint", "joint-cal"):
+        for method in ("joint", "joint-gq", "joint-cal", "mp"):
             a, b = ppl(f"{method}@{joint_b}"), ppl(ref_key)
             if a is None or b is None:
                 verdict = "not run"

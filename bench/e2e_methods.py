@@ -73,7 +73,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fdiag-greedy", "greedy on fisher-diag (HAWQ/NNCF-style) + GPTQ", "solve",
            estimator="fisher-diag", solver="greedy"),
     Method("sequential", "sequential: Fisher prune, then MP (fisher + solver) + GPTQ",
-           "sequential", estimator="fisher"),
+           "sequential", estimator="fisher", interactions=False),
     # bitsack's default (`bitsack run`): the additive fisher objective. With the low-rank
     # interaction factor of N calibration rows the solver can pick plans whose errors cancel
     # in those N directions only (an N-dimensional form over hundreds of units), so the
