@@ -72,7 +72,11 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    help=f"profiling sequences (default {d['profile_nsamples']})")
     p.add_argument("--seqlen", type=int, default=d["profile_seqlen"],
                    help=f"profiling tokens per sequence (default {d['profile_seqlen']})")
-    p.add_argument("--quantizer", default=d["quantizer"], choices=["gptq", "rtn"])
+    p.add_argument("--quantizer", default=d["quantizer"], choices=["gptq", "rtn"],
+                   help="apply quantizer (default gptq: sequential GPTQ)")
+    p.add_argument("--profile-quantizer", default=d["profile_quantizer"],
+                   choices=["gptq", "rtn"], help="quantizer of the profile's perturbations "
+                   "(default: the apply quantizer; rtn profiles faster)")
     p.add_argument("--compress-nsamples", type=int, default=d["compress_nsamples"])
     p.add_argument("--compress-seqlen", type=int, default=d["compress_seqlen"])
     p.add_argument("--eval-seqlen", type=int, default=d["eval_seqlen"])
@@ -118,6 +122,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         interactions=args.interactions, prune=args.prune, bits=tuple(args.bits),
         units=tuple(args.units), group_size=args.group_size, mlp_group=args.mlp_group,
         profile_nsamples=args.nsamples, profile_seqlen=args.seqlen, quantizer=args.quantizer,
+        profile_quantizer=args.profile_quantizer,
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
         eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, solver=args.solver,
         time_limit_s=args.time_limit, gap=args.gap, device=args.device,
