@@ -608,7 +608,7 @@ def targets(results: Mapping[str, dict], dataset: str = "wikitext2") -> list[tup
             ("2.5", "gptq@3.5", 1.0, "joint @ 2.5 ≤ uniform GPTQ 3-bit (3.5 bits/weight)"),
             ("3.5", "gptq@4.5", 1.0, "joint @ 3.5 ≤ uniform GPTQ 4-bit (4.5 bits/weight)"),
             ("3.5", "gptq@3.5", 0.9, "joint @ 3.5 ≤ 0.9 × uniform GPTQ 3-bit (3.5)")):
-        for method in ("joint", "joint-gq", "joint-cal", "mp"):
+        for method in ("joint", "joint-gq", "joint-cal", "mp", "mp-gq"):
             a, b = ppl(f"{method}@{joint_b}"), ppl(ref_key)
             if a is None or b is None:
                 verdict = "not run"
@@ -702,7 +702,7 @@ def write_report(results_dir: Path, md_path: Path, cfg: BenchConfig, command: st
     L.append("")
 
     abl = [b for b in budgets if any(f"{m}@{b}" in results for m in
-                                     ("fdiag-solver", "joint-int", "joint-rtn", "mp"))]
+                                     ("fdiag-solver", "joint-int", "joint-rtn", "mp", "mp-gq"))]
     if abl:
         L.append("## Ablations (equal budget)\n")
         L.append("| budget | comparison | variant | WikiText-2 ppl | C4 ppl | predicted ΔL "
@@ -712,7 +712,7 @@ def write_report(results_dir: Path, md_path: Path, cfg: BenchConfig, command: st
                   ("interactions", ("joint", "joint-int")),
                   ("apply quantizer", ("joint", "joint-rtn")),
                   ("joint vs sequential", ("joint", "sequential")),
-                  ("pruning allowed", ("joint", "mp")))
+                  ("pruning allowed", ("joint", "mp", "joint-gq", "mp-gq")))
         for b in abl:
             for gname, names in groups:
                 for name in names:

@@ -94,6 +94,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            estimator="fisher", bitsack=True),
     Method("mp", "bitsack, bits only (fisher, additive, no pruning) + GPTQ", "mp",
            estimator="fisher", interactions=False, bitsack=True),
+    Method("mp-gq", "bitsack, bits only (fisher on GPTQ perturbations, no pruning) + GPTQ",
+           "mp", estimator="fisher+gptq", interactions=False, bitsack=True),
     Method("joint-rtn", "bitsack joint, RTN apply", "solve", estimator="fisher",
            quantizer="rtn", bitsack=True),
 )}
