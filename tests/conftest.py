@@ -15,3 +15,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fake_load_model(monkeypatch):
+    """``use(model)``: ``bitsack.models.loading.load_model`` returns ``model`` (a tiny model with
+    the byte tokenizer) for any spec."""
+    from bitsack.models import loading
+    from bitsack.models.testing import ByteTokenizer
+
+    def use(model):
+        fake = loading.LoadedModel(model=model, tokenizer=ByteTokenizer(),
+                                   source={"kind": "test", "spec": "tiny"})
+        monkeypatch.setattr(loading, "load_model", lambda *a, **k: fake)
+        return fake
+
+    return use

@@ -41,16 +41,12 @@ def test_verifier_catches_a_wrong_kernel(monkeypatch):
     assert not v.report.ok and v.report.max_ratio > 1.0
 
 
-def _eval_cli(monkeypatch, tmp_path, model, *extra):
+def _eval_cli(fake_load_model, tmp_path, model, *extra):
     import argparse
 
     from bitsack.commands import eval as eval_cmd
-    from bitsack.models import loading
-    from bitsack.models.testing import ByteTokenizer
 
-    fake = loading.LoadedModel(model=model, tokenizer=ByteTokenizer(),
-                               source={"kind": "test", "spec": "tiny"})
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: fake)
+    fake_load_model(model)
     text = tmp_path / "eval.txt"
     text.write_text("hello world, " * 20)
     parser = argparse.ArgumentParser()
@@ -60,34 +56,34 @@ def _eval_cli(monkeypatch, tmp_path, model, *extra):
     return args.func(args)
 
 
-def test_eval_verify_reports_the_largest_ratio(monkeypatch, tmp_path, capsys):
+def test_eval_verify_reports_the_largest_ratio(fake_load_model, tmp_path, capsys):
     import json
 
     from bitsack.kernels.packed import PackedLinear
 
     model = _compressed()
     packed = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-    assert _eval_cli(monkeypatch, tmp_path, model, "--verify-sample", "0", "--json") == 0
+    assert _eval_cli(fake_load_model, tmp_path, model, "--verify-sample", "0", "--json") == 0
     got = json.loads(capsys.readouterr().out)["verify"]
     assert got["ok"] and got["checked_outputs"] > 0
     assert 0 <= got["max_observed_over_bound"] <= 1.0
     assert set(got["per_module"]) == packed  # --verify-sample 0: every packed layer
 
 
-def test_eval_verify_exits_3_on_a_broken_bound(monkeypatch, tmp_path, capsys):
+def test_eval_verify_exits_3_on_a_broken_bound(monkeypatch, fake_load_model, tmp_path, capsys):
     from bitsack.kernels.backends import TorchBackend
 
     original = TorchBackend.linear
     monkeypatch.setattr(TorchBackend, "linear", lambda self, layer, x: original(
         self, layer, x).to(torch.bfloat16).to(x.dtype))
-    assert _eval_cli(monkeypatch, tmp_path, _compressed()) == 3
+    assert _eval_cli(fake_load_model, tmp_path, _compressed()) == 3
     assert "exceeded its computed error bound" in capsys.readouterr().err
 
 
-def test_eval_verify_refuses_a_dense_model(monkeypatch, tmp_path):
+def test_eval_verify_refuses_a_dense_model(fake_load_model, tmp_path):
     import pytest
 
     from bitsack.errors import ValidationError
 
     with pytest.raises(ValidationError, match="no packed layers"):
-        _eval_cli(monkeypatch, tmp_path, tiny_model("llama", seed=0))
+        _eval_cli(fake_load_model, tmp_path, tiny_model("llama", seed=0))
