@@ -139,7 +139,11 @@ def write_report(out: str | Path, cfg, problem, solution, summary,
         f"# bitsack run: {problem.name}",
         "",
         f"Model `{cfg.model}`, calibration `{cfg.calib}`, estimator `{cfg.estimator}`, "
-        f"solver `{cert.solver}`, quantizer `{cfg.quantizer}`, group size {cfg.group_size}.",
+        f"solver `{cert.solver}`, quantizer `{cfg.quantizer}`, group size {cfg.group_size}"
+        + (f", profile perturbations `{cfg.perturbation_quantizer}`"
+           if hasattr(cfg, "perturbation_quantizer") else "")
+        + (f", interaction weight {cfg.interactions:g}" if hasattr(cfg, "interactions") else "")
+        + (", pruning off" if getattr(cfg, "prune", True) is False else "") + ".",
         "",
         "## Result",
         "",
