@@ -55,7 +55,7 @@ from e2e_methods import (  # noqa: E402  (bench/ is not a package)
 )
 
 from bitsack.errors import ValidationError  # noqa: E402
-from bitsack.io import atomic_write, write_json  # noqa: E402
+from bitsack.io import atomic_write, json_digest, write_json  # noqa: E402
 
 RESULT_SCHEMA = "bitsack.bench.e2e/v1"
 MAIN_METHODS = ("rtn", "gptq", "hqq", "layerwise", "fdiag-greedy", "joint", "sequential",
@@ -103,9 +103,7 @@ class Cell:
         return f"{self.method}@{self.budget}"
 
 
-def digest(obj: Any) -> str:
-    """SHA-256 of a JSON-able object (keys sorted)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+digest = json_digest  # SHA-256 of a JSON-able object (keys sorted)
 
 
 def _files_sha(paths: Iterable[Path]) -> str:
@@ -310,7 +308,7 @@ class Bench:
     def _compute(self, cell: Cell, inputs: dict) -> dict:
         import torch
 
-        from bitsack.apply import ApplyConfig, compress, plan_from_solution
+        from bitsack.apply import ApplyConfig, cache_dequantized, compress, plan_from_solution
 
         m = METHODS[cell.method]
         cfg = self.cfg
@@ -391,7 +389,7 @@ class Bench:
                                       f"packed size is {expected}")
             out["apply"] = {"quantizer": m.quantizer,
                             "timings_s": res.report.get("timings_s", {})}
-            _cache_dequantized(model)
+            cache_dequantized(model)  # CPU evaluation speed; outputs unchanged
         n_pruned = sum(1 for b in plan.values() if b == 0)
         out.update(packed_bytes=nbytes, total_params=self.total_params,
                    bits_per_weight=8.0 * nbytes / self.total_params, n_pruned=n_pruned,
@@ -474,15 +472,6 @@ def _with_limits(problem, limits: Mapping[str, float]):
     from bitsack.solver.schema import with_limits
 
     return with_limits(problem, dict(limits))
-
-
-def _cache_dequantized(model) -> None:
-    """Keep each packed layer's dequantized weight (CPU evaluation speed; numerics unchanged)."""
-    from bitsack.kernels.packed import PackedLinear
-
-    for mod in model.modules():
-        if isinstance(mod, PackedLinear):
-            mod.cache_weight = True
 
 
 def _plan_counts(units, plan: Mapping[str, int]) -> dict[str, dict[str, int]]:

@@ -1,8 +1,9 @@
-"""Small I/O helpers shared by every stage: atomic writes and JSON output."""
+"""Small I/O helpers shared by every stage: atomic writes, JSON output, content hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -66,3 +67,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_write(path, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=2, sort_keys=False, allow_nan=False)
         handle.write("\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of a JSON-able object (keys sorted; non-JSON values by ``str``): a record key
+    for "were these the same inputs?"."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

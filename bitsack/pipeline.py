@@ -14,7 +14,6 @@ matches is not run again, so an interrupted or re-parameterised run redoes only 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bitsack.errors import ValidationError
-from bitsack.io import write_json
+from bitsack.io import file_sha256, json_digest, write_json
 
 RUN_SCHEMA = "bitsack.run/v1"
 #: ``--units`` names -> the adapters' unit kinds.
@@ -136,18 +135,6 @@ class RunSummary:
     reused: tuple[str, ...]
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _Stages:
     """Stage records: skip a stage whose inputs hash to what its record says."""
 
@@ -165,7 +152,7 @@ class _Stages:
             saved = json.loads(rec.read_text())
         except json.JSONDecodeError:
             return False
-        if saved.get("inputs_sha256") != _digest(inputs):
+        if saved.get("inputs_sha256") != json_digest(inputs):
             return False
         self.reused.append(name)
         self.seconds[name] = 0.0
@@ -175,7 +162,7 @@ class _Stages:
     def record(self, name: str, inputs: Mapping[str, Any], seconds: float) -> None:
         self.seconds[name] = seconds
         write_json(self.out / f"{name}.stage.json",
-                   {"stage": name, "inputs_sha256": _digest(inputs), "inputs": inputs,
+                   {"stage": name, "inputs_sha256": json_digest(inputs), "inputs": inputs,
                     "seconds": seconds})
 
 

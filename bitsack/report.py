@@ -112,7 +112,8 @@ def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, x_label: st
 
 def write_report(out: str | Path, cfg, problem, solution, summary,
                  frontier_points: int = 8) -> Path:
-    """Write ``report.md``, ``allocation.png`` and ``frontier.png`` into ``out``."""
+    """Write ``report.md``, ``allocation.png`` and ``frontier.png`` into ``out``
+    (``cfg``: the run's ``bitsack.pipeline.RunConfig``)."""
     from bitsack.solver.backends import SolveOptions
     from bitsack.solver.pareto import pareto_sweep
 
@@ -139,11 +140,9 @@ def write_report(out: str | Path, cfg, problem, solution, summary,
         f"# bitsack run: {problem.name}",
         "",
         f"Model `{cfg.model}`, calibration `{cfg.calib}`, estimator `{cfg.estimator}`, "
-        f"solver `{cert.solver}`, quantizer `{cfg.quantizer}`, group size {cfg.group_size}"
-        + (f", profile perturbations `{cfg.perturbation_quantizer}`"
-           if hasattr(cfg, "perturbation_quantizer") else "")
-        + (f", interaction weight {cfg.interactions:g}" if hasattr(cfg, "interactions") else "")
-        + (", pruning off" if getattr(cfg, "prune", True) is False else "") + ".",
+        f"solver `{cert.solver}`, quantizer `{cfg.quantizer}`, group size {cfg.group_size}, "
+        f"profile perturbations `{cfg.perturbation_quantizer}`, interaction weight "
+        f"{cfg.interactions:g}" + ("" if cfg.prune else ", pruning off") + ".",
         "",
         "## Result",
         "",

