@@ -8,7 +8,7 @@ matches is not run again, so an interrupted or re-parameterised run redoes only 
       profile/problem.yaml, interactions.npz, profile.json     (bitsack.profiling)
       solution.json                                             (bitsack.solver)
       model/ (safetensors + bitsack.json)                       (bitsack.apply)
-      eval.json                                                 (bitsack.evaluate)
+      eval_base.json, eval.json                                 (bitsack.evaluate)
       summary.json, report.md, allocation.png, frontier.png
 """
 
@@ -265,19 +265,20 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
                    "quantizer": cfg.quantizer, "calib": cfg.calib,
                    "nsamples": cfg.compress_nsamples, "seqlen": cfg.compress_seqlen,
                    "group_size": cfg.group_size, "mlp_group": cfg.mlp_group, "seed": cfg.seed}
-    memory_before = _dense_bytes(lm.model)
+    memory_before = _tensor_bytes(lm.model)
     eval_toks = None
-    base_ppl = _cached_base_ppl(out, cfg, model_id)
-    if base_ppl is None:
+    base_file = out / "eval_base.json"
+    base_inputs = {"model": model_id, "eval": cfg.eval, "seqlen": cfg.eval_seqlen,
+                   "windows": cfg.eval_windows}
+    if not stages.done("eval_base", base_inputs, [base_file]):
         say(f"eval: base model on {cfg.eval}")
         t = time.perf_counter()
         eval_toks = eval_tokens(cfg.eval, lm.tokenizer)
         base = perplexity(lm.model, eval_toks, cfg.eval_seqlen, windows=cfg.eval_windows,
                           progress=bars)
-        base_ppl = base.ppl
-        write_json(out / "eval_base.json", {"inputs": _base_inputs(cfg, model_id),
-                                            "result": base.to_dict()})
-        stages.seconds["eval_base"] = time.perf_counter() - t
+        write_json(base_file, base.to_dict())
+        stages.record("eval_base", base_inputs, time.perf_counter() - t)
+    base_ppl = json.loads(base_file.read_text())["ppl"]
     if not stages.done("compress", comp_inputs, [model_dir / "bitsack.json"]):
         say(f"compress: {cfg.quantizer}, {sum(b == 0 for b in plan.values())} units pruned")
         t = time.perf_counter()
@@ -297,7 +298,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
 
         compressed = load_compressed(model_dir).model
     cache_dequantized(compressed)  # CPU evaluation speed; outputs unchanged
-    memory_after = _packed_total(compressed)
+    memory_after = _tensor_bytes(compressed)
 
     # ---- evaluate ------------------------------------------------------------------
     eval_file = out / "eval.json"
@@ -348,37 +349,9 @@ def _layer_progress(say: Callable[[str], None]) -> Callable[[str, int, int], Non
     return tick
 
 
-def _base_inputs(cfg: RunConfig, model_id: dict) -> dict:
-    return {"model": model_id, "eval": cfg.eval, "seqlen": cfg.eval_seqlen,
-            "windows": cfg.eval_windows}
-
-
-def _cached_base_ppl(out: Path, cfg: RunConfig, model_id: dict) -> float | None:
-    f = out / "eval_base.json"
-    if not f.is_file():
-        return None
-    try:
-        saved = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    if saved.get("inputs") != json.loads(json.dumps(_base_inputs(cfg, model_id))):
-        return None
-    return saved["result"]["ppl"]
-
-
-def _dense_bytes(model) -> int:
-    """Bytes of the model's weights as loaded (parameters, tied ones once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    return total
-
-
-def _packed_total(model) -> int:
-    """Bytes of the compressed model's tensors (packed buffers, remaining parameters)."""
+def _tensor_bytes(model) -> int:
+    """Bytes of a model's tensors as held (parameters and buffers: packed codes, scales, norms),
+    shared tensors counted once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "meta" or t.data_ptr() in seen:

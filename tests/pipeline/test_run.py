@@ -68,12 +68,12 @@ def test_run_resumes_finished_stages_and_redoes_what_changed(tiny, tmp_path):
     out = tmp_path / "run"
     first = run(_cfg(tiny, out))
     again = run(_cfg(tiny, out))
-    assert set(again.reused) == {"profile", "solve", "compress", "eval"}
+    assert set(again.reused) == {"profile", "eval_base", "solve", "compress", "eval"}
     assert again.ppl_after == first.ppl_after
     assert again.memory_after_bytes == first.memory_after_bytes
     # a new budget keeps the profile, re-solves, re-compresses, re-evaluates
     looser = run(_cfg(tiny, out, avg_bits=4.0))
-    assert looser.reused == ("profile",)
+    assert looser.reused == ("profile", "eval_base")
     assert looser.bits_per_weight <= 4.0 + 1e-9
     assert looser.predicted_loss_increase <= first.predicted_loss_increase + 1e-12
 
@@ -121,7 +121,7 @@ def test_interaction_weight_changes_the_solved_objective_only(tiny, tmp_path):
     out = tmp_path / "w"
     add = run(_cfg(tiny, out, quantizer="rtn", frontier_points=0))
     full = run(_cfg(tiny, out, quantizer="rtn", frontier_points=0, interactions=1.0))
-    assert full.reused == ("profile",)  # same profile, new solve
+    assert full.reused == ("profile", "eval_base")  # same profile, new solve
     problem = load_problem(out / "profile" / "problem.yaml")
     assert problem.interactions is not None
     # weight w: objective = (1-w)·additive + w·full, checked on an arbitrary plan
@@ -142,6 +142,6 @@ def test_no_prune_keeps_every_unit(tiny, tmp_path):
     joint = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn", frontier_points=0))
     bits = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn", frontier_points=0,
                     prune=False))
-    assert bits.reused == ("profile",)
+    assert bits.reused == ("profile", "eval_base")
     assert not any("prune" in c for c in bits.plan_counts.values())
     assert bits.predicted_loss_increase >= joint.predicted_loss_increase - 1e-12
