@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -632,17 +631,44 @@ def cache_dequantized(model: nn.Module, enabled: bool = True) -> int:
     return n
 
 
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a bitsack compressed model (its ``bitsack.json`` says so)."""
+    try:
+        meta = json.loads((Path(path) / "bitsack.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("schema") == MODEL_SCHEMA
+
+
+#: ``model_type`` of a compressed folder's config.json. transformers (and any other loader
+#: that reads config.json) refuses a model type it does not know, instead of building the base
+#: architecture and initialising every packed weight at random; the base type is kept beside it.
+HF_MODEL_TYPE = "bitsack"
+HF_BASE_TYPE_KEY = "bitsack_base_model_type"
+
+
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
-                    extra: Mapping[str, Any] | None = None) -> Path:
+                    extra: Mapping[str, Any] | None = None, *, force: bool = False) -> Path:
     """Write a compressed model to ``out_dir`` atomically (a finished dir replaces the old).
 
     Files: ``model.safetensors`` (packed buffers + every other parameter), ``bitsack.json``
     (schema, plan, dims, packed layout, per-tensor shape / dtype / SHA-256), ``config.json``
-    (the base architecture) and the tokenizer's files.
+    (the base architecture, with ``quantization_config.quant_method = "bitsack"``) and the
+    tokenizer's files.
+
+    ``out_dir`` may be new, empty, or a previous bitsack model folder; any other existing
+    folder is refused (``force`` replaces it). Temporary folders a killed save left beside
+    ``out_dir`` are removed first.
+
+    Raises:
+        ValidationError: ``out_dir`` is a file or a non-empty folder of something else.
     """
+    from bitsack.io import check_output_dir, remove_stale_siblings, replace_dir, temp_sibling
     from bitsack.kernels.io import dtype_name, save_tensors
 
     out = Path(out_dir)
+    check_output_dir(out, what="bitsack model folder", is_ours=is_model_dir, force=force)
+    remove_stale_siblings(out)
     adapter = get_adapter(model)
     layout = _describe_packed(model)
     tied = {n for n, e in layout.items() if "tied_to" in e}
@@ -650,8 +676,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
              if not any(k.startswith(t + ".") for t in tied)}
     # transformers' own tie (lm_head.weight is embed.weight) when nothing was packed there
     state = _dedupe_ties(model, state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_sibling(out, "tmp")
     try:
         hashes = save_tensors(tmp / "model.safetensors", state)
         meta = {
@@ -669,20 +694,54 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
             **dict(extra or {}),
         }
         model.config.save_pretrained(tmp)
+        _mark_quantized(tmp / "config.json")
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         (tmp / "bitsack.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _mark_quantized(config_file: Path) -> None:
+    """Rewrite a saved config.json so that no loader mistakes the folder for its base model.
+
+    ``model_type`` becomes ``bitsack`` (the base type moves to ``bitsack_base_model_type``) and
+    ``quantization_config`` says how the weights are stored; ``base_config`` reverses it.
+    """
+    cfg = json.loads(config_file.read_text())
+    cfg[HF_BASE_TYPE_KEY] = cfg["model_type"]
+    cfg["model_type"] = HF_MODEL_TYPE
+    cfg["quantization_config"] = {"quant_method": HF_MODEL_TYPE, "format": MODEL_SCHEMA,
+                                  "metadata": "bitsack.json"}
+    config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def base_config(path: str | os.PathLike):
+    """The base architecture's transformers config of a compressed folder (see
+    ``_mark_quantized``).
+
+    Raises:
+        FormatError: config.json is missing, unreadable, or names no known base model type.
+    """
+    from transformers import CONFIG_MAPPING
+
+    config_file = Path(path) / "config.json"
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{config_file}: cannot be read ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{config_file}: not a JSON object")
+    cfg.pop("quantization_config", None)
+    base = cfg.pop(HF_BASE_TYPE_KEY, cfg.get("model_type"))
+    cfg["model_type"] = base
+    if base not in CONFIG_MAPPING:
+        raise FormatError(f"{config_file}: {HF_BASE_TYPE_KEY} {base!r} is not a model type "
+                          "this transformers knows")
+    return CONFIG_MAPPING[base].from_dict(cfg)
 
 
 def _dedupe_ties(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -724,7 +783,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
     Raises:
         FormatError: missing files, unknown schema, truncated file, hash / shape mismatch.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from bitsack.kernels.io import load_tensors
     from bitsack.kernels.packed import PackedEmbedding, PackedLinear, Segment
@@ -735,7 +794,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
     expected = {k: (tuple(v["shape"]), v["dtype"], v["sha256"])
                 for k, v in meta["tensors"].items()}
     tensors, _ = load_tensors(path / "model.safetensors", expected, device=device)
-    config = AutoConfig.from_pretrained(path)
+    config = base_config(path)
     try:
         from accelerate import init_empty_weights
         ctx = init_empty_weights()

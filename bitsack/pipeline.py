@@ -166,9 +166,18 @@ class _Stages:
                     "seconds": seconds})
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a ``bitsack run`` directory (it holds stage records)."""
+    return any(path.glob("*.stage.json")) or (path / "summary.json").is_file()
+
+
 def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
-        bars: bool = False) -> RunSummary:
-    """Profile, solve, compress and evaluate, reusing finished stages. See module docstring."""
+        bars: bool = False, force: bool = False) -> RunSummary:
+    """Profile, solve, compress and evaluate, reusing finished stages. See module docstring.
+
+    ``cfg.out`` may be new, empty or an earlier run directory; another non-empty folder is
+    refused unless ``force`` (then the run writes its files into it, deleting nothing else).
+    """
     import torch
 
     from bitsack.apply import (
@@ -193,8 +202,11 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
     )
     from bitsack.solver.solution import Solution, load_solution
 
+    from bitsack.io import check_output_dir
+
     say = progress or (lambda msg: None)
-    out = Path(cfg.out)
+    out = check_output_dir(cfg.out, what="bitsack run directory", is_ours=is_run_dir,
+                           force=force)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out, say)
     torch.manual_seed(cfg.seed)
@@ -290,7 +302,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
             quantizer=cfg.quantizer, group_size=cfg.group_size, mlp_group=cfg.mlp_group),
             progress=_layer_progress(say))
         save_compressed(lm.model, model_dir, tokenizer=lm.tokenizer,
-                        extra={"base_model": model_id, "problem": problem.name})
+                        extra={"base_model": model_id, "problem": problem.name}, force=force)
         stages.record("compress", comp_inputs, time.perf_counter() - t)
         compressed = lm.model
     else:

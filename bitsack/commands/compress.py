@@ -27,7 +27,10 @@ def register(subparsers) -> None:
                    help="override the problem's group size (must match how it was profiled)")
     p.add_argument("--mlp-group", type=int, default=None, help="override the MLP block size")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
+                   "bitsack model folder (replaced atomically); anything else is refused")
+    p.add_argument("--force", action="store_true", help="replace --out even when it is a "
+                   "non-empty folder that is not a bitsack model (its contents are deleted)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -39,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from bitsack.solver.schema import load_problem
     from bitsack.solver.solution import load_solution
 
+    from bitsack.apply import is_model_dir
+    from bitsack.io import check_output_dir
+
+    # before any work: refuse an output folder we would destroy
+    check_output_dir(args.out, what="bitsack model folder", is_ours=is_model_dir,
+                     force=args.force)
     problem = load_problem(args.problem)
     solution = load_solution(args.solution)
     if solution.problem != problem.name:
@@ -74,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     usage = solution.certificate.usage.get("memory_bytes")
-    out = save_compressed(lm.model, args.out, tokenizer=lm.tokenizer, extra={
+    out = save_compressed(lm.model, args.out, tokenizer=lm.tokenizer, force=args.force, extra={
         "base_model": lm.source, "problem": problem.name, "solution_status": solution.status,
         "calibration": None if calib is None else {"spec": args.calib, "nsamples": args.nsamples,
                                                    "seqlen": args.seqlen, "seed": args.seed},

@@ -93,6 +93,8 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--force", action="store_true", help="write into --out even when it is a "
+                   "non-empty folder that is not a bitsack run directory")
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str):
@@ -124,7 +126,8 @@ def execute(cfg, args: argparse.Namespace) -> int:
         if not quiet:
             print(f"[{time.monotonic() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    summary = run_pipeline(cfg, progress=say, bars=not quiet and sys.stderr.isatty())
+    summary = run_pipeline(cfg, progress=say, bars=not quiet and sys.stderr.isatty(),
+                           force=args.force)
     if args.json:
         print(json.dumps({"schema": RUN_SCHEMA, **asdict(summary)}, indent=2, default=str))
         return 0
