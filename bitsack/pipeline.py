@@ -189,6 +189,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
     )
     from bitsack.data import calibration_tokens, eval_tokens
     from bitsack.evaluate import perplexity
+    from bitsack.io import check_output_dir
     from bitsack.models import model_units
     from bitsack.models.loading import load_model
     from bitsack.solver import solve
@@ -201,8 +202,6 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
         without_option,
     )
     from bitsack.solver.solution import Solution, load_solution
-
-    from bitsack.io import check_output_dir
 
     say = progress or (lambda msg: None)
     out = check_output_dir(cfg.out, what="bitsack run directory", is_ours=is_run_dir,

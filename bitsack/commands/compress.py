@@ -36,14 +36,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitsack.apply import ApplyConfig, compress, plan_from_solution, save_compressed
+    from bitsack.apply import (
+        ApplyConfig,
+        compress,
+        is_model_dir,
+        plan_from_solution,
+        save_compressed,
+    )
     from bitsack.errors import ValidationError
+    from bitsack.io import check_output_dir
     from bitsack.models.loading import load_model
     from bitsack.solver.schema import load_problem
     from bitsack.solver.solution import load_solution
-
-    from bitsack.apply import is_model_dir
-    from bitsack.io import check_output_dir
 
     # before any work: refuse an output folder we would destroy
     check_output_dir(args.out, what="bitsack model folder", is_ours=is_model_dir,
