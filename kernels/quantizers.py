@@ -41,6 +41,7 @@ import torch
 
 from bitsack.errors import NumericalError, ValidationError
 from bitsack.kernels.formats import check_bits
+from bitsack.kernels.hessian import Hessian
 
 __all__ = [
     "GPTQ",
@@ -337,9 +338,10 @@ class GPTQResult:
 class GPTQ:
     """GPTQ for one linear layer ``y = W x`` (Frantar et al. 2022, Algorithm 1).
 
-    Feed calibration inputs with ``add_batch``; it accumulates ``H = 2XXᵀ/n`` in float64 over
-    the n input vectors seen. ``quantize`` then runs the column-by-column algorithm with lazy
-    block updates on a copy of the weight, in float64.
+    Feed calibration inputs with ``add_batch``; it accumulates ``H = 2XXᵀ/n`` over the n input
+    vectors seen in a ``Hessian`` (``self.hessian``: float64 sum of float32 batch products),
+    or give a finished ``Hessian`` / matrix to ``from_hessian``. ``quantize`` then runs the
+    column-by-column algorithm with lazy block updates on a copy of the weight, in float64.
 
     Args:
         columns: the layer's input features (columns of W).
@@ -347,35 +349,60 @@ class GPTQ:
     """
 
     def __init__(self, columns: int, device: torch.device | str | None = None):
-        if isinstance(columns, bool) or not isinstance(columns, int) or columns <= 0:
-            raise ValidationError("columns", f"{columns!r}; valid: a positive integer")
+        self.hessian = Hessian(columns, device)
         self.columns = columns
-        self.H = torch.zeros((columns, columns), dtype=torch.float64, device=device)
-        self.nsamples = 0
+        self._H: torch.Tensor | None = None  # a fixed H given to from_hessian
+        self._H_cache: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def H(self) -> torch.Tensor:
+        """``2XXᵀ/n`` (float64): the given matrix, or the accumulator's current ``matrix()``."""
+        if self._H is not None:
+            return self._H
+        n = self.hessian.n
+        if n <= 0:
+            return torch.zeros_like(self.hessian.S)
+        if self._H_cache is None or self._H_cache[0] != n:
+            self._H_cache = (n, self.hessian.matrix())
+        return self._H_cache[1]
+
+    @property
+    def nsamples(self) -> int:
+        """Input vectors behind ``H`` (as given to ``from_hessian`` for a fixed matrix)."""
+        return self._nsamples if self._H is not None else self.hessian.n
 
     @classmethod
-    def from_hessian(cls, H: torch.Tensor, nsamples: int = 1) -> GPTQ:
-        """A GPTQ whose Hessian ``2XXᵀ/n`` was accumulated elsewhere."""
-        if H.dim() != 2 or H.shape[0] != H.shape[1]:
-            raise ValidationError("hessian", f"shape {tuple(H.shape)}; valid: square [cols, cols]")
+    def from_hessian(cls, H: torch.Tensor | Hessian, nsamples: int = 1) -> GPTQ:
+        """A GPTQ whose Hessian was accumulated elsewhere.
+
+        Args:
+            H: a ``Hessian`` accumulator (used as is, not copied: ``quantize`` only reads it),
+                or the matrix ``2XXᵀ/n`` itself (copied to float64).
+            nsamples: for a matrix, how many input vectors it came from (informational).
+        """
+        if isinstance(H, Hessian):
+            obj = cls(H.columns, device=H.S.device)
+            obj.hessian = H
+            return obj
+        if not isinstance(H, torch.Tensor) or H.dim() != 2 or H.shape[0] != H.shape[1]:
+            shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+            raise ValidationError("hessian", f"shape {shape}; valid: square [cols, cols] or a "
+                                  "Hessian")
         obj = cls(int(H.shape[0]), device=H.device)
-        obj.H = H.detach().to(torch.float64).clone()
-        obj.nsamples = int(nsamples)
+        obj._H = H.detach().to(torch.float64).clone()
+        obj._nsamples = int(nsamples)
         return obj
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Add calibration inputs ``x[..., columns]`` (every leading index is one sample)."""
-        if x.shape[-1] != self.columns:
-            raise ValidationError("x", f"last dim {x.shape[-1]}; valid: {self.columns} "
-                                  "(the layer's input features)")
-        x = x.detach().reshape(-1, self.columns).to(device=self.H.device, dtype=torch.float64)
-        m = x.shape[0]
-        if m == 0:
-            return
-        # Running mean: H_n = (n_old·H_old + 2·XᵀX) / n, kept normalized so it never overflows.
-        self.H *= self.nsamples / (self.nsamples + m)
-        self.nsamples += m
-        self.H += (2.0 / self.nsamples) * (x.T @ x)
+        """Add calibration inputs ``x[..., columns]`` (every leading index is one sample).
+
+        Delegates to ``self.hessian`` (``bitsack.kernels.hessian.Hessian``: float64 running
+        sum of float32 batch products).
+        """
+        if self._H is not None:
+            raise ValidationError("add_batch", "this GPTQ holds a fixed Hessian matrix "
+                                  "(from_hessian); valid: add to a Hessian accumulator instead")
+        self.hessian.add(x)
 
     def _inverse_cholesky(self, H: torch.Tensor, damp: float, max_escalations: int
                           ) -> tuple[torch.Tensor, float]:
