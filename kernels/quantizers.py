@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import torch
 
 from bitsack.errors import NumericalError, ValidationError
-from bitsack.kernels.formats import check_bits
+from bitsack.kernels.formats import check_bits, check_group_size, num_groups
 from bitsack.kernels.hessian import Hessian
 
 __all__ = [
@@ -72,23 +72,28 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
     Args:
         codes: integer codes ``[rows, cols]`` (any integer dtype).
-        scale: fp16 ``[rows, cols // group_size]``.
-        zero: fp16 ``[rows, cols // group_size]``.
-        group_size: columns per group.
+        scale: fp16 ``[rows, ceil(cols / group_size)]``.
+        zero: fp16 ``[rows, ceil(cols / group_size)]``.
+        group_size: columns per group (the last group may be shorter).
         dtype: dtype of the result; the arithmetic is fp32 whatever ``dtype`` is.
 
     Returns:
         The dequantized weight ``[rows, cols]`` in ``dtype``.
     """
     rows, cols = codes.shape
-    ngroups = cols // group_size
+    full = cols // group_size  # whole groups; a ragged tail group follows when cols % G
     q = codes.to(torch.float32)
     if q.data_ptr() == codes.data_ptr():
         q = q.clone()  # codes were fp32 already: never modify the caller's tensor
-    q = q.reshape(rows, ngroups, group_size)
+    s32, z32 = scale.to(torch.float32), zero.to(torch.float32)
     # In place (one fp32 buffer instead of three); (q − z)·s is the same fp32 value as s·(q − z).
-    q.sub_(zero.to(torch.float32).unsqueeze(-1)).mul_(scale.to(torch.float32).unsqueeze(-1))
-    return q.reshape(rows, cols).to(dtype)
+    if full:
+        body = q[:, :full * group_size].view(rows, full, group_size)
+        body.sub_(z32[:, :full].unsqueeze(-1)).mul_(s32[:, :full].unsqueeze(-1))
+    if full * group_size < cols:
+        tail = q[:, full * group_size:]
+        tail.sub_(z32[:, full:full + 1]).mul_(s32[:, full:full + 1])
+    return q.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -97,10 +102,11 @@ class QuantizedTensor:
 
     Attributes:
         codes: uint8 ``[rows, cols]``, values in ``[0, 2**bits − 1]``.
-        scale: fp16 ``[rows, cols // group_size]``.
-        zero: fp16 ``[rows, cols // group_size]``.
+        scale: fp16 ``[rows, ceil(cols / group_size)]``.
+        zero: fp16 ``[rows, ceil(cols / group_size)]``.
         bits: 1..8.
-        group_size: columns per group; divides ``cols``.
+        group_size: columns per group; group g covers columns
+            ``[g·group_size, min((g+1)·group_size, cols))`` (the last may be shorter).
     """
 
     codes: torch.Tensor
@@ -116,7 +122,7 @@ class QuantizedTensor:
                                   f"{tuple(self.codes.shape)}; valid: uint8 [rows, cols]")
         rows, cols = self.codes.shape
         _check_group_size(self.group_size, cols)
-        want = (rows, cols // self.group_size)
+        want = (rows, num_groups(cols, self.group_size))
         for name in ("scale", "zero"):
             t = getattr(self, name)
             if tuple(t.shape) != want or t.dtype != torch.float16:
@@ -137,12 +143,9 @@ class QuantizedTensor:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_group_size(group_size: Any, cols: int) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 \
-            or cols % group_size:
-        raise ValidationError("group_size", f"{group_size!r} does not divide the {cols} "
-                              f"columns; valid: a positive divisor of {cols}")
-    return group_size
+def _check_group_size(group_size: Any, cols: int | None = None) -> int:
+    """A positive integer group size (any: a group size need not divide the columns)."""
+    return check_group_size(group_size)
 
 
 def _check_weight(w: Any, name: str = "w") -> torch.Tensor:
@@ -208,24 +211,40 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor
     Args:
         w: ``[rows, cols]`` weight (``[out_features, in_features]``), any float dtype, finite.
         bits: 1..8.
-        group_size: columns per group; must divide ``cols``.
+        group_size: columns per group, any positive integer; when it does not divide
+            ``cols`` the last group is shorter and has its own min-max parameters.
 
     Returns:
         The ``QuantizedTensor`` on ``w``'s device.
 
     Raises:
-        ValidationError: bits out of range, group_size not a divisor of cols, w not a finite
+        ValidationError: bits out of range, group_size not a positive integer, w not a finite
             2-D float tensor, or a group too wide for an fp16 scale.
     """
     bits = check_bits(bits)
     w = _check_weight(w)
     rows, cols = w.shape
-    _check_group_size(group_size, cols)
+    g = _check_group_size(group_size, cols)
     maxq = (1 << bits) - 1
-    x = w.detach().to(torch.float64).reshape(rows, cols // group_size, group_size)
-    scale, zero = minmax_params(x, maxq)
-    q = _codes(x, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq)
-    return QuantizedTensor(q.reshape(rows, cols).to(torch.uint8), scale, zero, bits, group_size)
+    x = w.detach().to(torch.float64)
+    full = cols // g
+    scales, zeros, codes = [], [], []
+    if full:
+        body = x[:, :full * g].reshape(rows, full, g)
+        s, z = minmax_params(body, maxq)
+        scales.append(s)
+        zeros.append(z)
+        codes.append(_codes(body, s.unsqueeze(-1), z.unsqueeze(-1), maxq).reshape(rows, -1))
+    if full * g < cols:  # the short last group
+        tail = x[:, full * g:].unsqueeze(1)
+        s, z = minmax_params(tail, maxq)
+        scales.append(s)
+        zeros.append(z)
+        codes.append(_codes(tail, s.unsqueeze(-1), z.unsqueeze(-1), maxq).reshape(rows, -1))
+    q = torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
+    scale = torch.cat(scales, dim=1) if len(scales) > 1 else scales[0]
+    zero = torch.cat(zeros, dim=1) if len(zeros) > 1 else zeros[0]
+    return QuantizedTensor(q.to(torch.uint8), scale, zero, bits, g)
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,14 +326,14 @@ class GPTQResult:
         if not 0 <= start < stop <= n:
             raise ValidationError("start:stop", f"{start}:{stop} is not a non-empty range "
                                   f"inside 0:{n}")
-        if axis == 1 and (start % g or stop % g):
+        if axis == 1 and (start % g or (stop % g and stop != cols)):
             raise ValidationError("start:stop", f"{start}:{stop} is not on group boundaries; "
                                   f"valid: multiples of group_size {g}")
         if axis == 0:
             sl_rows, sl_cols, sl_groups = slice(start, stop), slice(None), slice(None)
         else:
-            sl_rows, sl_cols, sl_groups = slice(None), slice(start, stop), slice(start // g,
-                                                                                  stop // g)
+            sl_rows, sl_cols = slice(None), slice(start, stop)
+            sl_groups = slice(start // g, num_groups(stop, g))
         bmap = self.bits[sl_rows, sl_groups]
         values = torch.unique(bmap).tolist()
         if len(values) != 1:
@@ -464,7 +483,7 @@ class GPTQ:
         if not bool(torch.isfinite(self.H).all()):
             raise NumericalError("hessian: H holds NaN or infinite values")
         dev = self.H.device
-        ngroups = cols // g
+        ngroups = num_groups(cols, g)
         bmap = _bits_map(bits, rows, ngroups, bits_axis, dev)
         is16 = bmap == 16
         maxq = torch.where(is16, torch.zeros_like(bmap), (1 << bmap.clamp(max=8)) - 1)

@@ -30,20 +30,27 @@ def _weights(seed: int, rows: int, cols: int, log_mag: float, offset: float = 0.
 
 
 @settings(max_examples=120, deadline=None)
-@given(bits=st.sampled_from(BITS), rows=st.integers(1, 6), ngroups=st.integers(1, 4),
-       group_size=st.sampled_from([1, 3, 8, 32, 40]), log_mag=st.floats(-6, 3),
+@given(bits=st.sampled_from(BITS), rows=st.integers(1, 6), cols=st.integers(1, 170),
+       group_size=st.sampled_from([1, 3, 8, 32, 40, 64, 128]), log_mag=st.floats(-6, 3),
        offset=st.sampled_from([0.0, 3.0, -50.0]), xlog=st.floats(-4, 4),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        seed=st.integers(0, 2**32 - 1))
-def test_rtn_within_bound_of_unquantized(bits, rows, ngroups, group_size, log_mag, offset,
+def test_rtn_within_bound_of_unquantized(bits, rows, cols, group_size, log_mag, offset,
                                          xlog, dtype, seed):
-    cols = ngroups * group_size
+    # any width: the last group is short when group_size does not divide cols
     w = _weights(seed, rows, cols, log_mag, offset, dtype)
     qt = rtn_quantize(w, bits, group_size)
+    assert qt.scale.shape == (rows, -(-cols // group_size))
     w64 = w.to(torch.float64)
     what = qt.dequantize(torch.float64)
+    # each group's parameters are the min-max of its own columns (the short one's too)
+    for gi in range(qt.scale.shape[1]):
+        ref = rtn_quantize(w[:, gi * group_size:(gi + 1) * group_size].contiguous(), bits,
+                           group_size)
+        assert torch.equal(ref.scale[:, 0], qt.scale[:, gi])
+        assert torch.equal(ref.codes, qt.codes[:, gi * group_size:(gi + 1) * group_size])
     # per element: |ŵ − w| ≤ s/2 (stored scale) up to RTN_SLACK
-    s = qt.scale.to(torch.float64).repeat_interleave(group_size, dim=1)
+    s = qt.scale.to(torch.float64).repeat_interleave(group_size, dim=1)[:, :cols]
     assert bool(((what - w64).abs() <= s / 2 * RTN_SLACK).all())
     # per output, against any input: the documented bound
     rng = np.random.default_rng(seed + 1)
@@ -66,6 +73,30 @@ def test_rtn_worked_example():
     assert qt.codes.tolist() == [[0, 1, 2, 3]]
     assert qt.scale.tolist() == [[1.0]] and qt.zero.tolist() == [[1.0]]
     assert qt.dequantize().tolist() == [[-1.0, 0.0, 1.0, 2.0]]
+
+
+def test_rtn_worked_example_ragged_last_group():
+    # 6 columns at group size 4: groups [0, 4) and the short [4, 6), each with its own
+    # parameters. Group 0 = [-1, 0, 0.5, 2] as above. Group 1 = [0.25, 1.0] at 2 bits: range
+    # [0, 1] (0 is always in range), s = 1/3 rounded up to fp16 = 0.333496…(0x3556),
+    # z = round(0/s) = 0, q = round([0.25, 1.0]/s) = [round(0.7496), round(2.9985)] = [1, 3].
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0, 0.25, 1.0]])
+    qt = rtn_quantize(w, 2, 4)
+    s1 = torch.tensor([0x3556], dtype=torch.int16).view(torch.float16)
+    assert qt.scale.shape == (1, 2) and qt.zero.tolist() == [[1.0, 0.0]]
+    assert torch.equal(qt.scale[0, 1:], s1)
+    assert qt.codes.tolist() == [[0, 1, 2, 3, 1, 3]]
+    s = float(s1)
+    assert qt.dequantize().tolist() == [[-1.0, 0.0, 1.0, 2.0, s, 3 * s]]
+    # the same numbers through the packed layer and the reference backend
+    from bitsack.kernels.backends import reference_weight
+    from bitsack.kernels.packed import PackedLinear
+
+    layer = PackedLinear.from_quantized([qt], 0)
+    assert layer.segments[0].scale.shape == (1, 2)
+    # packed bits (independent of the grouping): 0 | 1<<2 | 2<<4 | 3<<6 | 1<<8 | 3<<10
+    assert layer.segments[0].qdata.view(torch.int32).tolist() == [[0xDE4]]
+    assert torch.equal(torch.from_numpy(reference_weight(layer)).float(), qt.dequantize())
 
 
 def test_scale_rounded_up_to_fp16():
@@ -91,8 +122,8 @@ def test_degenerate_groups():
 
 def test_rtn_errors():
     w = torch.randn(4, 12)
-    with pytest.raises(ValidationError, match=r"group_size: 5 does not divide the 12 columns"):
-        rtn_quantize(w, 4, 5)
+    with pytest.raises(ValidationError, match=r"group_size: 0; valid: a positive integer"):
+        rtn_quantize(w, 4, 0)
     with pytest.raises(ValidationError, match=r"bits: 0 has no packed layout; valid: 1\.\.8"):
         rtn_quantize(w, 0, 4)
     with pytest.raises(ValidationError, match=r"bits: 16 has no packed layout; valid: 1\.\.8"):
