@@ -75,10 +75,12 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     """Exact bytes of a ``rows × cols`` segment packed at ``bits`` with ``group_size`` groups.
 
     ``rows · ceil(bits·cols/32) · 4`` bytes of words plus ``4`` bytes (fp16 scale + zero) per
-    group; 16 bits is fp16, ``2·rows·cols``; 0 bits (pruned) is 0.
+    group, a row holding ``ceil(cols/group_size)`` groups (the last one shorter when
+    ``group_size`` does not divide ``cols``); 16 bits is fp16, ``2·rows·cols``; 0 bits
+    (pruned) is 0.
 
     Raises:
-        ValueError: bits not in 0..16, or ``group_size`` does not divide ``cols``
+        ValueError: bits not in 0..8 or 16, or ``group_size`` not a positive integer
             (a ``bitsack.errors.ValidationError``, which is a ``ValueError``).
     """
     if bits == 0:
@@ -87,10 +89,12 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
         return 2 * rows * cols
     if not 1 <= bits <= 8:
         raise ValidationError("bits", f"{bits} has no packed layout; valid: 1..8 or 16")
-    if group_size <= 0 or cols % group_size:
-        raise ValidationError("group_size", f"{group_size} does not divide the {cols} columns; "
-                              f"valid: a positive divisor of {cols}")
-    return rows * words_per_row(cols, bits) * 4 + rows * (cols // group_size) * GROUP_META_BYTES
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+            or group_size <= 0:
+        raise ValidationError("group_size", f"{group_size!r} is not a positive integer; valid: "
+                              "columns per group, >= 1")
+    groups = -(-cols // int(group_size))
+    return rows * words_per_row(cols, bits) * 4 + rows * groups * GROUP_META_BYTES
 
 
 # --------------------------------------------------------------------------------------------
