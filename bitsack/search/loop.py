@@ -147,7 +147,7 @@ class Stitcher:
             unit = self.units[uid]
             for s in unit.slices:
                 name = module_name(s.param)
-                src = self.store.dense(self._store_name(name), choice)
+                src = self.store.dense(self.store.stored_name(name), choice)
                 dst = self.params[s.param]
                 view = dst.data.T if s.transposed else dst.data
                 idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
@@ -159,10 +159,6 @@ class Stitcher:
             elif first is not None:
                 first = min(first, unit.layer)
         return first
-
-    def _store_name(self, name: str) -> str:
-        return name if name in self.store.variants else \
-            next((e for e, h in self.store.tied.items() if h == name), name)
 
     def _is_input(self, unit) -> bool:
         emb = self.model.get_input_embeddings()
@@ -316,16 +312,14 @@ class Search:
                 delta = paired.mean
                 if rng is not None and math.isfinite(paired.se):
                     delta += float(rng.normal(0.0, paired.se))
-                weight = sum(self.params[u] for u in moved)
-                moves[d] = (delta, moved, weight)
+                moves[d] = (delta, moved, self.shares(moved))
             for uid in members:
                 cur = self.plan[uid]
                 opts = [Option(cur.option_id, 0.0, self._cost(uid, cur, False))]
-                for _, (delta, moved, weight) in moves.items():
+                for _, (delta, moved, share) in moves.items():
                     if uid in moved:
-                        to = moved[uid]
-                        opts.append(Option(to.option_id, delta * self.params[uid] / weight,
-                                           self._cost(uid, to, True)))
+                        opts.append(Option(moved[uid].option_id, delta * share[uid],
+                                           self._cost(uid, moved[uid], True)))
                 units.append(Unit(uid, tuple(opts), params=self.params[uid]))
         resources = tuple(Resource(r, lim) for r, lim in self.limits.items()) + \
             (Resource("changes", float(k)),)
@@ -339,6 +333,19 @@ class Search:
             if oid != self.plan[uid].option_id:
                 changes[uid] = self._choice(oid)
         return changes, float(sol.objective), _cert(sol)
+
+    def shares(self, moved: Mapping[str, Choice]) -> dict[str, float]:
+        """How a group move's measured Δ splits over its units: by how much each unit's
+        weights change (``|err(current) − err(new)|``, ``VariantStore.error``), so a unit
+        whose quantization error is large carries most of the group's effect; by parameters
+        when no unit's error changes."""
+        w = {u: abs(self.store.error(self.stitch.units[u], self.plan[u])
+                    - self.store.error(self.stitch.units[u], c)) for u, c in moved.items()}
+        total = sum(w.values())
+        if not total > 0:
+            w = {u: float(self.params[u]) for u in moved}
+            total = sum(w.values())
+        return {u: v / total for u, v in w.items()}
 
     def _cost(self, uid: str, c: Choice, moved: bool) -> dict[str, float]:
         out = dict(self.unit_costs[uid][c.option_id])

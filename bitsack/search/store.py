@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,14 +159,20 @@ class VariantStore:
         self.root = Path(root) if root is not None else None
         self.variants: dict[str, dict[Choice, tuple[Piece, ...]]] = {}
         self.tied: dict[str, str] = {}
-        self._dense: dict[tuple[str, Choice], torch.Tensor] = {}
+        self._dense: OrderedDict[tuple[str, Choice], torch.Tensor] = OrderedDict()
+        self._errors: dict[tuple[str, Choice], float] = {}
 
     # ---- reading ----------------------------------------------------------------------
+    #: dequantized variants kept for reuse (least recently used dropped first)
+    DENSE_CACHE = 48
+
     def dense(self, name: str, choice: Choice) -> torch.Tensor:
         """The variant ``choice`` of module ``name`` dequantized, float32 ``[out, in]``
-        (zeros for prune); cached while the store lives."""
+        (zeros for prune); the most recently used ones are cached."""
         key = (name, choice)
-        if key not in self._dense:
+        if key in self._dense:
+            self._dense.move_to_end(key)
+        else:
             if choice.pruned:
                 ref = self.dense(name, FP16)
                 self._dense[key] = torch.zeros_like(ref)
@@ -176,7 +183,32 @@ class VariantStore:
                 pieces = self.variants[name][choice]
                 self._dense[key] = torch.cat([p.dense() for p in pieces],
                                              dim=pieces[0].axis)
+            while len(self._dense) > self.DENSE_CACHE:
+                self._dense.popitem(last=False)
         return self._dense[key]
+
+    def error(self, unit, choice: Choice) -> float:
+        """``Σ (ŵ − w)²`` over the unit's slices for variant ``choice`` (w: the fp16 weights;
+        prune: ŵ = 0) — how much the choice moves the unit's weights."""
+        from bitsack.plan import module_name
+
+        key = (unit.id, choice)
+        if key not in self._errors:
+            total = 0.0
+            for s in unit.slices:
+                name = self.stored_name(module_name(s.param))
+                idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
+                    (slice(None), slice(s.start, s.stop))
+                diff = self.dense(name, choice)[idx] - self.dense(name, FP16)[idx]
+                total += float(diff.double().square().sum())
+            self._errors[key] = total
+        return self._errors[key]
+
+    def stored_name(self, name: str) -> str:
+        """The module a variant of ``name`` is stored under (a tied head: its embedding)."""
+        if name in self.variants:
+            return name
+        return next((e for e, h in self.tied.items() if h == name), name)
 
     def part(self, name: str, choice: Choice, dim: int, start: int, stop: int) -> Any:
         """A unit's slice of variant ``choice`` of module ``name`` as stored: a
