@@ -1,8 +1,8 @@
 """``bitsack solve PROBLEM``: solve a problem file, print the plan and its certificate.
 
-Exit codes: 0 a solution is present (optimal or feasible), 2 infeasible / no solution in the
+Exit codes: 0 a solution is present (optimal or feasible), 3 infeasible / no solution in the
 limits (the explanation says which budget and the smallest limit that could be met), 1 bad
-input (one line on stderr, from ``bitsack.cli.main``).
+input, 2 usage error (one line on stderr, from ``bitsack.cli.main``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
+from bitsack.commands._args import GAP, SECONDS, SEED, THREADS, check_output_file
+from bitsack.errors import ExitCode
+
 if TYPE_CHECKING:
     from bitsack.solver.problem import Problem
     from bitsack.solver.solution import Solution
@@ -22,24 +25,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "solve", help="solve a problem file (YAML/JSON) and print the plan and certificate",
         description="Solve a bitsack problem: choose prune / b-bits per unit under the "
-        "budgets, with a certificate. Exit 0 with a solution, 2 without one, 1 on bad input.")
+        "budgets, with a certificate. Exit 0 with a solution, 3 without one (infeasible or none "
+        "within the limits), 1 on bad input, 2 on a usage error.")
     p.add_argument("problem", help="problem file (.yaml, .yml or .json)")
     add_solve_arguments(p)
     p.add_argument("--out", metavar="SOLUTION.json", help="write the solution JSON here")
     p.add_argument("--per-layer", action="store_true", help="also print the plan per layer")
-    p.add_argument("--json", action="store_true", help="print the solution as JSON")
-    p.add_argument("--quiet", action="store_true", help="print nothing (exit code only)")
+    p.add_argument("--json", action="store_true", help="print the solution as one JSON object "
+                   "(also when infeasible; errors as {\"error\": ...})")
+    p.add_argument("--quiet", action="store_true", help="print no text (exit code only); "
+                   "--json still prints its object")
     p.set_defaults(func=run)
 
 
 def add_solve_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by solve and pareto (they mirror ``SolveOptions`` and the budgets)."""
     p.add_argument("--solver", default="auto", help="backend name (default: auto)")
-    p.add_argument("--time-limit", type=float, metavar="S", help="wall-clock limit, seconds")
-    p.add_argument("--gap", type=float, metavar="G", help="relative gap tolerance "
-                   "(default 1e-4)")
-    p.add_argument("--seed", type=int, default=0, help="solver seed (default 0)")
-    p.add_argument("--threads", type=int, help="solver threads (backend default if unset)")
+    p.add_argument("--time-limit", type=SECONDS, metavar="S",
+                   help=f"wall-clock limit ({SECONDS.valid})")
+    p.add_argument("--gap", type=GAP, metavar="G", help="relative gap tolerance "
+                   f"(default 1e-4; {GAP.valid})")
+    p.add_argument("--seed", type=SEED, default=0, help="solver seed (default 0)")
+    p.add_argument("--threads", type=THREADS, help="solver threads (backend default if unset)")
     p.add_argument("--budget", action="append", default=[], metavar="RESOURCE=VALUE",
                    help="set (or with 'none' remove) a resource limit; repeatable")
     p.add_argument("--avg-bits", type=float, metavar="B",
@@ -135,17 +142,19 @@ def run(args: argparse.Namespace) -> int:
     from bitsack.solver import solve
     from bitsack.solver.schema import load_problem
 
+    if args.out:
+        check_output_file(args.out)  # before the solve, not after it
     problem = apply_budgets(load_problem(args.problem), args)
     options = solve_options(args)
     solution = solve(problem, args.solver, options)
     if args.out:
         write_json(args.out, solution.to_dict())
-    if args.json and not args.quiet:
+    if args.json:
         json.dump(solution.to_dict(), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     elif not args.quiet:
         print(summarize(problem, solution, per_layer=args.per_layer))
-    return 0 if solution.has_solution else 2
+    return ExitCode.OK if solution.has_solution else ExitCode.NO_SOLUTION
 
 
 def summarize(problem: Problem, solution: Solution, per_layer: bool = False) -> str:
