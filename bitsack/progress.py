@@ -3,11 +3,13 @@
 Three modes (``progress_mode`` picks one):
 
 - ``bar``: a tqdm bar on stderr (stderr is a terminal);
-- ``lines``: a plain, timestamped line at most every ``interval`` seconds (stderr is a file or a
-  pipe: a log then shows ``12:03:04 bitsack profile: quantize 120/450 matrix (27%), 3m10s
-  elapsed, ~8m left`` instead of nothing for half an hour). A heartbeat thread repeats the
-  latest state every ``interval`` seconds even when the stage reports nothing, and says for how
-  long nothing was reported, so progress, a slow step and a hang can be told apart;
+- ``lines``: a plain, timestamped line every ``interval`` seconds (stderr is a file or a pipe:
+  a log then shows ``2025-06-01 12:03:04 bitsack compress: 12/30 layers (40%), 3m10s elapsed,
+  ~4m45s left`` instead of nothing for half an hour). A heartbeat thread repeats the latest
+  state every ``interval`` seconds even when the stage reports nothing, and says for how long
+  nothing was reported, so progress, a slow step and a hang can be told apart. A stage shorter
+  than ``interval`` prints nothing (a refusal stays one line); one that printed ends with
+  ``done in …`` (or ``failed``/``interrupted``);
 - ``off``: nothing (``--quiet``, ``--json``).
 
 A ``Progress`` is also the ``(stage, done, total)`` callback that library stages accept
@@ -67,7 +69,8 @@ class Progress:
         total: expected count, if known (``update``/``set``/the callback may give it later).
         unit: what is counted (``layer``, ``window``).
         mode: ``bar``, ``lines`` or ``off`` (``progress_mode``).
-        interval: seconds between plain lines (``lines`` mode).
+        interval: seconds between plain lines (``lines`` mode; default
+            ``DEFAULT_INTERVAL``).
         stream: where to write (default stderr).
         heartbeat: in ``lines`` mode, a daemon thread prints the state every ``interval``
             seconds even without updates.
@@ -75,11 +78,12 @@ class Progress:
     """
 
     def __init__(self, desc: str, total: int | None = None, *, unit: str = "it",
-                 mode: Mode = "lines", interval: float = DEFAULT_INTERVAL,
+                 mode: Mode = "lines", interval: float | None = None,
                  stream: IO[str] | None = None, heartbeat: bool = True,
                  clock: Callable[[], float] = time.monotonic):
         if mode not in ("bar", "lines", "off"):
             raise ValueError(f"mode: {mode!r}; valid: bar, lines, off")
+        interval = DEFAULT_INTERVAL if interval is None else interval
         if not interval > 0:
             raise ValueError(f"interval: {interval!r}; valid: a positive number of seconds")
         self.desc, self.unit, self.mode, self.interval = desc, unit, mode, float(interval)
@@ -93,6 +97,7 @@ class Progress:
         self._last_line = self._start
         self._last_change = self._start
         self._closed = False
+        self._printed = False
         self._bar = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,7 +107,6 @@ class Progress:
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream,
                              dynamic_ncols=True, leave=False)
         elif mode == "lines":
-            self._emit(self._state("started"))
             if heartbeat:
                 self._thread = threading.Thread(target=self._beat, name=f"progress:{desc}",
                                                 daemon=True)
@@ -161,7 +165,7 @@ class Progress:
             self._thread.join(timeout=1.0)
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "lines":
+        elif self.mode == "lines" and self._printed:
             elapsed = format_duration(self.clock() - self._start)
             self._emit(f"{status} in {elapsed}")
 
@@ -180,7 +184,7 @@ class Progress:
     def _label(self) -> str:
         return f"{self.desc}: {self.stage_name}" if self.stage_name else self.desc
 
-    def _state(self, fallback: str = "running") -> str:
+    def _state(self) -> str:
         now = self.clock()
         parts = []
         # a library stage named like the unit ("layers" of layers) is said once
@@ -191,7 +195,7 @@ class Progress:
         elif self.done:
             parts.append(f"{prefix}{self.done} {self.unit}")
         else:
-            parts.append(self.stage_name or fallback)
+            parts.append(self.stage_name or "running")
         elapsed = now - self._start
         parts.append(f"{format_duration(elapsed)} elapsed")
         if self.total and 0 < self.done < self.total:
@@ -203,6 +207,7 @@ class Progress:
         return ", ".join(parts)
 
     def _emit(self, text: str) -> None:
+        self._printed = True
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         try:
             self.stream.write(f"{stamp} {self.desc}: {text}\n")
@@ -210,17 +215,17 @@ class Progress:
         except (OSError, ValueError):  # a closed log must not end the work it reports on
             pass
 
-    def _maybe_line(self, force: bool = False) -> None:
+    def _maybe_line(self) -> None:
         if self.mode != "lines" or self._closed:
             return
         with self._lock:
             now = self.clock()
-            if not force and now - self._last_line < self.interval:
+            if now - self._last_line < self.interval:
                 return
             self._last_line = now
             text = self._state()
         self._emit(text)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval / 4):
+        while not self._stop.wait(max(self.interval / 4, 0.01)):
             self._maybe_line()

@@ -64,7 +64,7 @@ def test_help_and_readme_carry_the_same_exit_code_table(capsys):
 
 
 # ---- every command: --json and help strings --------------------------------------------------
-@pytest.mark.parametrize("name", sorted(set(subcommands()) - REWRITING))
+@pytest.mark.parametrize("name", sorted(subcommands()))
 def test_every_command_has_json(name):
     flags = {s for a in subcommands()[name]._actions for s in a.option_strings}
     assert "--json" in flags and "--debug" in flags
@@ -90,7 +90,7 @@ def test_usage_error_is_one_line_naming_the_flag(capsys):
     assert code == ExitCode.USAGE and out == ""
     line = one_line(err)
     assert line.startswith("bitsack solve: error: argument --time-limit: '1e308' is out of range")
-    assert "valid: seconds in (0, 1e+06]" in line and "bitsack solve --help" in line
+    assert "valid: seconds in (0, 1e+07]" in line and "bitsack solve --help" in line
 
 
 def test_unknown_flag_blames_the_command_not_bitsack(capsys):
@@ -121,8 +121,8 @@ def test_out_naming_a_folder_is_refused_before_the_work(capsys, tmp_path, monkey
     monkeypatch.setattr("bitsack.solver.solve", lambda *a, **k: pytest.fail("solved"))
     code, _, err = cli(capsys, "solve", HAND, "--out", str(tmp_path))
     assert code == ExitCode.BAD_INPUT
-    assert one_line(err) == (f"bitsack solve: error: --out: {str(tmp_path)!r} is a folder; "
-                             "valid: the path of a file to write")
+    assert one_line(err).startswith(f"bitsack solve: error: --out: {str(tmp_path)!r} is a "
+                                    "folder; valid: a file path")
     code, _, err = cli(capsys, "generate", "--out", str(tmp_path))
     assert code == ExitCode.BAD_INPUT and "--out" in one_line(err)
 

@@ -10,8 +10,10 @@ Every validator carries ``.valid``, the phrase describing its range, for help st
     p.add_argument("--time-limit", type=SECONDS, help=f"wall-clock limit ({SECONDS.valid})")
 
 Ranges checked here are the flag's own (a count is positive, a fraction lies in (0, 1], a
-duration is finite). Checks that need the input (a group size that must divide the model's
-widths, a budget below the least usage) stay in the library, which raises
+duration is finite); where a library states a range (``bitsack.solver.numeric``,
+``bitsack.solver.budget``, ``bitsack.solver.generate.ARG_RANGES``) the validator uses that
+constant, so there is one source. Checks that need the input (a group size that must divide the
+model's widths, a ``--budget`` resource the problem lacks) stay in the library, which raises
 ``bitsack.errors.ValidationError`` (exit 1).
 """
 
@@ -22,10 +24,11 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from bitsack.solver.budget import MAX_AVG_BITS
+from bitsack.solver.numeric import MAX_SEED, MAX_THREADS, MAX_TIME_LIMIT_S
+
 #: Largest integer any count flag accepts (int32, what tensor indices and most solvers take).
 MAX_INT = 2**31 - 1
-#: Longest solver time limit: about 11.6 days. Beyond it OR-Tools' durations overflow.
-MAX_SECONDS = 1e6
 
 
 class Validator:
@@ -37,6 +40,8 @@ class Validator:
         self.__name__ = name  # argparse names a type by __name__ in its fallback messages
 
     def __call__(self, text: str) -> Any:
+        if not isinstance(text, str):  # a non-text default passes through argparse as is
+            text = str(text)
         return self._convert(text)
 
     def __repr__(self) -> str:
@@ -137,7 +142,11 @@ def int_list(lo: int, hi: int, *, extra: Iterable[int] = (), what: str = "intege
             raise argparse.ArgumentTypeError(f"{_shown(text)} is empty; valid: {valid}")
         out = []
         for part in parts:
-            value = _parse_int(part, valid)
+            try:
+                value = int(part)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{_shown(part)} in {_shown(text)} is not an "
+                                                 f"integer; valid: {valid}") from None
             if not (lo <= value <= hi or value in allowed_extra):
                 raise argparse.ArgumentTypeError(f"{_shown(part)} in {_shown(text)} is out of "
                                                  f"range; valid: {valid}")
@@ -155,12 +164,27 @@ def name_list(choices: Iterable[str]) -> Validator:
     def convert(text: str) -> list[str]:
         parts = [p.strip() for p in text.split(",") if p.strip()]
         bad = [p for p in parts if p not in allowed]
-        if bad or not parts:
-            shown = _shown(bad[0]) if bad else _shown(text)
-            raise argparse.ArgumentTypeError(f"{shown} is not valid; valid: {valid}")
+        if bad:
+            raise argparse.ArgumentTypeError(f"{_shown(bad[0])} in {_shown(text)} is not "
+                                             f"valid; valid: {valid}")
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{_shown(text)} is empty; valid: {valid}")
         return parts
 
     return Validator(convert, valid, "name_list")
+
+
+def deferred(make: Callable[[], Validator], name: str = "deferred") -> Validator:
+    """A validator built on first use: for ranges that live in a module too heavy to import
+    while the parser is built (``bitsack --help`` stays fast). Its ``.valid`` is generic."""
+    built: list[Validator] = []
+
+    def convert(text: str) -> Any:
+        if not built:
+            built.append(make())
+        return built[0](text)
+
+    return Validator(convert, "see the error message for the range", name)
 
 
 # ---- the validators the commands share ------------------------------------------------------
@@ -168,16 +192,18 @@ def name_list(choices: Iterable[str]) -> Validator:
 POSITIVE_INT = integer(1, what="a positive integer")
 #: A count where 0 has a meaning (rank 0 = no interactions; sample 0 = all).
 NONNEG_INT = integer(0, what="an integer")
-#: A random seed: numpy's legacy generators take 32-bit seeds.
-SEED = integer(0, 2**32 - 1, what="a seed")
+#: A random seed (the solvers take 32-bit signed seeds; numpy and torch take them too).
+SEED = integer(0, MAX_SEED, what="a seed")
 #: Tokens per sequence or window: one prediction needs two tokens.
 SEQLEN = integer(2, 2**20, what="a number of tokens")
 #: A quantization group size or MLP block (the model's widths are checked later).
 GROUP = integer(1, 2**16, what="a positive integer")
 #: Solver threads.
-THREADS = integer(1, 1024, what="a number of threads")
+THREADS = integer(1, MAX_THREADS, what="a number of threads")
 #: A wall-clock limit in seconds.
-SECONDS = real(0, MAX_SECONDS, lo_open=True, what="seconds")
+SECONDS = real(0, MAX_TIME_LIMIT_S, lo_open=True, what="seconds")
+#: A memory budget in bits per original weight.
+AVG_BITS = real(0, MAX_AVG_BITS, lo_open=True, what="bits per weight")
 #: A share of something, zero excluded.
 FRACTION = real(0, 1, lo_open=True, what="a fraction")
 #: A relative optimality gap.
@@ -187,17 +213,3 @@ BITS_LIST = int_list(1, 8, extra=(16,), what="bit-widths")
 #: Model dtypes the loaders accept.
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
-
-def check_output_file(path: str, flag: str = "--out") -> None:
-    """Refuse an output file path that names an existing folder (it would fail after the work,
-    with an OS error instead of a message naming the flag).
-
-    Raises:
-        bitsack.errors.ValidationError: ``path`` is a folder.
-    """
-    import os
-
-    from bitsack.errors import ValidationError
-
-    if os.path.isdir(path):
-        raise ValidationError(flag, f"{path!r} is a folder; valid: the path of a file to write")

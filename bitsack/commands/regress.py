@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: problems)")
     p.add_argument("--solver", nargs="+", metavar="NAME", help="only these backends")
     p.add_argument("--update", action="store_true", help="rewrite the goldens (deliberately)")
-    p.add_argument("--time-limit", type=SECONDS, default=120.0, metavar="S",
+    p.add_argument("--time-limit", default="120", metavar="S", type=SECONDS,
                    help=f"per solve (default 120; {SECONDS.valid})")
     p.add_argument("--json", action="store_true", help="print the outcomes as one JSON object")
     p.add_argument("--quiet", action="store_true", help="print failures only")
@@ -135,7 +135,11 @@ def regress(root: str, solvers: list[str] | None = None, update: bool = False,
 
 
 def run(args: argparse.Namespace) -> int:
-    outcomes = regress(args.dir, args.solver, args.update, args.time_limit,
+    from bitsack.commands.solve import number
+    from bitsack.solver.numeric import MAX_TIME_LIMIT_S
+
+    time_limit = number(args.time_limit, "--time-limit", 0, MAX_TIME_LIMIT_S, lo_open=True)
+    outcomes = regress(args.dir, args.solver, args.update, time_limit,
                        progress=sys.stderr.isatty() and not (args.json or args.quiet))
     failed = [o for o in outcomes if o.result == "FAIL"]
     if args.json:
