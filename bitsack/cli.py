@@ -177,18 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(prog, ExitCode.BAD_INPUT, "error", str(exc), json_out=json_out,
                        kind=type(exc).__name__,
                        field=None if exc.filename is None else str(exc.filename))
-    except MemoryError:
-        if debug:
-            traceback.print_exc()
-        return _report(prog, ExitCode.INTERNAL, "internal error", "out of memory "
-                       "(MemoryError); rerun with --debug for the traceback", json_out=json_out,
-                       kind="MemoryError")
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 5
         if debug:
             traceback.print_exc()
+        what = ("out of memory (MemoryError)" if isinstance(exc, MemoryError)
+                else f"{type(exc).__name__}: {exc}")
         hint = "" if debug else "; rerun with --debug for the traceback"
-        return _report(prog, ExitCode.INTERNAL, "internal error", f"{type(exc).__name__}: "
-                       f"{exc}{hint}", json_out=json_out, kind=type(exc).__name__)
+        return _report(prog, ExitCode.INTERNAL, "internal error", what + hint,
+                       json_out=json_out, kind=type(exc).__name__)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,7 +68,8 @@ class Progress:
         desc: who is working, printed first (``bitsack profile``).
         total: expected count, if known (``update``/``set``/the callback may give it later).
         unit: what is counted (``layer``, ``window``).
-        mode: ``bar``, ``lines`` or ``off`` (``progress_mode``).
+        mode: ``bar``, ``lines`` or ``off``; default ``progress_mode(stream=stream)``
+            (the command passes ``progress_mode(quiet=args.json or args.quiet)``).
         interval: seconds between plain lines (``lines`` mode; default
             ``DEFAULT_INTERVAL``).
         stream: where to write (default stderr).
@@ -78,9 +79,10 @@ class Progress:
     """
 
     def __init__(self, desc: str, total: int | None = None, *, unit: str = "it",
-                 mode: Mode = "lines", interval: float | None = None,
+                 mode: Mode | None = None, interval: float | None = None,
                  stream: IO[str] | None = None, heartbeat: bool = True,
                  clock: Callable[[], float] = time.monotonic):
+        mode = progress_mode(stream=stream) if mode is None else mode
         if mode not in ("bar", "lines", "off"):
             raise ValueError(f"mode: {mode!r}; valid: bar, lines, off")
         interval = DEFAULT_INTERVAL if interval is None else interval
