@@ -7,7 +7,10 @@ Methods (``RunConfig.method``):
   fitting uniform configurations and the one-shot Fisher plan;
 - ``oneshot``: one solve of the profiled (Fisher) objective, then compression;
 - ``uniform``: the best uniform configuration of the menu that fits the budget (the baseline
-  every comparison uses, with the same quantizer and calibration).
+  every comparison uses, with the same quantizer and calibration);
+- ``sequential``: prune first (the cheapest Fisher prunes the non-memory budgets need), then
+  one solve of the bits (``bitsack.baselines``): the staged pipeline joint planning is
+  compared with.
 
 Every stage writes its files under the run directory and a record ``<stage>.stage.json``
 holding the SHA-256 of its inputs (parameters and upstream files). A stage whose record
@@ -37,7 +40,7 @@ from bitsack.errors import ValidationError
 from bitsack.io import json_digest, write_json
 
 RUN_SCHEMA = "bitsack.run/v2"
-METHODS = ("search", "oneshot", "uniform")
+METHODS = ("search", "oneshot", "uniform", "sequential")
 #: ``--units`` names -> the adapters' unit kinds.
 UNIT_KINDS = {"heads": "head_group", "mlp": "mlp_group", "embed": "embedding"}
 

@@ -172,7 +172,8 @@ def write_report(out: str | Path, cfg, units, planned, summary) -> Path:
         "",
         f"Model `{cfg.model}`, calibration `{cfg.calib}`, quantizer `{cfg.quantizer}`, "
         f"menu {', '.join(cfg.menu)}" + (f", one-shot estimator `{cfg.estimator}`"
-                                        if cfg.method == "oneshot" else "") + ".",
+                                        if cfg.method in ("oneshot", "sequential") else "")
+        + ".",
         "",
         "## Result",
         "",
@@ -196,7 +197,7 @@ def write_report(out: str | Path, cfg, units, planned, summary) -> Path:
     ]
     for res, use in (cert.get("usage") or {}).items():
         lines.append(f"| {res} | {use:,.1f} | {_fmt((cert.get('limits') or {}).get(res))} |")
-    if cfg.method == "oneshot":
+    if cfg.method in ("oneshot", "sequential"):
         lines += ["", f"Certificate: status **{planned.status}**; primal bound "
                   f"{_fmt(cert.get('primal_bound'))}, dual bound {_fmt(cert.get('dual_bound'))}"
                   f", relative gap {_fmt(cert.get('rel_gap'))}; solver {cert.get('solver')}."]

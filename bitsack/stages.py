@@ -126,7 +126,7 @@ def plan_stage(ctx: Context, lm, units, force: bool = False) -> Planned:
     import time
 
     t = time.perf_counter()
-    if cfg.method == "oneshot":
+    if cfg.method in ("oneshot", "sequential"):
         planned = _oneshot(ctx, lm, units)
     elif cfg.method == "uniform":
         planned = _uniform(ctx, lm, units)
@@ -252,11 +252,16 @@ def solve_problem(ctx: Context, problem):
 
 
 def _oneshot(ctx: Context, lm, units) -> Planned:
+    """One solve of the profiled objective (``sequential``: prunes fixed first)."""
     from bitsack.compress import compress
     from bitsack.plan import plan_from_solution
 
     cfg = ctx.cfg
     problem = profile_problem(ctx, lm.model, lm.tokenizer, units)
+    if cfg.method == "sequential":
+        from bitsack.baselines import sequential
+
+        problem = sequential(problem)
     sol = solve_problem(ctx, problem)
     plan = plan_from_solution(problem, sol)
     ctx.say(f"compress: {cfg.quantizer}, {sum(c.pruned for c in plan.values())} units pruned")
