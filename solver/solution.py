@@ -242,18 +242,20 @@ def load_solution(path) -> Solution:
         bitsack.errors.ValidationError: unreadable file, invalid JSON, wrong schema or a
             missing / malformed field (named).
     """
-    import json
     from pathlib import Path
 
     from bitsack.errors import ValidationError
+    from bitsack.solver.bounded import MAX_JSON_BYTES, parse_json, read_text_bounded
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValidationError("solution", f"{str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValidationError("solution", f"{str(path)!r} is not readable JSON: {exc}") from None
+        text = read_text_bounded(path, MAX_JSON_BYTES, "json")
+    except ValidationError as exc:
+        raise ValidationError("solution", str(exc).split(": ", 1)[1]) from None
+    try:
+        data = parse_json(text, repr(str(path)))
+    except ValidationError as exc:
+        raise ValidationError("solution", str(exc).split(": ", 1)[1]) from None
     return solution_from_dict(data)
 
 
@@ -266,15 +268,16 @@ def solution_from_dict(data: Any) -> Solution:
     from dataclasses import fields
 
     from bitsack.errors import ValidationError
+    from bitsack.solver.bounded import short_repr
 
     if not isinstance(data, dict):
         raise ValidationError("solution", f"is a {type(data).__name__}; valid: a JSON object")
     if data.get("schema", SOLUTION_SCHEMA) != SOLUTION_SCHEMA:
-        raise ValidationError("schema", f"{data.get('schema')!r} is not supported; valid: "
-                              f"{SOLUTION_SCHEMA!r}")
+        raise ValidationError("schema", f"{short_repr(data.get('schema'))} is not supported; "
+                              f"valid: {SOLUTION_SCHEMA!r}")
     if data.get("status") not in STATUSES:
-        raise ValidationError("status", f"{data.get('status')!r} is not a status; valid: "
-                              f"{', '.join(STATUSES)}")
+        raise ValidationError("status", f"{short_repr(data.get('status'))} is not a status; "
+                              f"valid: {', '.join(STATUSES)}")
     for key in ("problem", "certificate"):
         if key not in data:
             raise ValidationError(key, "is missing")
@@ -282,17 +285,33 @@ def solution_from_dict(data: Any) -> Solution:
     names = {f.name for f in fields(Certificate)}
     if not isinstance(cert, dict) or set(cert) != names:
         got = set(cert) if isinstance(cert, dict) else set()
-        raise ValidationError("certificate", f"has keys {sorted(got)}; valid: exactly "
-                              f"{sorted(names)} (missing {sorted(names - got)}, unknown "
-                              f"{sorted(got - names)})")
+        raise ValidationError("certificate", f"has keys {short_repr(sorted(map(str, got)))}; "
+                              f"valid: exactly {sorted(names)} (missing "
+                              f"{sorted(names - got)}, unknown "
+                              f"{short_repr(sorted(map(str, got - names)))})")
     assignment = data.get("assignment") or {}
     if not isinstance(assignment, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in assignment.items()):
         raise ValidationError("assignment", "is not a mapping unit id -> option id")
-    for key in ("primal_bound", "dual_bound", "abs_gap", "rel_gap"):
+    for key in ("primal_bound", "dual_bound", "abs_gap", "rel_gap", "max_violation",
+                "wall_time_s"):
         value = cert[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValidationError(f"certificate.{key}", f"{value!r} is not a number or null")
+            raise ValidationError(f"certificate.{key}", f"{short_repr(value)} is not a number "
+                                  "or null")
+    for key in ("usage", "limits"):
+        value = cert[key]
+        if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            raise ValidationError(f"certificate.{key}", f"{short_repr(value)} is not a mapping "
+                                  "resource -> number")
+    if not isinstance(cert["params"], dict):
+        raise ValidationError("certificate.params", f"{short_repr(cert['params'])} is not a "
+                              "mapping")
+    if data.get("objective") is not None and (isinstance(data["objective"], bool) or
+                                              not isinstance(data["objective"], (int, float))):
+        raise ValidationError("objective", f"{short_repr(data['objective'])} is not a number "
+                              "or null")
     try:
         return Solution.from_dict(data)
     except (TypeError, KeyError) as exc:
@@ -353,12 +372,13 @@ def verify(problem: Problem, solution: Solution, rel_tol: float = 1e-9) -> tuple
             slack = max(DEFAULT_ABS_GAP, rel_tol * max(1.0, abs(ev.objective)))
             out.append(CheckItem("dual <= primal", cert.dual_bound <= ev.objective + slack,
                                  f"dual {cert.dual_bound!r}, objective {ev.objective!r}"))
+            out.append(_independent_check(problem, cert))
             abs_gap, rel_gap = gap(ev.objective, cert.dual_bound)
             out.append(CheckItem("gap", close(cert.abs_gap, abs_gap),
                                  f"recorded abs gap {cert.abs_gap!r}, recomputed {abs_gap!r}"))
             if solution.status == "optimal":
-                tol = float(cert.params.get("rel_gap", DEFAULT_REL_GAP))
-                atol = float(cert.params.get("abs_gap", DEFAULT_ABS_GAP))
+                tol = _param_float(cert, "rel_gap", DEFAULT_REL_GAP)
+                atol = _param_float(cert, "abs_gap", DEFAULT_ABS_GAP)
                 out.append(CheckItem("optimal status", is_optimal(abs_gap, rel_gap, tol, atol),
                                      f"recomputed rel gap {rel_gap!r} (tolerance {tol:g})"))
         elif solution.status == "optimal":
@@ -368,7 +388,15 @@ def verify(problem: Problem, solution: Solution, rel_tol: float = 1e-9) -> tuple
                              f"status {solution.status} but {len(solution.assignment)} units "
                              "assigned"))
         if solution.status == "infeasible":
+            from bitsack.solver.certify import own_bounds
             from bitsack.solver.feasibility import min_cost_per_resource
+
+            own = own_bounds(problem)
+            out.append(CheckItem(
+                "infeasible vs independent plan", own.plan is None,
+                "bitsack's own greedy route finds no plan meeting every budget" if own.plan is
+                None else f"bitsack's own greedy route finds a plan meeting every budget "
+                f"(objective {own.upper:.8g}), so the problem is not infeasible"))
 
             for inf in solution.infeasibility:
                 if inf.resource not in {r.name for r in problem.resources}:
@@ -382,3 +410,29 @@ def verify(problem: Problem, solution: Solution, rel_tol: float = 1e-9) -> tuple
                                      f"smallest achievable {low:.6g} (recorded "
                                      f"{inf.min_achievable:.6g}), limit {limit}"))
     return tuple(out)
+
+
+def _independent_check(problem: Problem, cert: Certificate) -> CheckItem:
+    """The recorded dual bound against a plan bitsack finds by its own route
+    (``bitsack.solver.certify``): a bound above a feasible plan's objective is false."""
+    from bitsack.solver.certify import own_bounds, slack
+
+    own = own_bounds(problem)
+    if own.upper is None:
+        return CheckItem("dual <= independent plan", True, "bitsack's own route found no plan "
+                         "meeting every budget strictly; nothing to compare")
+    atol = max(DEFAULT_ABS_GAP, _param_float(cert, "abs_gap", DEFAULT_ABS_GAP))
+    ok = cert.dual_bound <= own.upper + slack(own.upper, atol)
+    return CheckItem("dual <= independent plan", ok,
+                     f"dual {cert.dual_bound!r}, objective of bitsack's own plan "
+                     f"{own.upper!r}" + ("" if ok else ": the claimed bound is false (the "
+                                         "optimum is at most that plan's objective)"))
+
+
+def _param_float(cert: Certificate, key: str, default: float) -> float:
+    """A tolerance recorded in ``cert.params`` (a file may hold anything there)."""
+    value = cert.params.get(key, default) if isinstance(cert.params, dict) else default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0:
+        return default
+    return float(value)

@@ -54,6 +54,12 @@ MAX_FACTOR_BYTES = 1 << 30
 
 # PyYAML implements YAML 1.1, which reads ``1e3`` (no dot, or no exponent sign) as a *string*.
 # Such strings are accepted as numbers so a hand-written file means what it looks like.
+#: Largest ``layer`` / ``params`` (2^53: every integer up to it is exact as a float).
+MAX_COUNT = 2**53
+
+#: Integers below this convert to float without overflow (larger ones go the slow path).
+_BIG = 2**1000
+
 _s = short_repr  # every value from a file is quoted through it (bounded, whatever its size)
 
 _YAML11_FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -230,12 +236,14 @@ def _parse_units(raw: Any, res_names: set[str]) -> tuple[tuple[Unit, ...], set[s
                                   "usual kinds: head_group, mlp_group, embedding, other")
         layer = u.get("layer")
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
-                                  or layer < 0):
-            raise ValidationError(f"{upath}.layer", f"{_s(layer)} is not an integer >= 0")
+                                  or not 0 <= layer <= MAX_COUNT):
+            raise ValidationError(f"{upath}.layer", f"{_s(layer)} is not an integer in "
+                                  f"0..{MAX_COUNT}")
         params = u.get("params")
         if params is not None and (isinstance(params, bool) or not isinstance(params, int)
-                                   or params < 0):
-            raise ValidationError(f"{upath}.params", f"{_s(params)} is not an integer >= 0")
+                                   or not 0 <= params <= MAX_COUNT):
+            raise ValidationError(f"{upath}.params", f"{_s(params)} is not an integer in "
+                                  f"0..{MAX_COUNT}")
         raw_opts = u.get("options")
         if not isinstance(raw_opts, list) or not raw_opts:
             raise ValidationError(f"{upath}.options", f"{_s(raw_opts)} on unit {_s(uid)}: a "
@@ -258,8 +266,8 @@ def _parse_units(raw: Any, res_names: set[str]) -> tuple[tuple[Unit, ...], set[s
                                       f"unit {_s(uid)}; option ids must be unique per unit")
             opt_seen.add(oid)
             loss = o.get("loss")
-            if type(loss) is float or type(loss) is int:  # fast path for the common case
-                loss = float(loss)
+            if type(loss) is float or (type(loss) is int and -_BIG < loss < _BIG):
+                loss = float(loss)  # fast path for the common case
             else:
                 loss = as_number(loss, f"{upath}.options[{j}].loss")
             if not isfinite(loss):
@@ -272,7 +280,7 @@ def _parse_units(raw: Any, res_names: set[str]) -> tuple[tuple[Unit, ...], set[s
                     raise ValidationError(f"{upath}.options[{j}].cost", f"{_s(raw_cost)} "
                                           "is not a mapping resource -> number")
                 for rname, value in raw_cost.items():
-                    if type(value) is float or type(value) is int:
+                    if type(value) is float or (type(value) is int and -_BIG < value < _BIG):
                         value = float(value)
                     else:
                         value = as_number(value, f"{upath}.options[{j}].cost.{rname}")

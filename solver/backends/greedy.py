@@ -87,13 +87,15 @@ class GreedyBackend:
                                  solver_version="1", options=options, wall_time_s=clock(),
                                  params=params, infeasible=run.proven_infeasible,
                                  message="" if run.proven_infeasible else
-                                 "greedy found no feasible plan; try an exact backend")
+                                 "greedy found no feasible plan; try an exact backend",
+                                 check_claims=False)
         flat_ids = run.flat_ids
         assignment = {u.id: flat_ids[result[i]] for i, u in enumerate(problem.units)}
         dual = run.best_dual if np.isfinite(run.best_dual) else None
+        # its Lagrangian bound is the independent one make_solution would compare with
         return make_solution(problem, assignment=assignment, dual_bound=dual,
                              solver=self.name, solver_version="1", options=options,
-                             wall_time_s=clock(), params=params)
+                             wall_time_s=clock(), params=params, check_claims=False)
 
 
 def _scales(limits: np.ndarray, costs: np.ndarray) -> np.ndarray:
@@ -125,7 +127,8 @@ def lower_bound_losses(problem: Problem) -> np.ndarray:
 
 
 class _Greedy:
-    def __init__(self, problem: Problem, iterations: int):
+    def __init__(self, problem: Problem, iterations: int, *, cycles: int = 4,
+                 bisections: int = _BISECTIONS):
         from bitsack.solver.feasibility import (
             max_cost_per_resource,
             min_cost_is_exact,
@@ -135,6 +138,8 @@ class _Greedy:
 
         self.problem = problem
         self.iterations = iterations
+        self.cycles = cycles
+        self.bisections = bisections
         arrays = problem.arrays
         self.loss = arrays.loss
         self.lb_loss = lower_bound_losses(problem)
@@ -209,7 +214,7 @@ class _Greedy:
             lo, hi = hi, hi * 4
         else:
             return lam
-        for _ in range(_BISECTIONS):
+        for _ in range(self.bisections):
             mid = 0.5 * (lo + hi)
             lam[r] = mid
             _, g = self.dual(lam)
@@ -229,7 +234,7 @@ class _Greedy:
         self.dual(lam)
         if k == 0:
             return
-        for _ in range(1 if k == 1 else 4):
+        for _ in range(1 if k == 1 else self.cycles):
             for r in range(k):
                 lam = self._bisect(lam, r)
         if k == 1:
@@ -343,7 +348,9 @@ class _Greedy:
                 heapq.heappush(heap, m)
         return chosen
 
-    def solve(self) -> np.ndarray | None:
+    def solve(self, cheapest_start: bool = True) -> np.ndarray | None:
+        """The best plan found (None without one); ``cheapest_start`` also fills up from the
+        cheapest assignment (when no Lagrangian candidate is feasible it is the only start)."""
         from bitsack.solver.feasibility import min_weighted
 
         if self.st.infeasible is not None:
@@ -352,7 +359,7 @@ class _Greedy:
         starts = []
         if self.candidates:
             starts.append(min(self.candidates, key=self.objective))
-        if len(self.all_cost):
+        if len(self.all_cost) and (cheapest_start or not starts):
             norm = self.all_cost / _scales(self.all_limit, self.all_cost)[:, None]
             cheapest = min_weighted(self.problem, norm.sum(axis=0)).chosen
             if cheapest is not None and self.feasible(cheapest):
