@@ -4,7 +4,7 @@ A backend claims two things a certificate rests on: a *dual bound* (no plan is b
 this) and, sometimes, *infeasibility* (no plan meets the budgets). ``evaluate`` recomputes
 everything about the plan itself, but neither claim is about that plan. Both are checked here
 against an independent route — the greedy backend's Lagrangian machinery (the MCKP convex hull
-/ Lagrangian relaxation, ``bitsack.solver.backends.greedy``), run on the problem alone:
+/ Lagrangian relaxation, ``bitsack.solver.lagrangian``), run on the problem alone:
 
 - ``lower``: its Lagrangian dual value, a valid lower bound on the optimum (weak duality; with
   interactions through the additive lower-bound losses ``ℓ − ½‖U_i‖²``);
@@ -20,8 +20,8 @@ Contradictions, each of which makes a claim false, never a matter of tolerance:
 
 What ``make_solution`` does with one: the claimed bound is dropped and bitsack's own
 ``lower`` stands in; the better of the two plans is returned; the status is at best
-``feasible``; the message says what was refuted and by what. ``bitsack check`` (``verify``)
-runs the same comparison on a solution file and fails it.
+``feasible``; the message says what was refuted and by what. ``verify`` (``bitsack check``)
+recomputes everything a solution file records and runs the same comparison on it.
 
 The reproduction that motivated this: with one option's loss at 1e308, the MIP backends'
 objective scaling pushed every other loss below their tolerances and HiGHS and SCIP reported
@@ -37,6 +37,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitsack.solver.problem import Problem
+from bitsack.solver.solution import (
+    DEFAULT_ABS_GAP,
+    DEFAULT_REL_GAP,
+    Certificate,
+    Solution,
+    evaluate,
+    gap,
+    is_optimal,
+)
 
 #: Bisection steps and budget cycles of the independent Lagrangian (cheaper than the greedy
 #: backend's own search; a looser bound still refutes a wrong claim and stays valid).
@@ -71,10 +80,9 @@ def own_bounds(problem: Problem) -> OwnBounds:
 def _compute(problem: Problem) -> OwnBounds:
     import numpy as np
 
-    from bitsack.solver.backends.greedy import _Greedy
-    from bitsack.solver.solution import evaluate
+    from bitsack.solver.lagrangian import LagrangianSearch
 
-    run = _Greedy(problem, iterations=0, cycles=_CYCLES, bisections=_BISECTIONS)
+    run = LagrangianSearch(problem, iterations=0, cycles=_CYCLES, bisections=_BISECTIONS)
     chosen = run.solve(cheapest_start=False)
     lower = float(run.best_dual) if np.isfinite(run.best_dual) else None
     plan = upper = None
@@ -148,3 +156,124 @@ def check_claims(problem: Problem, *, dual_bound: float | None, objective: float
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------
+# checking a solution file (``bitsack check``)
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """One independent check of a solution against its problem."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def verify(problem: Problem, solution: Solution, rel_tol: float = 1e-9) -> tuple[CheckItem, ...]:
+    """Check a solution against its problem independently of whichever solver produced it.
+
+    Recomputes feasibility, objective and usage with :func:`evaluate` and compares them (and
+    the certificate's gap and status) with what the solution records; for an infeasible
+    status, recomputes the smallest achievable usage of each budget it blames.
+
+    Args:
+        rel_tol: relative tolerance for recorded vs recomputed numbers.
+
+    Raises:
+        bitsack.errors.ValidationError: the assignment names units or options the problem
+            does not have (the solution is for another problem).
+    """
+    out: list[CheckItem] = []
+
+    def close(a: float | None, b: float | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return abs(a - b) <= rel_tol * max(1.0, abs(a), abs(b))
+
+    out.append(CheckItem("problem name", solution.problem == problem.name,
+                         f"solution is for {solution.problem!r}, problem is {problem.name!r}"))
+    cert = solution.certificate
+    if solution.has_solution:
+        ev = evaluate(problem, solution.assignment)
+        out.append(CheckItem("feasible", ev.feasible,
+                             "; ".join(ev.violations) or "every budget and constraint holds"))
+        out.append(CheckItem("objective", close(solution.objective, ev.objective),
+                             f"recorded {solution.objective!r}, recomputed {ev.objective!r}"))
+        out.append(CheckItem("primal bound", close(cert.primal_bound, ev.objective),
+                             f"recorded {cert.primal_bound!r}, recomputed {ev.objective!r}"))
+        bad = [r for r in ev.usage if r in cert.usage and not close(cert.usage[r], ev.usage[r])]
+        missing = sorted(set(ev.usage) - set(cert.usage))
+        out.append(CheckItem("usage", not bad and not missing,
+                             f"mismatch on {bad}, missing {missing}" if bad or missing else
+                             ", ".join(f"{r} {v:.6g}" for r, v in ev.usage.items())))
+        limits_ok = all(close(cert.limits.get(r.name), r.limit) for r in problem.resources
+                        if r.limit is not None) and len(cert.limits) == len(problem.limits)
+        out.append(CheckItem("limits", limits_ok, f"recorded {cert.limits}, problem "
+                             f"{problem.limits}"))
+        if cert.dual_bound is not None:
+            slack = max(DEFAULT_ABS_GAP, rel_tol * max(1.0, abs(ev.objective)))
+            out.append(CheckItem("dual <= primal", cert.dual_bound <= ev.objective + slack,
+                                 f"dual {cert.dual_bound!r}, objective {ev.objective!r}"))
+            out.append(_independent_check(problem, cert))
+            abs_gap, rel_gap = gap(ev.objective, cert.dual_bound)
+            out.append(CheckItem("gap", close(cert.abs_gap, abs_gap),
+                                 f"recorded abs gap {cert.abs_gap!r}, recomputed {abs_gap!r}"))
+            if solution.status == "optimal":
+                tol = _param_float(cert, "rel_gap", DEFAULT_REL_GAP)
+                atol = _param_float(cert, "abs_gap", DEFAULT_ABS_GAP)
+                out.append(CheckItem("optimal status", is_optimal(abs_gap, rel_gap, tol, atol),
+                                     f"recomputed rel gap {rel_gap!r} (tolerance {tol:g})"))
+        elif solution.status == "optimal":
+            out.append(CheckItem("optimal status", False, "status optimal without a dual bound"))
+    else:
+        out.append(CheckItem("no assignment", not solution.assignment,
+                             f"status {solution.status} but {len(solution.assignment)} units "
+                             "assigned"))
+        if solution.status == "infeasible":
+            from bitsack.solver.feasibility import min_cost_per_resource
+
+            own = own_bounds(problem)
+            out.append(CheckItem(
+                "infeasible vs independent plan", own.plan is None,
+                "bitsack's own greedy route finds no plan meeting every budget" if own.plan is
+                None else f"bitsack's own greedy route finds a plan meeting every budget "
+                f"(objective {own.upper:.8g}), so the problem is not infeasible"))
+
+            for inf in solution.infeasibility:
+                if inf.resource not in {r.name for r in problem.resources}:
+                    out.append(CheckItem(f"infeasible {inf.resource}", False,
+                                         "not a resource of the problem"))
+                    continue
+                low = min_cost_per_resource(problem, inf.resource)
+                limit = problem.resource(inf.resource).limit
+                ok = limit is not None and close(inf.min_achievable, low) and low > limit
+                out.append(CheckItem(f"infeasible {inf.resource}", ok,
+                                     f"smallest achievable {low:.6g} (recorded "
+                                     f"{inf.min_achievable:.6g}), limit {limit}"))
+    return tuple(out)
+
+
+def _independent_check(problem: Problem, cert: Certificate) -> CheckItem:
+    """The recorded dual bound against a plan bitsack finds by its own route
+    (``bitsack.solver.certify``): a bound above a feasible plan's objective is false."""
+    own = own_bounds(problem)
+    if own.upper is None:
+        return CheckItem("dual <= independent plan", True, "bitsack's own route found no plan "
+                         "meeting every budget strictly; nothing to compare")
+    atol = max(DEFAULT_ABS_GAP, _param_float(cert, "abs_gap", DEFAULT_ABS_GAP))
+    ok = cert.dual_bound <= own.upper + slack(own.upper, atol)
+    return CheckItem("dual <= independent plan", ok,
+                     f"dual {cert.dual_bound!r}, objective of bitsack's own plan "
+                     f"{own.upper!r}" + ("" if ok else ": the claimed bound is false (the "
+                                         "optimum is at most that plan's objective)"))
+
+
+def _param_float(cert: Certificate, key: str, default: float) -> float:
+    """A tolerance recorded in ``cert.params`` (a file may hold anything there)."""
+    value = cert.params.get(key, default) if isinstance(cert.params, dict) else default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0:
+        return default
+    return float(value)

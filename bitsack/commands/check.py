@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bitsack.commands.solve import budget_of
+    from bitsack.solver.certify import verify
     from bitsack.solver.schema import load_problem
-    from bitsack.solver.solution import load_solution, verify
+    from bitsack.solver.solution import load_solution
 
     budget = budget_of(args)
     problem = budget.apply(load_problem(args.problem))

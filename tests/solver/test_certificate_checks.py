@@ -10,9 +10,9 @@ import pytest
 from bitsack.cli import main
 from bitsack.solver import solve
 from bitsack.solver.backends.base import SolveOptions, make_solution
-from bitsack.solver.certify import own_bounds
+from bitsack.solver.certify import own_bounds, verify
 from bitsack.solver.schema import load_problem
-from bitsack.solver.solution import Solution, evaluate, verify
+from bitsack.solver.solution import Solution, evaluate
 
 PROBLEMS = Path(__file__).resolve().parents[2] / "problems"
 HAND = PROBLEMS / "knapsack-hand.yaml"  # optimum 0.35: {a: b4, b: prune, c: b4}
