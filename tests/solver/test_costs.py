@@ -95,7 +95,7 @@ def test_latency_table(tmp_path):
 
 
 def test_packed_nbytes_rejects_bad_group():
-    with pytest.raises(ValueError, match="group_size: 0 is not a positive integer"):
+    with pytest.raises(ValueError, match="group_size: 0; valid: a positive integer"):
         packed_nbytes(4, 100, 4, 0)
 
 
