@@ -1,7 +1,7 @@
 """``bitsack check PROBLEM SOLUTION``: verify a solution file independently of its solver.
 
 Recomputes feasibility, objective, usage and gap from the problem alone and compares them with
-what the solution records (``bitsack.solver.solution.verify``). Exit 0 when every check holds,
+what the solution records (``bitsack.solver.certify.verify``). Exit 0 when every check holds,
 4 when one fails, 1 when the input is malformed.
 """
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bitsack.cli import main
+from bitsack.errors import ExitCode
 from bitsack.solver import solve
 from bitsack.solver.backends.base import SolveOptions, make_solution
 from bitsack.solver.certify import own_bounds, verify
@@ -104,7 +105,7 @@ def test_check_refuses_a_certificate_whose_dual_bound_is_above_a_feasible_plan(t
     path = _forged(tmp_path, capsys, assignment=WORSE, objective=0.53,
                    certificate={"primal_bound": 0.53, "dual_bound": 0.53, "abs_gap": 0.0,
                                 "rel_gap": 0.0, "usage": {"memory_bytes": 3000.0}})
-    assert main(["check", str(HAND), str(path)]) == 1
+    assert main(["check", str(HAND), str(path)]) == ExitCode.VERIFY_FAILED
     out = capsys.readouterr().out
     assert "FAIL  dual <= independent plan: dual 0.53, objective of bitsack's own plan 0.35" in out
     assert "ok    gap" in out and "INVALID" in out  # every other check passes: only this catches it
@@ -114,7 +115,7 @@ def test_check_refuses_a_false_infeasible_claim(tmp_path, capsys):
     path = _forged(tmp_path, capsys, status="infeasible", assignment={}, objective=None,
                    certificate={"primal_bound": None, "dual_bound": None, "abs_gap": None,
                                 "rel_gap": None, "usage": {}})
-    assert main(["check", str(HAND), str(path)]) == 1
+    assert main(["check", str(HAND), str(path)]) == ExitCode.VERIFY_FAILED
     assert "FAIL  infeasible vs independent plan" in capsys.readouterr().out
 
 
@@ -123,7 +124,7 @@ def test_check_still_accepts_honest_solutions(tmp_path, capsys):
         problem = PROBLEMS / f"{name}.yaml"
         out = tmp_path / f"{name}.json"
         code = main(["solve", str(problem), "--quiet", "--out", str(out)])
-        assert code in (0, 2)
+        assert code in (ExitCode.OK, ExitCode.NO_SOLUTION)
         sol = Solution.from_dict(json.loads(out.read_text()))
         assert main(["check", str(problem), str(out)]) == 0, (name, capsys.readouterr().out)
         assert sol.status in ("optimal", "infeasible")
