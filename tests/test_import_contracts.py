@@ -33,9 +33,9 @@ PYPROJECT = ROOT / "pyproject.toml"
 
 #: Contract id -> what breaks it today (owned outside the solver; the lead finishes them).
 OTHERS_FIXING = {
-    "no-cycles": "bitsack.models <-> bitsack.checkpoint (a model module imports the checkpoint "
-                 "code that imports models; issue 14 item 2) and bitsack.kernels.bounds <-> "
-                 "bitsack.kernels.backends",
+    "no-cycles": "cycles outside the solver; lint-imports names the imports that would break "
+                 "them (today: models -> checkpoint, pipeline -> stages, report -> search, "
+                 "stages -> profiling, kernels.bounds -> kernels.backends)",
 }
 
 
