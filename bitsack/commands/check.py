@@ -1,7 +1,7 @@
 """``bitsack check PROBLEM SOLUTION``: verify a solution file independently of its solver.
 
 Recomputes feasibility, objective, usage and gap from the problem alone and compares them with
-what the solution records (``bitsack.solver.solution.verify``). Exit 0 when every check holds,
+what the solution records (``bitsack.solver.certify.verify``). Exit 0 when every check holds,
 4 when one fails, 1 when the input is malformed.
 """
 
@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bitsack.commands.solve import budget_of
+    from bitsack.solver.certify import verify
     from bitsack.solver.schema import load_problem
-    from bitsack.solver.solution import load_solution, verify
+    from bitsack.solver.solution import load_solution
 
     budget = budget_of(args)
     problem = budget.apply(load_problem(args.problem))

@@ -246,9 +246,13 @@ def summarize(problem: Problem, solution: Solution, per_layer: bool = False) -> 
 
 def plan_table(problem: Problem, assignment: dict[str, str], per_layer: bool) -> list[str]:
     """Counts of units per option, by unit kind (and by layer when asked)."""
-    from bitsack.solver.problem import option_bits
+    from bitsack.solver.problem import parse_option
 
-    option_ids = sorted({o.id for u in problem.units for o in u.options}, key=option_bits)
+    def order(oid: str) -> tuple[int, int]:  # by bits, then by group size (default first)
+        spec = parse_option(oid)
+        return spec.bits, spec.group_size or 0
+
+    option_ids = sorted({o.id for u in problem.units for o in u.options}, key=order)
     rows: dict[str, dict[str, int]] = {}
     layers: dict[int, dict[str, int]] = {}
     for unit in problem.units:
