@@ -189,7 +189,7 @@ def write_report(args) -> Path:
          f"of WikiText-2 and C4; base {_f(base.get('wikitext2'))} / {_f(base.get('c4'))}. "
          "Bits per weight are achieved bytes (packed, scales and zeros included, the tied "
          "embedding counted) × 8 / original weights. One calibration set for every method.",
-         "", f"Command: `python bench/e2e.py` (cells cached in `bench/results/e2e/*.json`).", ""]
+         "", "Command: `python bench/e2e.py` (cells cached in `bench/results/e2e/*.json`).", ""]
     L += ["## Uniform GPTQ", "", "| config | bits/weight | WikiText-2 | C4 |",
           "|---|---|---|---|"]
     for c in sorted((c for c in res if c.startswith("uniform:")),
