@@ -81,6 +81,22 @@ def tiny_model(arch: str, seed: int = 0, *, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
+def tiny_tokenizer(vocab_size: int = 128):
+    """A real transformers tokenizer (fast, ``tokenizers`` backend) of one id per character:
+    ASCII character ``c`` is id ``ord(c) % vocab_size``; ids 0/1/2 are unk/eos/pad.
+
+    For tests that save, load and hash a tokenizer's files like a real model's.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {(chr(i) if 32 <= i < 127 else f"<{i}>"): i for i in range(min(vocab_size, 128))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<0>", eos_token="<1>",
+                                   pad_token="<2>")
+
+
 class ByteTokenizer:
     """A tokenizer-free stand-in: UTF-8 bytes folded into ``vocab_size`` ids.
 
