@@ -4,6 +4,7 @@ Modules (import them directly; this package imports nothing so that ``formats`` 
 importable without torch, for the solver):
 
 - ``formats``    — ``PackFormat``, ``pack``/``unpack``, ``packed_nbytes`` (no torch needed)
+- ``hessian``    — ``Hessian``: the running ``2XXᵀ/n`` every stage accumulates the same way
 - ``quantizers`` — ``rtn_quantize``, ``GPTQ``, ``fake_quantize``, ``get_quantizer``
 - ``packed``     — ``Segment``, ``PackedLinear``, ``PackedEmbedding``
 - ``backends``   — ``reference`` / ``torch`` / ``cupy`` kernel backends

@@ -123,11 +123,11 @@ def reference_weight(layer: Any) -> np.ndarray:
         else:
             q = seg.qdata.detach().cpu().view(torch.int32).numpy().view(np.uint32)
             codes = unpack_numpy(q, seg.bits, cols).astype(np.float32)
-            g = seg.group_size
-            s = seg.scale.detach().cpu().numpy().astype(np.float32)[:, :, None]
-            z = seg.zero.detach().cpu().numpy().astype(np.float32)[:, :, None]
-            part = (s * (codes.reshape(rows, cols // g, g) - z)).reshape(rows, cols)
-            part = part.astype(np.float64)
+            # group of column j: j // G (the last group of a row may be shorter)
+            gidx = np.arange(cols) // seg.group_size
+            s = seg.scale.detach().cpu().numpy().astype(np.float32)[:, gidx]
+            z = seg.zero.detach().cpu().numpy().astype(np.float32)[:, gidx]
+            part = (s * (codes - z)).astype(np.float64)
         if seg.axis == 0:
             w[seg.start:seg.stop] = part
         else:

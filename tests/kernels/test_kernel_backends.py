@@ -28,21 +28,23 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FP16_MAX = 65504.0
 
 
-def _layer(seed: int, rows: int, cols: int, g: int, pieces: list[int], axis: int,
+def _layer(seed: int, rows: int, cols: int, g: int | list[int], pieces: list[int], axis: int,
            log_mag: float, bias: bool) -> PackedLinear:
-    """A layer of len(pieces) segments along ``axis`` with the given bit-widths."""
+    """A layer of len(pieces) segments along ``axis`` with the given bit-widths.
+
+    ``g`` is one group size or one per piece; cuts fall anywhere (a column segment is grouped
+    inside itself, so its groups need not align with the matrix's, and may be ragged).
+    """
     rng = np.random.default_rng(seed)
     w = torch.from_numpy(rng.standard_normal((rows, cols)) * 10.0**log_mag).float()
     n = rows if axis == 0 else cols
-    unit = g if axis == 1 else 1
-    # split n into len(pieces) non-empty ranges on unit boundaries
-    k = min(len(pieces), n // unit)
-    cuts = sorted(rng.choice(np.arange(1, n // unit), size=k - 1, replace=False) * unit) \
-        if k > 1 else []
+    k = min(len(pieces), n)
+    cuts = sorted(rng.choice(np.arange(1, n), size=k - 1, replace=False)) if k > 1 else []
     bounds = [0, *[int(c) for c in cuts], n]
-    ranges = [(bounds[i], bounds[i + 1], pieces[i]) for i in range(k)]
+    gs = g if isinstance(g, list) else [g] * len(pieces)
+    ranges = [(bounds[i], bounds[i + 1], pieces[i], gs[i]) for i in range(k)]
     b = torch.from_numpy(rng.standard_normal(rows) * 10.0**log_mag).float() if bias else None
-    return PackedLinear.from_dense(w, ranges, g, axis=axis, bias=b)
+    return PackedLinear.from_dense(w, ranges, 1, axis=axis, bias=b)
 
 
 def _input(seed: int, batch: int, cols: int, xlog: float, dtype: torch.dtype) -> torch.Tensor:
@@ -51,8 +53,8 @@ def _input(seed: int, batch: int, cols: int, xlog: float, dtype: torch.dtype) ->
 
 
 layer_args = dict(
-    seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 20), ngroups=st.integers(1, 4),
-    g=st.sampled_from([8, 16, 32, 48, 64]),
+    seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 20), cols=st.integers(1, 200),
+    g=st.lists(st.sampled_from([1, 7, 8, 16, 32, 48, 64, 128]), min_size=3, max_size=3),
     pieces=st.lists(st.sampled_from([*BITS, 16]), min_size=1, max_size=3),
     axis=st.sampled_from([0, 1]), log_mag=st.floats(-5, 2), xlog=st.floats(-4, 3),
     bias=st.booleans(), batch=st.integers(1, 12), dtype=st.sampled_from(DTYPES),
@@ -66,10 +68,10 @@ def _fits_fp16(layer: PackedLinear, x: torch.Tensor) -> bool:
 
 @settings(max_examples=120, deadline=None)
 @given(**layer_args)
-def test_torch_backend_within_bound(seed, rows, ngroups, g, pieces, axis, log_mag, xlog, bias,
+def test_torch_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, xlog, bias,
                                     batch, dtype):
-    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, bias)
-    x = _input(seed, batch, ngroups * g, xlog, dtype)
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, bias)
+    x = _input(seed, batch, cols, xlog, dtype)
     assume(_fits_fp16(layer, x))
     y_ref = reference_output(layer, x)
     y = layer(x)
@@ -94,17 +96,18 @@ def test_bound_is_not_vacuous():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), ngroups=st.integers(1, 3),
-       g=st.sampled_from([8, 16, 32, 48]),
-       pieces=st.lists(st.sampled_from([*BITS, 16]), min_size=1, max_size=3),
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), cols=st.integers(1, 150),
+       g=st.lists(st.sampled_from([7, 8, 16, 32, 48, 64, 128]), min_size=3, max_size=3),
+       pieces=st.lists(st.sampled_from([*BITS, 5, 6, 7, 16]), min_size=1, max_size=3),
        axis=st.sampled_from([0, 1]), batch=st.integers(1, GEMV_MAX_BATCH),
        log_mag=st.floats(-4, 2))
-def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, ngroups, g, pieces, axis, batch,
+def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, cols, g, pieces, axis, batch,
                                                    log_mag):
     # The cupy backend's own launch plan (segments, offsets, accumulate flags, grid), run
-    # through the NumPy port of the kernels, against the float64 reference.
-    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, False)
-    x = _input(seed, batch, ngroups * g, 0.0, torch.float32)
+    # through the NumPy port of the kernels, against the float64 reference; ragged groups
+    # and a group size per segment included.
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, False)
+    x = _input(seed, batch, cols, 0.0, torch.float32)
     y = torch.full((batch, rows), float("nan"), dtype=torch.float32)  # unwritten stays NaN
     for launch in gemv_plan(layer, x, y):
         emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
@@ -114,13 +117,13 @@ def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, ngroups, g, piece
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("g", [8, 32, 40])
+@pytest.mark.parametrize("g", [8, 32, 40, [64, 7, 32, 128]])
 def test_cupy_dequant_plan_emulated_is_exact(axis, g):
-    layer = _layer(7 * g + axis, 6, 4 * g, g, [3, 16, 8, 1], axis, 0.0,
-                   False)
+    cols = 150  # ragged last groups at every group size here
+    layer = _layer(7 * len(str(g)) + axis, 6, cols, g, [3, 16, 8, 1], axis, 0.0, False)
     want = reference_weight(layer)
     for dt in (torch.float32, torch.float16):
-        w = torch.full((6, 4 * g), float("nan"), dtype=dt)
+        w = torch.full((6, cols), float("nan"), dtype=dt)
         for launch in dequant_plan(layer, w):
             emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
         np.testing.assert_array_equal(w.numpy(), want.astype(w.numpy().dtype))
@@ -189,7 +192,13 @@ def test_packed_linear_module():
         PackedLinear(64, 24, [layer.segments[0], Segment.from_fp16(torch.zeros(24, 64), 1, 8)])
     with pytest.raises(ValidationError, match="x: last dim 63; valid: 64"):
         layer(torch.randn(63))
-    with pytest.raises(ValidationError, match="segment.group_size: 24 does not divide"):
+    with pytest.raises(ValidationError, match="segment.group_size: 0; valid: a positive"):
+        Segment(0, 0, 2, 4, 0, (2, 64), qdata=torch.zeros(2, 8, dtype=torch.uint32),
+                scale=torch.zeros(2, 2, dtype=torch.float16),
+                zero=torch.zeros(2, 2, dtype=torch.float16))
+    # group size 24 of 64 columns: 3 groups (24, 24, 16), so scale [2, 3]
+    with pytest.raises(ValidationError, match=r"segment.scale: torch.float16 \[2, 2\]; valid: "
+                                              r"float16 \[2, 3\]"):
         Segment(0, 0, 2, 4, 24, (2, 64), qdata=torch.zeros(2, 8, dtype=torch.uint32),
                 scale=torch.zeros(2, 2, dtype=torch.float16),
                 zero=torch.zeros(2, 2, dtype=torch.float16))
@@ -251,10 +260,10 @@ def _cupy_ready() -> bool:
 @pytest.mark.skipif(not _cupy_ready(), reason="no CUDA device / CuPy")
 @settings(max_examples=60, deadline=None)
 @given(**layer_args)
-def test_cupy_backend_within_bound(seed, rows, ngroups, g, pieces, axis, log_mag, xlog, bias,
+def test_cupy_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, xlog, bias,
                                    batch, dtype):
-    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, bias)
-    x = _input(seed, batch, ngroups * g, xlog, dtype)
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, bias)
+    x = _input(seed, batch, cols, xlog, dtype)
     assume(_fits_fp16(layer, x))
     y_ref = reference_output(layer, x)
     bound = layer_error_bound(layer, x, "cupy", y_ref=y_ref)

@@ -75,9 +75,10 @@ def test_cli_additive_estimator_removes_a_stale_sidecar(tiny, tmp_path, capsys):
 
 def test_cli_rejects_bad_flags(tiny, tmp_path, capsys):
     _, text = tiny
-    with pytest.raises(SystemExit):
-        main(["profile", "--model", "tiny", "--units", "heads,convs", "--out", str(tmp_path)])
-    assert "valid unit kinds are heads, mlp, embed" in capsys.readouterr().err
+    assert main(["profile", "--model", "tiny", "--units", "heads,convs",
+                 "--out", str(tmp_path)]) == 2  # a usage error, before any work
+    assert "argument --units: 'convs' in 'heads,convs' is not valid; valid: comma-separated " \
+        "names from heads, mlp, embed" in capsys.readouterr().err
     rc = main(["profile", "--model", "tiny", "--calib", str(text), "--group-size", "7",
                "--nsamples", "2", "--seqlen", "16", "--out", str(tmp_path / "x")])
     assert rc == 1
