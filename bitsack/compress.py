@@ -299,6 +299,7 @@ def assemble(model: nn.Module, plan: Mapping[str, Any],
                                                  backend=cfg.backend)
             set_module(model, name, packed)
         packed_bytes += packed.nbytes
+    settle_packed_ties(model)  # tie_weights() must not look for a packed embedding's .weight
     model.bitsack_plan = {uid: c.option_id for uid, c in prep.plan.items()}
     model.bitsack_apply = {"quantizer": "assembled", "group_size": cfg.group_size,
                            "mlp_group": cfg.mlp_group}
