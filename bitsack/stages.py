@@ -27,6 +27,7 @@ class Planned:
     certificate: dict[str, Any] = field(default_factory=dict)
     predicted: float | None = None
     search: dict[str, Any] | None = None
+    solution: Any = None  # the solver's Solution of a one-shot plan
 
 
 def run_units(model, cfg: RunConfig) -> list:
@@ -121,7 +122,7 @@ def plan_stage(ctx: Context, lm, units, force: bool = False) -> Planned:
         sol = json.loads(sol_file.read_text())
         loaded = load_compressed(model_dir)
         cache_dequantized(loaded.model)  # CPU evaluation speed; outputs unchanged
-        return _planned_from(loaded.model, sol)
+        return _planned_from(loaded.model, sol, cfg.group_size)
     import time
 
     t = time.perf_counter()
@@ -149,18 +150,24 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
 
 
 def _solution_dict(cfg: RunConfig, p: Planned) -> dict[str, Any]:
-    return {"method": cfg.method, "status": p.status,
-            "assignment": {u: str(c) for u, c in p.plan.items()},
-            "objective": p.predicted, "packed_bytes": p.packed_bytes,
-            "certificate": p.certificate, "search": p.search}
+    """``solution.json``: the solver's ``Solution`` of a one-shot plan (``bitsack check``
+    reads it; run facts under ``extra``), else the plan with its usage and search record."""
+    extra = {"method": cfg.method, "packed_bytes": p.packed_bytes}
+    if p.solution is not None:
+        d = p.solution.to_dict()
+        d["extra"] = {**d.get("extra", {}), **extra}
+        return d
+    return {**extra, "status": p.status, "assignment": {u: str(c) for u, c in p.plan.items()},
+            "objective": p.predicted, "certificate": p.certificate, "search": p.search}
 
 
-def _planned_from(model, sol: Mapping[str, Any]) -> Planned:
+def _planned_from(model, sol: Mapping[str, Any], group_size: int) -> Planned:
     from bitsack.plan import parse_choice
 
-    return Planned(model=model, plan={u: parse_choice(o, 64) for u, o in
+    extra = sol.get("extra") or sol
+    return Planned(model=model, plan={u: parse_choice(o, group_size) for u, o in
                                       sol["assignment"].items()},
-                   packed_bytes=int(sol["packed_bytes"]), status=sol["status"],
+                   packed_bytes=int(extra["packed_bytes"]), status=sol["status"],
                    certificate=sol.get("certificate") or {}, predicted=sol.get("objective"),
                    search=sol.get("search"))
 
@@ -257,7 +264,7 @@ def _oneshot(ctx: Context, lm, units) -> Planned:
                    progress=_layer_progress(ctx))
     return Planned(model=res.model, plan=plan, packed_bytes=res.packed_bytes,
                    status=sol.status, certificate=sol.to_dict()["certificate"],
-                   predicted=sol.objective)
+                   predicted=sol.objective, solution=sol)
 
 
 def _search(ctx: Context, lm, units) -> Planned:
