@@ -6,6 +6,7 @@ covered for every family by the parametrized tests of test_model_surgery / test_
 
 from __future__ import annotations
 
+import copy
 import random
 import types
 
@@ -180,3 +181,9 @@ def test_phi3_pruned_layer_reads_its_own_head_counts():
     # later changes of the model's config still reach the pruned layer
     model.set_attn_implementation("sdpa")
     assert attn.config._attn_implementation == "sdpa"
+    # a copy keeps the view on its own copy of the config, and the same function
+    twin = copy.deepcopy(model)
+    assert twin.model.layers[0].self_attn.config.base is twin.config
+    x = _tokens(n=1)
+    with torch.no_grad():
+        assert torch.equal(twin(x).logits, model(x).logits)
