@@ -268,14 +268,21 @@ def _oneshot(ctx: Context, lm, units) -> Planned:
 
 
 def _search(ctx: Context, lm, units) -> Planned:
+    from dataclasses import replace
+
     from bitsack.data import calibration_splits
-    from bitsack.search.driver import measured_search
+    from bitsack.search.driver import measured_search, uniform_fits
     from bitsack.search.loop import SearchConfig
 
     cfg = ctx.cfg
     menu = cfg.menu_choices()
-    costs = unit_costs_for(lm.model, units, menu, cfg)
     limits = limits_for(cfg, units)
+    costs = unit_costs_for(lm.model, units, replace(menu, prune=True), cfg)
+    # pruning enters as measured moves where bits alone cannot meet the budget
+    bits_fit = any(uniform_fits(c, costs, limits) for c in menu.steps)
+    if cfg.prune and not bits_fit:
+        menu = replace(menu, prune=True)
+        ctx.say("search: no uniform plan meets the budget; pruning moves are measured too")
     starts = {}
     if cfg.search_start == "both":
         from bitsack.plan import plan_from_solution

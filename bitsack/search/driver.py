@@ -43,6 +43,16 @@ class SearchOutcome:
     final: dict[str, Any] = field(default_factory=dict)
 
 
+def uniform_fits(choice: Choice, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 limits: Mapping[str, float]) -> bool:
+    """Whether ``choice`` on every unit meets ``limits``."""
+    use: dict[str, float] = {}
+    for per in unit_costs.values():
+        for res, v in per[choice.option_id].items():
+            use[res] = use.get(res, 0.0) + v
+    return all(use.get(r, 0.0) <= lim * (1 + 1e-12) for r, lim in limits.items())
+
+
 def store_incumbent(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
                     limits: Mapping[str, float]) -> Choice:
     """The uniform menu choice with the most bytes that fits ``limits``: whose sequential walk
@@ -52,11 +62,7 @@ def store_incumbent(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[st
         ValidationError: no uniform menu choice fits.
     """
     for c in sorted(menu.steps, key=lambda c: -nominal_bits(c)):
-        use: dict[str, float] = {}
-        for per in unit_costs.values():
-            for res, v in per[c.option_id].items():
-                use[res] = use.get(res, 0.0) + v
-        if all(use.get(r, 0.0) <= lim * (1 + 1e-12) for r, lim in limits.items()):
+        if uniform_fits(c, unit_costs, limits):
             return c
     raise ValidationError("budget", f"{dict(limits)}: no uniform choice of the menu "
                           f"{list(menu.option_ids)} fits; valid: a larger budget or a menu "
@@ -83,7 +89,13 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in splits.items())
     say(f"search: base distributions on {shapes}")
     meter = KLMeter(model, splits, batch_size=batch_size, head_layers=head_layers)
-    incumbent = store_incumbent(menu, unit_costs, limits)
+    # the store's walk: the largest uniform that fits (memory alone, when a latency budget
+    # needs pruning and no uniform plan fits it)
+    try:
+        incumbent = store_incumbent(menu, unit_costs, limits)
+    except ValidationError:
+        incumbent = store_incumbent(menu, unit_costs, {k: v for k, v in limits.items()
+                                                       if k == "memory_bytes"})
     say(f"search: variant store ({len(menu.steps)} choices per matrix; walk at uniform "
         f"{incumbent.option_id})")
     store = VariantStore.build(

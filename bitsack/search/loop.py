@@ -279,20 +279,35 @@ class Search:
 
     # ---- 2. linearise -------------------------------------------------------------------
     def linearise(self, groups: Sequence[str] | None = None) -> None:
-        """Measure Δ(g, ±1) on ``screen`` for ``groups`` (default: all)."""
+        """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all): d = ±1, the group's
+        units one menu step up / down; d = 0 (menu with prune), its one prunable kept unit
+        whose weights are smallest (``VariantStore.error`` of pruning) pruned."""
         base = self.kl["screen"]
         for g in (groups if groups is not None else self.groups):
-            for d in (+1, -1):
-                moved = {}
-                for uid in self.groups[g]:
-                    to = self.menu.step(self.plan[uid], d)
-                    if to is not None:
-                        moved[uid] = to
+            for d in (+1, -1, 0) if self.menu.prune else (+1, -1):
+                moved = self._move(g, d)
                 if not moved:
                     self.deltas.pop((g, d), None)
                     continue
                 kl = self._measure(moved, "screen")
                 self.deltas[(g, d)] = (Paired.of(kl, base), moved)
+
+    def _move(self, g: str, d: int) -> dict[str, Choice]:
+        from bitsack.plan import PRUNE
+
+        if d == 0:
+            kept = [u for u in self.groups[g] if self.stitch.units[u].prunable
+                    and not self.plan[u].pruned]
+            if not kept:
+                return {}
+            pick = min(kept, key=lambda u: (self.store.error(self.stitch.units[u], PRUNE), u))
+            return {pick: PRUNE}
+        moved = {}
+        for uid in self.groups[g]:
+            to = self.menu.step(self.plan[uid], d)
+            if to is not None:
+                moved[uid] = to
+        return moved
 
     # ---- 3. propose ---------------------------------------------------------------------
     def propose(self, k: int, rng: np.random.Generator | None = None):
@@ -305,7 +320,7 @@ class Search:
         units = []
         for g, members in self.groups.items():
             moves = {}
-            for d in (+1, -1):
+            for d in (+1, -1, 0):
                 if (g, d) not in self.deltas:
                     continue
                 paired, moved = self.deltas[(g, d)]
@@ -316,8 +331,10 @@ class Search:
             for uid in members:
                 cur = self.plan[uid]
                 opts = [Option(cur.option_id, 0.0, self._cost(uid, cur, False))]
+                offered = {cur.option_id}
                 for _, (delta, moved, share) in moves.items():
-                    if uid in moved:
+                    if uid in moved and moved[uid].option_id not in offered:
+                        offered.add(moved[uid].option_id)
                         opts.append(Option(moved[uid].option_id, delta * share[uid],
                                            self._cost(uid, moved[uid], True)))
                 units.append(Unit(uid, tuple(opts), params=self.params[uid]))

@@ -279,7 +279,7 @@ class VariantStore:
         if store.root is not None:
             store._open(key)
         adapter = get_adapter(model)
-        choices = menu.steps
+        choices = tuple(dict.fromkeys((*menu.steps, FP16)))  # fp16: the reference weights
         cols = column_bounds(units)
         tied = tied_pairs(model)
         store.tied = dict(tied)

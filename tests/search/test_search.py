@@ -195,3 +195,26 @@ def test_groups_are_layer_kinds_and_embeddings():
     assert groups["L0.head_group"] == ["L0.attn.g0", "L0.attn.g1"]
     assert groups["L1.mlp_group"] == ["L1.mlp.c0", "L1.mlp.c1", "L1.mlp.c2"]
     assert groups["embed"] == ["embed"]
+
+
+def test_pruning_enters_as_measured_moves_when_bits_cannot_meet_the_budget(setup):
+    from dataclasses import replace
+
+    from bitsack.plan import PRUNE
+
+    _, model, units, meter, store, _ = setup()
+    menu = replace(store.menu, prune=True)
+    store.menu = menu
+    costs = unit_costs(_shapes(units), menu, make_cost_models(["memory"]))
+    limits = _limit(units, 2.9)  # below the smallest uniform choice (b2g32: 3.0 bits)
+    s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=300, k=4))
+    # a feasible start that prunes (a one-shot plan would give one): every other MLP block
+    start = {u.id: (PRUNE if u.kind == "mlp_group" and u.id.endswith(("c0", "c2"))
+                    else parse_choice("b2g32", 16)) for u in units}
+    assert s.fits(start) and not s.fits({u.id: parse_choice("b2g32", 16) for u in units})
+    res = s.run(extra_starts={"oneshot": start})
+    assert res.start["incumbent"] == "oneshot"
+    assert s.fits(res.plan)
+    assert any(c.pruned for c in res.plan.values())
+    assert any((g, 0) in s.deltas for g in s.groups)  # prune moves were measured
+    assert res.kl["holdout"] <= res.start["kl"]["holdout"] + 1e-12
