@@ -35,6 +35,7 @@ from bitsack.models.plumbing import (
     dense_weight,
     output_name,
     set_module,
+    settle_packed_ties,
     tied_pairs,
 )
 from bitsack.plan import Choice, SegmentPlan, matrix_segments, module_name, normalize_plan
@@ -200,6 +201,7 @@ def compress(model: nn.Module, plan: Mapping[str, Any], calib_tokens: torch.Tens
     report["timings_s"]["total"] = time.perf_counter() - t0
     if engine is not None:
         report["peak_device_bytes"] = engine.peak_device_bytes
+    settle_packed_ties(model)  # tie_weights() must not look for a packed embedding's .weight
     model.bitsack_plan = {uid: c.option_id for uid, c in plan.items()}
     model.bitsack_apply = {"quantizer": cfg.quantizer, "group_size": cfg.group_size,
                            "mlp_group": cfg.mlp_group}
@@ -297,6 +299,7 @@ def assemble(model: nn.Module, plan: Mapping[str, Any],
                                                  backend=cfg.backend)
             set_module(model, name, packed)
         packed_bytes += packed.nbytes
+    settle_packed_ties(model)  # tie_weights() must not look for a packed embedding's .weight
     model.bitsack_plan = {uid: c.option_id for uid, c in prep.plan.items()}
     model.bitsack_apply = {"quantizer": "assembled", "group_size": cfg.group_size,
                            "mlp_group": cfg.mlp_group}
@@ -407,7 +410,9 @@ def _replace_head(model: nn.Module, engine, name: str, head_name: str | None,
                                                                                strict=True)]
         packed = PackedEmbedding(weight.shape[0], weight.shape[1], segments,
                                  dtype=mod.weight.dtype)
-        set_module(model, name, packed)
+        # an embedding with its own forward (Gemma's scaled one) keeps it
+        set_module(model, name, packed if type(mod) is nn.Embedding
+                   else PackedWeightModule(mod, packed))
         set_module(model, head_name, packed.as_linear(cfg.backend))
     else:
         packed = PackedLinear.from_quantized(parts, 0, bias=bias_of(mod), backend=cfg.backend)
