@@ -71,7 +71,7 @@ class BitsackConfig(PreTrainedConfig):
         Raises:
             FormatError: the config names no base model type transformers knows.
         """
-        from bitsack.checkpoint import base_config_from_dict
+        from bitsack.models.checkpoint import base_config_from_dict
 
         return base_config_from_dict(self.to_dict(), f"{self.name_or_path or 'config'}")
 
@@ -120,7 +120,7 @@ class BitsackForCausalLM:
             ModelError: an unsupported option, a changed config, a folder that cannot be found.
             FormatError: the folder fails a check of ``load_compressed``.
         """
-        from bitsack.checkpoint import load_compressed
+        from bitsack.models.checkpoint import load_compressed
 
         if model_args:
             raise ModelError(f"from_pretrained: positional model arguments {model_args!r} are "

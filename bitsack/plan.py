@@ -46,6 +46,14 @@ class Choice:
         return self.option_id
 
 
+def nominal_bits(choice: Choice) -> float:
+    """Bits per weight of a choice on a row whose width the group size divides
+    (``bits + 32/G``: fp16 scale and zero per group)."""
+    if choice.bits in (0, 16):
+        return float(choice.bits)
+    return choice.bits + 32.0 / choice.group_size
+
+
 PRUNE = Choice(0)
 FP16 = Choice(16)
 

@@ -12,8 +12,7 @@ _UNIT_RE = re.compile(r"^L(\d+)\.(attn|mlp)\.[gc](\d+)$")
 
 
 def _nominal(option_id: str) -> float:
-    from bitsack.plan import parse_choice
-    from bitsack.search.menu import nominal_bits
+    from bitsack.plan import nominal_bits, parse_choice
 
     return nominal_bits(parse_choice(option_id, 64))
 

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bitsack.config import UNIT_KINDS, Context, RunConfig
 from bitsack.errors import ValidationError
 from bitsack.io import file_sha256, write_json
-from bitsack.pipeline import UNIT_KINDS, Context, RunConfig
 
 
 @dataclass

@@ -14,18 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from bitsack.errors import ValidationError
-from bitsack.plan import FP16, Choice, parse_choice
+from bitsack.plan import FP16, Choice, nominal_bits, parse_choice
 
 #: The default menu of ``bitsack run --method search`` (prune is a separate switch).
 DEFAULT_MENU = ("b2g128", "b2g64", "b2g32", "b3g128", "b3g64", "b3g32", "b4g128", "b4g64",
                 "b4g32", "b8g64", "b16")
-
-
-def nominal_bits(choice: Choice) -> float:
-    """Bits per weight of a choice on a row whose width the group size divides."""
-    if choice.bits in (0, 16):
-        return float(choice.bits)
-    return choice.bits + 32.0 / choice.group_size
 
 
 @dataclass(frozen=True)
