@@ -493,6 +493,9 @@ class GPTQ:
         self.columns = columns
         self._H: torch.Tensor | None = None  # a fixed H given to from_hessian
         self._H_cache: tuple[int, torch.Tensor] | None = None
+        # (n, damp, act_order, escalations) -> (dead, perm, H⁻¹ factor, λ): one Cholesky
+        # serves every call on the same Hessian (several segmentations of one matrix)
+        self._factor_cache: dict[tuple, tuple] = {}
 
     @property
     def H(self) -> torch.Tensor:
@@ -543,6 +546,27 @@ class GPTQ:
             raise ValidationError("add_batch", "this GPTQ holds a fixed Hessian matrix "
                                   "(from_hessian); valid: add to a Hessian accumulator instead")
         self.hessian.add(x)
+
+    def _factor(self, damp: float, act_order: bool, max_escalations: int):
+        """(dead inputs, act-order permutation or None, upper Cholesky factor of (H + λI)⁻¹
+        in that order, λ), computed once per Hessian and settings."""
+        key = (self.nsamples, float(damp), bool(act_order), int(max_escalations))
+        hit = self._factor_cache.get(key)
+        if hit is None:
+            H = self.H.clone()
+            # A dead input (never nonzero in calibration) carries no information: its weight
+            # cannot influence the outputs seen, so zero it and give H a unit diagonal there.
+            dead = torch.diag(H) == 0
+            H[dead, dead] = 1.0
+            if act_order:
+                perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+                H = H[perm][:, perm]
+            else:
+                perm = None
+            Hinv, lam = self._inverse_cholesky(H, damp, max_escalations)
+            hit = (dead, perm, Hinv, lam)
+            self._factor_cache = {key: hit}
+        return hit
 
     def _inverse_cholesky(self, H: torch.Tensor, damp: float, max_escalations: int
                           ) -> tuple[torch.Tensor, float]:
@@ -736,17 +760,7 @@ class GPTQ:
         column, λ). Scale/zero are written into the rectangles."""
         rows, cols = W0.shape
         dev = self.H.device
-        H = self.H.clone()
-        # A dead input (never nonzero in calibration) carries no information: its weight
-        # cannot influence the outputs seen, so zero it and give H a unit diagonal there.
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        if act_order:
-            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-            H = H[perm][:, perm]
-        else:
-            perm = None
-        Hinv, lam = self._inverse_cholesky(H, damp, max_escalations)
+        dead, perm, Hinv, lam = self._factor(damp, act_order, max_escalations)
         if row_chunk is None:
             row_chunk = _default_row_chunk(cols)
         if isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk <= 0:
