@@ -821,34 +821,51 @@ class GPTQ:
         cols = W0.shape[1]
         R = b - a
         f64 = torch.float64
-        Wt = W0[a:b].detach().to(device=dev, dtype=f64).t().contiguous()  # [cols, R]
-        Wt[dead] = 0.0
         events = self._events(rects, a, b, dev)
         any16 = any(bool(ev.is16.any()) for ev in events)
         is16_col = None
         if perm is not None:
-            # static groups: parameters of every group from the original (dead-zeroed) W,
-            # spread to per-column rows so each column reads one contiguous vector
-            S = torch.ones((cols, R), dtype=f64, device=dev)
-            Z = torch.zeros((cols, R), dtype=f64, device=dev)
-            M = torch.zeros((cols, R), dtype=f64, device=dev)
-            if any16:
-                is16_col = torch.zeros((cols, R), dtype=torch.bool, device=dev)
+            # The transpose is built in the quantization order directly (one pass), and the
+            # static groups' parameters (from the original, dead-zeroed W) are written to the
+            # permuted positions of their columns, so column i reads one contiguous vector.
+            invperm = torch.argsort(perm)
+            Wt = W0[a:b].detach().to(device=dev)[:, perm].to(f64).t().contiguous()
+            Wt[dead[perm]] = 0.0
+            # maxq / 16-bit masks as per-row vectors when no row changes them along its
+            # columns (row segments), else per-column tables
+            row_const = all(rc.c0 == 0 and rc.c1 == cols and
+                            bool((rc.bits == rc.bits[:, :1]).all()) for rc in rects)
+            S = torch.empty((cols, R), dtype=f64, device=dev)
+            Z = torch.empty((cols, R), dtype=f64, device=dev)
+            if row_const:
+                M = None
+                m_row = torch.zeros(R, dtype=f64, device=dev)
+                is16_row = torch.zeros(R, dtype=torch.bool, device=dev) if any16 else None
+            else:
+                M = torch.zeros((cols, R), dtype=f64, device=dev)
+                if any16:
+                    is16_col = torch.zeros((cols, R), dtype=torch.bool, device=dev)
+            s_tmp = torch.empty(R, dtype=f64, device=dev)
+            z_tmp = torch.empty(R, dtype=f64, device=dev)
             for ev in events:
                 sl = slice(ev.ra, ev.rb)
-                self._set_params(ev, Wt[ev.c:ev.end, sl].t(), a, S[ev.c, sl], Z[ev.c, sl])
-                S[ev.c + 1:ev.end, sl] = S[ev.c, sl]
-                Z[ev.c + 1:ev.end, sl] = Z[ev.c, sl]
-                M[ev.c:ev.end, sl] = ev.maxq
-                if is16_col is not None:
-                    is16_col[ev.c:ev.end, sl] = ev.is16
-            S, Z, M = S[perm], Z[perm], M[perm]
-            if is16_col is not None:
-                is16_col = is16_col[perm]
-            Wt = Wt[perm]
+                pos = invperm[ev.c:ev.end]
+                self._set_params(ev, Wt[pos, sl].t(), a, s_tmp[sl], z_tmp[sl])
+                S[pos, sl] = s_tmp[sl]
+                Z[pos, sl] = z_tmp[sl]
+                if M is not None:
+                    M[pos, sl] = ev.maxq
+                    if is16_col is not None:
+                        is16_col[pos, sl] = ev.is16
+                else:
+                    m_row[sl] = ev.maxq
+                    if is16_row is not None:
+                        is16_row[sl] = ev.is16
             order = perm.tolist()
             starts: dict[int, list[_Event]] = {}
         else:
+            Wt = W0[a:b].detach().to(device=dev, dtype=f64).t().contiguous()  # [cols, R]
+            Wt[dead] = 0.0
             order = list(range(cols))
             starts = {}
             for ev in events:
@@ -891,8 +908,12 @@ class GPTQ:
                             cur16[sl] = ev.is16
                     s, z, m, w16 = cur_s, cur_z, cur_m, cur16
                 else:
-                    s, z, m = S[i1 + j], Z[i1 + j], M[i1 + j]
-                    w16 = None if is16_col is None else is16_col[i1 + j]
+                    s, z = S[i1 + j], Z[i1 + j]
+                    if M is None:
+                        m, w16 = m_row, is16_row
+                    else:
+                        m = M[i1 + j]
+                        w16 = None if is16_col is None else is16_col[i1 + j]
                 w = W1[j]
                 # nearest code on the stored grid: clamp(round(w/s + z), 0, maxq)
                 torch.div(w, s, out=qc)
