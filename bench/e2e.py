@@ -165,8 +165,7 @@ class Bench:
         if self._units is None:
             from bitsack.models import model_units
 
-            self._units = model_units(self.model, mlp_group=self.cfg.mlp_group,
-                                      group_size=self.cfg.group_size)
+            self._units = model_units(self.model, mlp_group=self.cfg.mlp_group)
         return self._units
 
     @property
@@ -360,7 +359,7 @@ class Bench:
                 out.update(ppl={}, nll={}, n_pruned=None, timings_s=timings,
                            error=f"no plan: {solution.status}: {solution.message}")
                 return out
-            plan = plan_from_solution(budgeted, solution)
+            plan = {u: c.bits for u, c in plan_from_solution(budgeted, solution).items()}
             out["assignment"] = dict(solution.assignment)
             if m.interactions is False or m.kind == "sequential":
                 # what the full fisher objective (with interactions) says of this plan

@@ -157,7 +157,7 @@ def choose_units(cfg: BenchConfig, model) -> list:
     """A seeded subset: ``head_units`` head groups and ``mlp_units`` MLP blocks, model order."""
     from bitsack.models import model_units
 
-    units = model_units(model, mlp_group=cfg.mlp_group, group_size=cfg.group_size,
+    units = model_units(model, mlp_group=cfg.mlp_group,
                         embeddings=False)
     rng = np.random.default_rng(cfg.seed + 11)
     pick: set[str] = set()
@@ -367,7 +367,7 @@ def run_timing(cfg: BenchConfig, piece: str, progress: bool, log) -> dict:
         return {"wall_s": round(wall, 2), "peak_memory_bytes": d["peak_memory_bytes"],
                 "peak_memory_what": d["peak_memory_what"], "batch_size": cfg.batch_size,
                 "machine": mach, "loadavg_end": list(os.getloadavg())}
-    units = model_units(model, mlp_group=cfg.mlp_group, group_size=cfg.group_size,
+    units = model_units(model, mlp_group=cfg.mlp_group,
                         embeddings=True)
     res = profile(model, units, toks, estimator="fisher", bits=cfg.timing_bits,
                   group_size=cfg.group_size, seed=cfg.seed, progress=progress)

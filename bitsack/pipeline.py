@@ -229,7 +229,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
         say(f"profile: {cfg.estimator} on {cfg.profile_nsamples} x {cfg.profile_seqlen} "
             f"tokens of {cfg.calib}")
         t = time.perf_counter()
-        units = model_units(lm.model, mlp_group=cfg.mlp_group, group_size=cfg.group_size,
+        units = model_units(lm.model, mlp_group=cfg.mlp_group,
                             embeddings="embed" in cfg.units)
         kinds = {UNIT_KINDS[k] for k in cfg.units}
         units = [u for u in units if u.kind in kinds]
@@ -291,7 +291,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
         stages.record("eval_base", base_inputs, time.perf_counter() - t)
     base_ppl = json.loads(base_file.read_text())["ppl"]
     if not stages.done("compress", comp_inputs, [model_dir / "bitsack.json"]):
-        say(f"compress: {cfg.quantizer}, {sum(b == 0 for b in plan.values())} units pruned")
+        say(f"compress: {cfg.quantizer}, {sum(c.pruned for c in plan.values())} units pruned")
         t = time.perf_counter()
         calib = None
         if cfg.quantizer == "gptq":
@@ -372,12 +372,12 @@ def _tensor_bytes(model) -> int:
     return total
 
 
-def plan_counts(problem, plan: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    """Unit kind -> option label ('prune', '4b', ...) -> count."""
+def plan_counts(problem, plan: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Unit kind -> option id ('prune', 'b4', 'b3g128', ...) -> count."""
     out: dict[str, dict[str, int]] = {}
     for unit in problem.units:
-        bits = plan.get(unit.id)
-        label = "prune" if bits == 0 else f"{bits}b"
+        choice = plan.get(unit.id)
+        label = "unplanned" if choice is None else str(choice)
         kind = unit.kind or "other"
         out.setdefault(kind, {}).setdefault(label, 0)
         out[kind][label] += 1

@@ -6,8 +6,11 @@ Hessians, and the time and memory it took.
   one gradient "row" of the Fisher estimators.
 - ``LayerCache``: the hidden states entering every decoder layer for a set of sequences, so a
   perturbation of layer i re-runs only layers ≥ i (the ``measured`` estimator).
-- ``input_hessians``: ``Σ_t x_t x_tᵀ`` of every linear's inputs, layer by layer (GPTQ's
-  Hessians and the ``layerwise`` estimator), float64.
+- ``input_hessians``: every linear's input ``Hessian``, layer by layer (GPTQ's Hessians and
+  the ``layerwise`` estimator).
+
+The layer walks are the layer engine's (``bitsack.engine``), shared with compression and the
+measured search.
 - ``ResourceMeter``: wall time per phase and peak memory (resident set on CPU, allocator
   peak on CUDA).
 """
@@ -18,7 +21,7 @@ import contextlib
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bitsack.engine import LayerEngine
 from bitsack.errors import ValidationError
+from bitsack.kernels.hessian import Hessian
 from bitsack.models import get_adapter
 
 LABEL_SOURCES = ("sampled", "data")
@@ -184,11 +189,14 @@ class LayerCache:
     unchanged weights reproduces ``hidden[L]`` bit for bit (same ops, same shapes).
     """
 
-    tokens: list[torch.Tensor]
-    kwargs: list[dict[str, Any]]
+    engine: LayerEngine
     hidden: list[list[torch.Tensor]]
     n_tokens: int
     base_nll: float = 0.0
+
+    @property
+    def tokens(self) -> list[torch.Tensor]:
+        return [b.ids for b in self.engine.batches]
 
     @property
     def n_layers(self) -> int:
@@ -207,23 +215,15 @@ class LayerCache:
 def build_layer_cache(model: torch.nn.Module, tokens: torch.Tensor,
                       batch_size: int = 8) -> LayerCache:
     """Run ``tokens`` once through the model, keeping every layer's input (see LayerCache)."""
-    adapter = get_adapter(model)
-    device = next(model.parameters()).device
-    batches = [tokens[b:b + batch_size].to(device) for b in range(0, tokens.shape[0], batch_size)]
-    n_layers = len(adapter.layers())
-    hidden: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
-    kwargs: list[dict[str, Any]] = []
-    for ids in batches:
-        li = adapter.capture_layer_inputs(ids)
-        kwargs.append(li.kwargs)
-        h = li.hidden
-        hidden[0].append(h)
-        for i in range(n_layers):
-            h = adapter.run_layer(i, h, li.kwargs)
-            hidden[i + 1].append(h)
-    n_tokens = sum(int(ids.shape[0]) * (int(ids.shape[1]) - 1) for ids in batches)
-    cache = LayerCache(batches, kwargs, hidden, n_tokens)
-    cache.base_nll = cached_nll(model, cache, n_layers)
+    engine = LayerEngine(model, tokens, batch_size=batch_size)
+    hidden = [engine.hidden_states()]
+    for _ in range(engine.n_layers):
+        engine.advance()
+        hidden.append(engine.hidden_states())
+    n_tokens = sum(int(ids.shape[0]) * (int(ids.shape[1]) - 1)
+                   for ids in (b.ids for b in engine.batches))
+    cache = LayerCache(engine, hidden, n_tokens)
+    cache.base_nll = cached_nll(model, cache, engine.n_layers)
     return cache
 
 
@@ -234,17 +234,16 @@ def cached_nll(model: torch.nn.Module, cache: LayerCache, start: int | None) -> 
     ``start`` None re-runs the embeddings too (an embedding was perturbed); ``start`` equal
     to the number of layers runs only the final norm and head.
     """
-    adapter = get_adapter(model)
+    engine = cache.engine
+    if start is None:
+        fresh = LayerEngine(model, torch.cat([b.ids for b in engine.batches]),
+                            batch_size=engine.batches[0].ids.shape[0])
+        final = fresh.run_from(0, fresh.hidden_states())
+    else:
+        final = engine.run_from(start, cache.hidden[start])
     total = 0.0
-    for b, ids in enumerate(cache.tokens):
-        if start is None:
-            li = adapter.capture_layer_inputs(ids)
-            h, kw, first = li.hidden, li.kwargs, 0
-        else:
-            h, kw, first = cache.hidden[start][b], cache.kwargs[b], start
-        for i in range(first, cache.n_layers):
-            h = adapter.run_layer(i, h, kw)
-        logits = adapter.final_logits(h)[:, :-1].float()
+    for ids, h in zip(cache.tokens, final, strict=True):
+        logits = engine.logits(h)[:, :-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                               reduction="none")
         total += float(nll.double().sum())
@@ -252,10 +251,6 @@ def cached_nll(model: torch.nn.Module, cache: LayerCache, start: int | None) -> 
 
 
 # ---- input Hessians -----------------------------------------------------------------------
-class _Stop(Exception):
-    """Raised by a hook once it has what it needs."""
-
-
 def param_names_by_id(model: torch.nn.Module) -> dict[int, str]:
     """``id(parameter) -> name`` (a tied parameter under its first name)."""
     return {id(p): n for n, p in model.named_parameters()}
@@ -266,102 +261,35 @@ def _is_linear_like(mod: torch.nn.Module) -> bool:
     return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
-class _HessianAcc:
-    """``Σ_t x_t x_tᵀ`` in float64 from float32 batch products, and the token count."""
-
-    def __init__(self, cols: int, device: torch.device):
-        self.S = torch.zeros((cols, cols), dtype=torch.float64, device=device)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.S += (x.T @ x).double()
-        self.n += x.shape[0]
-
-
 @torch.no_grad()
 def input_hessians(model: torch.nn.Module, tokens: torch.Tensor, names: Iterable[str],
-                   batch_size: int = 8) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """``(name, Σ_t x_t x_tᵀ, n_tokens)`` for each linear weight in ``names``, layer by layer.
+                   batch_size: int = 8, dist: Any = None) -> Iterator[tuple[str, Hessian]]:
+    """``(name, Hessian)`` for each linear weight in ``names``, layer by layer.
 
-    Linears reading the same tensor (q/k/v, gate/up) share one accumulation. Only the current
-    layer's inputs are held (GPTQ's layer-by-layer capture, Frantar et al. 2022), and the
-    Hessians of a layer are yielded before the next layer runs, so a consumer that uses and
-    drops them keeps memory at one layer's worth. Weights used outside the decoder layers by
-    a linear (an lm_head, tied or not) come last, from the final hidden states.
+    The layer engine's walk (``bitsack.engine``): linears reading the same tensor share one
+    accumulation, only the current layer's inputs are held, and the Hessians of a layer are
+    yielded before the next layer runs, so a consumer that uses and drops them keeps memory at
+    one layer's worth. Weights used outside the decoder layers by a linear (an lm_head, tied
+    or not) come last, from the final hidden states. Summed over ranks with ``dist``.
     """
     wanted = set(names)
     adapter = get_adapter(model)
     by_id = param_names_by_id(model)
-    device = next(model.parameters()).device
-    batches = []
-    for b in range(0, tokens.shape[0], batch_size):
-        li = adapter.capture_layer_inputs(tokens[b:b + batch_size].to(device))
-        batches.append((li.hidden, li.kwargs))
-    n_layers = len(adapter.layers())
-    in_layers: set[str] = set()
-    for i in range(n_layers):
-        mods = {by_id[id(m.weight)]: m for m in adapter.linear_modules(i).values()
-                if id(m.weight) in by_id}
-        in_layers.update(mods)
-    for i in range(n_layers):
-        mods = {by_id[id(m.weight)]: m for m in adapter.linear_modules(i).values()
-                if id(m.weight) in by_id}
-        todo = {n: m for n, m in mods.items() if n in wanted}
-        accs = _run_with_hooks(todo, batches,
-                               lambda h, kw, i=i: adapter.run_layer(i, h, kw), stop=False)
-        for name in todo:
-            acc = accs[name]
-            yield name, acc.S, acc.n
-        remaining = wanted - in_layers
-        later = any(n in wanted for j in range(i + 1, n_layers)
-                    for n in (by_id.get(id(m.weight)) for m in adapter.linear_modules(j).values()))
-        if not later and not remaining:
+    engine = LayerEngine(model, tokens, batch_size=batch_size, dist=dist)
+    per_layer = [{by_id[id(m.weight)]: m for m in adapter.linear_modules(i).values()
+                  if by_id.get(id(m.weight)) in wanted} for i in range(engine.n_layers)]
+    in_layers = {n for i in range(engine.n_layers)
+                 for n in (by_id.get(id(m.weight)) for m in adapter.linear_modules(i).values())}
+    outside = {by_id[id(mod.weight)]: mod for _, mod in model.named_modules()
+               if _is_linear_like(mod) and by_id.get(id(mod.weight)) in wanted - in_layers}
+    for i in range(engine.n_layers):
+        if per_layer[i]:
+            yield from engine.hessians(per_layer[i], stop_early=False).items()
+        if not outside and not any(per_layer[i + 1:]):
             return
-        batches = [(adapter.run_layer(i, h, kw), kw) for h, kw in batches]
-    # linears outside the layers (lm_head): fed by the final hidden state
-    outside = {}
-    for _, mod in model.named_modules():
-        if _is_linear_like(mod) and by_id.get(id(mod.weight)) in wanted - in_layers:
-            outside[by_id[id(mod.weight)]] = mod
-    if outside:
-        accs = _run_with_hooks(outside, batches, lambda h, kw: adapter.final_logits(h),
-                               stop=True)
-        for name, acc in accs.items():
-            yield name, acc.S, acc.n
-
-
-def _run_with_hooks(mods: dict[str, torch.nn.Module], batches, run: Callable,
-                    stop: bool) -> dict[str, _HessianAcc]:
-    accs: dict[str, _HessianAcc] = {}
-    seen_this_batch: dict[int, tuple[torch.Tensor, _HessianAcc]] = {}
-    called: set[str] = set()
-
-    def grab(name: str, x: torch.Tensor) -> None:
-        # keep x alive in the dict so that its id cannot be reused within the batch
-        if id(x) not in seen_this_batch:
-            acc = accs.get(name) or _HessianAcc(x.shape[-1], x.device)
-            acc.add(x)
-            seen_this_batch[id(x)] = (x, acc)
-        accs.setdefault(name, seen_this_batch[id(x)][1])
-        called.add(name)
-        if stop and len(called) == len(mods):
-            raise _Stop
-
-    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: grab(name, args[0]))
-               for name, m in mods.items()]
-    try:
-        for h, kw in batches:
-            seen_this_batch.clear()
-            called.clear()
-            if not mods:
-                break
-            with contextlib.suppress(_Stop):
-                run(h, kw)
-    finally:
-        for hd in handles:
-            hd.remove()
-    return accs
+        engine.advance()
+    for name, mod in outside.items():
+        yield name, engine.head_hessian(mod)
 
 
 # ---- time and memory ----------------------------------------------------------------------

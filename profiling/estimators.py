@@ -197,10 +197,9 @@ class Context:
     def _gptq_hessians(self):
         local, _ = self.local(self.tokens)
         names = set(Perturbations(self.model, self.layout, self.group_size).entries)
-        for name, S, n in input_hessians(self.model, local, names, self.options.batch_size):
-            S = self.dist.all_reduce(S)
-            n = int(self.dist.sum_float(float(n)))
-            yield name, (2.0 / max(n, 1)) * S
+        for name, hess in input_hessians(self.model, local, names, self.options.batch_size,
+                                         dist=self.dist):
+            yield name, hess.matrix()
 
     def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -516,9 +515,9 @@ def layerwise(ctx: Context) -> Estimate:
     n_tokens = int(ctx.dist.sum_float(float(local.numel())))
     names = set(pert.entries)
     with ctx.meter.phase("layerwise"), ctx._bar(len(names), "layerwise") as bar:
-        for name, S, _n in input_hessians(ctx.model, local, names, ctx.options.batch_size):
-            H = ctx.dist.all_reduce(S).float()
-            _layerwise_matrix(pert, name, H, acc)
+        for name, hess in input_hessians(ctx.model, local, names, ctx.options.batch_size,
+                                         dist=ctx.dist):
+            _layerwise_matrix(pert, name, hess.S.float(), acc)
             bar.update()
         counts = _embedding_counts(ctx, local, names)
         for name in sorted(counts):

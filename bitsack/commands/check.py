@@ -21,18 +21,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("solution", help="solution JSON (bitsack solve --out)")
     p.add_argument("--budget", action="append", default=[], metavar="RESOURCE=VALUE",
                    help="the budgets the solution was solved under, if they were overridden")
-    p.add_argument("--avg-bits", type=float, metavar="B",
+    p.add_argument("--avg-bits", metavar="B",
                    help="the --avg-bits the solution was solved under, if any")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitsack.commands.solve import apply_budgets
+    from bitsack.commands.solve import budget_of
     from bitsack.solver.schema import load_problem
     from bitsack.solver.solution import load_solution, verify
 
-    problem = apply_budgets(load_problem(args.problem), args)
+    budget = budget_of(args)
+    problem = budget.apply(load_problem(args.problem))
     solution = load_solution(args.solution)
     items = verify(problem, solution)
     ok = all(i.ok for i in items)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     })
     summary = {"out": str(out), "packed_bytes": result.packed_bytes,
                "plan_memory_bytes": usage, "untouched_units": list(result.untouched),
-               "pruned_units": sum(1 for b in plan.values() if b == 0),
+               "pruned_units": sum(1 for c in plan.values() if c.pruned),
                "timings_s": result.report["timings_s"]}
     if args.json:
         print(json.dumps(summary, indent=2))

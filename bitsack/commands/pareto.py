@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "usage; print a table and write PREFIX.png and PREFIX.json.")
     p.add_argument("problem", help="problem file (.yaml, .yml or .json)")
     p.add_argument("--resource", required=True, help="resource whose limit is swept")
-    p.add_argument("--points", type=int, default=11, help="number of limits (default 11)")
+    p.add_argument("--points", default="11", help="number of limits, 1..1000 (default 11)")
     add_solve_arguments(p)
     p.add_argument("--out", metavar="PREFIX", help="output prefix (default: <problem "
                    "name>-pareto in the current folder)")
@@ -32,18 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitsack.commands.solve import apply_budgets, solve_options
+    from bitsack.commands.solve import budget_of, number, out_file, solve_options
     from bitsack.io import write_json
-    from bitsack.solver.pareto import pareto_sweep
+    from bitsack.solver.pareto import MAX_POINTS, pareto_sweep
     from bitsack.solver.schema import load_problem
 
-    problem = apply_budgets(load_problem(args.problem), args)
-    result = pareto_sweep(problem, args.resource, args.points, solver=args.solver,
-                          options=solve_options(args),
-                          progress=sys.stderr.isatty() and not (args.json or args.quiet))
+    points = number(args.points, "--points", 1, MAX_POINTS, integer=True)
+    options = solve_options(args)
+    budget = budget_of(args)
+    if args.out:
+        out_file(args.out)
+    problem = budget.apply(load_problem(args.problem))
     prefix = Path(args.out) if args.out else Path(f"{problem.name}-pareto")
-    write_json(prefix.with_name(prefix.name + ".json"), result.to_dict())
-    png = prefix.with_name(prefix.name + ".png")
+    json_path = out_file(str(prefix.with_name(prefix.name + ".json")))
+    png = out_file(str(prefix.with_name(prefix.name + ".png")))
+    result = pareto_sweep(problem, args.resource, points, solver=args.solver, options=options,
+                          progress=sys.stderr.isatty() and not (args.json or args.quiet))
+    write_json(json_path, result.to_dict())
     plot(result, png)
     if args.json and not args.quiet:
         json.dump(result.to_dict(), sys.stdout, indent=2, allow_nan=False)
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             dual = "-" if p.dual_bound is None else f"{p.dual_bound:.6g}"
             gap = "-" if p.rel_gap is None else f"{p.rel_gap:.2g}"
             print(f"{p.limit:>14.6g} {p.status:<12}{obj:>14}{dual:>14}{gap:>10}  {p.solver}")
-        print(f"wrote {png} and {prefix.with_name(prefix.name + '.json')}")
+        print(f"wrote {png} and {json_path}")
     return 0 if any(p.objective is not None for p in result.points) else 2
 
 

@@ -101,7 +101,6 @@ def _rank_main(dist, cfg: dict[str, Any]):
                     progress=progress)
     kinds = {UNIT_KINDS[k] for k in cfg["units"]}
     units = [u for u in model_units(lm.model, mlp_group=cfg["mlp_group"],
-                                    group_size=cfg["group_size"],
                                     embeddings="embed" in cfg["units"]) if u.kind in kinds]
     calib = calibration_tokens(cfg["calib"], lm.tokenizer, cfg["nsamples"], cfg["seqlen"],
                                seed=cfg["seed"])

@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: problems)")
     p.add_argument("--solver", nargs="+", metavar="NAME", help="only these backends")
     p.add_argument("--update", action="store_true", help="rewrite the goldens (deliberately)")
-    p.add_argument("--time-limit", type=float, default=120.0, metavar="S",
-                   help="per solve (default 120)")
+    p.add_argument("--time-limit", default="120", metavar="S",
+                   help="per solve, seconds (default 120)")
     p.add_argument("--json", action="store_true", help="print the outcomes as JSON")
     p.add_argument("--quiet", action="store_true", help="print failures only")
     p.set_defaults(func=run)
@@ -132,7 +132,11 @@ def regress(root: str, solvers: list[str] | None = None, update: bool = False,
 
 
 def run(args: argparse.Namespace) -> int:
-    outcomes = regress(args.dir, args.solver, args.update, args.time_limit,
+    from bitsack.commands.solve import number
+    from bitsack.solver.numeric import MAX_TIME_LIMIT_S
+
+    time_limit = number(args.time_limit, "--time-limit", 0, MAX_TIME_LIMIT_S, lo_open=True)
+    outcomes = regress(args.dir, args.solver, args.update, time_limit,
                        progress=sys.stderr.isatty() and not (args.json or args.quiet))
     failed = [o for o in outcomes if o.result == "FAIL"]
     if args.json:

@@ -4,7 +4,7 @@ Public API (torch and transformers load on first use of a function, so
 ``import bitsack.models`` and ``bitsack.models.base`` stay light)::
 
     lm = load_model("default")                     # LoadedModel(model, tokenizer, source)
-    units = model_units(lm.model, mlp_group=128, group_size=64)   # list[UnitSpec]
+    units = model_units(lm.model, mlp_group=128)   # list[UnitSpec]
     adapter = get_adapter(lm.model)                # layers(), linear_modules(i), ...
     result = prune(lm.model, ["L3.attn.g1", "L7.mlp.c4"])         # PruneResult (dims record)
     permute_units(lm.model, order)                 # function-preserving reorder
@@ -59,11 +59,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'bitsack.models' has no attribute {name!r}")
 
 
-def model_units(model, mlp_group: int = 128, group_size: int = 64,
-                embeddings: bool = True) -> list[UnitSpec]:
+def model_units(model, mlp_group: int = 128, embeddings: bool = True) -> list[UnitSpec]:
     """Every unit of ``model`` with its weight slices (see ``Adapter.units``)."""
-    return get_adapter(model).units(mlp_group=mlp_group, group_size=group_size,
-                                    embeddings=embeddings)
+    return get_adapter(model).units(mlp_group=mlp_group, embeddings=embeddings)
 
 
 def prune(model, unit_ids: Iterable[str], mlp_group: int = 128) -> PruneResult:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -297,15 +296,15 @@ class Adapter:
         }
 
     # ---- units --------------------------------------------------------------------------
-    def units(self, mlp_group: int = 128, group_size: int = 64,
-              embeddings: bool = True) -> list[UnitSpec]:
+    def units(self, mlp_group: int = 128, embeddings: bool = True) -> list[UnitSpec]:
         """Every unit of the model with the weight slices it owns.
 
+        Any quantization group size fits any unit: groups run along a matrix's input
+        dimension inside each packed segment, and a segment's last group may be shorter
+        (``bitsack.kernels.formats``).
+
         Args:
-            mlp_group: MLP channels per unit. The last block of a layer may be smaller, as long
-                as it stays a multiple of ``group_size``.
-            group_size: quantization group size along the input dimension; every column slice
-                must be a multiple of it and every row slice's full width divisible by it.
+            mlp_group: MLP channels per unit; the last block of a layer may be smaller.
             embeddings: include embedding / lm_head units (bits only, not prunable).
 
         Returns:
@@ -313,15 +312,11 @@ class Adapter:
             embedding units. Ids are stable under pruning and permutation.
 
         Raises:
-            ModelError: when ``mlp_group`` or ``group_size`` does not fit the model.
+            ModelError: when ``mlp_group`` is not a positive integer.
         """
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ModelError(f"group_size: {group_size!r} must be a positive integer")
-        if not isinstance(mlp_group, int) or mlp_group < 1:
+        if isinstance(mlp_group, bool) or not isinstance(mlp_group, int) or mlp_group < 1:
             raise ModelError(f"mlp_group: {mlp_group!r} must be a positive integer")
         rec = self.dims()
-        _, full_width = self.full_sizes()
-        self._check_mlp_group(mlp_group, group_size, full_width)
         out: list[UnitSpec] = []
         for i, layer_rec in enumerate(rec["layers"]):
             groups = layer_rec["attn_groups"]
@@ -336,22 +331,7 @@ class Adapter:
                                     prunable=True))
         if embeddings:
             out.extend(self.embedding_units())
-        self._check_group_size(out, group_size)
         return out
-
-    def _check_mlp_group(self, mlp_group: int, group_size: int, width: int) -> None:
-        last = width % mlp_group
-        # A width the group size does not divide is the group size's fault: the slice check
-        # reports it with the valid group sizes.
-        if width % group_size or (mlp_group % group_size == 0 and last % group_size == 0):
-            return
-        valid = list(range(group_size, width + 1, group_size))
-        shown = ", ".join(map(str, valid[:12])) + (", ..." if len(valid) > 12 else "")
-        raise ModelError(
-            f"mlp_group: {mlp_group} does not fit MLP width {width} with group_size {group_size}"
-            f" (blocks of {mlp_group}, last block {last or mlp_group}: column slices must be "
-            f"multiples of the group size); valid mlp_group values: {shown or 'none'}"
-        )
 
     @staticmethod
     def _blocks(i: int, channels: list[int], mlp_group: int) -> list[tuple[int, int, int]]:
@@ -373,26 +353,6 @@ class Adapter:
             seen.add(block)
             blocks.append((block, start, pos))
         return blocks
-
-    @staticmethod
-    def _check_group_size(units: Iterable[UnitSpec], group_size: int) -> None:
-        widths: list[tuple[str, Slice, int]] = []
-        for u in units:
-            for s in u.slices:
-                # A row slice is quantized along its full width; a column slice within itself.
-                widths.append((u.id, s, s.shape[1]))
-        bad = [(uid, s, w) for uid, s, w in widths if w % group_size]
-        if not bad:
-            return
-        g = 0
-        for _, _, w in widths:
-            g = math.gcd(g, w)
-        uid, s, w = bad[0]
-        what = "columns" if s.dim == 1 else "rows of width"
-        raise ModelError(
-            f"group_size: {group_size} does not divide unit {uid}'s {what} {w} ({s.param}); "
-            f"valid group sizes for this model: {', '.join(map(str, _divisors(g)))}"
-        )
 
     # ---- surgery ------------------------------------------------------------------------
     def quantizable_params(self) -> int:

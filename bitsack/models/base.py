@@ -17,7 +17,8 @@ Quantization groups always run along a matrix's *input* dimension (its columns),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,17 @@ class UnitSpec:
     @property
     def params(self) -> int:
         return sum(s.numel for s in self.slices)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model, its tokenizer, and what was loaded.
+
+    ``source`` keys: ``kind`` (local | hub | gguf | default | compressed), ``spec`` (as given),
+    ``path``, ``gguf_file``, ``sha256`` (of a GGUF file, or None), ``dtype``, ``model_type``,
+    ``transformers_version``.
+    """
+
+    model: Any
+    tokenizer: Any
+    source: dict = field(default_factory=dict)

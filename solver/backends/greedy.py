@@ -51,6 +51,7 @@ from bitsack.solver.backends.base import (
     SolveOptions,
     Stopwatch,
     check_params,
+    int_param,
     make_solution,
     register,
 )
@@ -74,7 +75,8 @@ class GreedyBackend:
     def solve(self, problem: Problem, options: SolveOptions) -> Solution:
         clock = Stopwatch()
         check_params(self.name, options.params, ("iterations",))
-        run = _Greedy(problem, int(options.params.get("iterations", 200)))
+        run = _Greedy(problem, int_param(self.name, options.params, "iterations", 200, 0,
+                                         100_000))
         result = run.solve()
         params = {"lambda": {r: float(v) for r, v in zip(run.names, run.best_lambda,
                                                          strict=True)},

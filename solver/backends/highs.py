@@ -47,6 +47,8 @@ from bitsack.solver.backends.base import (
     SolveOptions,
     Stopwatch,
     check_params,
+    float_param,
+    int_param,
     make_solution,
     register,
 )
@@ -98,11 +100,9 @@ class HighsBackend:
         if cuts not in ("per_factor", "aggregated"):
             raise SolverError(f"params.cuts: {cuts!r} is not a cut family; "
                               f"valid: ['per_factor', 'aggregated']")
-        max_rounds = int(options.params.get("max_rounds", 50))
-        milp_gap = float(options.params.get("milp_rel_gap", 0.5 * options.rel_gap))
-        if not (max_rounds >= 1 and 0.0 <= milp_gap < 1.0):
-            raise SolverError(f"params: max_rounds={max_rounds} / milp_rel_gap={milp_gap} out of "
-                              f"range; valid: max_rounds ≥ 1, 0 ≤ milp_rel_gap < 1")
+        max_rounds = int_param(self.name, options.params, "max_rounds", 50, 1, 100_000)
+        milp_gap = float_param(self.name, options.params, "milp_rel_gap",
+                               0.5 * options.rel_gap, 0.0, 1.0, hi_open=True)
 
         form = build_mip(problem,
                          interactions="outer" if cuts == "per_factor" else "outer_aggregated")

@@ -272,7 +272,7 @@ def build_mip(problem: Problem, *, interactions: str = "objective") -> MipFormul
                 for j, opt in enumerate(units[ui].options):
                     if opt.is_prune:
                         continue
-                    b.add_row(f"same_bits[{ci},{units[ui].id},b{opt.bits}]",
+                    b.add_row(f"same_bits[{ci},{units[ui].id},{opt.id}]",
                               np.array([x_ids[start[ui] + j], zmap[opt.bits]]),
                               np.array([1.0, -1.0]), ub=0.0)
         elif con.type == "min_kept":

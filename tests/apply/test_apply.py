@@ -8,8 +8,10 @@ import torch
 
 from bitsack.apply import (
     ApplyConfig,
+    Choice,
     compress,
     load_compressed,
+    normalize_plan,
     plan_from_solution,
     save_compressed,
 )
@@ -44,7 +46,7 @@ def _memory_cost(units, plan):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
 def test_packed_bytes_equal_the_plans_memory_cost(arch):
     model = tiny_model(arch, seed=0)
-    units = model_units(model, mlp_group=MLP, group_size=G)
+    units = model_units(model, mlp_group=MLP)
     plan = _random_plan(units)
     res = compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
     assert res.packed_bytes == _memory_cost(units, plan)
@@ -55,7 +57,7 @@ def test_packed_bytes_equal_the_plans_memory_cost(arch):
                                             ("qwen2", "gptq"), ("gpt2", "rtn"), ("opt", "rtn")])
 def test_reload_is_bit_identical(tmp_path, arch, quantizer):
     model = tiny_model(arch, seed=0)
-    plan = _random_plan(model_units(model, mlp_group=MLP, group_size=G), seed=3)
+    plan = _random_plan(model_units(model, mlp_group=MLP), seed=3)
     x = _tokens()
     compress(model, plan, x, ApplyConfig(quantizer=quantizer, group_size=G, mlp_group=MLP,
                                          batch_size=2))
@@ -67,13 +69,14 @@ def test_reload_is_bit_identical(tmp_path, arch, quantizer):
         assert torch.equal(loaded.model(x).logits, out)
     assert loaded.source["kind"] == "compressed"
     meta = json.loads((tmp_path / "c" / "bitsack.json").read_text())
-    assert meta["plan"] == plan
+    assert meta["plan"] == {uid: normalize_plan({uid: b}, G)[uid].option_id
+                            for uid, b in plan.items()}
 
 
 def test_all_16_bits_is_the_fp16_model():
     model = tiny_model("llama", seed=0)
     ref = tiny_model("llama", seed=0)
-    plan = {u.id: 16 for u in model_units(model, mlp_group=MLP, group_size=G)}
+    plan = {u.id: 16 for u in model_units(model, mlp_group=MLP)}
     compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
     for p in ref.parameters():  # what the packed model computes: fp16-rounded weights
         if p.dim() == 2:
@@ -87,7 +90,7 @@ def test_pruning_only_matches_surgery():
     from bitsack.models import prune
 
     model = tiny_model("llama", seed=0)
-    units = model_units(model, mlp_group=MLP, group_size=G)
+    units = model_units(model, mlp_group=MLP)
     pruned = [u.id for u in units if u.prunable][::2]
     plan = {u.id: 0 if u.id in pruned else 16 for u in units}
     ref = tiny_model("llama", seed=0)
@@ -107,7 +110,7 @@ def test_sequential_gptq_beats_rtn():
     for quantizer in ("rtn", "gptq"):
         model = tiny_model("llama", seed=0)
         ref = tiny_model("llama", seed=0)
-        plan = {u.id: 3 for u in model_units(model, mlp_group=MLP, group_size=G)}
+        plan = {u.id: 3 for u in model_units(model, mlp_group=MLP)}
         compress(model, plan, x, ApplyConfig(quantizer=quantizer, group_size=G, mlp_group=MLP))
         with torch.no_grad():
             errs[quantizer] = float((model(x).logits - ref(x).logits).pow(2).mean())
@@ -119,7 +122,7 @@ def test_compress_is_deterministic():
     x = _tokens()
     for _ in range(2):
         model = tiny_model("qwen2", seed=0)
-        plan = _random_plan(model_units(model, mlp_group=MLP, group_size=G))
+        plan = _random_plan(model_units(model, mlp_group=MLP))
         compress(model, plan, x, ApplyConfig(group_size=G, mlp_group=MLP, batch_size=2))
         with torch.no_grad():
             outs.append(model(x).logits)
@@ -128,7 +131,7 @@ def test_compress_is_deterministic():
 
 def test_missing_units_stay_untouched():
     model = tiny_model("llama", seed=0)
-    units = model_units(model, mlp_group=MLP, group_size=G)
+    units = model_units(model, mlp_group=MLP)
     plan = {u.id: 4 for u in units if u.kind != "embedding"}
     res = compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
     assert set(res.untouched) == {u.id for u in units if u.kind == "embedding"}
@@ -155,7 +158,7 @@ def test_plan_errors_name_the_unit():
 @pytest.fixture
 def saved(tmp_path):
     model = tiny_model("llama", seed=0)
-    plan = _random_plan(model_units(model, mlp_group=MLP, group_size=G))
+    plan = _random_plan(model_units(model, mlp_group=MLP))
     compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
     return save_compressed(model, tmp_path / "c")
 
@@ -210,20 +213,19 @@ def test_plan_from_solution():
     prob = Problem(name="p", units=(Unit("a", (Option("prune", 1.0), Option("b4", 0.1))),))
     cert = Certificate(None, None, None, None, {}, {}, 0.0, "x", "0", {}, 0.0)
     sol = Solution("p", "optimal", {"a": "b4"}, 0.1, cert)
-    assert plan_from_solution(prob, sol) == {"a": 4}
+    assert plan_from_solution(prob, sol) == {"a": Choice(4, 64)}
     with pytest.raises(ValidationError, match="infeasible"):
         plan_from_solution(prob, Solution("p", "infeasible", {}, None, cert))
 
 
 def test_true_sequential_stages_follow_the_data_flow():
-    from bitsack.apply import _capture, _stages
+    from bitsack.engine import LayerEngine
     from bitsack.models import get_adapter
 
     model = tiny_model("llama", seed=0)
     adapter = get_adapter(model)
-    batches = _capture(adapter, _tokens(n=2), 2)
+    engine = LayerEngine(model, _tokens(n=2), batch_size=2)
     todo = {f"model.layers.0.{k}": m for k, m in adapter.linear_modules(0).items()}
-    stages = [[n.split(".")[-1] for n in s] for s in _stages(adapter, 0, todo, batches, True)]
+    stages = [[n.split(".")[-1] for n in s] for s in engine.stages(todo)]
     assert stages == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
                       ["down_proj"]]
-    assert len(_stages(adapter, 0, todo, batches, False)) == 1

@@ -15,7 +15,7 @@ G, MLP = 16, 32
 
 def _compressed():
     model = tiny_model("llama", seed=0)
-    plan = {u.id: 4 for u in model_units(model, mlp_group=MLP, group_size=G)}
+    plan = {u.id: 4 for u in model_units(model, mlp_group=MLP)}
     compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
     return model
 

@@ -10,7 +10,7 @@ from bitsack.verify import Verifier
 
 def _compressed():
     model = tiny_model("llama", seed=0)
-    plan = {u.id: 3 for u in model_units(model, mlp_group=32, group_size=16)}
+    plan = {u.id: 3 for u in model_units(model, mlp_group=32)}
     compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=16, mlp_group=32))
     return model
 

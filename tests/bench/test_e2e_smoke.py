@@ -111,7 +111,7 @@ def test_hqq_fake_quantize_lies_on_a_grid():
 
     model = tiny_model("llama", seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    units = model_units(model, mlp_group=MLP_GROUP, group_size=GROUP)
+    units = model_units(model, mlp_group=MLP_GROUP)
     nbytes = e2e_methods.hqq_fake_quantize_(model, units, 3, GROUP)
     assert nbytes == e2e_methods.units_nbytes(units, {u.id: 3 for u in units}, GROUP)
     for u in units:
@@ -151,7 +151,6 @@ def test_restrict_options_keeps_objective_of_surviving_plans():
 def test_profiled_cells_joint_sequential_latency(tmp_path):
     """The solve path: a fisher profile (cached), joint, sequential (its prune count copied
     from joint), interactions off, and the latency-bound pair."""
-    pytest.importorskip("bitsack.profiling.run")
     bench = _bench(tmp_path, calib_nsamples=4)
     budget = "5"  # 3 bits + 2 bits of overhead per weight at g16
     joint = bench.run_cell(e2e.Cell("joint", budget))

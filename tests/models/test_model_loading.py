@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 
-from bitsack.errors import BitsackError, ModelError
+from bitsack.errors import FormatError, ModelError
 from bitsack.models import loading
 from bitsack.models.loading import load_model
 
@@ -35,14 +34,12 @@ def test_hub_id_offline_is_a_model_error(monkeypatch):
         load_model("bitsack-test/does-not-exist", progress=False)
 
 
-def test_compressed_dir_is_routed_to_apply(tmp_path):
-    # A directory with bitsack.json is a compressed model: bitsack.apply loads it (and rejects
-    # this empty record); without bitsack.apply, a ModelError says so.
+def test_compressed_dir_is_routed_to_the_checkpoint_loader(tmp_path):
+    # A directory with bitsack.json is a compressed model: bitsack.checkpoint loads it, and
+    # refuses this empty record by its schema.
     (tmp_path / "bitsack.json").write_text("{}")
-    with pytest.raises(BitsackError) as info:
+    with pytest.raises(FormatError, match=r"schema None is not supported"):
         load_model(str(tmp_path))
-    if importlib.util.find_spec("bitsack.apply") is None:
-        assert isinstance(info.value, ModelError) and "compressed bitsack model" in str(info.value)
 
 
 def test_default_model_missing_package_says_how_to_install(monkeypatch):

@@ -223,4 +223,4 @@ def test_layer_by_layer_equals_full_forward(arch):
         hidden = adapter.run_layer(i, hidden, inputs.kwargs)
     torch.testing.assert_close(adapter.final_logits(hidden), logits(model, ids), rtol=0,
                                atol=1e-12)
-    assert isinstance(adapter.layers()[0], torch.nn.Module)  # the catcher was removed
+    assert type(adapter.layers()[0]).__name__ != "_Catcher"  # the catcher was removed

@@ -14,7 +14,7 @@ from bitsack.models.testing import TINY_ARCHS, assert_exact_cover, tiny_model
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_units_cover_every_weight_exactly_once(arch):
     model = tiny_model(arch, seed=1)
-    units = model_units(model, mlp_group=32, group_size=16)
+    units = model_units(model, mlp_group=32)
     assert_exact_cover(model, units)
     ids = [u.id for u in units]
     assert len(ids) == len(set(ids))
@@ -23,7 +23,7 @@ def test_units_cover_every_weight_exactly_once(arch):
 
 def test_llama_gqa_groups_own_their_query_heads():
     model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    units = {u.id: u for u in model_units(model, mlp_group=32, group_size=16)}
+    units = {u.id: u for u in model_units(model, mlp_group=32)}
     g1 = units["L0.attn.g1"]
     by_param = {s.param.split(".")[-2]: s for s in g1.slices}
     # KV head 1 serves query heads 2 and 3: q rows 32..64, k/v rows 16..32, o columns 32..64.
@@ -36,34 +36,28 @@ def test_llama_gqa_groups_own_their_query_heads():
 
 
 def test_tied_embeddings_counted_once_untied_twice():
-    tied = model_units(tiny_model("qwen2", tie_word_embeddings=True), 32, 16)
-    untied = model_units(tiny_model("llama", tie_word_embeddings=False), 32, 16)
+    tied = model_units(tiny_model("qwen2", tie_word_embeddings=True), 32)
+    untied = model_units(tiny_model("llama", tie_word_embeddings=False), 32)
     assert [u.id for u in tied if u.kind == "embedding"] == ["embed"]
     assert [u.id for u in untied if u.kind == "embedding"] == ["embed", "lm_head"]
     assert all(not u.prunable for u in tied + untied if u.kind == "embedding")
-    assert not [u for u in model_units(tiny_model("llama"), 32, 16, embeddings=False)
+    assert not [u for u in model_units(tiny_model("llama"), 32, embeddings=False)
                 if u.kind == "embedding"]
 
 
-def test_smaller_last_mlp_block_allowed_when_multiple_of_group():
+def test_any_mlp_group_covers_the_model_with_a_smaller_last_block():
+    # groups may be ragged (bitsack.kernels.formats), so no block size is tied to a group size
     model = tiny_model("llama", intermediate_size=96)
-    units = [u for u in model_units(model, mlp_group=64, group_size=16) if u.layer == 0
-             and u.kind == "mlp_group"]
-    assert [u.id for u in units] == ["L0.mlp.c0", "L0.mlp.c1"]
-    assert [u.slices[0].shape[0] for u in units] == [64, 32]
-    assert_exact_cover(model, model_units(model, mlp_group=64, group_size=16))
+    for mlp_group, widths in ((64, [64, 32]), (40, [40, 40, 16])):
+        units = [u for u in model_units(model, mlp_group=mlp_group) if u.layer == 0
+                 and u.kind == "mlp_group"]
+        assert [u.slices[0].shape[0] for u in units] == widths
+        assert_exact_cover(model, model_units(model, mlp_group=mlp_group))
 
 
-def test_bad_mlp_group_lists_valid_sizes():
-    model = tiny_model("llama", intermediate_size=96)
-    with pytest.raises(ModelError, match=r"mlp_group: 40 .*valid mlp_group values: 16, 32"):
-        model_units(model, mlp_group=40, group_size=16)
-
-
-def test_bad_group_size_names_unit_and_valid_sizes():
-    model = tiny_model("llama")  # head_dim 16, 2 q heads per group: o columns of width 32
-    with pytest.raises(ModelError, match=r"group_size: 64 .*L0\.attn\.g0.*valid group sizes.*16"):
-        model_units(model, mlp_group=32, group_size=64)
+def test_bad_mlp_group_is_refused():
+    with pytest.raises(ModelError, match=r"mlp_group: 0 must be a positive integer"):
+        model_units(tiny_model("llama"), mlp_group=0)
 
 
 def test_unsupported_architecture_names_it_and_supported_ones():

@@ -28,7 +28,7 @@ def _tokens():
 def _run_all(dist: Dist) -> dict:
     torch.set_num_threads(1)
     model = tiny_model("llama", seed=1)
-    units = model_units(model, mlp_group=32, group_size=G)
+    units = model_units(model, mlp_group=32)
     opts = EstimatorOptions(batch_size=2, measure_units=("L0.attn.g1", "L1.mlp.c2", "embed"))
     return {est: profile(model, units, _tokens(), estimator=est, bits=(2, 4), group_size=G,
                          progress=False, options=opts, dist=dist).problem

@@ -29,7 +29,7 @@ def _tokens(n=6, seqlen=24, seed=0, vocab=128):
 
 def _setup(arch="llama", seed=0):
     model = tiny_model(arch, seed=seed)
-    units = model_units(model, mlp_group=32, group_size=G)
+    units = model_units(model, mlp_group=32)
     return model, units
 
 
@@ -223,7 +223,7 @@ def test_every_estimator_runs_on_every_architecture(arch, estimator):
 
 def test_calibration_recovers_known_scales():
     model = tiny_model("llama", num_hidden_layers=6)  # 12 head groups, 18 MLP blocks
-    units = model_units(model, mlp_group=32, group_size=G)
+    units = model_units(model, mlp_group=32)
     layout = OptionLayout.build(units, (2, 3, 4))
     rng = np.random.default_rng(0)
     pred = np.exp(rng.normal(-6, 2, layout.n_options))
@@ -282,7 +282,7 @@ def test_hutchinson_runs_under_sdpa_attention():
     the Hessian-vector products must run under the math kernel."""
     m = tiny_model("llama", seed=1)
     m.config._attn_implementation = "sdpa"
-    units = model_units(m, mlp_group=32, group_size=16)
+    units = model_units(m, mlp_group=32)
     toks = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     r = profile(m, units, toks, estimator="hutchinson", bits=(2, 3), group_size=16,
                 progress=False)

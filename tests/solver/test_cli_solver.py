@@ -59,12 +59,12 @@ def test_budget_override_can_make_it_feasible(capsys):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--budget", "memory_bytes=-3"], "budget.memory_bytes: -3.0 is negative"),
+    (["--budget", "memory_bytes=-3"], "--budget memory_bytes: -3.0 is negative"),
     (["--budget", "energy=3"], "budget.energy: is not a resource"),
     (["--budget", "memory_bytes"], "--budget: 'memory_bytes' is not RESOURCE=VALUE"),
     (["--solver", "magic"], "solver: 'magic' is not a backend"),
-    (["--avg-bits", "0"], "avg_bits: 0.0 is not a positive"),
-    (["--gap", "2"], "--gap: 2.0 is out of range"),
+    (["--avg-bits", "0"], "--avg-bits: 0.0 is out of range; valid: bits per weight in (0, 16]"),
+    (["--gap", "2"], "--gap: 2 is out of range; valid: a number in [0, 1)"),
     (["--param", "bogus=1", "--solver", "dp"], "not understood by dp"),
 ])
 def test_bad_input_exits_1_with_a_message(capsys, argv, fragment):

@@ -1,0 +1,195 @@
+"""A plan: what every unit of a model becomes, and the packed segments that follows for each
+weight matrix.
+
+A plan maps unit ids (``bitsack.models`` ids, e.g. ``L3.attn.g1``) to a ``Choice``: prune, or
+keep at ``bits`` (1..8) with ``group_size`` columns per quantization group, or keep in fp16
+(16). Plans come from a solved problem (``plan_from_solution``: option ids ``prune``, ``b<k>``
+at the problem's default group size, ``b<k>g<G>``), from the measured search, or are written
+by hand (``{unit: bits}`` at a default group size, or ``{unit: "b3g128"}``).
+
+``matrix_segments`` turns a plan into per-matrix segments: units own whole rows (q/k/v,
+gate/up, embeddings) or whole columns (o_proj, down_proj) of a matrix, so once the units of a
+layer are ordered by their choice, each matrix is a run of contiguous segments with one bits
+and one group size each.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bitsack.errors import ModelError, ValidationError
+
+_OPTION = re.compile(r"^b([1-9]|1[0-6])(?:g([1-9][0-9]*))?$")
+
+
+@dataclass(frozen=True, order=True)
+class Choice:
+    """One unit's fate: ``bits`` 0 (pruned), 1..8 (packed with ``group_size``) or 16 (fp16)."""
+
+    bits: int
+    group_size: int | None = None
+
+    @property
+    def pruned(self) -> bool:
+        return self.bits == 0
+
+    @property
+    def option_id(self) -> str:
+        """The problem-file option id (``prune``, ``b16``, ``b3g64``)."""
+        if self.bits == 0:
+            return "prune"
+        if self.bits == 16 or self.group_size is None:
+            return f"b{self.bits}"
+        return f"b{self.bits}g{self.group_size}"
+
+    def __str__(self) -> str:
+        return self.option_id
+
+
+PRUNE = Choice(0)
+FP16 = Choice(16)
+
+
+def parse_choice(value: Any, default_group_size: int, field: str = "plan") -> Choice:
+    """A ``Choice`` from an option id (``prune``, ``b4``, ``b3g128``), a bit count (0 = prune,
+    at ``default_group_size``) or a ``Choice``.
+
+    Raises:
+        ValidationError: anything else (names ``field`` and what is valid).
+    """
+    if isinstance(value, Choice):
+        bits, g = value.bits, value.group_size
+    elif isinstance(value, str):
+        if value == "prune":
+            return PRUNE
+        m = _OPTION.match(value)
+        if not m:
+            raise ValidationError(field, f"{value!r} is not an option id; valid: 'prune', "
+                                  "'b<k>' (k in 1..8 or 16) or 'b<k>g<G>'")
+        bits, g = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        bits, g = value, None
+    else:
+        raise ValidationError(field, f"{value!r}; valid: an option id or a bit count")
+    if bits == 0:
+        return PRUNE
+    if bits == 16:
+        if g is not None:
+            raise ValidationError(field, f"{value!r}: 16 bits (fp16) has no group size")
+        return FP16
+    if not 1 <= bits <= 8:
+        raise ValidationError(field, f"{value!r}: {bits} bits has no packed layout; valid: "
+                              "0 (prune), 1..8 or 16")
+    g = default_group_size if g is None else g
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValidationError(field, f"{value!r}: group size {g!r}; valid: a positive integer")
+    return Choice(bits, g)
+
+
+def normalize_plan(plan: Mapping[str, Any], default_group_size: int) -> dict[str, Choice]:
+    """``{unit: Choice}`` from a plan of option ids, bit counts or choices."""
+    return {str(uid): parse_choice(v, default_group_size, f"plan.{uid}")
+            for uid, v in plan.items()}
+
+
+def plan_from_solution(problem, solution) -> dict[str, Choice]:
+    """``{unit: Choice}`` from a solved problem (its default group size for plain ``b<k>``).
+
+    Raises:
+        ValidationError: the solution has no assignment (infeasible / no solution) or names
+            units the problem does not have.
+    """
+    if not solution.assignment:
+        raise ValidationError("solution.status", f"{solution.status!r} has no assignment to "
+                              "apply; valid: optimal or feasible")
+    unknown = sorted(set(solution.assignment) - {u.id for u in problem.units})
+    if unknown:
+        raise ValidationError("solution.assignment", f"units {unknown[:5]} are not in problem "
+                              f"{problem.name!r}")
+    return normalize_plan(solution.assignment, problem_group_size(problem))
+
+
+def problem_group_size(problem) -> int:
+    """The group size plain ``b<k>`` options of ``problem`` mean."""
+    settings = getattr(problem, "settings", None)
+    if settings is not None:
+        return int(settings.group_size)
+    return int((problem.metadata or {}).get("group_size", 64))
+
+
+def problem_mlp_group(problem) -> int:
+    """MLP channels per unit of ``problem``."""
+    settings = getattr(problem, "settings", None)
+    if settings is not None:
+        return int(settings.mlp_group)
+    return int((problem.metadata or {}).get("mlp_group", 128))
+
+
+# ---- plan -> packed segments ---------------------------------------------------------------
+@dataclass(frozen=True)
+class SegmentPlan:
+    """A contiguous range of one matrix's rows (``axis`` 0) or columns (1) in one format."""
+
+    axis: int
+    start: int
+    stop: int
+    bits: int
+    group_size: int | None
+
+    @property
+    def width(self) -> int:
+        return self.stop - self.start
+
+
+def module_name(param: str) -> str:
+    """``model.layers.0.mlp.up_proj`` from ``model.layers.0.mlp.up_proj.weight``."""
+    if not param.endswith(".weight"):
+        raise ModelError(f"slice parameter {param!r} is not a '.weight'")
+    return param[: -len(".weight")]
+
+
+def matrix_segments(units, plan: Mapping[str, Choice]) -> dict[str, list[SegmentPlan]]:
+    """Module name -> its segments, for the planned units (units the plan does not name are
+    kept in fp16).
+
+    Adjacent slices of one choice merge into one segment where that leaves the packed bytes
+    equal to the sum of the units' sizes: rows always (each row is packed on its own); columns
+    only where the first run's width is a whole number of groups and of 32-bit words, so the
+    groups and words of the merged segment are those of the parts.
+
+    Raises:
+        ModelError: a matrix owned along both axes, or slices that leave a gap.
+    """
+    raw: dict[str, list[tuple[int, int, int, Choice]]] = {}
+    for unit in units:
+        choice = plan.get(unit.id, FP16)
+        for s in unit.slices:
+            raw.setdefault(module_name(s.param), []).append((s.dim, s.start, s.stop, choice))
+    return {name: _merge(name, spec) for name, spec in raw.items()}
+
+
+def _merge(name: str, spec: list[tuple[int, int, int, Choice]]) -> list[SegmentPlan]:
+    axes = {d for d, _, _, _ in spec}
+    if len(axes) != 1:
+        raise ModelError(f"{name}: owned along both axes {sorted(axes)}; units must own whole "
+                         "rows or whole columns of a matrix")
+    axis = axes.pop()
+    runs: list[list[Any]] = []
+    for _, start, stop, choice in sorted(spec, key=lambda s: s[1]):
+        if runs and runs[-1][1] != start:
+            raise ModelError(f"{name}: unit slices leave a gap at {runs[-1][1]}:{start}")
+        if runs and runs[-1][2] == choice and _mergeable(axis, runs[-1], choice):
+            runs[-1][1] = stop
+        else:
+            runs.append([start, stop, choice])
+    return [SegmentPlan(axis, a, b, c.bits, c.group_size) for a, b, c in runs]
+
+
+def _mergeable(axis: int, run: list[Any], choice: Choice) -> bool:
+    if axis == 0 or choice.bits == 16:
+        return True
+    width = run[1] - run[0]
+    return width % choice.group_size == 0 and (choice.bits * width) % 32 == 0
