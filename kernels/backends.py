@@ -320,10 +320,13 @@ class CpuBackend:
         return buf
 
     def linear(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or getattr(layer, "cache_weight", False):
+        # (decode calls this for every matrix of every token: the common case is kept lean)
+        if not x.is_cpu or getattr(layer, "cache_weight", False):
             # GPU tensors, or a layer that keeps its dense weight: one matmul
             return get_backend("torch").linear(layer, x)
-        xf = _flat(layer, x)
+        xf = x if x.dim() == 2 else _flat(layer, x)
+        if not xf.is_floating_point():
+            raise ValidationError("x", f"dtype {x.dtype}; valid: a floating-point tensor")
         x32 = xf if xf.dtype == torch.float32 else xf.to(torch.float32)
         batch = x32.shape[0]
         y = torch.empty((batch, layer.out_features), dtype=torch.float32)
@@ -333,11 +336,12 @@ class CpuBackend:
                 self._gemv(lib, layer, x32, y)
             else:
                 self._tiled(lib, layer, x32, y)
-        if layer.bias is not None:
-            y += layer.bias.to(torch.float32)
+        bias = layer._buffers.get("bias")
+        if bias is not None:
+            y += bias.to(torch.float32)
         if x.dtype != torch.float32:
             y = y.to(x.dtype)
-        return y.view(*x.shape[:-1], layer.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], layer.out_features)
 
     @staticmethod
     def _plan(layer: Any) -> list[tuple]:
@@ -348,17 +352,21 @@ class CpuBackend:
         cached = layer.__dict__.get("_cpu_plan")
         if cached is not None:
             bufs = layer._buffers
-            if all(bufs.get(name) is t for name, t in cached[0]):
+            # same tensor objects at the same addresses (a deep copy of the module copies the
+            # plan too, with new tensors at new addresses: rebuilt)
+            if all(bufs.get(name) is t and t.data_ptr() == ptr for name, t, ptr in cached[0]):
                 return cached[1]
         plan, held = [], []
         for i, (axis, start, stop, bits, g, rows, cols, q, sc, z) in \
                 enumerate(_seg_views(layer)):
             if bits == 16:
                 ptrs = (q.data_ptr(), 0, 0)
-                held.append((f"seg{i}_weight", q))
+                held.append((f"seg{i}_weight", q, ptrs[0]))
             else:
                 ptrs = (q.data_ptr(), sc.data_ptr(), z.data_ptr())
-                held += [(f"seg{i}_qdata", q), (f"seg{i}_scale", sc), (f"seg{i}_zero", z)]
+                held += [(f"seg{i}_{f}", t, p)
+                         for f, t, p in zip(("qdata", "scale", "zero"), (q, sc, z), ptrs,
+                                            strict=True)]
             plan.append((axis, start, stop, bits, g, rows, cols, *ptrs))
         layer.__dict__["_cpu_plan"] = (held, plan)
         return plan

@@ -163,10 +163,16 @@ class Segment:
         return dequantize_codes(codes, s, z, self.group_size, dtype)
 
 
-def _get_backend(name: str):
-    from bitsack.kernels.backends import get_backend  # backends imports this module
+_REGISTRY: list[dict] = []  # the backends' registry, bound on first use (import cycle)
 
-    return get_backend(name)
+
+def _backend(name: str):
+    """The registered backend ``name`` (validated when the module's backend was set)."""
+    if not _REGISTRY:
+        from bitsack.kernels.backends import _BACKENDS
+
+        _REGISTRY.append(_BACKENDS)
+    return _REGISTRY[0][name]
 
 
 def _desc(t: torch.Tensor | None) -> str:
@@ -378,7 +384,7 @@ class PackedLinear(_SegmentStore):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValidationError("x", f"last dim {x.shape[-1]}; valid: {self.in_features}")
-        return _get_backend(self.backend).linear(self, x)
+        return _backend(self._backend).linear(self, x)
 
     def extra_repr(self) -> str:
         segs = ", ".join(f"{s}:{e}@{b}b" for _, s, e, b, _, _ in self._meta)

@@ -127,6 +127,15 @@ def test_cpu_plan_follows_the_buffers():
         setattr(layer, name, getattr(other, name).clone())
     layer._meta = other._meta
     assert torch.equal(layer(x), other(x))
+    # a deep copy holds new buffers: its plan must point at them, not at the original's
+    import copy
+
+    clone = copy.deepcopy(layer)
+    want = layer(x)
+    del layer, other
+    assert torch.equal(clone(x), want)
+    plan = clone.__dict__["_cpu_plan"][1][0]
+    assert plan[7] == clone.seg0_qdata.data_ptr()
 
 
 def test_cpu_backend_torch_fallback(monkeypatch, tmp_path):
