@@ -14,8 +14,8 @@ issue #4 on the CPU path:
    dequantized weights cached (``bitsack.apply.cache_dequantized``, which gives the memory
    back). Configurations are timed in interleaved rounds (``time_interleaved`` of
    ``bench/prune_speed.py``) so a change of load on a shared machine hits them alike.
-3. What does a process hold? Peak resident memory (``ru_maxrss``) of a fresh process that
-   loads one configuration and decodes, against the same process without a model.
+3. What does a process hold? Resident memory (``VmRSS``) of a fresh process that loads one
+   configuration and decodes, against the same process without a model.
 
 Usage:
     python bench/kernels_model.py RUN_DIR [--tokens 256] [--decode 16] [--repeats 5]
@@ -65,13 +65,29 @@ def _module_bytes(model) -> tuple[int, int]:
     return packed, other
 
 
-def _peak_rss(run_dir: Path, config: str, tokens: int, decode: int, threads: int) -> int:
-    """Peak resident bytes of a fresh process that loads ``config`` and runs the decode."""
+def _resident(run_dir: Path, config: str, tokens: int, decode: int, threads: int) -> int:
+    """Resident bytes of a fresh process that holds ``config`` after it decoded."""
     out = subprocess.run([sys.executable, __file__, str(run_dir), "--rss-child", config,
                           "--tokens", str(tokens), "--decode", str(decode),
                           "--threads", str(threads)], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def _vm_rss() -> int:
+    """Current resident bytes (``VmRSS``) after returning freed heap to the OS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss_child(args) -> int:
@@ -83,12 +99,11 @@ def _rss_child(args) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     base = load_model(summary["config"]["model"], progress=False)
     prompt = eval_tokens("wikitext2", base.tokenizer)[:, :8]
-    if args.rss_child == "none":
-        model = None
-    elif args.rss_child == "dense":
+    model = None
+    if args.rss_child == "dense":
         model = base.model.eval()
-    else:
-        del base
+    del base  # the tokenizer's model: only the prompt is kept
+    if args.rss_child in ("cpu", "cached"):
         backend = "torch" if args.rss_child == "cached" else "cpu"
         model = load_compressed(run_dir / "model", backend=backend).model.eval()
         if args.rss_child == "cached":
@@ -100,7 +115,7 @@ def _rss_child(args) -> int:
             for _ in range(args.decode):
                 out = model(nxt, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(_vm_rss())
     return 0
 
 
@@ -168,19 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     rss_rows = []
     if not args.no_rss:
-        rss = {c: _peak_rss(run_dir, c, args.tokens, args.decode, args.threads)
+        rss = {c: _resident(run_dir, c, args.tokens, args.decode, args.threads)
                for c in ("none", "dense", "cpu", "cached")}
-        rss_rows = ["| process | peak RSS MB | minus no-model baseline MB |", "|---|---|---|"]
-        names = {"none": "Python + torch + tokenizer, no model", "dense": "dense fp32 model",
+        rss_rows = ["| process | resident MB | minus no-model baseline MB |", "|---|---|---|"]
+        names = {"none": "Python + torch + libraries, no model", "dense": "dense fp32 model",
                  "cpu": "packed, `cpu` backend", "cached": "packed, cached dequantized"}
         for c, v in rss.items():
             rss_rows.append(f"| {names[c]} | {v / 1e6:.0f} | {(v - rss['none']) / 1e6:.0f} |")
         rss_rows += ["", f"Packed buffers + other tensors of the packed model: "
                      f"{(packed_ram + other_ram) / 1e6:.0f} MB; dense parameters "
                      f"{dense_ram / 1e6:.0f} MB. Each row is a fresh process that loads its "
-                     f"model and decodes {args.decode} tokens after an 8-token prompt (peak "
-                     "includes loading: the dense base model is read to build the packed "
-                     "one's architecture and freed)."]
+                     f"model, decodes {args.decode} tokens after an 8-token prompt (KV cache "
+                     "and activations included) and then reads its `VmRSS` after "
+                     "`gc.collect()` + `malloc_trim(0)` (the base model read for the "
+                     "tokenizer is freed first; what loading touched and did not free is "
+                     "counted)."]
 
     rows = [
         "| quantity | bytes | ratio to plan |",
