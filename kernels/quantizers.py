@@ -665,19 +665,16 @@ class GPTQ:
                 part_loss = loss_cols[sp.start:sp.stop] if col_loss else loss_rows
                 losses.append(float(part_loss.sum()) * 0.5)
             if sp.bits == 16:
-                parts.append(self._fp16_part(W0, weight_q, codes, rc, sl_r, sl_c))
+                # the fp16 value of the updated weights: from the returned weight, or (without
+                # one) kept aside by the engine in ``rc.fp16``
+                parts.append(rc.fp16 if weight_q is None else
+                             weight_q[sl_r, sl_c].to(torch.float16))
             else:
                 parts.append(QuantizedTensor(codes[sl_r, sl_c].contiguous(), rc.scale,
                                              rc.zero, sp.bits, sp.group_size))
         return GPTQResult(codes=None, scale=None, zero=None, bits=None, group_size=None,
                           weight=weight_q, damp=lam, loss=float(sum(losses)),
                           parts=tuple(parts), segments=segs, losses=tuple(losses))
-
-    @staticmethod
-    def _fp16_part(W0, weight_q, codes, rc, sl_r, sl_c) -> torch.Tensor:
-        # the fp16-rounded updated weights of a 16-bit part: from the returned weight, or
-        # (without one) kept aside by the engine in ``rc.fp16``
-        return rc.fp16 if weight_q is None else weight_q[sl_r, sl_c].to(torch.float16)
 
     def quantize(self, weight: torch.Tensor, bits: Any, group_size: int, *,
                  bits_axis: int | None = None, damp: float = 0.01, act_order: bool = False,
