@@ -78,8 +78,8 @@ def machine_facts() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         pick = ("Model name", "CPU(s)", "L2 cache", "L3 cache")
-        facts = [line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                 if line.split(":", 1)[0].strip() in pick]
+        facts = [f"{key} {val.strip()}" for key, _, val in
+                 (line.partition(":") for line in lscpu.splitlines()) if key.strip() in pick]
     except OSError:
         facts = [platform.processor() or platform.machine()]
     return ", ".join(facts)
