@@ -152,7 +152,12 @@ def _median_nonzero(values: np.ndarray) -> float | None:
 
 
 def _too_far(value: float, what: str, scale: float, factor: float, hint: str) -> str:
-    return (f"{value:.6g} is {abs(value) / scale:.3g} times the problem's typical {what} "
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        ratio = float(np.float64(abs(value)) / np.float64(scale))
+    times = f"{ratio:.3g} times" if math.isfinite(ratio) else "more than 1e308 times"
+    return (f"{value:.6g} is {times} the problem's typical {what} "
             f"(median nonzero {scale:.6g}); valid: at most {factor:g} times it, i.e. "
             f"<= {factor * scale:.6g}, so that every backend computes in a safe numeric range "
             f"({hint})")

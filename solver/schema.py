@@ -9,6 +9,7 @@ The work is done in modules of one concept each; this module gathers their publi
 - ``bitsack.solver.validate``: ``problem_from_dict`` / ``validate_problem`` (every field
   checked, its path named);
 - ``bitsack.solver.numeric``: the numerically safe range of losses, costs and limits;
+- ``bitsack.solver.sidecar``: the interaction factor's ``.npz`` (confined, header-checked);
 - ``bitsack.solver.document``: ``problem_to_dict``;
 - ``bitsack.solver.transforms``: ``with_limits``, ``restrict_options``, ``without_option``,
   ``with_interaction_weight``, ``avg_bits_limit``;

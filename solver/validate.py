@@ -4,8 +4,8 @@ Validation is complete and names the field path of every error, e.g.
 ``units[12].options[3].cost.memory_bytes: -5.0 is negative; valid: a finite number >= 0``.
 Values from the file are quoted through ``short_repr`` (bounded, whatever their size).
 Numbers must lie in the problem's numerically safe range (``bitsack.solver.numeric``).
-``interactions.file`` names an ``.npz`` inside the problem file's folder; its factor's dtype
-and shape are read from the member's header and checked before the array is read.
+``interactions.file`` is read by ``bitsack.solver.sidecar`` (confined to the problem file's
+folder, the factor's header checked before its data is read).
 
 Large instances (a 7B-shaped problem has ~18k options) are meant to be JSON: parsing is
 ``json.loads`` plus one pass over the options with cheap type checks, well under a second.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bitsack.errors import ValidationError
-from bitsack.solver.bounded import npz_member_header, npz_names, short_repr
+from bitsack.solver.bounded import short_repr
 from bitsack.solver.numeric import check_limit_magnitude, check_ranges
 from bitsack.solver.problem import (
     CONSTRAINT_TYPES,
@@ -37,6 +37,7 @@ from bitsack.solver.problem import (
     Unit,
     parse_option,
 )
+from bitsack.solver.sidecar import check_factor, file_label, read_sidecar
 
 TOP_KEYS = ("schema", "name", "settings", "resources", "units", "constraints", "interactions",
             "metadata")
@@ -47,13 +48,15 @@ _CONSTRAINT_KEYS = ("type", "units", "count")
 _INTERACTION_KEYS = ("file", "pairs")
 _PAIR_KEYS = ("a", "b", "value")
 
-#: Most rows of an interaction factor (calibration samples; the design uses 128).
-MAX_FACTOR_ROWS = 1 << 16
-#: Most bytes of an interaction factor, as float64.
-MAX_FACTOR_BYTES = 1 << 30
 
 # PyYAML implements YAML 1.1, which reads ``1e3`` (no dot, or no exponent sign) as a *string*.
 # Such strings are accepted as numbers so a hand-written file means what it looks like.
+#: Largest ``layer`` / ``params`` (2^53: every integer up to it is exact as a float).
+MAX_COUNT = 2**53
+
+#: Integers below this convert to float without overflow (larger ones go the slow path).
+_BIG = 2**1000
+
 _s = short_repr  # every value from a file is quoted through it (bounded, whatever its size)
 
 _YAML11_FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -108,7 +111,7 @@ def problem_from_dict(data: Any, *, base_dir: str | Path | None = None, U: Any =
     check_ranges(units, [r.name for r in resources],
                  pairs=interactions.pairs if interactions is not None else (),
                  U=interactions.U if interactions is not None else None,
-                 u_path=_file_label(interactions.file)
+                 u_path=file_label(interactions.file)
                  if interactions is not None and interactions.file else "interactions.U")
     return Problem(name=name, units=units, resources=resources, constraints=constraints,
                    interactions=interactions, metadata=dict(metadata), schema=SCHEMA,
@@ -230,12 +233,14 @@ def _parse_units(raw: Any, res_names: set[str]) -> tuple[tuple[Unit, ...], set[s
                                   "usual kinds: head_group, mlp_group, embedding, other")
         layer = u.get("layer")
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
-                                  or layer < 0):
-            raise ValidationError(f"{upath}.layer", f"{_s(layer)} is not an integer >= 0")
+                                  or not 0 <= layer <= MAX_COUNT):
+            raise ValidationError(f"{upath}.layer", f"{_s(layer)} is not an integer in "
+                                  f"0..{MAX_COUNT}")
         params = u.get("params")
         if params is not None and (isinstance(params, bool) or not isinstance(params, int)
-                                   or params < 0):
-            raise ValidationError(f"{upath}.params", f"{_s(params)} is not an integer >= 0")
+                                   or not 0 <= params <= MAX_COUNT):
+            raise ValidationError(f"{upath}.params", f"{_s(params)} is not an integer in "
+                                  f"0..{MAX_COUNT}")
         raw_opts = u.get("options")
         if not isinstance(raw_opts, list) or not raw_opts:
             raise ValidationError(f"{upath}.options", f"{_s(raw_opts)} on unit {_s(uid)}: a "
@@ -258,8 +263,8 @@ def _parse_units(raw: Any, res_names: set[str]) -> tuple[tuple[Unit, ...], set[s
                                       f"unit {_s(uid)}; option ids must be unique per unit")
             opt_seen.add(oid)
             loss = o.get("loss")
-            if type(loss) is float or type(loss) is int:  # fast path for the common case
-                loss = float(loss)
+            if type(loss) is float or (type(loss) is int and -_BIG < loss < _BIG):
+                loss = float(loss)  # fast path for the common case
             else:
                 loss = as_number(loss, f"{upath}.options[{j}].loss")
             if not isfinite(loss):
@@ -272,7 +277,7 @@ def _parse_units(raw: Any, res_names: set[str]) -> tuple[tuple[Unit, ...], set[s
                     raise ValidationError(f"{upath}.options[{j}].cost", f"{_s(raw_cost)} "
                                           "is not a mapping resource -> number")
                 for rname, value in raw_cost.items():
-                    if type(value) is float or type(value) is int:
+                    if type(value) is float or (type(value) is int and -_BIG < value < _BIG):
                         value = float(value)
                     else:
                         value = as_number(value, f"{upath}.options[{j}].cost.{rname}")
@@ -360,7 +365,7 @@ def _parse_interactions(raw: Any, units: tuple[Unit, ...], index: dict[str, int]
     n_options = sum(len(u.options) for u in units)
     if raw is None:
         if U is not None:  # built in code: the factor has no file yet (dump names one)
-            return Interactions(U=_check_factor(U, n_options, "interactions.U"))
+            return Interactions(U=check_factor(U, n_options, "interactions.U"))
         return None
     if not isinstance(raw, Mapping):
         raise ValidationError("interactions", f"{_s(raw)} is not a mapping")
@@ -368,13 +373,13 @@ def _parse_interactions(raw: Any, units: tuple[Unit, ...], index: dict[str, int]
     pairs = _parse_pairs(raw.get("pairs"), units, index)
     file = raw.get("file")
     if file is None:
-        U = None if U is None else _check_factor(U, n_options, "interactions.U")
+        U = None if U is None else check_factor(U, n_options, "interactions.U")
         return Interactions(U=U, file=None, pairs=pairs)
     if not isinstance(file, str) or not file:
         raise ValidationError("interactions.file", f"{_s(file)} is not a file name")
     if U is None:
-        U = _read_sidecar(file, base_dir, n_options)
-    U = _check_factor(U, n_options, _file_label(file))
+        U = read_sidecar(file, base_dir, n_options)
+    U = check_factor(U, n_options, file_label(file))
     return Interactions(U=U, file=file, pairs=pairs)
 
 
@@ -412,85 +417,3 @@ def _parse_pairs(raw: Any, units: tuple[Unit, ...], index: dict[str, int]) -> tu
             raise ValidationError(f"{path}.value", f"{value!r} is not finite")
         out.append(Pair(a=ends[0], b=ends[1], value=value))
     return tuple(out)
-
-
-def sidecar_path(file: str, base_dir: str | Path) -> Path:
-    """Where ``interactions.file`` points: inside ``base_dir``, or an error.
-
-    The name must be relative, without ``..``, and (after resolving symbolic links) inside
-    the problem file's folder: a problem file cannot make bitsack read files elsewhere.
-
-    Raises:
-        ValidationError: an absolute path, a ``..`` part, or a link leading outside.
-    """
-    name = Path(file)
-    if name.is_absolute() or name.anchor or ".." in name.parts or "\\" in file:
-        raise ValidationError("interactions.file", f"{_s(file)} is not a plain "
-                              "relative name; valid: a file inside the problem file's folder "
-                              "(no absolute path, no '..')")
-    base = Path(base_dir).resolve()
-    path = (base / name).resolve()
-    if path != base and base not in path.parents:
-        raise ValidationError("interactions.file", f"{_s(file)} leads outside the "
-                              "problem file's folder (through a link); valid: a file inside it")
-    return path
-
-
-def _read_sidecar(file: str, base_dir: str | Path | None, n_options: int) -> Any:
-    """The factor ``U`` from the sidecar, its header checked before the data is read."""
-    import numpy as np
-
-    if base_dir is None:
-        raise ValidationError("interactions.file", f"{_s(file)} cannot be located: "
-                              "the problem was not read from a file; pass U explicitly")
-    path = sidecar_path(file, base_dir)
-    where = _file_label(file)
-    if not path.is_file():
-        raise ValidationError("interactions.file", f"{_s(file)} does not exist next to "
-                              f"the problem (looked for {_s(str(path), 200)})")
-    header = npz_member_header(path, "U")
-    if header is None:
-        raise ValidationError("interactions.file", f"{_s(file)} has arrays "
-                              f"{_s(npz_names(path))}; valid: an .npz with an array "
-                              "named 'U'")
-    _check_factor_header(header.dtype, header.shape, n_options, where)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return npz["U"]
-    except Exception as exc:  # truncated / corrupt data behind a valid header
-        raise ValidationError("interactions.file", f"{_s(file)} cannot be read as an "
-                              f".npz of numbers: {_s(str(exc), 160)}") from None
-
-
-def _file_label(file: str) -> str:
-    """``interactions.file (NAME)``: how messages name the factor read from the sidecar."""
-    return f"interactions.file ({file if len(file) <= 60 else _s(file)})"
-
-
-def _check_factor_header(dtype: Any, shape: tuple[int, ...], n_options: int, path: str) -> None:
-    """Refuse a factor by its dtype and shape alone (before any allocation)."""
-    if dtype.kind not in "iuf" or dtype.hasobject:
-        raise ValidationError(path, f"U has dtype {dtype}; valid: a real numeric array")
-    if len(shape) != 2 or shape[1] != n_options:
-        raise ValidationError(path, f"U has shape {list(shape)}; valid: [N, {n_options}] "
-                              f"(N factors x the problem's {n_options} options in file order)")
-    if not 1 <= shape[0] <= MAX_FACTOR_ROWS or shape[0] * n_options * 8 > MAX_FACTOR_BYTES:
-        raise ValidationError(path, f"U has {shape[0]} rows ({shape[0] * n_options * 8} bytes as "
-                              f"float64); valid: 1..{MAX_FACTOR_ROWS} rows and at most "
-                              f"{MAX_FACTOR_BYTES} bytes")
-
-
-def _check_factor(U: Any, n_options: int, path: str):
-    import numpy as np
-
-    arr = np.asarray(U)
-    _check_factor_header(arr.dtype, arr.shape, n_options, path)
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        value = float(arr[tuple(bad)])
-        raise ValidationError(path, f"U[{bad[0]}, {bad[1]}] = {value!r} is not finite")
-    arr.setflags(write=False)
-    return arr
-
-

@@ -2,7 +2,8 @@
 
 Prints a table (limit, status, objective, dual bound, gap) and writes ``PREFIX.png`` (the
 frontier, with the dual bounds) and ``PREFIX.json`` (the data). The sweep itself is
-``bitsack.solver.pareto.pareto_sweep``; this command only prints and plots.
+``bitsack.solver.pareto.pareto_sweep``; this command only prints and plots. Exit 3 when no
+point of the sweep has a solution.
 """
 
 from __future__ import annotations
@@ -11,6 +12,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from bitsack.commands._args import deferred, integer
+from bitsack.errors import ExitCode
+
+
+def _points_range():
+    from bitsack.solver.pareto import MAX_POINTS  # numpy: imported only when --points is given
+
+    return integer(1, MAX_POINTS, what="a number of points")
+
+
+POINTS = deferred(_points_range, "points")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,12 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "usage; print a table and write PREFIX.png and PREFIX.json.")
     p.add_argument("problem", help="problem file (.yaml, .yml or .json)")
     p.add_argument("--resource", required=True, help="resource whose limit is swept")
-    p.add_argument("--points", default="11", help="number of limits, 1..1000 (default 11)")
+    p.add_argument("--points", default="11", type=POINTS,
+                   help="number of limits, 1..1000 (default 11)")
     add_solve_arguments(p)
     p.add_argument("--out", metavar="PREFIX", help="output prefix (default: <problem "
                    "name>-pareto in the current folder)")
-    p.add_argument("--json", action="store_true", help="print the sweep as JSON")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--json", action="store_true", help="print the sweep as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="print no text (--json still prints "
+                   "its object)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                           progress=sys.stderr.isatty() and not (args.json or args.quiet))
     write_json(json_path, result.to_dict())
     plot(result, png)
-    if args.json and not args.quiet:
+    if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     elif not args.quiet:
@@ -63,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
             gap = "-" if p.rel_gap is None else f"{p.rel_gap:.2g}"
             print(f"{p.limit:>14.6g} {p.status:<12}{obj:>14}{dual:>14}{gap:>10}  {p.solver}")
         print(f"wrote {png} and {json_path}")
-    return 0 if any(p.objective is not None for p in result.points) else 2
+    if any(p.objective is not None for p in result.points):
+        return ExitCode.OK
+    return ExitCode.NO_SOLUTION
 
 
 def plot(result, path: Path) -> None:

@@ -1,8 +1,8 @@
 """``bitsack solve PROBLEM``: solve a problem file, print the plan and its certificate.
 
-Exit codes: 0 a solution is present (optimal or feasible), 2 infeasible / no solution in the
+Exit codes: 0 a solution is present (optimal or feasible), 3 infeasible / no solution in the
 limits (the explanation says which budget and the smallest limit that could be met), 1 bad
-input (one line on stderr, from ``bitsack.cli.main``).
+input, 2 usage error (one line on stderr, from ``bitsack.cli.main``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bitsack.commands._args import AVG_BITS, GAP, SECONDS, SEED, THREADS
+from bitsack.errors import ExitCode
 from bitsack.solver.numeric import MAX_SEED, MAX_THREADS, MAX_TIME_LIMIT_S
 
 if TYPE_CHECKING:
@@ -25,29 +27,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "solve", help="solve a problem file (YAML/JSON) and print the plan and certificate",
         description="Solve a bitsack problem: choose prune / b-bits per unit under the "
-        "budgets, with a certificate. Exit 0 with a solution, 2 without one, 1 on bad input.")
+        "budgets, with a certificate. Exit 0 with a solution, 3 without one (infeasible or none "
+        "within the limits), 1 on bad input, 2 on a usage error.")
     p.add_argument("problem", help="problem file (.yaml, .yml or .json)")
     add_solve_arguments(p)
     p.add_argument("--out", metavar="SOLUTION.json", help="write the solution JSON here")
     p.add_argument("--per-layer", action="store_true", help="also print the plan per layer")
-    p.add_argument("--json", action="store_true", help="print the solution as JSON")
-    p.add_argument("--quiet", action="store_true", help="print nothing (exit code only)")
+    p.add_argument("--json", action="store_true", help="print the solution as one JSON object "
+                   "(also when infeasible)")
+    p.add_argument("--quiet", action="store_true", help="print no text (exit code only); "
+                   "--json still prints its object")
     p.set_defaults(func=run)
 
 
 def add_solve_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by solve and pareto (they mirror ``SolveOptions`` and the budgets).
 
-    Numbers are read as text and range-checked by ``solve_options`` / ``budget_of``, so a bad
-    value is a one-line error naming the flag (exit 1), never an argparse usage error.
+    Numbers are range-checked while parsing (``bitsack.commands._args``: a one-line usage
+    error naming the flag, exit 2) and again by ``solve_options`` / ``budget_of``, which take
+    text too.
     """
     p.add_argument("--solver", default="auto", help="backend name (default: auto)")
-    p.add_argument("--time-limit", metavar="S", help="wall-clock limit, seconds "
+    p.add_argument("--time-limit", metavar="S", type=SECONDS, help="wall-clock limit, seconds "
                    f"(0, {MAX_TIME_LIMIT_S:g}]")
-    p.add_argument("--gap", metavar="G", help="relative gap tolerance in [0, 1) "
+    p.add_argument("--gap", metavar="G", type=GAP, help="relative gap tolerance in [0, 1) "
                    "(default 1e-4)")
-    p.add_argument("--seed", default="0", help=f"solver seed, 0..{MAX_SEED} (default 0)")
-    p.add_argument("--threads", metavar="N", help="solver threads (backend default if unset)")
+    p.add_argument("--seed", default="0", type=SEED,
+                   help=f"solver seed, 0..{MAX_SEED} (default 0)")
+    p.add_argument("--threads", metavar="N", type=THREADS,
+                   help=f"solver threads, 1..{MAX_THREADS} (backend default if unset)")
     add_budget_arguments(p)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="backend-specific parameter (VALUE parsed as JSON if it can be)")
@@ -57,7 +65,7 @@ def add_budget_arguments(p: argparse.ArgumentParser) -> None:
     """``--budget`` and ``--avg-bits`` (read by ``budget_of``)."""
     p.add_argument("--budget", action="append", default=[], metavar="RESOURCE=VALUE",
                    help="set (or with 'none' remove) a resource limit; repeatable")
-    p.add_argument("--avg-bits", metavar="B",
+    p.add_argument("--avg-bits", metavar="B", type=AVG_BITS,
                    help="memory budget as bits per original weight (overhead included): "
                    "memory_bytes = B * total params / 8; not together with --budget "
                    "memory_bytes")
@@ -185,12 +193,12 @@ def run(args: argparse.Namespace) -> int:
     solution = solve(problem, args.solver, options)
     if out is not None:
         write_json(out, solution.to_dict())
-    if args.json and not args.quiet:
+    if args.json:
         json.dump(solution.to_dict(), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     elif not args.quiet:
         print(summarize(problem, solution, per_layer=args.per_layer))
-    return 0 if solution.has_solution else 2
+    return ExitCode.OK if solution.has_solution else ExitCode.NO_SOLUTION
 
 
 def summarize(problem: Problem, solution: Solution, per_layer: bool = False) -> str:
@@ -238,9 +246,13 @@ def summarize(problem: Problem, solution: Solution, per_layer: bool = False) -> 
 
 def plan_table(problem: Problem, assignment: dict[str, str], per_layer: bool) -> list[str]:
     """Counts of units per option, by unit kind (and by layer when asked)."""
-    from bitsack.solver.problem import option_bits
+    from bitsack.solver.problem import parse_option
 
-    option_ids = sorted({o.id for u in problem.units for o in u.options}, key=option_bits)
+    def order(oid: str) -> tuple[int, int]:  # by bits, then by group size (default first)
+        spec = parse_option(oid)
+        return spec.bits, spec.group_size or 0
+
+    option_ids = sorted({o.id for u in problem.units for o in u.options}, key=order)
     rows: dict[str, dict[str, int]] = {}
     layers: dict[int, dict[str, int]] = {}
     for unit in problem.units:

@@ -147,7 +147,7 @@ class Stitcher:
             unit = self.units[uid]
             for s in unit.slices:
                 name = module_name(s.param)
-                src = self.store.dense(self._store_name(name), choice)
+                src = self.store.dense(self.store.stored_name(name), choice)
                 dst = self.params[s.param]
                 view = dst.data.T if s.transposed else dst.data
                 idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
@@ -159,10 +159,6 @@ class Stitcher:
             elif first is not None:
                 first = min(first, unit.layer)
         return first
-
-    def _store_name(self, name: str) -> str:
-        return name if name in self.store.variants else \
-            next((e for e, h in self.store.tied.items() if h == name), name)
 
     def _is_input(self, unit) -> bool:
         emb = self.model.get_input_embeddings()
@@ -283,20 +279,35 @@ class Search:
 
     # ---- 2. linearise -------------------------------------------------------------------
     def linearise(self, groups: Sequence[str] | None = None) -> None:
-        """Measure Δ(g, ±1) on ``screen`` for ``groups`` (default: all)."""
+        """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all): d = ±1, the group's
+        units one menu step up / down; d = 0 (menu with prune), its one prunable kept unit
+        whose weights are smallest (``VariantStore.error`` of pruning) pruned."""
         base = self.kl["screen"]
         for g in (groups if groups is not None else self.groups):
-            for d in (+1, -1):
-                moved = {}
-                for uid in self.groups[g]:
-                    to = self.menu.step(self.plan[uid], d)
-                    if to is not None:
-                        moved[uid] = to
+            for d in (+1, -1, 0) if self.menu.prune else (+1, -1):
+                moved = self._move(g, d)
                 if not moved:
                     self.deltas.pop((g, d), None)
                     continue
                 kl = self._measure(moved, "screen")
                 self.deltas[(g, d)] = (Paired.of(kl, base), moved)
+
+    def _move(self, g: str, d: int) -> dict[str, Choice]:
+        from bitsack.plan import PRUNE
+
+        if d == 0:
+            kept = [u for u in self.groups[g] if self.stitch.units[u].prunable
+                    and not self.plan[u].pruned]
+            if not kept:
+                return {}
+            pick = min(kept, key=lambda u: (self.store.error(self.stitch.units[u], PRUNE), u))
+            return {pick: PRUNE}
+        moved = {}
+        for uid in self.groups[g]:
+            to = self.menu.step(self.plan[uid], d)
+            if to is not None:
+                moved[uid] = to
+        return moved
 
     # ---- 3. propose ---------------------------------------------------------------------
     def propose(self, k: int, rng: np.random.Generator | None = None):
@@ -309,23 +320,23 @@ class Search:
         units = []
         for g, members in self.groups.items():
             moves = {}
-            for d in (+1, -1):
+            for d in (+1, -1, 0):
                 if (g, d) not in self.deltas:
                     continue
                 paired, moved = self.deltas[(g, d)]
                 delta = paired.mean
                 if rng is not None and math.isfinite(paired.se):
                     delta += float(rng.normal(0.0, paired.se))
-                weight = sum(self.params[u] for u in moved)
-                moves[d] = (delta, moved, weight)
+                moves[d] = (delta, moved, self.shares(moved))
             for uid in members:
                 cur = self.plan[uid]
                 opts = [Option(cur.option_id, 0.0, self._cost(uid, cur, False))]
-                for _, (delta, moved, weight) in moves.items():
-                    if uid in moved:
-                        to = moved[uid]
-                        opts.append(Option(to.option_id, delta * self.params[uid] / weight,
-                                           self._cost(uid, to, True)))
+                offered = {cur.option_id}
+                for _, (delta, moved, share) in moves.items():
+                    if uid in moved and moved[uid].option_id not in offered:
+                        offered.add(moved[uid].option_id)
+                        opts.append(Option(moved[uid].option_id, delta * share[uid],
+                                           self._cost(uid, moved[uid], True)))
                 units.append(Unit(uid, tuple(opts), params=self.params[uid]))
         resources = tuple(Resource(r, lim) for r, lim in self.limits.items()) + \
             (Resource("changes", float(k)),)
@@ -339,6 +350,19 @@ class Search:
             if oid != self.plan[uid].option_id:
                 changes[uid] = self._choice(oid)
         return changes, float(sol.objective), _cert(sol)
+
+    def shares(self, moved: Mapping[str, Choice]) -> dict[str, float]:
+        """How a group move's measured Δ splits over its units: by how much each unit's
+        weights change (``|err(current) − err(new)|``, ``VariantStore.error``), so a unit
+        whose quantization error is large carries most of the group's effect; by parameters
+        when no unit's error changes."""
+        w = {u: abs(self.store.error(self.stitch.units[u], self.plan[u])
+                    - self.store.error(self.stitch.units[u], c)) for u, c in moved.items()}
+        total = sum(w.values())
+        if not total > 0:
+            w = {u: float(self.params[u]) for u in moved}
+            total = sum(w.values())
+        return {u: v / total for u, v in w.items()}
 
     def _cost(self, uid: str, c: Choice, moved: bool) -> dict[str, float]:
         out = dict(self.unit_costs[uid][c.option_id])

@@ -69,7 +69,10 @@ class Menu:
                                   f"{[c.option_id for c in self.steps]}") from None
 
     def step(self, choice: Choice, direction: int) -> Choice | None:
-        """The choice ``direction`` steps up (+) or down (−) the menu; None past either end."""
+        """The choice ``direction`` steps up (+) or down (−) the menu; None past either end.
+        A pruned unit steps up to the smallest choice and cannot step down."""
+        if choice.pruned:
+            return self.steps[0] if direction > 0 else None
         j = self.index(choice) + direction
         return self.steps[j] if 0 <= j < len(self.steps) else None
 

@@ -137,6 +137,21 @@ class KLMeter:
         split.trace = trace
         return self.kl(name, self.n_layers)
 
+    @torch.no_grad()
+    def kl_of(self, model: nn.Module, name: str) -> np.ndarray:
+        """Per-sequence mean KL(base ‖ ``model``) on split ``name`` — any model of the same
+        tokenizer (a packed, pruned one included), run in full."""
+        split = self._split(name)
+        engine = LayerEngine(model, split.tokens,
+                             batch_size=split.engine.batches[0].ids.shape[0])
+        final = engine.run_from(0, engine.hidden_states())
+        self.forwards += split.tokens.shape[0]
+        out = []
+        for h, p, negent in zip(final, split.p, split.negent, strict=True):
+            logq = torch.log_softmax(engine.logits(h).float(), dim=-1)
+            out.append((negent - (p.float() * logq).sum(-1).double()).mean(-1))
+        return torch.cat(out).numpy()
+
     def _split(self, name: str) -> _Split:
         if name not in self.splits:
             raise ValidationError("split", f"{name!r}; valid: {sorted(self.splits)}")

@@ -24,8 +24,9 @@ less than n_units / T) — and only if it does not, the restricted model is solv
 Interactions: the low-rank ``U`` is refused (a SolverError naming the backends that support
 it); explicit ``pairs`` are modelled exactly (w_p = x_i ∧ x_j).
 
-Constraint labels follow ``mathopt_model``: one_option[u] (exactly one), budget[r],
-same_option[c,u,o], same_bits[c] / same_bits[c,u,b] (z_{c,b} literals), min_kept[c], pair[p].
+Constraint labels follow the model in ``solver/__init__.py``: one_option[u] (exactly one),
+budget[r], same_option[c,u,o], same_bits[c] / same_bits[c,u,o] (z_{c,b} literals),
+min_kept[c], pair[p].
 
 Determinism: ``random_seed`` is fixed; with more than one worker the parallel portfolio is only
 reproducible with ``interleave_search`` (on by default here when ``num_workers > 1``). A solve

@@ -239,3 +239,20 @@ def test_parse_budgets_kept_for_run():
         "memory_bytes": 6e7, "decode_latency_us": None}
     with pytest.raises(ValidationError, match="--budget memory_bytes: -1.0 is negative"):
         parse_budgets(["memory_bytes=-1"])
+
+
+def test_generate_with_explicit_group_sizes_prices_each(capsys, tmp_path):
+    out = tmp_path / "g.json"
+    assert main(["generate", "--preset", "smollm2-135m", "--layers", "1", "--options",
+                 "prune,b3g32,b3g64,b3g128,b4,b16", "--out", str(out)]) == 0
+    p = load_problem(out)
+    assert p.settings.group_size == 64 and p.settings.mlp_group == 128
+    attn = p.units[0]
+    mem = {o.id: o.cost["memory_bytes"] for o in attn.options}
+    loss = {o.id: o.loss for o in attn.options}
+    assert mem["b3g32"] > mem["b3g64"] > mem["b3g128"]  # finer groups: more scale/zero bytes
+    assert loss["b3g32"] <= loss["b3g64"] <= loss["b3g128"]  # ... and less error
+    capsys.readouterr()
+    assert main(["solve", str(out), "--solver", "dp", "--json",
+                 "--budget", "decode_latency_us=none"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "optimal"
