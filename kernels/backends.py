@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,6 +41,12 @@ import torch
 from bitsack.errors import ValidationError
 from bitsack.kernels.bounds import U_FP32, Numerics, rounding, unit_roundoff
 from bitsack.kernels.formats import unpack_numpy
+from bitsack.kernels.registry import (  # noqa: F401 - re-exported
+    _BACKENDS,
+    available_backends,
+    get_backend,
+    register_backend,
+)
 
 __all__ = [
     "CPU_TILE_ELEMENTS",
@@ -82,30 +88,6 @@ class KernelBackend(Protocol):
     def numerics(self, layer: Any, x: torch.Tensor) -> Numerics:
         """The floating-point recipe ``linear(layer, x)`` follows (for the error bound)."""
         ...
-
-
-_BACKENDS: dict[str, KernelBackend] = {}
-
-
-def register_backend(cls: Callable[[], KernelBackend]) -> Callable[[], KernelBackend]:
-    """Class decorator: register an instance under its ``name``."""
-    obj = cls()
-    _BACKENDS[obj.name] = obj
-    return cls
-
-
-def get_backend(name: str) -> KernelBackend:
-    """The backend registered as ``name``."""
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValidationError("backend", f"{name!r} is unknown; valid: "
-                              f"{', '.join(sorted(_BACKENDS))}") from None
-
-
-def available_backends() -> list[str]:
-    """Names of the backends that can run on this machine."""
-    return [n for n, b in sorted(_BACKENDS.items()) if b.is_available()]
 
 
 def _flat(layer: Any, x: torch.Tensor) -> torch.Tensor:
