@@ -453,9 +453,9 @@ class _Event:
 
 
 def _default_row_chunk(cols: int) -> int:
-    """Rows per pass: a float64 copy of the chunk is about 128 MiB (a function of cols only,
+    """Rows per pass: a float64 copy of the chunk is about 64 MiB (a function of cols only,
     so a matrix quantized alone or stacked with others is cut the same way)."""
-    return max(1, (1 << 24) // cols)
+    return max(1, (1 << 23) // cols)
 
 
 def _row_pieces(ranges: list[tuple[int, int]], row_chunk: int) -> list[list[tuple[int, int]]]:
@@ -602,9 +602,9 @@ class GPTQ:
                 (error-updated) weights when its first column is reached.
             block_size: columns per lazy batch update (B in the paper).
             max_escalations: how many ×10 escalations of λ before giving up.
-            row_chunk: rows processed per pass, to bound memory (default: about 128 MiB of
+            row_chunk: rows processed per pass, to bound memory (default: about 64 MiB of
                 float64 per pass, a function of the column count only). A pass needs about
-                3× (6× with act_order) the float64 bytes of its rows, plus the result: uint8
+                4× (6× with act_order) the float64 bytes of its rows, plus the result: uint8
                 codes, fp16 scale/zero, and (``return_weight``) a float32 weight.
             return_weight: also return the dequantized float32 weight (``.weight``).
 
@@ -872,7 +872,11 @@ class GPTQ:
             cur_m = torch.zeros(R, dtype=f64, device=dev)
             cur16 = torch.zeros(R, dtype=torch.bool, device=dev) if any16 else None
 
-        Qt = torch.empty((cols, R), dtype=f64, device=dev)
+        # the quantized weights of every column (transposed) are kept only when something
+        # reads them afterwards: the returned weight or a 16-bit part's fp16 values
+        keep_q = weight_q is not None or any(
+            rc.fp16 is not None and max(rc.r0, a) < min(rc.r1, b) for rc in rects)
+        Qt = torch.empty((cols, R) if keep_q else (1, R), dtype=f64, device=dev)
         Ct = torch.empty((cols, R), dtype=torch.uint8, device=dev)
         lossr = torch.zeros(R, dtype=f64, device=dev)
         lossc = None if loss_cols is None else torch.zeros(cols, dtype=f64, device=dev)
@@ -916,7 +920,7 @@ class GPTQ:
                 torch.div(w, s, out=qc)
                 qc.add_(z).round_().clamp_(min=0.0)
                 torch.minimum(qc, m, out=qc)
-                q = Qt[col]
+                q = Qt[col if keep_q else 0]
                 # s·(q − z) is exact in fp32 and float64 alike (≤ 19 significant bits).
                 torch.sub(qc, z, out=q)
                 q.mul_(s)
