@@ -154,9 +154,18 @@ def _check_weight(w: Any, name: str = "w") -> torch.Tensor:
         desc = f"{w.dtype} of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) \
             else type(w).__name__
         raise ValidationError(name, f"{desc}; valid: a 2-D floating-point tensor [rows, cols]")
-    if not bool(torch.isfinite(w).all()):
+    if not _all_finite(w):
         raise ValidationError(name, "holds NaN or infinite values; valid: finite values")
     return w
+
+
+def _all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """``isfinite(t).all()`` a block of rows at a time (isfinite of a half tensor makes
+    float32 temporaries: on a stacked embedding that would be gigabytes)."""
+    if t.numel() <= block:
+        return bool(torch.isfinite(t).all())
+    step = max(1, block // max(1, t.shape[-1]))
+    return all(bool(torch.isfinite(t[i:i + step]).all()) for i in range(0, t.shape[0], step))
 
 
 def _fp16_round_up(s: torch.Tensor) -> torch.Tensor:

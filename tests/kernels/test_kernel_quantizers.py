@@ -456,3 +456,15 @@ def test_segments_errors():
         gp.quantize_segments(w, [SegmentSpec(0, 0, 4, 4, 8)], row_chunk=0)
     with pytest.raises(ValidationError, match="segments: empty"):
         gp.quantize_segments(w, [])
+
+
+def test_finiteness_check_by_blocks_sees_every_row():
+    from bitsack.kernels.quantizers import _all_finite
+
+    t = torch.zeros(50, 7, dtype=torch.float16)
+    assert _all_finite(t, block=16)
+    t[49, 6] = float("inf")
+    assert not _all_finite(t, block=16) and not _all_finite(t)
+    gp = _gptq(7)
+    with pytest.raises(ValidationError, match="weight: holds NaN or infinite"):
+        gp.quantize_segments(t, [SegmentSpec(0, 0, 50, 4, 4)])
