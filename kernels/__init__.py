@@ -7,7 +7,8 @@ importable without torch, for the solver):
 - ``hessian``    — ``Hessian``: the running ``2XXᵀ/n`` every stage accumulates the same way
 - ``quantizers`` — ``rtn_quantize``, ``GPTQ``, ``fake_quantize``, ``get_quantizer``
 - ``packed``     — ``Segment``, ``PackedLinear``, ``PackedEmbedding``
-- ``backends``   — ``reference`` / ``torch`` / ``cupy`` kernel backends
+- ``backends``   — ``cpu`` (default) / ``torch`` / ``reference`` / ``cupy`` kernel backends
+- ``cpu_build``  — compile (cached) and load the C++ CPU kernels of ``kernels/cpu``
 - ``bounds``     — a priori error bounds of the backends and of RTN
 - ``io``         — safetensors files written atomically, checked on load
 - ``cuda_build`` — NVRTC compilation and CuPy loading of ``kernels/cuda/*.cu``

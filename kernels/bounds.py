@@ -167,7 +167,7 @@ def output_error_bound(w_hat: torch.Tensor, x: torch.Tensor, bias: torch.Tensor 
 def layer_error_bound(layer, x: torch.Tensor, backend: str | None = None,
                       y_ref: torch.Tensor | None = None) -> torch.Tensor:
     """``output_error_bound`` of a ``PackedLinear`` on its (or the named) backend."""
-    from bitsack.kernels.backends import get_backend
+    from bitsack.kernels.registry import get_backend  # filled when the backends were imported
 
     be = get_backend(backend or layer.backend)
     return output_error_bound(layer.dequantize(torch.float64), x, layer.bias,

@@ -163,6 +163,18 @@ class Segment:
         return dequantize_codes(codes, s, z, self.group_size, dtype)
 
 
+_REGISTRY: list[dict] = []  # the backends' registry, bound on first use (import cycle)
+
+
+def _backend(name: str):
+    """The registered backend ``name`` (validated when the module's backend was set)."""
+    if not _REGISTRY:
+        from bitsack.kernels.backends import _BACKENDS
+
+        _REGISTRY.append(_BACKENDS)
+    return _REGISTRY[0][name]
+
+
 def _desc(t: torch.Tensor | None) -> str:
     return "None" if t is None else f"{t.dtype} {list(t.shape)}"
 
@@ -231,11 +243,13 @@ class PackedLinear(_SegmentStore):
         out_features: rows of the weight.
         segments: along one axis, contiguous, covering the matrix exactly once.
         bias: optional ``[out_features]`` (kept in its dtype; computed with in fp32).
-        backend: kernel backend name (``reference``, ``torch``, ``cupy``).
+        backend: kernel backend name: ``cpu`` (default: fused packed GEMV / tiled dequantize
+            + BLAS on CPU tensors, ``torch`` on others), ``torch`` (whole-weight dequantize per
+            call: a debug mode), ``reference``, ``cupy``.
     """
 
     def __init__(self, in_features: int, out_features: int, segments: Sequence[Segment],
-                 bias: torch.Tensor | None = None, backend: str = "torch"):
+                 bias: torch.Tensor | None = None, backend: str = "cpu"):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -246,8 +260,8 @@ class PackedLinear(_SegmentStore):
         self._store(segments)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.backend = backend
-        #: Keep the dequantized weight after the first ``torch``-backend call (faster repeated
-        #: CPU inference at the memory cost of a dense fp32 weight; never saved).
+        #: Keep the dequantized weight after the first call and run one dense matmul (the
+        #: ``torch`` path) at the memory cost of a dense fp32 weight; never saved.
         self.cache_weight = False
         self._weight_cache: torch.Tensor | None = None
 
@@ -260,12 +274,14 @@ class PackedLinear(_SegmentStore):
             c = self._weight_cache = self.dequantize(dtype)
         return c
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): the cache is stale
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): the caches are stale
         self._weight_cache = None
+        self.__dict__.pop("_cpu_plan", None)
         return super()._apply(fn, *args, **kwargs)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: the cache is stale
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: the caches are stale
         self._weight_cache = None
+        self.__dict__.pop("_cpu_plan", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -281,7 +297,7 @@ class PackedLinear(_SegmentStore):
 
     @classmethod
     def from_quantized(cls, parts: Sequence[QuantizedTensor | torch.Tensor], axis: int,
-                       bias: torch.Tensor | None = None, backend: str = "torch") -> PackedLinear:
+                       bias: torch.Tensor | None = None, backend: str = "cpu") -> PackedLinear:
         """Pack pieces laid end to end along ``axis``.
 
         Args:
@@ -310,7 +326,7 @@ class PackedLinear(_SegmentStore):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bits: int | Sequence[tuple[int, ...]],
                    group_size: int, axis: int = 0, bias: torch.Tensor | None = None,
-                   backend: str = "torch") -> PackedLinear:
+                   backend: str = "cpu") -> PackedLinear:
         """RTN-quantize a dense ``[out, in]`` weight and pack it.
 
         Args:
@@ -343,7 +359,7 @@ class PackedLinear(_SegmentStore):
 
     @classmethod
     def from_layout(cls, in_features: int, out_features: int, layout: Sequence[dict],
-                    bias_dtype: torch.dtype | None = None, backend: str = "torch",
+                    bias_dtype: torch.dtype | None = None, backend: str = "cpu",
                     device: torch.device | str = "cpu") -> PackedLinear:
         """A zero-filled layer of the given ``layout()``, to ``load_state_dict`` into.
 
@@ -368,9 +384,7 @@ class PackedLinear(_SegmentStore):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValidationError("x", f"last dim {x.shape[-1]}; valid: {self.in_features}")
-        from bitsack.kernels.backends import get_backend
-
-        return get_backend(self.backend).linear(self, x)
+        return _backend(self._backend).linear(self, x)
 
     def extra_repr(self) -> str:
         segs = ", ".join(f"{s}:{e}@{b}b" for _, s, e, b, _, _ in self._meta)
@@ -441,7 +455,7 @@ class PackedEmbedding(_SegmentStore):
         return cls(num_embeddings, embedding_dim, [Segment.empty(s, device) for s in layout],
                    dtype=dtype)
 
-    def as_linear(self, backend: str = "torch") -> PackedLinear:
+    def as_linear(self, backend: str = "cpu") -> PackedLinear:
         """A ``PackedLinear`` (in = embedding_dim, out = num_embeddings) on the same buffers."""
         return PackedLinear(self.embedding_dim, self.num_embeddings, self.segments,
                             backend=backend)

@@ -154,9 +154,18 @@ def _check_weight(w: Any, name: str = "w") -> torch.Tensor:
         desc = f"{w.dtype} of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) \
             else type(w).__name__
         raise ValidationError(name, f"{desc}; valid: a 2-D floating-point tensor [rows, cols]")
-    if not bool(torch.isfinite(w).all()):
+    if not _all_finite(w):
         raise ValidationError(name, "holds NaN or infinite values; valid: finite values")
     return w
+
+
+def _all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """``isfinite(t).all()`` a block of rows at a time (isfinite of a half tensor makes
+    float32 temporaries: on a stacked embedding that would be gigabytes)."""
+    if t.numel() <= block:
+        return bool(torch.isfinite(t).all())
+    step = max(1, block // max(1, t.shape[-1]))
+    return all(bool(torch.isfinite(t[i:i + step]).all()) for i in range(0, t.shape[0], step))
 
 
 def _fp16_round_up(s: torch.Tensor) -> torch.Tensor:
@@ -453,9 +462,9 @@ class _Event:
 
 
 def _default_row_chunk(cols: int) -> int:
-    """Rows per pass: a float64 copy of the chunk is about 128 MiB (a function of cols only,
+    """Rows per pass: a float64 copy of the chunk is about 64 MiB (a function of cols only,
     so a matrix quantized alone or stacked with others is cut the same way)."""
-    return max(1, (1 << 24) // cols)
+    return max(1, (1 << 23) // cols)
 
 
 def _row_pieces(ranges: list[tuple[int, int]], row_chunk: int) -> list[list[tuple[int, int]]]:
@@ -626,9 +635,9 @@ class GPTQ:
                 (error-updated) weights when its first column is reached.
             block_size: columns per lazy batch update (B in the paper).
             max_escalations: how many ×10 escalations of λ before giving up.
-            row_chunk: rows processed per pass, to bound memory (default: about 128 MiB of
+            row_chunk: rows processed per pass, to bound memory (default: about 64 MiB of
                 float64 per pass, a function of the column count only). A pass needs about
-                3× (6× with act_order) the float64 bytes of its rows, plus the result: uint8
+                4× (6× with act_order) the float64 bytes of its rows, plus the result: uint8
                 codes, fp16 scale/zero, and (``return_weight``) a float32 weight.
             return_weight: also return the dequantized float32 weight (``.weight``).
 
@@ -689,19 +698,16 @@ class GPTQ:
                 part_loss = loss_cols[sp.start:sp.stop] if col_loss else loss_rows
                 losses.append(float(part_loss.sum()) * 0.5)
             if sp.bits == 16:
-                parts.append(self._fp16_part(W0, weight_q, codes, rc, sl_r, sl_c))
+                # the fp16 value of the updated weights: from the returned weight, or (without
+                # one) kept aside by the engine in ``rc.fp16``
+                parts.append(rc.fp16 if weight_q is None else
+                             weight_q[sl_r, sl_c].to(torch.float16))
             else:
                 parts.append(QuantizedTensor(codes[sl_r, sl_c].contiguous(), rc.scale,
                                              rc.zero, sp.bits, sp.group_size))
         return GPTQResult(codes=None, scale=None, zero=None, bits=None, group_size=None,
                           weight=weight_q, damp=lam, loss=float(sum(losses)),
                           parts=tuple(parts), segments=segs, losses=tuple(losses))
-
-    @staticmethod
-    def _fp16_part(W0, weight_q, codes, rc, sl_r, sl_c) -> torch.Tensor:
-        # the fp16-rounded updated weights of a 16-bit part: from the returned weight, or
-        # (without one) kept aside by the engine in ``rc.fp16``
-        return rc.fp16 if weight_q is None else weight_q[sl_r, sl_c].to(torch.float16)
 
     def quantize(self, weight: torch.Tensor, bits: Any, group_size: int, *,
                  bits_axis: int | None = None, damp: float = 0.01, act_order: bool = False,
@@ -835,34 +841,51 @@ class GPTQ:
         cols = W0.shape[1]
         R = b - a
         f64 = torch.float64
-        Wt = W0[a:b].detach().to(device=dev, dtype=f64).t().contiguous()  # [cols, R]
-        Wt[dead] = 0.0
         events = self._events(rects, a, b, dev)
         any16 = any(bool(ev.is16.any()) for ev in events)
         is16_col = None
         if perm is not None:
-            # static groups: parameters of every group from the original (dead-zeroed) W,
-            # spread to per-column rows so each column reads one contiguous vector
-            S = torch.ones((cols, R), dtype=f64, device=dev)
-            Z = torch.zeros((cols, R), dtype=f64, device=dev)
-            M = torch.zeros((cols, R), dtype=f64, device=dev)
-            if any16:
-                is16_col = torch.zeros((cols, R), dtype=torch.bool, device=dev)
+            # The transpose is built in the quantization order directly (one pass), and the
+            # static groups' parameters (from the original, dead-zeroed W) are written to the
+            # permuted positions of their columns, so column i reads one contiguous vector.
+            invperm = torch.argsort(perm)
+            Wt = W0[a:b].detach().to(device=dev)[:, perm].to(f64).t().contiguous()
+            Wt[dead[perm]] = 0.0
+            # maxq / 16-bit masks as per-row vectors when no row changes them along its
+            # columns (row segments), else per-column tables
+            row_const = all(rc.c0 == 0 and rc.c1 == cols and
+                            bool((rc.bits == rc.bits[:, :1]).all()) for rc in rects)
+            S = torch.empty((cols, R), dtype=f64, device=dev)
+            Z = torch.empty((cols, R), dtype=f64, device=dev)
+            if row_const:
+                M = None
+                m_row = torch.zeros(R, dtype=f64, device=dev)
+                is16_row = torch.zeros(R, dtype=torch.bool, device=dev) if any16 else None
+            else:
+                M = torch.zeros((cols, R), dtype=f64, device=dev)
+                if any16:
+                    is16_col = torch.zeros((cols, R), dtype=torch.bool, device=dev)
+            s_tmp = torch.empty(R, dtype=f64, device=dev)
+            z_tmp = torch.empty(R, dtype=f64, device=dev)
             for ev in events:
                 sl = slice(ev.ra, ev.rb)
-                self._set_params(ev, Wt[ev.c:ev.end, sl].t(), a, S[ev.c, sl], Z[ev.c, sl])
-                S[ev.c + 1:ev.end, sl] = S[ev.c, sl]
-                Z[ev.c + 1:ev.end, sl] = Z[ev.c, sl]
-                M[ev.c:ev.end, sl] = ev.maxq
-                if is16_col is not None:
-                    is16_col[ev.c:ev.end, sl] = ev.is16
-            S, Z, M = S[perm], Z[perm], M[perm]
-            if is16_col is not None:
-                is16_col = is16_col[perm]
-            Wt = Wt[perm]
+                pos = invperm[ev.c:ev.end]
+                self._set_params(ev, Wt[pos, sl].t(), a, s_tmp[sl], z_tmp[sl])
+                S[pos, sl] = s_tmp[sl]
+                Z[pos, sl] = z_tmp[sl]
+                if M is not None:
+                    M[pos, sl] = ev.maxq
+                    if is16_col is not None:
+                        is16_col[pos, sl] = ev.is16
+                else:
+                    m_row[sl] = ev.maxq
+                    if is16_row is not None:
+                        is16_row[sl] = ev.is16
             order = perm.tolist()
             starts: dict[int, list[_Event]] = {}
         else:
+            Wt = W0[a:b].detach().to(device=dev, dtype=f64).t().contiguous()  # [cols, R]
+            Wt[dead] = 0.0
             order = list(range(cols))
             starts = {}
             for ev in events:
@@ -872,7 +895,11 @@ class GPTQ:
             cur_m = torch.zeros(R, dtype=f64, device=dev)
             cur16 = torch.zeros(R, dtype=torch.bool, device=dev) if any16 else None
 
-        Qt = torch.empty((cols, R), dtype=f64, device=dev)
+        # the quantized weights of every column (transposed) are kept only when something
+        # reads them afterwards: the returned weight or a 16-bit part's fp16 values
+        keep_q = weight_q is not None or any(
+            rc.fp16 is not None and max(rc.r0, a) < min(rc.r1, b) for rc in rects)
+        Qt = torch.empty((cols, R) if keep_q else (1, R), dtype=f64, device=dev)
         Ct = torch.empty((cols, R), dtype=torch.uint8, device=dev)
         lossr = torch.zeros(R, dtype=f64, device=dev)
         lossc = None if loss_cols is None else torch.zeros(cols, dtype=f64, device=dev)
@@ -905,14 +932,18 @@ class GPTQ:
                             cur16[sl] = ev.is16
                     s, z, m, w16 = cur_s, cur_z, cur_m, cur16
                 else:
-                    s, z, m = S[i1 + j], Z[i1 + j], M[i1 + j]
-                    w16 = None if is16_col is None else is16_col[i1 + j]
+                    s, z = S[i1 + j], Z[i1 + j]
+                    if M is None:
+                        m, w16 = m_row, is16_row
+                    else:
+                        m = M[i1 + j]
+                        w16 = None if is16_col is None else is16_col[i1 + j]
                 w = W1[j]
                 # nearest code on the stored grid: clamp(round(w/s + z), 0, maxq)
                 torch.div(w, s, out=qc)
                 qc.add_(z).round_().clamp_(min=0.0)
                 torch.minimum(qc, m, out=qc)
-                q = Qt[col]
+                q = Qt[col if keep_q else 0]
                 # s·(q − z) is exact in fp32 and float64 alike (≤ 19 significant bits).
                 torch.sub(qc, z, out=q)
                 q.mul_(s)

@@ -71,6 +71,7 @@ def _fits_fp16(layer: PackedLinear, x: torch.Tensor) -> bool:
 def test_torch_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, xlog, bias,
                                     batch, dtype):
     layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, bias)
+    layer.backend = "torch"
     x = _input(seed, batch, cols, xlog, dtype)
     assume(_fits_fp16(layer, x))
     y_ref = reference_output(layer, x)
@@ -80,9 +81,117 @@ def test_torch_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, 
     assert bool(((y.double() - y_ref).abs() <= bound).all())
 
 
+@settings(max_examples=150, deadline=None)
+@given(**{**layer_args,
+          "pieces": st.lists(st.sampled_from([*BITS, 5, 6, 7, 16]), min_size=1, max_size=3),
+          "dtype": st.sampled_from([*DTYPES, torch.float64])})
+def test_cpu_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, xlog, bias, batch,
+                                  dtype):
+    # the default backend: fused GEMV for batch ≤ GEMV_MAX_BATCH, tiles + BLAS above; every
+    # width 1..8 (word-straddling ones included), ragged groups, a group size per segment
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, bias)
+    assert layer.backend == "cpu"
+    x = _input(seed, batch, cols, xlog, dtype)
+    assume(_fits_fp16(layer, x))
+    y_ref = reference_output(layer, x)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (batch, rows)
+    bound = layer_error_bound(layer, x, "cpu", y_ref=y_ref)
+    assert bool(((y.double() - y_ref).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("g", [16, 32, 48, 128])
+def test_cpu_gemv_larger_shapes(bits, g):
+    # rows not a multiple of the kernel's 4-row blocks, the last rows' 16-word loads near the
+    # end of the buffer, widths not a multiple of 32, a column split into two segments
+    for rows, cols, axis, pieces in ((67, 1000, 0, [bits]), (9, 577, 1, [bits, 16, bits])):
+        layer = _layer(bits * 100 + g, rows, cols, g, pieces, axis, 0.0, True)
+        for batch in (1, 5, GEMV_MAX_BATCH + 1):
+            x = _input(g, batch, cols, 0.0, torch.float32)
+            y_ref = reference_output(layer, x)
+            bound = layer_error_bound(layer, x, "cpu", y_ref=y_ref)
+            assert bool(((layer(x).double() - y_ref).abs() <= bound).all()), (rows, batch)
+
+
+def test_cpu_plan_follows_the_buffers():
+    torch.manual_seed(2)
+    layer = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    other = PackedLinear.from_dense(torch.randn(16, 64), 4, 32)
+    x = torch.randn(1, 64)
+    y = layer(x)
+    layer.load_state_dict(PackedLinear.from_dense(torch.randn(16, 64), 3, 32).state_dict())
+    assert not torch.equal(layer(x), y)  # reloaded in place: new values, same plan is fine
+    # buffers replaced by assignment: the plan is rebuilt, never reads freed memory
+    for name in ("seg0_qdata", "seg0_scale", "seg0_zero"):
+        setattr(layer, name, getattr(other, name).clone())
+    layer._meta = other._meta
+    assert torch.equal(layer(x), other(x))
+    # a deep copy holds new buffers: its plan must point at them, not at the original's
+    import copy
+
+    clone = copy.deepcopy(layer)
+    want = layer(x)
+    del layer, other
+    assert torch.equal(clone(x), want)
+    plan = clone.__dict__["_cpu_plan"][1][0]
+    assert plan[7] == clone.seg0_qdata.data_ptr()
+
+
+def test_cpu_backend_torch_fallback(monkeypatch, tmp_path):
+    # Where the C++ library cannot be built, the cpu backend runs its torch path (same
+    # tiles, torch unpack) within the same bound.
+    from bitsack.kernels import cpu_build
+    from bitsack.kernels.backends import _reset_native
+
+    monkeypatch.setenv("BITSACK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    _reset_native()
+    try:
+        assert get_backend("cpu").native() is None
+        assert "no C++ compiler" in cpu_build.load_error()
+        assert not list(tmp_path.rglob("*.so"))
+        for pieces, axis in (([3, 16, 5], 0), ([2, 7], 1)):
+            layer = _layer(5, 37, 150, [64, 7, 32], pieces, axis, 0.0, True)
+            for batch in (1, 40):
+                x = _input(5, batch, 150, 0.0, torch.float32)
+                y_ref = reference_output(layer, x)
+                bound = layer_error_bound(layer, x, "cpu", y_ref=y_ref)
+                assert bool(((layer(x).double() - y_ref).abs() <= bound).all())
+        # a compiler that fails: also a clean fallback, with its message
+        bad = tmp_path / "bad-cxx"
+        bad.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 3\n")
+        bad.chmod(0o755)
+        monkeypatch.setenv("CXX", str(bad))
+        _reset_native()
+        assert get_backend("cpu").native() is None
+        assert "broken compiler" in cpu_build.load_error()
+        monkeypatch.setenv("BITSACK_CPU_KERNELS", "0")
+        _reset_native()
+        assert get_backend("cpu").native() is None
+        assert "disabled" in cpu_build.load_error()
+    finally:
+        monkeypatch.undo()
+        _reset_native()
+
+
+def test_cpu_build_is_cached(monkeypatch, tmp_path):
+    from bitsack.kernels import cpu_build
+
+    if cpu_build._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.setenv("BITSACK_CACHE_DIR", str(tmp_path))
+    lib = cpu_build.build()
+    assert lib.is_file() and lib.parent.parent == tmp_path / "cpu-kernels"
+    stamp = lib.stat().st_mtime_ns
+    assert cpu_build.build() == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in lib.parent.iterdir()] == ["bitsack_cpu.so"]  # no temporaries
+
+
 def test_bound_is_not_vacuous():
     # for fp32 the bound is γ_n·Σ|ŵx| (plus float64 crumbs), and the error really is nonzero
     layer = _layer(0, 64, 512, 32, [4], 0, 0.0, False)
+    layer.backend = "torch"
     x = _input(0, 4, 512, 0.0, torch.float32)
     y_ref = reference_output(layer, x)
     bound = layer_error_bound(layer, x, "torch", y_ref=y_ref)
@@ -158,8 +267,8 @@ def test_reference_backend_spec():
 
 def test_backend_registry():
     assert {"reference", "torch"} <= set(available_backends())
-    with pytest.raises(ValidationError, match="backend: 'triton' is unknown; valid: cupy, "
-                                              "reference, torch"):
+    with pytest.raises(ValidationError, match="backend: 'triton' is unknown; valid: cpu, "
+                                              "cupy, reference, torch"):
         get_backend("triton")
     layer = _layer(0, 4, 32, 16, [4], 0, 0.0, False)
     with pytest.raises(ValidationError, match="backend: 'nope' is unknown"):
@@ -206,12 +315,12 @@ def test_packed_linear_module():
 
 def test_weight_cache_is_exact_and_invalidated():
     torch.manual_seed(4)
-    layer = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    layer = PackedLinear.from_dense(torch.randn(16, 64), 3, 32, backend="torch")
     x = torch.randn(2, 64)
     y = layer(x)
     layer.cache_weight = True
     assert torch.equal(layer(x), y) and layer._weight_cache is not None
-    other = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    other = PackedLinear.from_dense(torch.randn(16, 64), 3, 32, backend="torch")
     layer.load_state_dict(other.state_dict())
     assert layer._weight_cache is None
     assert torch.equal(layer(x), other(x))

@@ -16,6 +16,7 @@ from bitsack.kernels.quantizers import (
     QuantizedTensor,
     SegmentSpec,
     available_quantizers,
+    dequantize_codes,
     fake_quantize,
     get_quantizer,
     rtn_quantize,
@@ -65,6 +66,29 @@ def test_rtn_within_bound_of_unquantized(bits, rows, cols, group_size, log_mag, 
     z = qt.zero.to(torch.float64)
     assert bool((z == z.round()).all()) and float(z.min()) >= 0 and float(z.max()) <= maxq
     assert torch.equal(qt.dequantize(torch.float32).to(torch.float64), what)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 300), group_size=st.integers(1, 160),
+       bits=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]), seed=st.integers(0, 2**32 - 1))
+def test_dequantize_and_pack_any_group_size(rows, cols, group_size, bits, seed):
+    # dequantize_codes against the definition, column by column: column j uses group j // G
+    from bitsack.kernels.formats import pack, unpack
+
+    g = torch.Generator().manual_seed(seed)
+    ngroups = -(-cols // group_size)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.int64)
+    codes = codes.to(torch.uint8)
+    scale = (torch.rand(rows, ngroups, generator=g) + 0.01).half()
+    zero = torch.randint(0, 2**bits, (rows, ngroups), generator=g).half()
+    got = dequantize_codes(codes, scale, zero, group_size)
+    for j in range(cols):
+        gi = j // group_size
+        want = scale[:, gi].float() * (codes[:, j].float() - zero[:, gi].float())
+        assert torch.equal(got[:, j], want)
+    qt = QuantizedTensor(codes, scale, zero, bits, group_size)
+    assert torch.equal(unpack(pack(qt.codes, bits), bits, cols), codes)
+    assert torch.equal(qt.dequantize(), got)
 
 
 def test_rtn_worked_example():
@@ -432,3 +456,15 @@ def test_segments_errors():
         gp.quantize_segments(w, [SegmentSpec(0, 0, 4, 4, 8)], row_chunk=0)
     with pytest.raises(ValidationError, match="segments: empty"):
         gp.quantize_segments(w, [])
+
+
+def test_finiteness_check_by_blocks_sees_every_row():
+    from bitsack.kernels.quantizers import _all_finite
+
+    t = torch.zeros(50, 7, dtype=torch.float16)
+    assert _all_finite(t, block=16)
+    t[49, 6] = float("inf")
+    assert not _all_finite(t, block=16) and not _all_finite(t)
+    gp = _gptq(7)
+    with pytest.raises(ValidationError, match="weight: holds NaN or infinite"):
+        gp.quantize_segments(t, [SegmentSpec(0, 0, 50, 4, 4)])
