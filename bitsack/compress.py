@@ -55,7 +55,8 @@ class ApplyConfig:
         act_order: GPTQ column order by decreasing diag H (static groups).
         true_sequential: quantize a layer's linears stage by stage (see module docstring).
         batch_size: calibration sequences per forward through a layer.
-        backend: kernel backend of the packed modules (``torch``, ``reference``, ``cupy``).
+        backend: kernel backend of the packed modules (``cpu``, ``torch``, ``reference``,
+            ``cupy``).
         device: compute device of the layer engine (default: where the model is).
     """
 
@@ -66,7 +67,7 @@ class ApplyConfig:
     act_order: bool = True
     true_sequential: bool = True
     batch_size: int = 8
-    backend: str = "torch"
+    backend: str = "cpu"
     device: str | None = None
 
     def __post_init__(self) -> None:
