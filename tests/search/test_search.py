@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitsack.compress import ApplyConfig, assemble, compress
+from bitsack.apply import ApplyConfig, assemble, compress
 from bitsack.models import model_units
 from bitsack.models.testing import tiny_model
 from bitsack.plan import parse_choice
