@@ -75,13 +75,16 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
                     calib_tokens: torch.Tensor | None, apply: ApplyConfig,
                     config: SearchConfig, run_dir: Path, store_key: Any,
                     starts: Mapping[str, Mapping[str, Choice]] | None = None,
-                    batch_size: int = 4,
+                    batch_size: int = 4, window: int | None = 3,
                     progress: Callable[[str], None] | None = None) -> SearchOutcome:
     """Search ``model``'s plan under ``limits`` and pack the result (see module docstring).
 
     ``model`` is consumed (its weights are rewritten, then it becomes the packed model).
     ``run_dir/store`` holds the variant store, ``run_dir/search.json`` the search's
-    checkpoint: an interrupted call resumes from both.
+    checkpoint: an interrupted call resumes from both. ``window``: the store (and the search)
+    keep the menu choices within that many steps of the store's uniform walk (None: all) —
+    choices farther away need more accepted moves than a search makes, and each costs a GPTQ
+    run per matrix.
     """
     say = progress or (lambda msg: None)
     base = copy.deepcopy(model)
@@ -96,7 +99,19 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     except ValidationError:
         incumbent = store_incumbent(menu, unit_costs, {k: v for k, v in limits.items()
                                                        if k == "memory_bytes"})
-    say(f"search: variant store ({len(menu.steps)} choices per matrix; walk at uniform "
+    if window is not None:
+        menu = menu.window(incumbent, window)
+    allowed = set(menu.steps)
+    kept_starts = {}
+    for name, plan in (starts or {}).items():
+        off = sorted({str(c) for c in plan.values() if c not in allowed
+                      and not (c.pruned and menu.prune)})
+        if off:
+            say(f"search: start {name!r} left out: it uses {', '.join(off)}, off the menu")
+        else:
+            kept_starts[name] = plan
+    starts = kept_starts
+    say(f"search: variant store ({', '.join(menu.option_ids)}; walk at uniform "
         f"{incumbent.option_id})")
     store = VariantStore.build(
         model, units, menu, incumbent, calib_tokens,

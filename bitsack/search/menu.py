@@ -69,6 +69,12 @@ class Menu:
         j = self.index(choice) + direction
         return self.steps[j] if 0 <= j < len(self.steps) else None
 
+    def window(self, center: Choice, steps: int) -> Menu:
+        """The choices within ``steps`` menu steps of ``center`` (the ones a search from
+        ``center`` can reach in that many moves of a unit)."""
+        j = self.index(center)
+        return Menu(self.steps[max(0, j - steps):j + steps + 1], self.prune)
+
     def quantized(self) -> tuple[Choice, ...]:
         """The choices a quantizer must produce (everything but fp16)."""
         return tuple(c for c in self.steps if c != FP16)
