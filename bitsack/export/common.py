@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -353,18 +353,11 @@ def write_folder(out: str | os.PathLike, fmt: str, force: bool,
     try:
         result = fill(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        result = ExportResult(format=result.format, out=out, files=files,
-                              tensors=result.tensors, source=result.source,
-                              source_packed_bytes=result.source_packed_bytes,
-                              layout=result.layout, notes=result.notes)
-        manifest = {k: v for k, v in result.to_dict().items() if k != "tensors"}
-        manifest["out"] = None  # the folder may move; the manifest describes its contents
+        manifest = {k: v for k, v in replace(result, files=files).to_dict().items()
+                    if k not in ("tensors", "out")}  # the folder may move: no path to itself
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        result = ExportResult(format=result.format, out=out,
-                              files={**files, MANIFEST: (tmp / MANIFEST).stat().st_size},
-                              tensors=result.tensors, source=result.source,
-                              source_packed_bytes=result.source_packed_bytes,
-                              layout=result.layout, notes=result.notes)
+        files[MANIFEST] = (tmp / MANIFEST).stat().st_size
+        result = replace(result, out=out, files=files)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

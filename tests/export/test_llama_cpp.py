@@ -30,6 +30,39 @@ def site():
     return ensure_llama_cpp(REPO / ".cache" / "llama-cpp")
 
 
+def test_llama_cpp_runs_tiny_exports_and_needs_the_zero_ffn(tmp_path, site, tokenizer_gguf,
+                                                          monkeypatch):
+    from export_helpers import make_folder
+
+    import bitsack.export.gguf as export_gguf
+    from bitsack.apply import load_compressed
+    from bitsack.evaluate import perplexity
+    from bitsack.export.llama_cpp import gguf_perplexity
+
+    tokens = torch.randint(0, 128, (1, 4 * 64), generator=torch.Generator().manual_seed(1))
+    windows = tokens[0].reshape(4, 64).numpy()
+    # layer 1: one head group kept, MLP gone (zero FFN); layer 2: attention-free
+    pruned = ("L1.attn.g0", "L1.mlp.c0", "L1.mlp.c1", "L1.mlp.c2", "L2.attn.g0", "L2.attn.g1",
+              "L0.mlp.c1")
+    ratios = {}
+    for name, kw in (("llama", {}), ("deci", {"pruned": pruned})):
+        src = make_folder(tmp_path / name, kw, num_hidden_layers=3, init_std=0.05)
+        res = export_model(src, tmp_path / f"{name}.g", "gguf", tokenizer_gguf=tokenizer_gguf)
+        assert res.layout["architecture"] == name
+        own = perplexity(load_compressed(src).model, tokens, 64, progress=False).ppl
+        got = gguf_perplexity(res.out / "model.gguf", windows, site).ppl
+        ratios[name] = got / own - 1
+        assert abs(ratios[name]) < 0.01, (name, got, own)
+    # without the workaround (n_ff = 0 in layer 1) llama.cpp loses layer 1's attention output
+    monkeypatch.setattr(export_gguf, "ZERO_FFN_WIDTH", 0)
+    res = export_model(tmp_path / "deci", tmp_path / "bare.g", "gguf",
+                       tokenizer_gguf=tokenizer_gguf)
+    assert res.layout["n_ff"][1] == 0
+    own = perplexity(load_compressed(tmp_path / "deci").model, tokens, 64, progress=False).ppl
+    bare = gguf_perplexity(res.out / "model.gguf", windows, site).ppl
+    assert abs(bare / own - 1) > 10 * abs(ratios["deci"])
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from bitsack.data import eval_tokens
