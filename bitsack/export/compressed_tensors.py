@@ -27,7 +27,9 @@ What is written:
 - the embedding and an untied ``lm_head`` *dense* in float16 even when bitsack packed them:
   vLLM's compressed-tensors path quantizes linear layers only (each weight rounded once to
   fp16; the largest change is reported in ``notes``);
-- config.json of the base architecture + ``quantization_config``; the tokenizer's files.
+- config.json of the base architecture + ``quantization_config``, with ``dtype: float16``
+  (the scales are fp16, which bfloat16 would round, and vLLM's low-bit kernels run in
+  float16 / bfloat16; a changed dtype is reported in ``notes``); the tokenizer's files.
 
 Refused (``ExportError``): a matrix that mixes (bits, group size); a group size that does not
 divide its rows (compressed-tensors requires it); pruned models — vLLM carries per-layer head
@@ -198,10 +200,11 @@ def _build(src: Source) -> tuple[dict[str, np.ndarray], list[ExportedTensor],
             continue
         state[k] = v
         tensors.append(ExportedTensor(k, st_dtype(v.dtype), v.shape, v.nbytes))
-    if str(src.config.get("dtype", src.config.get("torch_dtype"))) == "bfloat16":
-        notes.append("config dtype is bfloat16: an engine that casts the fp16 scales to "
-                     "bfloat16 rounds them (8-bit mantissa); run it in float16 to keep them "
-                     "exact")
+    dtype = str(src.config.get("dtype", src.config.get("torch_dtype")))
+    if dtype != "float16":
+        notes.append(f"config dtype {dtype} -> float16: the scales are fp16 (bfloat16 would "
+                     "round them) and vLLM's low-bit kernels run in float16 / bfloat16; "
+                     "pass another dtype to the engine to override")
     return state, tensors, groups, notes
 
 
@@ -222,6 +225,8 @@ def _write(src: Source, tmp: Path, state: dict[str, np.ndarray], tensors: list[E
     save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
               str(tmp / "model.safetensors"), metadata={"format": "pt"})
     cfg = dict(src.config)
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "float16"
     cfg["quantization_config"] = quantization_config(groups)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for p in sorted(src.path.iterdir()):

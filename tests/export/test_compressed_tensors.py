@@ -88,7 +88,9 @@ def test_compressed_tensors_decompresses_bitsacks_weights(tmp_path, arch, quanti
     if not tied:
         head = packed["lm_head"].dequantize(torch.float32)
         assert torch.equal(tensors["lm_head.weight"], head.half())
-    assert [n.split(":")[0] for n in res.notes] == ([] if tied else ["lm_head"])
+    assert sorted(n.split(":")[0] for n in res.notes) == \
+        ["config dtype float32 -> float16"] + ([] if tied else ["lm_head"])
+    assert json.loads((res.out / "config.json").read_text())["dtype"] == "float16"
 
 
 def test_packed_words_are_bitsacks_own(tmp_path):
@@ -164,6 +166,7 @@ def test_a_packed_embedding_is_written_dense_fp16_with_a_note(tmp_path):
         assert torch.equal(tensors[f"{name}.weight"], w.half())
         assert f"{name}.weight_packed" not in tensors
         assert any(n.startswith(name + ":") for n in res.notes)
+    assert len(res.notes) == 3  # embedding, lm_head, dtype
 
 
 def test_a_matrix_that_mixes_bit_widths_is_refused(tmp_path):
