@@ -82,7 +82,7 @@ def random_layer(case: Case, device: str, seed: int = 0) -> PackedLinear:
         words = -(-b * cols // 32)
         q = torch.randint(-2**31, 2**31, (rows, words), dtype=torch.int64, generator=g)
         qdata = q.to(torch.int32).view(torch.uint32)
-        ng = cols // GROUP
+        ng = -(-cols // GROUP)  # a short last group when GROUP does not divide cols
         scale = (torch.rand(rows, ng, generator=g) * 1e-3 + 1e-3).half()
         zero = torch.randint(0, 2**b, (rows, ng), generator=g).half()
         segs.append(Segment(case.axis, i * step, (i + 1) * step, b, GROUP, (rows, cols),

@@ -4,8 +4,15 @@ The choice of prune / keep-at-b-bits for every structure of a model is solved as
 multiple-choice knapsack over the model's global loss, with a certificate of optimality.
 
 Importing ``bitsack`` is cheap: torch, CuPy and OR-Tools load only when a stage needs them.
+It also teaches transformers to load compressed folders
+(``AutoModelForCausalLM.from_pretrained(folder)``), registering when transformers' auto
+classes load (``bitsack.hf_hooks``).
 """
+
+from bitsack import hf_hooks as _hf_hooks
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]
+
+_hf_hooks.install()

@@ -35,6 +35,7 @@ from bitsack.models.plumbing import (
     dense_weight,
     output_name,
     set_module,
+    settle_packed_ties,
     tied_pairs,
 )
 from bitsack.plan import Choice, SegmentPlan, matrix_segments, module_name, normalize_plan
@@ -140,35 +141,16 @@ def compress(model: nn.Module, plan: Mapping[str, Any], calib_tokens: torch.Tens
             no packed layout; gptq without calibration tokens.
     """
     cfg = config or ApplyConfig()
-    adapter = get_adapter(model)
-    plan = normalize_plan(plan, cfg.group_size)
-    units = adapter.units(mlp_group=cfg.mlp_group, embeddings=True)
-    check_plan(units, plan, cfg.mlp_group)
     if cfg.quantizer == "gptq" and calib_tokens is None:
         raise ValidationError("calib_tokens", "None; gptq needs calibration tokens [n, seqlen] "
                               "(or use quantizer='rtn')")
-    untouched = tuple(u.id for u in units if u.id not in plan)
     t0 = time.perf_counter()
+    prep = _prepare(model, plan, cfg)
+    adapter, plan, specs = prep.adapter, prep.plan, prep.specs
     report: dict[str, Any] = {"config": cfg.__dict__.copy(), "gptq": {}, "timings_s": {}}
     tick = progress or (lambda stage, done, total: None)
-
-    # 1. surgery
-    pruned = [uid for uid, c in plan.items() if c.pruned]
-    if pruned:
-        adapter.prune(pruned, mlp_group=cfg.mlp_group)
-    # 2. one contiguous segment per choice: order each layer's units by choice (stable)
-    structural = adapter.units(mlp_group=cfg.mlp_group, embeddings=False)
-    fp16 = Choice(16)
-    order = sorted(structural, key=lambda u: (u.layer, u.kind,
-                                              _order_key(plan.get(u.id, fp16))))
-    if order:
-        adapter.permute_units([u.id for u in order], mlp_group=cfg.mlp_group)
     report["timings_s"]["surgery"] = time.perf_counter() - t0
-
-    units = adapter.units(mlp_group=cfg.mlp_group, embeddings=True)
-    planned = [u for u in units if u.id in plan]
-    specs = matrix_segments(planned, plan)
-    embed_names = {module_name(s.param) for u in planned if u.layer is None for s in u.slices}
+    embed_names = prep.embed_names
     packed_bytes = 0
 
     # 3. embeddings first (tied ones wait for the lm_head)
@@ -219,11 +201,125 @@ def compress(model: nn.Module, plan: Mapping[str, Any], calib_tokens: torch.Tens
     report["timings_s"]["total"] = time.perf_counter() - t0
     if engine is not None:
         report["peak_device_bytes"] = engine.peak_device_bytes
+    settle_packed_ties(model)  # tie_weights() must not look for a packed embedding's .weight
     model.bitsack_plan = {uid: c.option_id for uid, c in plan.items()}
     model.bitsack_apply = {"quantizer": cfg.quantizer, "group_size": cfg.group_size,
                            "mlp_group": cfg.mlp_group}
     return CompressResult(model=model, plan=dict(plan), dims=adapter.dims(),
-                          packed_bytes=int(packed_bytes), untouched=untouched, report=report)
+                          packed_bytes=int(packed_bytes), untouched=prep.untouched,
+                          report=report)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    adapter: Any
+    plan: dict[str, Choice]
+    original: dict[str, dict[str, list]]  # unit -> module -> its slices before surgery
+    specs: dict[str, list[SegmentPlan]]  # module name -> segments after surgery/permutation
+    current: dict[str, dict[str, list]]  # unit -> module -> its slices now (same order)
+    embed_names: set[str]
+    untouched: tuple[str, ...]
+
+
+def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Prepared:
+    """Check the plan, prune, and order each layer's units by choice so that every matrix
+    has one contiguous segment per choice (function preserving)."""
+    adapter = get_adapter(model)
+    plan = normalize_plan(plan, cfg.group_size)
+    units = adapter.units(mlp_group=cfg.mlp_group, embeddings=True)
+    check_plan(units, plan, cfg.mlp_group)
+    original = {u.id: _by_module(u) for u in units}
+    pruned = [uid for uid, c in plan.items() if c.pruned]
+    if pruned:
+        adapter.prune(pruned, mlp_group=cfg.mlp_group)
+    structural = adapter.units(mlp_group=cfg.mlp_group, embeddings=False)
+    fp16 = Choice(16)
+    order = sorted(structural, key=lambda u: (u.layer, u.kind,
+                                              _order_key(plan.get(u.id, fp16))))
+    if order:
+        adapter.permute_units([u.id for u in order], mlp_group=cfg.mlp_group)
+    units_now = adapter.units(mlp_group=cfg.mlp_group, embeddings=True)
+    planned = [u for u in units_now if u.id in plan]
+    return _Prepared(
+        adapter=adapter, plan=plan, original=original, specs=matrix_segments(planned, plan),
+        current={u.id: _by_module(u) for u in planned},
+        embed_names={module_name(s.param) for u in planned if u.layer is None
+                     for s in u.slices},
+        untouched=tuple(u.id for u in units if u.id not in plan))
+
+
+def _by_module(unit) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for s in unit.slices:  # a fused matrix (GPT-2's c_attn) holds several slices of a unit
+        out.setdefault(module_name(s.param), []).append(s)
+    return out
+
+
+def assemble(model: nn.Module, plan: Mapping[str, Any],
+             part: Callable[[str, Choice, int, int, int], Any],
+             config: ApplyConfig | None = None) -> CompressResult:
+    """Pack ``model`` from quantized parts made elsewhere (e.g. a search's variant store).
+
+    Surgery and permutation as in ``compress``; then every segment of every planned matrix is
+    the concatenation, in the segment's order, of ``part(module, choice, dim, start, stop)``
+    over its units — a ``QuantizedTensor`` (fp16 tensor for 16 bits) of the unit's slice at
+    its *original* position ``start:stop`` along ``dim``, grouped inside the slice for column
+    slices. Nothing is quantized here.
+    """
+    from bitsack.kernels.packed import PackedEmbedding, PackedLinear, Segment
+
+    cfg = config or ApplyConfig(quantizer="rtn")
+    prep = _prepare(model, plan, cfg)
+    tied = tied_pairs(model)
+    packed_bytes = 0
+    for name, segs in prep.specs.items():
+        here = sorted((s.start, uid, k) for uid, per in prep.current.items()
+                      for k, s in enumerate(per.get(name, ())))
+        parts = []
+        for seg in segs:
+            pieces = []
+            for start, uid, k in here:
+                if seg.start <= start < seg.stop:
+                    orig = prep.original[uid][name][k]
+                    pieces.append(part(name, prep.plan[uid], orig.dim, orig.start, orig.stop))
+            parts.append(_concat(pieces, seg.axis))
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.Embedding):
+            segments = [Segment.from_fp16(p, 0, s.start) if isinstance(p, torch.Tensor)
+                        else Segment.from_quantized(p, 0, s.start)
+                        for s, p in zip(segs, parts, strict=True)]
+            packed = PackedEmbedding(mod.weight.shape[0], mod.weight.shape[1], segments,
+                                     dtype=mod.weight.dtype)
+            set_module(model, name, packed if type(mod) is nn.Embedding
+                       else PackedWeightModule(mod, packed))
+            if name in tied:
+                set_module(model, tied[name], packed.as_linear(cfg.backend))
+        else:
+            packed = PackedLinear.from_quantized(parts, segs[0].axis, bias=bias_of(mod),
+                                                 backend=cfg.backend)
+            set_module(model, name, packed)
+        packed_bytes += packed.nbytes
+    settle_packed_ties(model)  # tie_weights() must not look for a packed embedding's .weight
+    model.bitsack_plan = {uid: c.option_id for uid, c in prep.plan.items()}
+    model.bitsack_apply = {"quantizer": "assembled", "group_size": cfg.group_size,
+                           "mlp_group": cfg.mlp_group}
+    return CompressResult(model=model, plan=dict(prep.plan), dims=prep.adapter.dims(),
+                          packed_bytes=int(packed_bytes), untouched=prep.untouched,
+                          report={"config": cfg.__dict__.copy()})
+
+
+def _concat(pieces: list, axis: int):
+    """One part from unit pieces laid end to end along ``axis`` (same bits and groups)."""
+    from bitsack.kernels.quantizers import QuantizedTensor
+
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(pieces[0], torch.Tensor):
+        return torch.cat(pieces, dim=axis)
+    q = pieces[0]
+    return QuantizedTensor(torch.cat([p.codes for p in pieces], dim=axis),
+                           torch.cat([p.scale for p in pieces], dim=axis),
+                           torch.cat([p.zero for p in pieces], dim=axis), q.bits, q.group_size)
 
 
 def _order_key(choice: Choice) -> tuple[int, int]:
@@ -247,34 +343,13 @@ def rtn_parts(weight: torch.Tensor, segs: list[SegmentPlan]) -> list:
 
 def gptq_parts(weight: torch.Tensor, segs: list[SegmentPlan], hessian, cfg: ApplyConfig):
     """GPTQ-quantized (or fp16) parts of ``weight`` along its segments, and GPTQ's result."""
-    from bitsack.kernels.quantizers import GPTQ
+    from bitsack.kernels.quantizers import GPTQ, SegmentSpec
 
-    gptq = GPTQ.from_hessian(hessian.matrix(), nsamples=hessian.n)
-    if hasattr(gptq, "quantize_segments"):
-        from bitsack.kernels.quantizers import SegmentSpec
-
-        specs = [SegmentSpec(s.axis, s.start, s.stop, s.bits, s.group_size or weight.shape[1])
-                 for s in segs]
-        res = gptq.quantize_segments(weight, specs, damp=cfg.damp, act_order=cfg.act_order)
-        return list(res.parts), res
-    # one group size per matrix (until segment GPTQ lands)
-    sizes = {s.group_size for s in segs if s.bits != 16}
-    if len(sizes) > 1:
-        raise ValidationError("plan", f"group sizes {sorted(sizes)} in one matrix need "
-                              "segment GPTQ")
-    g = sizes.pop() if sizes else cfg.group_size
-    axis = segs[0].axis
-    if axis == 0:
-        bmap = torch.empty(weight.shape[0], dtype=torch.int64)
-        for s in segs:
-            bmap[s.start:s.stop] = s.bits
-    else:
-        bmap = torch.empty(weight.shape[1] // g, dtype=torch.int64)
-        for s in segs:
-            bmap[s.start // g: s.stop // g] = s.bits
-    res = gptq.quantize(weight, bmap, g, bits_axis=axis, damp=cfg.damp,
-                        act_order=cfg.act_order)
-    return [res.segment(axis, s.start, s.stop) for s in segs], res
+    specs = [SegmentSpec(s.axis, s.start, s.stop, s.bits, s.group_size or weight.shape[1])
+             for s in segs]
+    res = GPTQ.from_hessian(hessian).quantize_segments(weight, specs, damp=cfg.damp,
+                                                      act_order=cfg.act_order)
+    return list(res.parts), res
 
 
 def quantize_linear(mod: nn.Module, segs: list[SegmentPlan], hessian, cfg: ApplyConfig,
@@ -335,7 +410,9 @@ def _replace_head(model: nn.Module, engine, name: str, head_name: str | None,
                                                                                strict=True)]
         packed = PackedEmbedding(weight.shape[0], weight.shape[1], segments,
                                  dtype=mod.weight.dtype)
-        set_module(model, name, packed)
+        # an embedding with its own forward (Gemma's scaled one) keeps it
+        set_module(model, name, packed if type(mod) is nn.Embedding
+                   else PackedWeightModule(mod, packed))
         set_module(model, head_name, packed.as_linear(cfg.backend))
     else:
         packed = PackedLinear.from_quantized(parts, 0, bias=bias_of(mod), backend=cfg.backend)

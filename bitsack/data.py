@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from bitsack.errors import DataError, ValidationError
@@ -30,6 +31,12 @@ WIKITEXT2_VALID = "wiki.valid.tokens"
 C4_FILE = "c4_validation_2k.parquet"
 C4_EVAL_DOCS = range(0, 1100)
 C4_CALIB_DOCS = range(1100, 2000)
+#: Calibration documents split in two pools: quantizer calibration (GPTQ Hessians, profiling
+#: gradients: ``calibration_tokens``) and measurement (the search's screen / select / held-out
+#: splits: ``calibration_splits``), so no measured token was seen by the quantizer. A text
+#: source is split the same way: its first half calibrates, its second half measures.
+C4_QUANT_DOCS = range(1100, 1550)
+C4_MEASURE_DOCS = range(1550, 2000)
 NAMED_SPECS = ("wikitext2", "c4")
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -252,8 +259,10 @@ def calibration_tokens(spec: str, tokenizer, nsamples: int, seqlen: int, seed: i
 
     Args:
         spec: ``wikitext2`` (validation split: the train split is not available here), ``c4``
-            (documents 1100–1999 only; each sample a random window of a random document
-            longer than ``seqlen``, as GPTQ does), or a text file (path or data-file name).
+            (documents 1100–1549 only; each sample a random window of a random document
+            longer than ``seqlen``, as GPTQ does), or a text file (path or data-file name);
+            only the quantizer pool of each source is read (``C4_QUANT_DOCS``; a text's
+            first half), so measurement splits (``calibration_splits``) never overlap it.
         tokenizer: a transformers tokenizer (or anything called as ``tok(text)["input_ids"]``).
         nsamples: number of sequences.
         seqlen: tokens per sequence.
@@ -271,7 +280,7 @@ def calibration_tokens(spec: str, tokenizer, nsamples: int, seqlen: int, seed: i
             raise ValidationError(field_name, f"{value!r} must be a positive integer")
     rng = np.random.default_rng(seed)
     if spec == "c4":
-        docs = [_encode(tokenizer, d) for d in c4_documents(C4_CALIB_DOCS)]
+        docs = [_encode(tokenizer, d) for d in c4_documents(C4_QUANT_DOCS)]
         eligible = [d for d in docs if len(d) > seqlen]
         if not eligible:
             longest = max(len(d) for d in docs)
@@ -289,11 +298,84 @@ def calibration_tokens(spec: str, tokenizer, nsamples: int, seqlen: int, seed: i
     else:
         text, _ = _text_for(spec)
     ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
+    ids = ids[:max(seqlen, ids.numel() // 2)]  # the quantizer pool: the first half
     if ids.numel() < seqlen:
         raise ValidationError("seqlen", f"{seqlen} is longer than {spec!r} ({ids.numel()} "
                               f"tokens); use at most {ids.numel()}")
     starts = rng.integers(0, ids.numel() - seqlen + 1, size=nsamples)
     return torch.stack([ids[int(s):int(s) + seqlen] for s in starts])
+
+
+def calibration_splits(spec: str, tokenizer, sizes: Mapping[str, tuple[int, int]],
+                       seed: int = 0) -> dict[str, Any]:
+    """Disjoint calibration splits: name -> ``LongTensor[nsamples, seqlen]`` per
+    ``sizes[name] = (nsamples, seqlen)``.
+
+    No token of one split appears in another, nor in the quantizer pool
+    (``calibration_tokens``): the measurement pool is partitioned first — C4 documents
+    1550–1999 shuffled by ``seed`` and dealt out in proportion to each split's tokens; the
+    second half of a text (``wikitext2``'s validation split or a file) cut into contiguous
+    regions in the same proportions — and each split's windows are drawn from its own part
+    only (random windows, as ``calibration_tokens``). Evaluation data (WikiText-2 test, C4
+    documents 0–1099) is never touched.
+
+    Raises:
+        ValidationError: a size that is not two positive integers.
+        DataError: data missing, or a part too short for its windows.
+    """
+    import numpy as np
+    import torch
+
+    names = list(sizes)
+    for name in names:
+        n, L = sizes[name]
+        for what, value in (("nsamples", n), ("seqlen", L)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValidationError(f"splits.{name}.{what}", f"{value!r} must be a positive "
+                                      "integer")
+    demand = np.array([sizes[n][0] * sizes[n][1] for n in names], dtype=np.float64)
+    share = demand / demand.sum()
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    if spec == "c4":
+        docs = [_encode(tokenizer, d) for d in c4_documents(C4_MEASURE_DOCS)]
+        order = rng.permutation(len(docs))
+        total = sum(len(d) for d in docs)
+        bounds = np.concatenate([[0.0], np.cumsum(share)]) * total
+        parts: list[list[list[int]]] = [[] for _ in names]
+        seen = 0
+        for i in order:
+            k = min(int(np.searchsorted(bounds, seen, side="right")) - 1, len(names) - 1)
+            parts[k].append(docs[i])
+            seen += len(docs[i])
+        for k, name in enumerate(names):
+            n, L = sizes[name]
+            eligible = [d for d in parts[k] if len(d) > L]
+            if not eligible:
+                raise DataError(f"c4: the {len(parts[k])} calibration documents of split "
+                                f"{name!r} hold no window of {L} tokens; ask for shorter or "
+                                "fewer sequences")
+            rows = []
+            for _ in range(n):
+                doc = eligible[int(rng.integers(len(eligible)))]
+                start = int(rng.integers(0, len(doc) - L + 1))
+                rows.append(doc[start:start + L])
+            out[name] = torch.tensor(rows, dtype=torch.long)
+        return out
+    text = _read_text(find_data_file(WIKITEXT2_VALID)) if spec == "wikitext2" else \
+        _text_for(spec)[0]
+    ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
+    ids = ids[ids.numel() // 2:]  # the measurement pool: the second half
+    edges = (np.concatenate([[0.0], np.cumsum(share)]) * ids.numel()).astype(int)
+    for k, name in enumerate(names):
+        n, L = sizes[name]
+        lo, hi = int(edges[k]), int(edges[k + 1])
+        if hi - lo < L:
+            raise DataError(f"{spec}: split {name!r} gets {hi - lo} tokens, fewer than one "
+                            f"window of {L}; use a longer text or shorter sequences")
+        starts = rng.integers(lo, hi - L + 1, size=n)
+        out[name] = torch.stack([ids[int(s):int(s) + L] for s in starts])
+    return out
 
 
 def describe_spec(spec: str) -> dict:
@@ -312,11 +394,14 @@ __all__ = [
     "NAMED_SPECS",
     "C4_EVAL_DOCS",
     "C4_CALIB_DOCS",
+    "C4_QUANT_DOCS",
+    "C4_MEASURE_DOCS",
     "find_data_file",
     "data_search_dirs",
     "hub_unreachable_reason",
     "eval_tokens",
     "calibration_tokens",
+    "calibration_splits",
     "c4_documents",
     "describe_spec",
 ]

@@ -290,16 +290,21 @@ class LayerEngine:
         self.layer += 1
 
     @torch.no_grad()
-    def run_from(self, start: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Partial forwards: run layers ``start..`` (to the last) on ``hidden`` (one tensor per
-        batch, entering layer ``start``) and return the final hidden states. The engine's own
-        position does not move."""
-        out = [h for h in hidden]
-        for i in range(start, self.n_layers):
+    def run_layers(self, hidden: list[torch.Tensor], start: int, stop: int | None = None
+                   ) -> list[torch.Tensor]:
+        """Partial forwards: run layers ``start..stop-1`` (default: to the last) on ``hidden``
+        (one tensor per batch, entering layer ``start``) and return what leaves layer
+        ``stop-1``. The engine's own position does not move."""
+        out = list(hidden)
+        for i in range(start, self.n_layers if stop is None else stop):
             with self.onload_layer(i):
                 out = [self.adapter.run_layer(i, h.to(self.device), _to(b.kwargs, self.device))
                        .to(self.cache_device) for h, b in zip(out, self.batches, strict=True)]
         return out
+
+    def run_from(self, start: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``run_layers(hidden, start)``: the final hidden states from layer ``start`` on."""
+        return self.run_layers(hidden, start)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

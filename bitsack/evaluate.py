@@ -15,8 +15,12 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bitsack.errors import NumericalError, ValidationError
+
+if TYPE_CHECKING:
+    from bitsack.progress import ProgressFn
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,11 @@ class PerplexityResult:
 
 
 def window_losses(model, tokens, seqlen: int, *, windows: int | None = None,
-                  batch_size: int = 1, progress: bool = True):
-    """Mean next-token loss of each window (float64 tensor ``[W]``); see the module docstring."""
+                  batch_size: int = 1, progress: bool | ProgressFn = True):
+    """Mean next-token loss of each window (float64 tensor ``[W]``); see the module docstring.
+
+    ``progress``: a bar on a terminal when true, or a ``(stage, done, total)`` callback
+    (``bitsack.progress.Progress``) told after every batch."""
     import torch
     import torch.nn.functional as F
 
@@ -73,7 +80,10 @@ def window_losses(model, tokens, seqlen: int, *, windows: int | None = None,
     chunks = tokens[0, : windows * seqlen].view(windows, seqlen)
     losses = torch.empty(windows, dtype=torch.float64)
     bar = None
-    if progress and sys.stderr.isatty():
+    tick = progress if callable(progress) else None
+    if tick is not None:
+        tick("windows", 0, windows)
+    elif progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=windows, desc="perplexity", unit="win")
@@ -90,6 +100,8 @@ def window_losses(model, tokens, seqlen: int, *, windows: int | None = None,
                 losses[start:start + batch.shape[0]] = per_window.cpu()
                 if bar is not None:
                     bar.update(batch.shape[0])
+                if tick is not None:
+                    tick("windows", start + batch.shape[0], windows)
     finally:
         if bar is not None:
             bar.close()
@@ -101,7 +113,7 @@ def window_losses(model, tokens, seqlen: int, *, windows: int | None = None,
 
 
 def perplexity(model, tokens, seqlen: int, *, windows: int | None = None, batch_size: int = 1,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool | ProgressFn = True) -> PerplexityResult:
     """Perplexity of ``model`` on ``tokens`` (``LongTensor[1, T]``), GPTQ protocol.
 
     Args:
@@ -110,7 +122,7 @@ def perplexity(model, tokens, seqlen: int, *, windows: int | None = None, batch_
         seqlen: tokens per window.
         windows: evaluate only the first ``windows`` windows (default: all).
         batch_size: windows per forward pass.
-        progress: progress bar on a terminal.
+        progress: progress bar on a terminal, or a ``(stage, done, total)`` callback.
 
     Raises:
         ValidationError: bad ``seqlen`` / ``windows`` / ``batch_size`` / token shape.

@@ -15,14 +15,11 @@ and one group size each.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from bitsack.errors import ModelError, ValidationError
-
-_OPTION = re.compile(r"^b([1-9]|1[0-6])(?:g([1-9][0-9]*))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -49,6 +46,14 @@ class Choice:
         return self.option_id
 
 
+def nominal_bits(choice: Choice) -> float:
+    """Bits per weight of a choice on a row whose width the group size divides
+    (``bits + 32/G``: fp16 scale and zero per group)."""
+    if choice.bits in (0, 16):
+        return float(choice.bits)
+    return choice.bits + 32.0 / choice.group_size
+
+
 PRUNE = Choice(0)
 FP16 = Choice(16)
 
@@ -63,13 +68,13 @@ def parse_choice(value: Any, default_group_size: int, field: str = "plan") -> Ch
     if isinstance(value, Choice):
         bits, g = value.bits, value.group_size
     elif isinstance(value, str):
-        if value == "prune":
-            return PRUNE
-        m = _OPTION.match(value)
-        if not m:
-            raise ValidationError(field, f"{value!r} is not an option id; valid: 'prune', "
-                                  "'b<k>' (k in 1..8 or 16) or 'b<k>g<G>'")
-        bits, g = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+        from bitsack.solver.problem import parse_option
+
+        try:
+            spec = parse_option(value)
+        except ValueError as exc:
+            raise ValidationError(field, str(exc).removeprefix("option: ")) from None
+        bits, g = spec.bits, spec.group_size
     elif isinstance(value, int) and not isinstance(value, bool):
         bits, g = value, None
     else:
@@ -114,18 +119,7 @@ def plan_from_solution(problem, solution) -> dict[str, Choice]:
 
 def problem_group_size(problem) -> int:
     """The group size plain ``b<k>`` options of ``problem`` mean."""
-    settings = getattr(problem, "settings", None)
-    if settings is not None:
-        return int(settings.group_size)
-    return int((problem.metadata or {}).get("group_size", 64))
-
-
-def problem_mlp_group(problem) -> int:
-    """MLP channels per unit of ``problem``."""
-    settings = getattr(problem, "settings", None)
-    if settings is not None:
-        return int(settings.mlp_group)
-    return int((problem.metadata or {}).get("mlp_group", 128))
+    return int(problem.settings.group_size)
 
 
 # ---- plan -> packed segments ---------------------------------------------------------------

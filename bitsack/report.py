@@ -2,45 +2,49 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 from bitsack.io import atomic_write, atomic_write_path
 
-_BITS_ORDER = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 _UNIT_RE = re.compile(r"^L(\d+)\.(attn|mlp)\.[gc](\d+)$")
 
 
-def allocation_grid(problem, assignment: dict[str, str]) -> tuple[list[str], list[list[float]]]:
-    """Layers × unit columns of bits (NaN = pruned) for the heat map.
+def _nominal(option_id: str) -> float:
+    from bitsack.plan import nominal_bits, parse_choice
 
-    Columns are ``attn g0..``, then ``mlp c0..``; units of other kinds are not shown.
+    return nominal_bits(parse_choice(option_id, 64))
+
+
+def allocation_grid(units, assignment: dict[str, str]
+                    ) -> tuple[list[str], list[list[str | None]]]:
+    """Layers × unit columns of option ids (None = pruned or not planned) for the heat map.
+
+    ``units``: anything with ``.id`` (problem units, model units). Columns are ``attn g0..``,
+    then ``mlp c0..``; units of other kinds are not shown.
     """
-    from bitsack.solver.problem import option_bits
-
-    cells: dict[tuple[int, str, int], float] = {}
-    for unit in problem.units:
+    cells: dict[tuple[int, str, int], str | None] = {}
+    for unit in units:
         m = _UNIT_RE.match(unit.id)
         if not m or unit.id not in assignment:
             continue
-        bits = option_bits(assignment[unit.id])
-        cells[(int(m.group(1)), m.group(2), int(m.group(3)))] = math.nan if bits == 0 else bits
+        oid = str(assignment[unit.id])
+        cells[(int(m.group(1)), m.group(2), int(m.group(3)))] = None if oid == "prune" else oid
     if not cells:
         return [], []
     layers = max(k[0] for k in cells) + 1
     cols = [("attn", i) for i in sorted({k[2] for k in cells if k[1] == "attn"})] + \
            [("mlp", i) for i in sorted({k[2] for k in cells if k[1] == "mlp"})]
-    grid = [[cells.get((layer, kind, i), math.nan) for kind, i in cols]
-            for layer in range(layers)]
+    grid = [[cells.get((layer, kind, i)) for kind, i in cols] for layer in range(layers)]
     labels = [f"{'g' if kind == 'attn' else 'c'}{i}" for kind, i in cols]
     return labels, grid
 
 
-def plot_allocation(problem, assignment: dict[str, str], path: str | Path,
+def plot_allocation(units, assignment: dict[str, str], path: str | Path,
                     title: str = "") -> Path | None:
-    """Heat map (layers × unit, colour = bits, blank = pruned) as a PNG; None if no units."""
+    """Heat map (layers × unit, colour = option, ordered by bits per weight; blank = pruned)
+    as a PNG; None if no structural units."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,17 +52,15 @@ def plot_allocation(problem, assignment: dict[str, str], path: str | Path,
     import numpy as np
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    labels, grid = allocation_grid(problem, assignment)
+    labels, grid = allocation_grid(units, assignment)
     if not grid:
         return None
-    data = np.array(grid, dtype=float)
-    present = [b for b in _BITS_ORDER if np.any(data == b)]
-    index = np.full(data.shape, np.nan)
-    for k, b in enumerate(present):
-        index[data == b] = k
+    present = sorted({c for row in grid for c in row if c is not None}, key=_nominal)
+    pos = {c: k for k, c in enumerate(present)}
+    index = np.array([[np.nan if c is None else pos[c] for c in row] for row in grid])
     cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, max(2, len(present))))
-                          [:len(present)]).with_extremes(bad="white")
-    norm = BoundaryNorm(np.arange(len(present) + 1) - 0.5, len(present))
+                          [:max(1, len(present))]).with_extremes(bad="white")
+    norm = BoundaryNorm(np.arange(len(present) + 1) - 0.5, max(1, len(present)))
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(labels) + 2), max(4, 0.22 * len(grid) + 1.5)))
     im = ax.imshow(np.ma.masked_invalid(index), aspect="auto", cmap=cmap, norm=norm,
                    interpolation="nearest")
@@ -69,9 +71,55 @@ def plot_allocation(problem, assignment: dict[str, str], path: str | Path,
     ax.set_xticklabels(labels, rotation=90, fontsize=7)
     ax.set_ylabel("layer")
     ax.set_xlabel("attention head groups | MLP channel blocks   (white = pruned)")
-    ax.set_title(title or "bits per unit")
+    ax.set_title(title or "option per unit")
     cbar = fig.colorbar(im, ax=ax, ticks=range(len(present)))
-    cbar.ax.set_yticklabels([f"{b} bits" for b in present])
+    cbar.ax.set_yticklabels([f"{c} ({_nominal(c):g} b/w)" for c in present])
+    fig.tight_layout()
+    out = Path(path)
+    atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
+def plot_search_trail(search: dict[str, Any], path: str | Path, title: str = "") -> Path | None:
+    """The search's trail: incumbent KL on select and holdout after every step, accepted
+    steps marked, candidates' select KL as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = search.get("steps") or []
+    start = search.get("start", {}).get("kl", {})
+    if not steps or not start:
+        return None
+    sel, hold = [start["select"]], [start["holdout"]]
+    cand = []
+    for st in steps:
+        d_sel = st["select"]["delta"] if st.get("select") else None
+        if d_sel is not None:
+            cand.append((st["iteration"], sel[-1] + d_sel))
+        if st["accepted"]:
+            sel.append(sel[-1] + st["select"]["delta"])
+            hold.append(hold[-1] + st["holdout"]["delta"])
+        else:
+            sel.append(sel[-1])
+            hold.append(hold[-1])
+    x = list(range(len(sel)))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(x, sel, "o-", label="incumbent, select split")
+    ax.plot(x, hold, "s--", label="incumbent, holdout split")
+    if cand:
+        ax.plot([c[0] for c in cand], [c[1] for c in cand], "x", color="grey",
+                label="best candidate (select)")
+    for st in steps:
+        if st["accepted"]:
+            ax.axvline(st["iteration"], color="tab:green", alpha=0.15)
+    ax.set_xlabel("search step (green: accepted)")
+    ax.set_ylabel("mean KL(base ‖ plan), nats/token")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "measured search")
     fig.tight_layout()
     out = Path(path)
     atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
@@ -110,39 +158,21 @@ def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, x_label: st
     return out
 
 
-def write_report(out: str | Path, cfg, problem, solution, summary,
-                 frontier_points: int = 8) -> Path:
-    """Write ``report.md``, ``allocation.png`` and ``frontier.png`` into ``out``
-    (``cfg``: the run's ``bitsack.pipeline.RunConfig``)."""
-    from bitsack.solver.backends import SolveOptions
-    from bitsack.solver.pareto import pareto_sweep
-
+def write_report(out: str | Path, cfg, units, planned, summary) -> Path:
+    """Write ``report.md``, ``allocation.png`` (and ``search.png`` for a search) into ``out``
+    (``cfg``: the run's ``bitsack.pipeline.RunConfig``; ``planned``: its ``Planned``)."""
     out = Path(out)
-    plot_allocation(problem, solution.assignment, out / "allocation.png",
-                    title=f"{problem.name}: bits per unit")
-    params = problem.total_params or 1
-    frontier_rows: list[dict[str, Any]] = []
-    if frontier_points >= 2 and "memory_bytes" in problem.limits:
-        sweep = pareto_sweep(problem, "memory_bytes", frontier_points, solver=cfg.solver,
-                             options=SolveOptions(time_limit_s=min(cfg.time_limit_s, 20.0),
-                                                  rel_gap=max(cfg.gap, 1e-3), seed=cfg.seed))
-        for p in sweep.points:
-            frontier_rows.append({"x": 8 * p.limit / params, "objective": p.objective,
-                                  "status": p.status, "rel_gap": p.rel_gap})
-        usage = solution.certificate.usage.get("memory_bytes", 0.0)
-        measured = [(8 * usage / params, summary.measured_loss_increase)] \
-            if summary.measured_loss_increase is not None else None
-        plot_frontier(frontier_rows, out / "frontier.png", x_label="bits per weight (budget)",
-                      marker=(8 * usage / params, solution.objective), measured=measured,
-                      title=f"{problem.name}: predicted loss vs memory budget")
-    cert = solution.certificate
+    assignment = {u: str(c) for u, c in planned.plan.items()}
+    plot_allocation(units, assignment, out / "allocation.png",
+                    title=f"{cfg.method}: option per unit")
+    cert = planned.certificate or {}
     lines = [
-        f"# bitsack run: {problem.name}",
+        f"# bitsack run ({cfg.method})",
         "",
-        f"Model `{cfg.model}`, calibration `{cfg.calib}`, estimator `{cfg.estimator}`, "
-        f"solver `{cert.solver}`, quantizer `{cfg.quantizer}`, group size {cfg.group_size}, "
-        f"profile perturbations `{cfg.perturbation_quantizer}`, interaction weight "
-        f"{cfg.interactions:g}" + ("" if cfg.prune else ", pruning off") + ".",
+        f"Model `{cfg.model}`, calibration `{cfg.calib}`, quantizer `{cfg.quantizer}`, "
+        f"menu {', '.join(cfg.menu)}" + (f", one-shot estimator `{cfg.estimator}`"
+                                        if cfg.method in ("oneshot", "sequential") else "")
+        + ".",
         "",
         "## Result",
         "",
@@ -152,37 +182,35 @@ def write_report(out: str | Path, cfg, problem, solution, summary,
         f"{_fmt(summary.ppl_before)} | {_fmt(summary.ppl_after)} |",
         f"| model tensors in memory (bytes) | {summary.memory_before_bytes:,} | "
         f"{_fmt_int(summary.memory_after_bytes)} |",
-        f"| bits per weight of the planned units (overhead included) | 16 (fp16) / 32 (fp32) | "
+        f"| bits per weight of the planned units (packed bytes, overhead included) | — | "
         f"{_fmt(summary.bits_per_weight)} |",
         "",
-        "Loss increase, nats/token: predicted (solver objective) "
-        f"{_fmt(summary.predicted_loss_increase)}, "
-        f"measured (Δ ln ppl) {_fmt(summary.measured_loss_increase)}.",
+        f"Measured loss increase (Δ ln ppl): {_fmt(summary.measured_loss_increase)} "
+        "nats/token" + (f"; predicted by the solver: {_fmt(summary.predicted_loss_increase)}"
+                        if summary.predicted_loss_increase is not None else "") + ".",
         "",
-        "## Certificate",
-        "",
-        f"status **{solution.status}**; primal bound {_fmt(cert.primal_bound)}, dual bound "
-        f"{_fmt(cert.dual_bound)}, relative gap {_fmt(cert.rel_gap)}; "
-        f"solver {cert.solver} {cert.solver_version}, {cert.wall_time_s:.2f} s.",
+        "## Budget",
         "",
         "| resource | usage | limit |",
         "|---|---|---|",
     ]
-    for res, use in cert.usage.items():
-        lines.append(f"| {res} | {use:,.1f} | {_fmt(cert.limits.get(res))} |")
-    lines += ["", "## Plan", "", "| unit kind | " + " | ".join(_labels(summary.plan_counts))
-              + " |", "|---|" + "---|" * len(_labels(summary.plan_counts))]
+    for res, use in (cert.get("usage") or {}).items():
+        lines.append(f"| {res} | {use:,.1f} | {_fmt((cert.get('limits') or {}).get(res))} |")
+    if cfg.method in ("oneshot", "sequential"):
+        lines += ["", f"Certificate: status **{planned.status}**; primal bound "
+                  f"{_fmt(cert.get('primal_bound'))}, dual bound {_fmt(cert.get('dual_bound'))}"
+                  f", relative gap {_fmt(cert.get('rel_gap'))}; solver {cert.get('solver')}."]
+    if planned.search:
+        lines += _search_lines(out, planned.search)
+    labels = sorted({lab for c in summary.plan_counts.values() for lab in c},
+                    key=lambda lab: -1.0 if lab == "prune" else
+                    (99.0 if lab == "unplanned" else _nominal(lab)))
+    lines += ["", "## Plan", "", "| unit kind | " + " | ".join(labels) + " |",
+              "|---|" + "---|" * len(labels)]
     for kind, counts in summary.plan_counts.items():
-        lines.append(f"| {kind} | " + " | ".join(str(counts.get(lab, 0))
-                                                  for lab in _labels(summary.plan_counts)) + " |")
+        lines.append(f"| {kind} | " + " | ".join(str(counts.get(lab, 0)) for lab in labels)
+                     + " |")
     lines += ["", "![allocation](allocation.png)", ""]
-    if frontier_rows:
-        lines += ["## Frontier (predicted)", "", "| bits/weight budget | predicted loss | "
-                  "status | gap |", "|---|---|---|---|"]
-        for r in frontier_rows:
-            lines.append(f"| {r['x']:.3f} | {_fmt(r['objective'])} | {r['status']} | "
-                         f"{_fmt(r['rel_gap'])} |")
-        lines += ["", "![frontier](frontier.png)", ""]
     lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
     for stage, sec in summary.stage_seconds.items():
         note = " (reused)" if stage in summary.reused else ""
@@ -193,10 +221,35 @@ def write_report(out: str | Path, cfg, problem, solution, summary,
     return path
 
 
-def _labels(counts: dict[str, dict[str, int]]) -> list[str]:
-    labels = {lab for c in counts.values() for lab in c}
-    order = ["prune"] + [f"{b}b" for b in _BITS_ORDER]
-    return [lab for lab in order if lab in labels]
+def _search_lines(out: Path, search: dict[str, Any]) -> list[str]:
+    start = search.get("start", {})
+    final = search.get("final", {})
+    lines = ["", "## Search", "",
+             f"Start: {start.get('incumbent')} (select KL "
+             + ", ".join(f"{k} {v:.5f}" for k, v in (start.get("select_kl") or {}).items())
+             + f"). Stopped: {search.get('stopped')}; {search.get('forwards', 0):.0f} "
+             f"sequence-forwards, {search.get('linearisations')} linearisations.",
+             "",
+             "| split | start KL | final KL |", "|---|---|---|"]
+    for split, v in (search.get("kl") or {}).items():
+        lines.append(f"| {split} | {_fmt((start.get('kl') or {}).get(split))} | {_fmt(v)} |")
+    if final:
+        lines += ["", f"Final model: **{final.get('kept')}** (holdout KL stitched from the "
+                  f"variant store {_fmt(final.get('stitched_holdout_kl'))}, sequential GPTQ "
+                  f"apply {_fmt(final.get('sequential_holdout_kl'))})."]
+    lines += ["", "| step | k | units changed | predicted Δ | screen Δ | select Δ ± SE | "
+              "holdout Δ | decision |", "|---|---|---|---|---|---|---|---|"]
+    for st in search.get("steps", []):
+        sel = st.get("select") or {}
+        hold = st.get("holdout") or {}
+        lines.append(f"| {st['iteration']} | {st['k']} | {len(st['changed'])} | "
+                     f"{_fmt(st['predicted'])} | {_fmt((st.get('screen') or {}).get('delta'))}"
+                     f" | {_fmt(sel.get('delta'))} ± {_fmt(sel.get('se'))} | "
+                     f"{_fmt(hold.get('delta'))} | "
+                     f"{'accepted' if st['accepted'] else 'rejected'} |")
+    if plot_search_trail(search, out / "search.png"):
+        lines += ["", "![search](search.png)"]
+    return lines
 
 
 def _fmt(v: Any) -> str:

@@ -4,9 +4,11 @@ Modules (import them directly; this package imports nothing so that ``formats`` 
 importable without torch, for the solver):
 
 - ``formats``    — ``PackFormat``, ``pack``/``unpack``, ``packed_nbytes`` (no torch needed)
+- ``hessian``    — ``Hessian``: the running ``2XXᵀ/n`` every stage accumulates the same way
 - ``quantizers`` — ``rtn_quantize``, ``GPTQ``, ``fake_quantize``, ``get_quantizer``
 - ``packed``     — ``Segment``, ``PackedLinear``, ``PackedEmbedding``
-- ``backends``   — ``reference`` / ``torch`` / ``cupy`` kernel backends
+- ``backends``   — ``cpu`` (default) / ``torch`` / ``reference`` / ``cupy`` kernel backends
+- ``cpu_build``  — compile (cached) and load the C++ CPU kernels of ``kernels/cpu``
 - ``bounds``     — a priori error bounds of the backends and of RTN
 - ``io``         — safetensors files written atomically, checked on load
 - ``cuda_build`` — NVRTC compilation and CuPy loading of ``kernels/cuda/*.cu``

@@ -7,12 +7,20 @@ to the reference for each output:
 - ``reference`` — the executable spec: NumPy unpack of the words (``formats.unpack_numpy``),
   fp32 dequantization ``s·(q − z)`` as the format defines it, then a float64 matmul. Its
   ``linear`` returns x's dtype; ``reference_output`` returns the float64 values.
-- ``torch`` — dequantize every segment with torch ops and run one matmul. On CPU (and for fp32
-  activations anywhere) the weight is exact in fp32 and the matmul runs in fp32; on a GPU with
-  fp16/bf16 activations the weight is rounded to the activation dtype and the matmul runs in
-  it (cuBLAS, fp32 accumulation assumed: keep
+- ``torch`` — dequantize every segment with torch ops and run one matmul (on CPU a debug
+  mode now: it materializes the whole fp32 weight per call, unless ``cache_weight`` keeps
+  it). On CPU (and for fp32 activations anywhere) the weight is exact in fp32 and the matmul
+  runs in fp32; on a GPU with fp16/bf16 activations the weight is rounded to the activation
+  dtype and the matmul runs in it (cuBLAS, fp32 accumulation assumed: keep
   ``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction`` and ``..._bf16_...``
   False for the bound to hold).
+- ``cpu`` — the CPU path (the default of packed modules): batch ≤ ``GEMV_MAX_BATCH`` rows
+  (decode) runs a fused unpack + dequantize + GEMV per segment over the packed words (C++,
+  ``kernels/cpu/packed_cpu.cpp``, built and cached by ``bitsack.kernels.cpu_build``), never
+  materializing the weight; more rows (prefill) dequantize a tile of rows at a time into a
+  reused fp32 buffer and run the BLAS matmul on it. Where the C++ library cannot be built, the
+  same tiles are dequantized with torch ops. ŵ is exact in fp32, x is converted to fp32, every
+  sum is fp32: the bound of an fp32 GEMV. Tensors not on the CPU go to ``torch``.
 - ``cupy`` — raw CUDA kernels (``kernels/cuda``): for batch ≤ 8 rows the mixed-bit GEMV (one
   launch per segment, fp32 accumulate); for more, a dequantize kernel into a dense fp16 (fp16
   activations) or fp32 weight, then a cuBLAS GEMM through CuPy (fp32 compute). Tensors cross
@@ -22,7 +30,8 @@ to the reference for each output:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,8 +41,15 @@ import torch
 from bitsack.errors import ValidationError
 from bitsack.kernels.bounds import U_FP32, Numerics, rounding, unit_roundoff
 from bitsack.kernels.formats import unpack_numpy
+from bitsack.kernels.registry import (  # noqa: F401 - re-exported
+    _BACKENDS,
+    available_backends,
+    get_backend,
+    register_backend,
+)
 
 __all__ = [
+    "CPU_TILE_ELEMENTS",
     "GEMV_MAX_BATCH",
     "KernelBackend",
     "Launch",
@@ -49,8 +65,11 @@ __all__ = [
     "register_backend",
 ]
 
-#: Rows of x up to which the cupy backend runs the GEMV kernel (decode); above: dequant + GEMM.
+#: Rows of x up to which the cupy and cpu backends run the GEMV kernel (decode); above:
+#: dequant + GEMM.
 GEMV_MAX_BATCH = 8
+#: Weights per dequantized tile of the cpu backend's prefill path (4 MiB of fp32).
+CPU_TILE_ELEMENTS = 1 << 20
 
 
 class KernelBackend(Protocol):
@@ -69,30 +88,6 @@ class KernelBackend(Protocol):
     def numerics(self, layer: Any, x: torch.Tensor) -> Numerics:
         """The floating-point recipe ``linear(layer, x)`` follows (for the error bound)."""
         ...
-
-
-_BACKENDS: dict[str, KernelBackend] = {}
-
-
-def register_backend(cls: Callable[[], KernelBackend]) -> Callable[[], KernelBackend]:
-    """Class decorator: register an instance under its ``name``."""
-    obj = cls()
-    _BACKENDS[obj.name] = obj
-    return cls
-
-
-def get_backend(name: str) -> KernelBackend:
-    """The backend registered as ``name``."""
-    try:
-        return _BACKENDS[name]
-    except KeyError:
-        raise ValidationError("backend", f"{name!r} is unknown; valid: "
-                              f"{', '.join(sorted(_BACKENDS))}") from None
-
-
-def available_backends() -> list[str]:
-    """Names of the backends that can run on this machine."""
-    return [n for n, b in sorted(_BACKENDS.items()) if b.is_available()]
 
 
 def _flat(layer: Any, x: torch.Tensor) -> torch.Tensor:
@@ -123,11 +118,11 @@ def reference_weight(layer: Any) -> np.ndarray:
         else:
             q = seg.qdata.detach().cpu().view(torch.int32).numpy().view(np.uint32)
             codes = unpack_numpy(q, seg.bits, cols).astype(np.float32)
-            g = seg.group_size
-            s = seg.scale.detach().cpu().numpy().astype(np.float32)[:, :, None]
-            z = seg.zero.detach().cpu().numpy().astype(np.float32)[:, :, None]
-            part = (s * (codes.reshape(rows, cols // g, g) - z)).reshape(rows, cols)
-            part = part.astype(np.float64)
+            # group of column j: j // G (the last group of a row may be shorter)
+            gidx = np.arange(cols) // seg.group_size
+            s = seg.scale.detach().cpu().numpy().astype(np.float32)[:, gidx]
+            z = seg.zero.detach().cpu().numpy().astype(np.float32)[:, gidx]
+            part = (s * (codes - z)).astype(np.float64)
         if seg.axis == 0:
             w[seg.start:seg.stop] = part
         else:
@@ -204,6 +199,199 @@ class TorchBackend:
         s_u, s_eta = unit_roundoff(compute)
         return Numerics(dequant_u=d_u, dequant_eta=d_eta, x_u=x_u,
                         sum_u=s_u, sum_eta=s_eta, out_u=out_u, out_eta=out_eta)
+
+
+# ------------------------------------------------------------------------------------------
+# cpu
+# ------------------------------------------------------------------------------------------
+
+
+def _seg_views(layer: Any) -> list[tuple]:
+    """(axis, start, stop, bits, group_size, rows, cols, qdata|weight, scale, zero) per segment,
+    straight from the module's buffers (no ``Segment`` validation on the hot path)."""
+    out = []
+    for i, (axis, start, stop, bits, g, (rows, cols)) in enumerate(layer._meta):
+        if bits == 16:
+            out.append((axis, start, stop, 16, g, rows, cols,
+                        getattr(layer, f"seg{i}_weight"), None, None))
+        else:
+            out.append((axis, start, stop, bits, g, rows, cols,
+                        getattr(layer, f"seg{i}_qdata"), getattr(layer, f"seg{i}_scale"),
+                        getattr(layer, f"seg{i}_zero")))
+    return out
+
+
+def _pad32(x: torch.Tensor) -> torch.Tensor:
+    """x [batch, n] as fp32 rows whose length is a multiple of 32 (the kernels read whole
+    32-value chunks; padded columns must be 0): x itself when it already is, else a copy."""
+    n = x.shape[1]
+    if n % 32 == 0 and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    out = torch.zeros((x.shape[0], -(-n // 32) * 32), dtype=torch.float32)
+    out[:, :n] = x
+    return out
+
+
+_NATIVE: list = []  # [library or None], filled on first use
+
+
+def _native() -> Any:
+    if not _NATIVE:
+        from bitsack.kernels.cpu_build import load
+
+        _NATIVE.append(load())
+    return _NATIVE[0]
+
+
+def _reset_native() -> None:
+    """Forget the loaded library (tests switch between the C++ and torch paths)."""
+    from bitsack.kernels.cpu_build import reset
+
+    _NATIVE.clear()
+    reset()
+
+
+def _dequant_tile(lib: Any, seg: tuple, r0: int, r1: int, buf: torch.Tensor,
+                  threads: int) -> torch.Tensor:
+    """Rows r0:r1 of a segment's weight in fp32, written into ``buf`` (a reused buffer)."""
+    _axis, _s, _e, bits, g, rows, cols, q, sc, z = seg
+    out = buf[:(r1 - r0) * cols].view(r1 - r0, cols)
+    if bits == 16:
+        out.copy_(q[r0:r1])
+    elif lib is not None:
+        lib.bs_dequant(bits, q.data_ptr(), sc.data_ptr(), z.data_ptr(), rows, cols, g, r0, r1,
+                       out.data_ptr(), cols, threads)
+    else:
+        from bitsack.kernels.formats import unpack_torch
+        from bitsack.kernels.quantizers import dequantize_codes
+
+        codes = unpack_torch(q[r0:r1], bits, cols, dtype=torch.float32)
+        out.copy_(dequantize_codes(codes, sc[r0:r1], z[r0:r1], g))
+    return out
+
+
+@register_backend
+class CpuBackend:
+    """Fused packed GEMV for decode, tiled dequantize + BLAS for prefill (CPU)."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # one reused tile buffer per calling thread
+
+    def is_available(self) -> bool:
+        return True  # the torch path runs wherever the C++ library cannot
+
+    @staticmethod
+    def native() -> Any:
+        """The C++ library (``cpu_build.load()``), or None: the pure-torch path is used."""
+        return _native()
+
+    def numerics(self, layer: Any, x: torch.Tensor) -> Numerics:
+        if x.device.type != "cpu":
+            return get_backend("torch").numerics(layer, x)
+        out_u, out_eta = _out_numerics(x.dtype)
+        x_u, _ = rounding(x.dtype, torch.float32)  # nonzero only for float64 inputs
+        # ŵ exact in fp32, fp32 products and sums in any order, the bias one more fp32 term
+        return Numerics(x_u=x_u, out_u=out_u, out_eta=out_eta)
+
+    def _buffer(self, n: int) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < n:
+            buf = self._local.buf = torch.empty(n, dtype=torch.float32)
+        return buf
+
+    def linear(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
+        # (decode calls this for every matrix of every token: the common case is kept lean)
+        if not x.is_cpu or getattr(layer, "cache_weight", False):
+            # GPU tensors, or a layer that keeps its dense weight: one matmul
+            return get_backend("torch").linear(layer, x)
+        xf = x if x.dim() == 2 else _flat(layer, x)
+        if not xf.is_floating_point():
+            raise ValidationError("x", f"dtype {x.dtype}; valid: a floating-point tensor")
+        x32 = xf if xf.dtype == torch.float32 else xf.to(torch.float32)
+        batch = x32.shape[0]
+        y = torch.empty((batch, layer.out_features), dtype=torch.float32)
+        if batch:
+            lib = _native()
+            if batch <= GEMV_MAX_BATCH and lib is not None:
+                self._gemv(lib, layer, x32, y)
+            else:
+                self._tiled(lib, layer, x32, y)
+        bias = layer._buffers.get("bias")
+        if bias is not None:
+            y += bias.to(torch.float32)
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], layer.out_features)
+
+    @staticmethod
+    def _plan(layer: Any) -> list[tuple]:
+        """Per segment, the kernel's constant arguments (pointers as ints), cached on the
+        module. ``PackedLinear`` drops it when its buffers move or are reloaded; a buffer
+        replaced by assignment is caught here (the plan keeps the tensors it points into and
+        is rebuilt when any of them is no longer the module's buffer)."""
+        cached = layer.__dict__.get("_cpu_plan")
+        if cached is not None:
+            bufs = layer._buffers
+            # same tensor objects at the same addresses (a deep copy of the module copies the
+            # plan too, with new tensors at new addresses: rebuilt)
+            if all(bufs.get(name) is t and t.data_ptr() == ptr for name, t, ptr in cached[0]):
+                return cached[1]
+        plan, held = [], []
+        for i, (axis, start, stop, bits, g, rows, cols, q, sc, z) in \
+                enumerate(_seg_views(layer)):
+            if bits == 16:
+                ptrs = (q.data_ptr(), 0, 0)
+                held.append((f"seg{i}_weight", q, ptrs[0]))
+            else:
+                ptrs = (q.data_ptr(), sc.data_ptr(), z.data_ptr())
+                held += [(f"seg{i}_{f}", t, p)
+                         for f, t, p in zip(("qdata", "scale", "zero"), (q, sc, z), ptrs,
+                                            strict=True)]
+            plan.append((axis, start, stop, bits, g, rows, cols, *ptrs))
+        layer.__dict__["_cpu_plan"] = (held, plan)
+        return plan
+
+    def _gemv(self, lib: Any, layer: Any, x32: torch.Tensor, y: torch.Tensor) -> None:
+        threads = torch.get_num_threads()
+        batch = x32.shape[0]
+        plan = self._plan(layer)
+        xfull = _pad32(x32.contiguous()) if plan[0][0] == 0 else None
+        yp, ys = y.data_ptr(), y.shape[1]
+        first_col = True
+        for axis, start, stop, bits, g, rows, cols, qp, sp, zp in plan:
+            if axis == 0:
+                xs, y_off, acc = xfull, start, 0
+            else:  # the segment's own columns, padded with zeros
+                xs, y_off, acc = _pad32(x32[:, start:stop]), 0, 0 if first_col else 1
+                first_col = False
+            if bits == 16:
+                lib.bs_gemv_fp16(qp, rows, cols, xs.data_ptr(), batch, xs.shape[1], yp, ys,
+                                 y_off, acc, threads)
+            else:
+                lib.bs_gemv(bits, qp, sp, zp, rows, cols, g, xs.data_ptr(), batch, xs.shape[1],
+                            yp, ys, y_off, acc, threads)
+
+    def _tiled(self, lib: Any, layer: Any, x32: torch.Tensor, y: torch.Tensor) -> None:
+        threads = torch.get_num_threads()
+        first_col = True
+        for seg in _seg_views(layer):
+            axis, start, stop, _bits, _g, rows, cols, *_ = seg
+            tile = max(1, CPU_TILE_ELEMENTS // cols)
+            buf = self._buffer(min(tile, rows) * cols)
+            xs = x32 if axis == 0 else x32[:, start:stop]
+            for r0 in range(0, rows, tile):
+                r1 = min(r0 + tile, rows)
+                w = _dequant_tile(lib, seg, r0, r1, buf, threads)
+                if axis == 0:
+                    y[:, start + r0:start + r1] = xs @ w.T
+                elif first_col:
+                    y[:, r0:r1] = xs @ w.T
+                else:
+                    y[:, r0:r1] += xs @ w.T
+            if axis == 1:
+                first_col = False
 
 
 # ------------------------------------------------------------------------------------------

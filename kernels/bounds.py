@@ -167,7 +167,7 @@ def output_error_bound(w_hat: torch.Tensor, x: torch.Tensor, bias: torch.Tensor 
 def layer_error_bound(layer, x: torch.Tensor, backend: str | None = None,
                       y_ref: torch.Tensor | None = None) -> torch.Tensor:
     """``output_error_bound`` of a ``PackedLinear`` on its (or the named) backend."""
-    from bitsack.kernels.backends import get_backend
+    from bitsack.kernels.registry import get_backend  # filled when the backends were imported
 
     be = get_backend(backend or layer.backend)
     return output_error_bound(layer.dequantize(torch.float64), x, layer.bias,
@@ -178,17 +178,22 @@ def rtn_error_bound(scale: torch.Tensor, x: torch.Tensor, group_size: int) -> to
     """Bound on ``|Σ_j (ŵ_ij − w_ij) x_j|`` for min-max RTN with stored fp16 ``scale``.
 
     Args:
-        scale: the stored scales ``[rows, cols // group_size]``.
-        x: input ``[..., cols]``.
+        scale: the stored scales ``[rows, ceil(cols / group_size)]``.
+        x: input ``[..., cols]``; group g covers columns ``[g·G, min((g+1)·G, cols))``, so a
+            short last group sums only its own columns.
         group_size: columns per group.
 
     Returns:
         float64 ``[..., rows]``: ``RTN_SLACK · Σ_g (s_g/2) Σ_{j∈g}|x_j|``.
     """
     rows, ngroups = scale.shape
-    cols = ngroups * group_size
-    if x.shape[-1] != cols:
-        raise ValidationError("x", f"last dim {x.shape[-1]}; valid: {cols}")
-    xg = x.detach().to(torch.float64).abs().reshape(-1, ngroups, group_size).sum(-1)
+    cols = x.shape[-1]
+    if group_size <= 0 or -(-cols // group_size) != ngroups:
+        raise ValidationError("x", f"last dim {cols} does not make {ngroups} groups of "
+                              f"{group_size}; valid: {(ngroups - 1) * group_size + 1}.."
+                              f"{ngroups * group_size}")
+    xa = x.detach().to(torch.float64).abs().reshape(-1, cols)
+    pad = ngroups * group_size - cols  # zeros: a short last group sums its own columns only
+    xg = torch.nn.functional.pad(xa, (0, pad)).reshape(-1, ngroups, group_size).sum(-1)
     out = (xg @ (scale.to(torch.float64) / 2).T) * RTN_SLACK
     return out.reshape(*x.shape[:-1], rows)

@@ -83,7 +83,7 @@ def _gemv(grid, block, args, bits: int) -> None:
     xflat, yflat = _flat(x), _flat(y)
     assert xflat.dtype == np.float32 and yflat.dtype == np.float32
     wpr = (bits * cols + 31) // 32
-    ngroups = cols // group_size
+    ngroups = (cols + group_size - 1) // group_size
     nchunks = (cols + 31) // 32
     chunk_in_group = group_size % 32 == 0
     warps = block[0] // _WARP
@@ -144,7 +144,7 @@ def _dequant(grid, block, args, bits: int, out_half: int) -> None:
     assert oflat.dtype == (np.float16 if out_half else np.float32)
     nchunks = (cols + 31) // 32
     wpr = (bits * cols + 31) // 32
-    ngroups = cols // group_size
+    ngroups = (cols + group_size - 1) // group_size
     for t in range(grid[0] * block[0]):
         if t >= rows * nchunks:
             continue

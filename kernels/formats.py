@@ -38,9 +38,13 @@ class PackFormat(str, enum.Enum):
     row is the unsigned integer in bits ``[k·bits, (k+1)·bits)`` of that stream, so values may
     straddle two words when ``bits`` does not divide 32 (3-bit: 32 values fill exactly 3
     words). Unused high bits of a row's last word are zero. Every row starts on a new word.
-    Beside it, ``scale`` and ``zero`` are fp16 ``[rows, cols // group_size]``, group ``g``
-    covering columns ``[g·group_size, (g+1)·group_size)``; the weight is
-    ``float32(scale) · (float32(q) − float32(zero))`` computed in fp32.
+    Beside it, ``scale`` and ``zero`` are fp16 ``[rows, ceil(cols / group_size)]``, group
+    ``g`` covering columns ``[g·group_size, min((g+1)·group_size, cols))``: any positive group
+    size is valid, and when it does not divide ``cols`` the last group is shorter (576 columns
+    at group size 128: groups of 128, 128, 128, 128, 64). The columns are those of the
+    segment: a column segment ``[start, stop)`` of a matrix is grouped inside itself (its
+    groups restart at ``start``), and each segment of a matrix has its own bits and group
+    size. The weight is ``float32(scale) · (float32(q) − float32(zero))`` computed in fp32.
 
     ``FP16`` (bits 16): the weights themselves, fp16 ``[rows, cols]``, no groups.
     """
@@ -71,14 +75,30 @@ def words_per_row(cols: int, bits: int) -> int:
     return -(-bits * cols // 32)
 
 
+def num_groups(cols: int, group_size: int) -> int:
+    """Groups of a row of ``cols`` values: ``ceil(cols / group_size)`` (the last may be short)."""
+    return -(-cols // group_size)
+
+
+def check_group_size(group_size: Any, field: str = "group_size") -> int:
+    """Return ``group_size`` as an int if it is a positive integer, else raise."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+            or group_size <= 0:
+        raise ValidationError(field, f"{group_size!r}; valid: a positive integer (columns per "
+                              "group; need not divide the columns: the last group may be "
+                              "shorter)")
+    return int(group_size)
+
+
 def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     """Exact bytes of a ``rows × cols`` segment packed at ``bits`` with ``group_size`` groups.
 
-    ``rows · ceil(bits·cols/32) · 4`` bytes of words plus ``4`` bytes (fp16 scale + zero) per
-    group; 16 bits is fp16, ``2·rows·cols``; 0 bits (pruned) is 0.
+    ``rows · ceil(bits·cols/32) · 4`` bytes of words plus ``rows · ceil(cols/group_size) · 4``
+    bytes of fp16 scale + zero (a short last group costs a full group's metadata); 16 bits is
+    fp16, ``2·rows·cols``; 0 bits (pruned) is 0.
 
     Raises:
-        ValueError: bits not in 0..16, or ``group_size`` does not divide ``cols``
+        ValueError: bits not in 0..16, or ``group_size`` not a positive integer
             (a ``bitsack.errors.ValidationError``, which is a ``ValueError``).
     """
     if bits == 0:
@@ -87,10 +107,8 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
         return 2 * rows * cols
     if not 1 <= bits <= 8:
         raise ValidationError("bits", f"{bits} has no packed layout; valid: 1..8 or 16")
-    if group_size <= 0 or cols % group_size:
-        raise ValidationError("group_size", f"{group_size} does not divide the {cols} columns; "
-                              f"valid: a positive divisor of {cols}")
-    return rows * words_per_row(cols, bits) * 4 + rows * (cols // group_size) * GROUP_META_BYTES
+    group_size = check_group_size(group_size)
+    return rows * words_per_row(cols, bits) * 4 + rows * num_groups(cols, group_size) * 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 A ``PackedLinear`` holds its ``[out_features, in_features]`` weight as ``Segment``s cut along
 one axis: ranges of output rows (``axis=0``; units of q/k/v/gate/up) or of input columns
-(``axis=1``; units of o_proj/down_proj), each with its own bit-width, covering the matrix once,
-in order. Groups always run along the input dimension inside a segment, so a column segment's
-width is a multiple of its group size. The numbers are ``bitsack.kernels.formats.PackFormat``;
+(``axis=1``; units of o_proj/down_proj), each with its own bit-width and group size, covering
+the matrix once, in order. Groups always run along the input dimension inside a segment and
+restart at its first column; a group size need not divide the segment's width (the last group
+of each row is then shorter). The numbers are ``bitsack.kernels.formats.PackFormat``;
 ``forward`` runs on the backend named by ``backend`` (``bitsack.kernels.backends``).
 """
 
@@ -16,7 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from bitsack.errors import ValidationError
-from bitsack.kernels.formats import PackFormat, check_bits, pack, packed_nbytes, unpack_torch
+from bitsack.kernels.formats import (
+    PackFormat,
+    check_bits,
+    check_group_size,
+    num_groups,
+    pack,
+    packed_nbytes,
+    unpack_torch,
+)
 from bitsack.kernels.quantizers import QuantizedTensor, dequantize_codes, rtn_quantize
 
 __all__ = ["PackedEmbedding", "PackedLinear", "Segment"]
@@ -32,11 +41,12 @@ class Segment:
         start: first row/column of the segment in the matrix.
         stop: one past the last.
         bits: 1..8 (packed) or 16 (fp16 weights).
-        group_size: columns per group (for 16 bits: the segment's column count, unused).
+        group_size: columns per group, any positive integer; group g covers the segment's
+            columns ``[g·G, min((g+1)·G, cols))`` (for 16 bits: unused).
         shape: ``(rows, cols)`` of the segment.
         qdata: uint32 ``[rows, words_per_row(cols, bits)]`` (None for 16 bits).
-        scale: fp16 ``[rows, cols // group_size]`` (None for 16 bits).
-        zero: fp16 ``[rows, cols // group_size]`` (None for 16 bits).
+        scale: fp16 ``[rows, ceil(cols / group_size)]`` (None for 16 bits).
+        zero: fp16 ``[rows, ceil(cols / group_size)]`` (None for 16 bits).
         weight: fp16 ``[rows, cols]`` for 16 bits (None otherwise).
     """
 
@@ -68,14 +78,12 @@ class Segment:
                 raise ValidationError("segment.weight", f"{_desc(w)}; valid: float16 "
                                       f"[{rows}, {cols}] for a 16-bit segment")
             return
-        if self.group_size <= 0 or cols % self.group_size:
-            raise ValidationError("segment.group_size", f"{self.group_size} does not divide "
-                                  f"the segment's {cols} columns; valid: a positive divisor")
+        check_group_size(self.group_size, field="segment.group_size")
         want_q = (rows, -(-self.bits * cols // 32))
         q = self.qdata
         if q is None or q.dtype != torch.uint32 or tuple(q.shape) != want_q:
             raise ValidationError("segment.qdata", f"{_desc(q)}; valid: uint32 {list(want_q)}")
-        want_g = (rows, cols // self.group_size)
+        want_g = (rows, num_groups(cols, self.group_size))
         for name in ("scale", "zero"):
             t = getattr(self, name)
             if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_g:
@@ -127,11 +135,9 @@ class Segment:
         if bits == 16:
             return cls(axis, start, stop, 16, g, (rows, cols),
                        weight=torch.zeros((rows, cols), dtype=torch.float16, device=device))
-        if g <= 0 or cols % g:
-            raise ValidationError("segment.group_size", f"{g} does not divide the segment's "
-                                  f"{cols} columns; valid: a positive divisor")
+        g = check_group_size(g, field="segment.group_size")
         words = -(-bits * cols // 32)
-        meta = (rows, cols // g)
+        meta = (rows, num_groups(cols, g))
         return cls(axis, start, stop, bits, g, (rows, cols),
                    qdata=torch.zeros((rows, words), dtype=torch.int32, device=device)
                    .view(torch.uint32),
@@ -155,6 +161,18 @@ class Segment:
             q, s, z = q[rows], s[rows], z[rows]
         codes = unpack_torch(q, self.bits, self.shape[1], dtype=torch.float32)
         return dequantize_codes(codes, s, z, self.group_size, dtype)
+
+
+_REGISTRY: list[dict] = []  # the backends' registry, bound on first use (import cycle)
+
+
+def _backend(name: str):
+    """The registered backend ``name`` (validated when the module's backend was set)."""
+    if not _REGISTRY:
+        from bitsack.kernels.backends import _BACKENDS
+
+        _REGISTRY.append(_BACKENDS)
+    return _REGISTRY[0][name]
 
 
 def _desc(t: torch.Tensor | None) -> str:
@@ -225,11 +243,13 @@ class PackedLinear(_SegmentStore):
         out_features: rows of the weight.
         segments: along one axis, contiguous, covering the matrix exactly once.
         bias: optional ``[out_features]`` (kept in its dtype; computed with in fp32).
-        backend: kernel backend name (``reference``, ``torch``, ``cupy``).
+        backend: kernel backend name: ``cpu`` (default: fused packed GEMV / tiled dequantize
+            + BLAS on CPU tensors, ``torch`` on others), ``torch`` (whole-weight dequantize per
+            call: a debug mode), ``reference``, ``cupy``.
     """
 
     def __init__(self, in_features: int, out_features: int, segments: Sequence[Segment],
-                 bias: torch.Tensor | None = None, backend: str = "torch"):
+                 bias: torch.Tensor | None = None, backend: str = "cpu"):
         super().__init__()
         self.in_features = int(in_features)
         self.out_features = int(out_features)
@@ -240,8 +260,8 @@ class PackedLinear(_SegmentStore):
         self._store(segments)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.backend = backend
-        #: Keep the dequantized weight after the first ``torch``-backend call (faster repeated
-        #: CPU inference at the memory cost of a dense fp32 weight; never saved).
+        #: Keep the dequantized weight after the first call and run one dense matmul (the
+        #: ``torch`` path) at the memory cost of a dense fp32 weight; never saved.
         self.cache_weight = False
         self._weight_cache: torch.Tensor | None = None
 
@@ -254,12 +274,14 @@ class PackedLinear(_SegmentStore):
             c = self._weight_cache = self.dequantize(dtype)
         return c
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): the cache is stale
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): the caches are stale
         self._weight_cache = None
+        self.__dict__.pop("_cpu_plan", None)
         return super()._apply(fn, *args, **kwargs)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: the cache is stale
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: the caches are stale
         self._weight_cache = None
+        self.__dict__.pop("_cpu_plan", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -275,7 +297,7 @@ class PackedLinear(_SegmentStore):
 
     @classmethod
     def from_quantized(cls, parts: Sequence[QuantizedTensor | torch.Tensor], axis: int,
-                       bias: torch.Tensor | None = None, backend: str = "torch") -> PackedLinear:
+                       bias: torch.Tensor | None = None, backend: str = "cpu") -> PackedLinear:
         """Pack pieces laid end to end along ``axis``.
 
         Args:
@@ -302,27 +324,33 @@ class PackedLinear(_SegmentStore):
         return cls(cols, rows, segments, bias=bias, backend=backend)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bits: int | Sequence[tuple[int, int, int]],
+    def from_dense(cls, weight: torch.Tensor, bits: int | Sequence[tuple[int, ...]],
                    group_size: int, axis: int = 0, bias: torch.Tensor | None = None,
-                   backend: str = "torch") -> PackedLinear:
+                   backend: str = "cpu") -> PackedLinear:
         """RTN-quantize a dense ``[out, in]`` weight and pack it.
 
         Args:
             weight: the dense weight.
-            bits: one bit-width for the whole matrix, or ``(start, stop, bits)`` ranges along
-                ``axis`` tiling it (bits 16 keeps a range in fp16).
-            group_size: columns per group.
+            bits: one bit-width for the whole matrix, or ranges along ``axis`` tiling it,
+                each ``(start, stop, bits)`` or ``(start, stop, bits, group_size)`` (bits 16
+                keeps a range in fp16; a column range is grouped from its own first column).
+            group_size: columns per group (any positive integer; the last group of a row may
+                be shorter), for the ranges that do not give their own.
             axis: the axis the ranges cut.
             bias: optional bias.
             backend: kernel backend name.
         """
         n = weight.shape[axis]
-        ranges = [(0, n, bits)] if isinstance(bits, int) else list(bits)
+        ranges = [(0, n, bits)] if isinstance(bits, int) else [tuple(r) for r in bits]
         parts: list[QuantizedTensor | torch.Tensor] = []
-        for start, stop, b in ranges:
+        for r in ranges:
+            if len(r) not in (3, 4):
+                raise ValidationError("bits", f"range {r!r}; valid: (start, stop, bits) or "
+                                      "(start, stop, bits, group_size)")
+            start, stop, b = r[:3]
+            g = r[3] if len(r) == 4 else group_size
             piece = weight[start:stop] if axis == 0 else weight[:, start:stop]
-            parts.append(piece.to(torch.float16) if b == 16
-                         else rtn_quantize(piece, b, group_size))
+            parts.append(piece.to(torch.float16) if b == 16 else rtn_quantize(piece, b, g))
         layer = cls.from_quantized(parts, axis, bias=bias, backend=backend)
         if (layer.out_features, layer.in_features) != tuple(weight.shape):
             raise ValidationError("bits", f"ranges {ranges} do not tile the {n} "
@@ -331,7 +359,7 @@ class PackedLinear(_SegmentStore):
 
     @classmethod
     def from_layout(cls, in_features: int, out_features: int, layout: Sequence[dict],
-                    bias_dtype: torch.dtype | None = None, backend: str = "torch",
+                    bias_dtype: torch.dtype | None = None, backend: str = "cpu",
                     device: torch.device | str = "cpu") -> PackedLinear:
         """A zero-filled layer of the given ``layout()``, to ``load_state_dict`` into.
 
@@ -356,9 +384,7 @@ class PackedLinear(_SegmentStore):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValidationError("x", f"last dim {x.shape[-1]}; valid: {self.in_features}")
-        from bitsack.kernels.backends import get_backend
-
-        return get_backend(self.backend).linear(self, x)
+        return _backend(self._backend).linear(self, x)
 
     def extra_repr(self) -> str:
         segs = ", ".join(f"{s}:{e}@{b}b" for _, s, e, b, _, _ in self._meta)
@@ -429,7 +455,7 @@ class PackedEmbedding(_SegmentStore):
         return cls(num_embeddings, embedding_dim, [Segment.empty(s, device) for s in layout],
                    dtype=dtype)
 
-    def as_linear(self, backend: str = "torch") -> PackedLinear:
+    def as_linear(self, backend: str = "cpu") -> PackedLinear:
         """A ``PackedLinear`` (in = embedding_dim, out = num_embeddings) on the same buffers."""
         return PackedLinear(self.embedding_dim, self.num_embeddings, self.segments,
                             backend=backend)

@@ -19,7 +19,14 @@ from bitsack.models.base import UnitSpec
 from bitsack.profiling.layout import OptionLayout
 from bitsack.solver.costs import CostModel, SliceShape, UnitShape, get_cost_model
 from bitsack.solver.costs.base import check_resources, option_costs
-from bitsack.solver.problem import Interactions, Option, Problem, Resource, Unit, option_bits
+from bitsack.solver.problem import (
+    Interactions,
+    Option,
+    Problem,
+    ProblemSettings,
+    Resource,
+    Unit,
+)
 
 INTERACTIONS_FILE = "interactions.npz"
 
@@ -75,12 +82,13 @@ def build_problem(layout: OptionLayout, loss: np.ndarray, U: np.ndarray | None, 
         metadata: JSON-able metadata (recorded as given).
     """
     resources = tuple(Resource(r) for r in check_resources(cost_models))
+    settings = ProblemSettings(group_size=group_size)
     units = []
     for ui, (spec, shape) in enumerate(zip(layout.units, shapes, strict=True)):
         opts = []
         for oid in layout.option_ids[ui]:
             j = layout.index(ui, oid)
-            cost = option_costs(cost_models, shape, option_bits(oid), group_size)
+            cost = option_costs(cost_models, shape, oid, settings)
             opts.append(Option(oid, float(loss[j]), cost))
         units.append(Unit(spec.id, tuple(opts), kind=spec.kind, layer=spec.layer,
                           params=int(spec.params)))

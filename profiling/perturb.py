@@ -152,13 +152,6 @@ class Perturbations:
         if s.dim != entry.axis:
             raise ModelError(f"units: {s.param!r} is sliced along rows by one unit and along "
                              f"columns by {unit.id!r}; profiling needs one axis per matrix")
-        if s.dim == 1 and (s.start % self.group_size or (s.stop - s.start) % self.group_size):
-            raise ModelError(f"group_size: {self.group_size} does not align with unit "
-                             f"{unit.id!r}'s columns {s.start}:{s.stop} of {s.param}; valid: a "
-                             "group size dividing every column slice's start and width")
-        if s.dim == 0 and w.shape[1] % self.group_size:
-            raise ModelError(f"group_size: {self.group_size} does not divide the {w.shape[1]} "
-                             f"columns of {s.param} (unit {unit.id!r})")
         return entry
 
     # ---- δ ------------------------------------------------------------------------------
@@ -202,20 +195,22 @@ class Perturbations:
 
     def _store(self, entry: ParamEntry, hessian: torch.Tensor | None,
                gptq_options: Mapping[str, object]) -> None:
-        from bitsack.kernels.quantizers import GPTQ
+        from bitsack.kernels.quantizers import GPTQ, SegmentSpec
 
         w = entry.view(entry.param.detach())
+        tiles = column_tiles(entry)
         for bits in self.bit_keys(entry):
             if bits == 16:
                 continue  # recomputed when read: exact, and 2 bytes/weight less to hold
             if hessian is None:
-                self._deltas[(entry.name, bits)] = _rtn_delta_fp16(w, bits, self.group_size)
+                self._deltas[(entry.name, bits)] = _rtn_delta_fp16(w, bits, self.group_size,
+                                                                   tiles)
             else:
                 w32 = w.float()
-                res = GPTQ.from_hessian(hessian).quantize(w32, bits, self.group_size,
-                                                          **gptq_options)
-                delta = res.to_quantized().dequantize(torch.float32) - w32
-                self._deltas[(entry.name, bits)] = _to_scaled_fp16(delta)
+                specs = [SegmentSpec(1, a, b, bits, self.group_size) for a, b in tiles] \
+                    if tiles else [SegmentSpec(0, 0, w32.shape[0], bits, self.group_size)]
+                res = GPTQ.from_hessian(hessian).quantize_segments(w32, specs, **gptq_options)
+                self._deltas[(entry.name, bits)] = _to_scaled_fp16(res.weight - w32)
         _trim_heap()
 
     def delta(self, name: str, key: int | str) -> torch.Tensor:
@@ -343,8 +338,28 @@ def check_finite(values, layout: OptionLayout, what: str) -> None:
 _CHUNK_ELEMENTS = 1 << 21
 
 
-def _rtn_delta_fp16(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, float]:
-    """RTN (or fp16 round-trip) δ of ``w`` as scaled fp16, quantized in chunks of rows.
+def column_tiles(entry: ParamEntry) -> list[tuple[int, int]] | None:
+    """For a matrix whose units own columns: column ranges tiling it, one per unit (gaps
+    between units as their own ranges) — quantization groups restart at each, as the packed
+    format groups a column segment. None for row-owned matrices."""
+    if entry.axis != 1:
+        return None
+    cols = weight_2d(entry.param, entry.transposed).shape[1]
+    tiles, pos = [], 0
+    for a, b in sorted({(s.start, s.stop) for _, s in entry.slices}):
+        if a > pos:
+            tiles.append((pos, a))
+        tiles.append((a, b))
+        pos = b
+    if pos < cols:
+        tiles.append((pos, cols))
+    return tiles
+
+
+def _rtn_delta_fp16(w: torch.Tensor, bits: int, group_size: int,
+                    tiles: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, float]:
+    """RTN (or fp16 round-trip) δ of ``w`` as scaled fp16, quantized in chunks of rows (and
+    per column tile, groups restarting at each: ``column_tiles``).
 
     RTN groups lie inside rows, so chunks of rows give exactly the whole-matrix result while
     holding only one chunk's float64 temporaries. The power-of-two scale comes from an a
@@ -367,7 +382,11 @@ def _rtn_delta_fp16(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.
     step = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
     for r in range(0, w.shape[0], step):
         chunk = w[r:r + step].float()
-        d = fake_quantize(chunk, bits, group_size, "rtn").sub_(chunk)
+        if tiles:
+            d = torch.cat([fake_quantize(chunk[:, a:b], bits, group_size, "rtn")
+                           for a, b in tiles], dim=1).sub_(chunk)
+        else:
+            d = fake_quantize(chunk, bits, group_size, "rtn").sub_(chunk)
         out[r:r + step] = d.mul_(scale)
     if not bool(torch.isfinite(out).all()):  # the bound failed: never silently overflow
         raise NumericalError(f"perturbation: |δ| at {bits} bits exceeds its bound {bound:.3g}")

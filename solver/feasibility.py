@@ -17,11 +17,11 @@ Budgets are *not* part of this minimization, only the constraints. They decompos
    by such constraints form *components*; super-units in no component are *free* and simply
    take their cheapest super-option (vectorized).
 3. A component with a single constraint is solved exactly in closed form:
-   ``same_bits`` — for each bit-width b, every member independently takes the cheaper of
-   ``prune`` and its b-bit option; the best b wins. ``min_kept`` (at least k kept) — every
-   member takes its cheapest option, then the members with the smallest extra weight
-   ``Δ = min_kept_option − min_option`` are forced to be kept until k are kept (a small
-   covering DP when a super-unit counts several members).
+   ``same_bits`` — for each bit-width b, every member independently takes the cheapest of
+   ``prune`` and its b-bit options (any group size); the best b wins. ``min_kept`` (at least
+   k kept) — every member takes its cheapest option, then the members with the smallest
+   extra weight ``Δ = min_kept_option − min_option`` are forced to be kept until k are kept
+   (a small covering DP when a super-unit counts several members).
 4. A component where constraints *overlap* (share super-units) is enumerated exactly when the
    product of its option counts is at most ``MAX_ENUMERATION``; beyond that each constraint
    of the component is solved alone (the others dropped) and the largest of those values is
@@ -396,17 +396,19 @@ def _solve_single(st: Structure, cc: ComponentConstraint,
 
 def _solve_same_bits(st: Structure, supers: tuple[int, ...],
                      ws: np.ndarray) -> tuple[float, dict[int, int] | None]:
-    by_bits: list[dict[int, int]] = []
+    # per super-unit: bit-width -> its options of that width (several when they differ in
+    # group size: b3g32, b3g128 share the width 3), and its prune option
+    by_bits: list[dict[int, list[int]]] = []
     prune: list[int | None] = []
     for s in supers:
-        table = {}
+        table: dict[int, list[int]] = {}
         p = None
         for k in st.options_of(s):
             b = int(st.s_bits[k])
             if b == 0:
                 p = k
             else:
-                table[b] = k
+                table.setdefault(b, []).append(k)
         by_bits.append(table)
         prune.append(p)
     candidates = sorted(set().union(*by_bits)) or [0]
@@ -414,7 +416,7 @@ def _solve_same_bits(st: Structure, supers: tuple[int, ...],
     for b in candidates:
         total, picks = 0.0, {}
         for s, table, p in zip(supers, by_bits, prune, strict=True):
-            options = [k for k in (p, table.get(b)) if k is not None]
+            options = ([p] if p is not None else []) + table.get(b, [])
             if not options:
                 total = _INF
                 break

@@ -40,13 +40,15 @@ import numpy as np
 
 from bitsack.errors import ValidationError
 from bitsack.solver.problem import (
+    OPTION_ID_GRAMMAR,
     Constraint,
     Interactions,
     Option,
     Problem,
+    ProblemSettings,
     Resource,
     Unit,
-    option_bits,
+    parse_option,
 )
 
 #: Total standalone loss (nats/token) of the uniform 4-bit plan of a generated instance.
@@ -100,7 +102,8 @@ def generate_problem(
         rank: rows of the low-rank interaction factor U (0 = additive).
         seed: the only source of randomness.
         hidden, head_dim, q_per_kv, mlp_block: the shapes of the slices.
-        group_size: quantization group (must divide hidden, q_per_kv·head_dim and mlp_block).
+        group_size: the default quantization group (``settings.group_size``: what a
+            plain ``b<k>`` means); a row of width w holds ceil(w / group_size) groups.
         name: the problem's name (default describes the shape).
         kv_per_group: KV heads per head-group unit (1 for GQA groups; 4 for Llama-2-7B's MHA
             heads grouped 4 per unit).
@@ -109,14 +112,18 @@ def generate_problem(
     Raises:
         bitsack.errors.ValidationError: a shape or option that makes no sense, naming it.
     """
-    from bitsack.solver.costs import SliceShape, UnitShape, get_cost_model
+    from bitsack.solver.costs import SliceShape, UnitShape, get_cost_model, option_costs
     from bitsack.solver.feasibility import max_cost_per_resource, min_cost_per_resource
     from bitsack.solver.schema import validate_problem
 
     _check_args(locals())
     rng = np.random.default_rng(seed)
     options = tuple(options)
-    bits = [option_bits(o) for o in options]
+    settings = ProblemSettings(group_size=group_size, mlp_group=mlp_block)
+    bits = [parse_option(o).bits for o in options]
+    # a finer group quantizes better: the loss of b<k>g<G> scales as (G / default)^(1/4)
+    group_factor = np.array([(settings.group_size_of(o) or group_size) / group_size
+                             for o in options]) ** 0.25
 
     qd, kvd = q_per_kv * head_dim, kv_per_group * head_dim
     attn = UnitShape(id="attn", kind="head_group", slices=(
@@ -130,13 +137,11 @@ def generate_problem(
         models.append(get_cost_model("roofline", device="h200"))
     costs = {}
     for shape in (attn, mlp):
-        per_bits = {}
-        for b in bits:
-            merged: dict[str, float] = {}
-            for model in models:
-                merged.update(model.cost(shape, b, group_size))
-            per_bits[b] = {r: float(merged[r]) for r in resources}
-        costs[shape.kind] = per_bits
+        per_option = {}
+        for o in options:
+            merged = option_costs(models, shape, o, settings)
+            per_option[o] = {r: float(merged[r]) for r in resources}
+        costs[shape.kind] = per_option
 
     # losses: per layer (U-shaped over depth) x per unit (log-normal) x params share
     depth = np.linspace(-1.0, 1.0, layers)
@@ -157,10 +162,10 @@ def generate_problem(
     kept_cols = [j for j, b in enumerate(bits) if b > 0]
     for j, b in enumerate(bits):
         if b > 0:
-            loss[:, j] = base * 4.0 ** (-b) * option_noise[:, j]
+            loss[:, j] = base * 4.0 ** (-b) * group_factor[j] * option_noise[:, j]
     if kept_cols:
-        # keep losses decreasing in bits despite the noise
-        order = sorted(kept_cols, key=lambda j: bits[j])
+        # keep losses decreasing in bits (and in finer groups) despite the noise
+        order = sorted(kept_cols, key=lambda j: (bits[j], -group_factor[j]))
         loss[:, order] = np.maximum.accumulate(loss[:, order][:, ::-1], axis=1)[:, ::-1]
     for j, b in enumerate(bits):
         if b == 0:
@@ -173,8 +178,8 @@ def generate_problem(
             i = li * len(kinds) + k
             uid = f"L{li}.attn.g{k}" if kind == "head_group" else \
                 f"L{li}.mlp.c{k - kv_groups}"
-            opts = tuple(Option(o, float(loss[i, j]), dict(costs[kind][b]))
-                         for j, (o, b) in enumerate(zip(options, bits, strict=True)))
+            opts = tuple(Option(o, float(loss[i, j]), dict(costs[kind][o]))
+                         for j, o in enumerate(options))
             units.append(Unit(id=uid, options=opts, kind=kind, layer=li, params=params[kind]))
     constraints = ()
     if min_kept_heads:
@@ -196,7 +201,8 @@ def generate_problem(
     name = name or (f"synthetic-L{layers}-kv{kv_groups}-mlp{mlp_groups}-r{rank}-s{seed}")
     problem = Problem(name=name, units=tuple(units),
                       resources=tuple(Resource(r) for r in resources),
-                      constraints=constraints, interactions=interactions, metadata=meta)
+                      constraints=constraints, interactions=interactions, metadata=meta,
+                      settings=settings)
     limits = []
     for r in resources:
         lo = min_cost_per_resource(problem, r)
@@ -206,7 +212,8 @@ def generate_problem(
             limit = float(math.floor(limit))
         limits.append(Resource(r, limit))
     problem = Problem(name=name, units=tuple(units), resources=tuple(limits),
-                      constraints=constraints, interactions=interactions, metadata=meta)
+                      constraints=constraints, interactions=interactions, metadata=meta,
+                      settings=settings)
     return validate_problem(problem)
 
 
@@ -238,18 +245,35 @@ def _factor(rng: np.random.Generator, loss: np.ndarray, bits: list[int], layers:
     return U
 
 
+#: Inclusive ranges of the generator's integer arguments (a 70B model is well inside).
+ARG_RANGES: dict[str, tuple[int, int]] = {
+    "layers": (1, 1024), "kv_groups": (0, 1024), "mlp_groups": (0, 4096),
+    "hidden": (1, 1 << 17), "head_dim": (1, 4096), "q_per_kv": (1, 1024),
+    "mlp_block": (1, 1 << 17), "group_size": (1, 1 << 20), "kv_per_group": (1, 1024),
+    "rank": (0, 4096), "seed": (0, 2**63 - 1), "min_kept_heads": (0, 1024),
+}
+#: Most options of a generated instance, and most entries of its factor U.
+MAX_OPTIONS = 2_000_000
+MAX_FACTOR_ENTRIES = 1 << 27
+
+
 def _check_args(args: dict[str, Any]) -> None:
-    for key in ("layers", "kv_groups", "mlp_groups", "hidden", "head_dim", "q_per_kv",
-                "mlp_block", "group_size", "kv_per_group"):
+    for key, (lo, hi) in ARG_RANGES.items():
         value = args[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValidationError(key, f"{value!r} is not a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValidationError(key, f"{value!r} is out of range; valid: an integer in "
+                                  f"{lo}..{hi}")
     if args["kv_groups"] + args["mlp_groups"] < 1:
         raise ValidationError("kv_groups", "a layer needs at least one unit")
-    for key in ("rank", "seed", "min_kept_heads"):
-        value = args[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValidationError(key, f"{value!r} is not an integer >= 0")
+    n_options = args["layers"] * (args["kv_groups"] + args["mlp_groups"]) \
+        * len(list(args["options"]))
+    if n_options > MAX_OPTIONS:
+        raise ValidationError("layers", f"the shape makes {n_options} options; valid: at most "
+                              f"{MAX_OPTIONS}")
+    if args["rank"] * n_options > MAX_FACTOR_ENTRIES:
+        raise ValidationError("rank", f"{args['rank']} x {n_options} options is a factor of "
+                              f"{args['rank'] * n_options} entries; valid: at most "
+                              f"{MAX_FACTOR_ENTRIES}")
     if args["min_kept_heads"] > args["kv_groups"]:
         raise ValidationError("min_kept_heads", f"{args['min_kept_heads']} exceeds kv_groups = "
                               f"{args['kv_groups']}")
@@ -261,13 +285,10 @@ def _check_args(args: dict[str, Any]) -> None:
         raise ValidationError("options", f"{opts!r}: valid: a non-empty list of distinct ids")
     for o in opts:
         try:
-            b = option_bits(o)
+            parse_option(o)
         except ValueError:
-            raise ValidationError("options", f"{o!r} is not an option id; valid: 'prune' or "
-                                  "'b1'..'b16'") from None
-        if b not in (0, 1, 2, 3, 4, 8, 16):
-            raise ValidationError("options", f"{o!r} has no packed layout (memory cost); "
-                                  "valid bits: 1, 2, 3, 4, 8, 16")
+            raise ValidationError("options", f"{o!r} is not an option id; valid: "
+                                  f"{OPTION_ID_GRAMMAR}") from None
     res = list(args["resources"])
     for r in res:
         if r not in _SUPPORTED_RESOURCES:
@@ -275,10 +296,4 @@ def _check_args(args: dict[str, Any]) -> None:
                                   f"{list(_SUPPORTED_RESOURCES)}")
     if len(set(res)) != len(res):
         raise ValidationError("resources", f"{res!r} lists a resource twice")
-    g = args["group_size"]
-    for what, width in (("hidden", args["hidden"]),
-                        ("q_per_kv*head_dim", args["q_per_kv"] * args["head_dim"]),
-                        ("mlp_block", args["mlp_block"])):
-        if width % g:
-            raise ValidationError("group_size", f"{g} does not divide {what} = {width}; "
-                                  "valid: a common divisor of the slice widths")
+

@@ -15,6 +15,9 @@ from bitsack.errors import ValidationError
 from bitsack.solver.backends.base import SolveOptions
 from bitsack.solver.problem import Problem
 
+#: Most points of one sweep (each is a full solve).
+MAX_POINTS = 1000
+
 
 @dataclass(frozen=True)
 class ParetoPoint:
@@ -70,8 +73,9 @@ def pareto_sweep(problem: Problem, resource: str, points: int, *, solver: str = 
     if resource not in names:
         raise ValidationError("--resource", f"{resource!r} is not a resource of problem "
                               f"{problem.name!r}; valid: {names}")
-    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
-        raise ValidationError("--points", f"{points!r} is not a positive integer")
+    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= MAX_POINTS:
+        raise ValidationError("--points", f"{points!r} is out of range; valid: an integer in "
+                              f"1..{MAX_POINTS}")
     lo = min_cost_per_resource(problem, resource)
     hi = max_cost_per_resource(problem, resource)
     if not hi > 0:

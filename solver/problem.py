@@ -1,16 +1,20 @@
 """The problem a bitsack solver answers: schema ``bitsack.problem/v1`` as frozen dataclasses.
 
 A problem is a multiple-choice knapsack. Every *unit* (an attention head group, a block of MLP
-channels, an embedding) takes exactly one of its *options* (``prune`` or ``b<k>``: keep at k
-bits). Each option has a predicted ``loss`` (increase of the model's global loss, nats/token)
-and a ``cost`` per resource. Resources carry limits (budgets). Optional ``interactions`` couple
-the options of different units. See ``solver/__init__.py`` for the math model and
+channels, an embedding) takes exactly one of its *options* (``prune``, ``b<k>``: keep at k bits
+with the problem's default group size, or ``b<k>g<G>``: k bits, G columns per group). Each
+option has a predicted ``loss`` (increase of the model's global loss, nats/token) and a
+``cost`` per resource. Resources carry limits (budgets). Optional ``interactions`` couple the
+options of different units. ``settings`` (``ProblemSettings``) say what a plain ``b<k>``
+means and how units were cut. See ``solver/__init__.py`` for the math model and
 ``solver/schema.py`` for reading, writing and validating files.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -29,22 +33,178 @@ UNIT_KINDS = ("head_group", "mlp_group", "embedding", "other")
 #: Constraint types: tie units' options, tie kept units' bit-widths, keep at least k of a group.
 CONSTRAINT_TYPES = ("same_option", "same_bits", "min_kept")
 
-#: Bit-widths the packed format can store (others are valid in a problem, not packable).
+#: Bit-widths the kernels pack natively (others are valid in a problem; see ``OPTION_BITS``).
 PACKABLE_BITS = (1, 2, 3, 4, 8, 16)
 
-_OPTION_ID = re.compile(r"^(prune|b([1-9]|1[0-6]))$")
+#: Bit-widths an option id may name: 1..8 (packed bit streams) and 16 (fp16, untouched).
+OPTION_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+#: Explicit group sizes an option id may name (``b<k>g<G>``): powers of two, 8..1024.
+GROUP_SIZES = tuple(1 << k for k in range(3, 11))
+
+#: Quantizers a problem's settings may name (None: not recorded).
+QUANTIZERS = ("rtn", "gptq")
+
+#: Human-readable grammar of option ids, for error messages.
+OPTION_ID_GRAMMAR = ("'prune', 'b<k>' (k in 1..8 or 16: k bits at the problem's default group "
+                     "size) or 'b<k>g<G>' (k in 1..8, G a power of two in 8..1024)")
+
+_OPTION_ID = re.compile(r"^(?:prune|b([1-8]|16)|b([1-8])g([1-9][0-9]{0,3}))$")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """What an option id means: ``bits`` (0 = prune) and an explicit ``group_size``.
+
+    ``group_size`` is None for ``prune``, for ``b16`` (untouched fp16 weights have no groups)
+    and for a plain ``b<k>`` (the problem's default, ``ProblemSettings.group_size``).
+    """
+
+    bits: int
+    group_size: int | None = None
+
+    @property
+    def is_prune(self) -> bool:
+        return self.bits == 0
+
+    @property
+    def id(self) -> str:
+        """The canonical option id (``option_id(bits, group_size)``)."""
+        return option_id(self.bits, self.group_size)
+
+
+def parse_option(option_id: str) -> OptionSpec:
+    """Parse an option id: ``prune``, ``b<k>`` or ``b<k>g<G>``.
+
+    Raises:
+        ValueError: not an option id (the message gives the grammar). ``bitsack.errors``
+            ``ValidationError`` is a ``ValueError``; the schema names the field.
+    """
+    spec = _parse_option(option_id) if isinstance(option_id, str) else None
+    if spec is None:
+        from bitsack.errors import ValidationError
+
+        raise ValidationError("option", f"{_short_repr(option_id)} is not an option id; "
+                              f"valid: {OPTION_ID_GRAMMAR}")
+    return spec
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_option(option_id: str) -> OptionSpec | None:
+    match = _OPTION_ID.match(option_id)
+    if match is None or (match.group(3) is not None
+                         and int(match.group(3)) not in GROUP_SIZES):
+        return None
+    if match.group(1) is not None:
+        return OptionSpec(int(match.group(1)))
+    if match.group(2) is not None:
+        return OptionSpec(int(match.group(2)), int(match.group(3)))
+    return OptionSpec(0)
+
+
+def option_id(bits: int, group_size: int | None = None) -> str:
+    """The option id of ``bits`` (0 = prune) at ``group_size`` (None = the default): the
+    inverse of :func:`parse_option`.
+
+    Raises:
+        ValueError: bits not in 0..8 or 16, a group size on prune or 16 bits, or a group
+            size that is not a power of two in 8..1024.
+    """
+    from bitsack.errors import ValidationError
+
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (0,) + OPTION_BITS:
+        raise ValidationError("bits", f"{bits!r}; valid: 0 (prune), 1..8 or 16")
+    if group_size is None:
+        return "prune" if bits == 0 else f"b{bits}"
+    if bits in (0, 16):
+        raise ValidationError("group_size", f"{group_size!r} given for "
+                              f"{'prune' if bits == 0 else '16 bits'}, which has no groups; "
+                              "valid: None")
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValidationError("group_size", f"{group_size!r}; valid: a power of two in "
+                              "8..1024")
+    return f"b{bits}g{group_size}"
 
 
 def option_bits(option_id: str) -> int:
-    """Bits of an option id: ``prune`` -> 0, ``b<k>`` -> k (1..16).
+    """Bits of an option id: ``prune`` -> 0, ``b<k>`` / ``b<k>g<G>`` -> k.
 
     Raises:
-        ValueError: ``option_id`` is neither ``prune`` nor ``b1``..``b16``.
+        ValueError: not an option id (see :func:`parse_option`).
     """
-    match = _OPTION_ID.match(option_id)
-    if not match:
-        raise ValueError(f"{option_id!r} is not an option id; valid: 'prune' or 'b1'..'b16'")
-    return 0 if option_id == "prune" else int(match.group(2))
+    return parse_option(option_id).bits
+
+
+@dataclass(frozen=True)
+class ProblemSettings:
+    """How the problem's options are realised: typed, schema-checked, one default each.
+
+    Attributes:
+        group_size: the quantization group size (columns per fp16 scale/zero pair along the
+            input dimension) that a plain ``b<k>`` option means.
+        mlp_group: MLP channels per ``mlp_group`` unit.
+        quantizer: the quantizer the losses were estimated for (``rtn`` / ``gptq``), or
+            None when not recorded.
+    """
+
+    group_size: int = 64
+    mlp_group: int = 128
+    quantizer: str | None = None
+
+    def __post_init__(self) -> None:
+        from bitsack.errors import ValidationError
+
+        for name in ("group_size", "mlp_group"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not \
+                    1 <= value <= MAX_SETTING:
+                raise ValidationError(f"settings.{name}", f"{_short_repr(value)} is not a "
+                                      f"positive integer; valid: 1..{MAX_SETTING}")
+        if self.quantizer is not None and self.quantizer not in QUANTIZERS:
+            raise ValidationError("settings.quantizer", f"{_short_repr(self.quantizer)}; "
+                                  f"valid: {', '.join(QUANTIZERS)} or null")
+
+    def group_size_of(self, option: str | OptionSpec) -> int | None:
+        """The group size an option is quantized with: its explicit ``g<G>``, else
+        ``group_size``; None for ``prune`` and ``b16`` (no groups)."""
+        spec = parse_option(option) if isinstance(option, str) else option
+        if spec.bits in (0, 16):
+            return None
+        return spec.group_size if spec.group_size is not None else self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group_size": self.group_size, "mlp_group": self.mlp_group,
+                "quantizer": self.quantizer}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any] | None) -> ProblemSettings:
+        """Settings of an older problem that carried them in ``metadata`` (else defaults).
+
+        Raises:
+            bitsack.errors.ValidationError: a metadata value that is not a valid setting.
+        """
+        from bitsack.errors import ValidationError
+
+        kwargs = {k: metadata[k] for k in SETTINGS_KEYS
+                  if metadata and metadata.get(k) is not None}
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:  # name where the value came from
+            raise ValidationError(exc.path.replace("settings.", "metadata."),
+                                  str(exc).split(": ", 1)[1]) from None
+
+
+#: Keys of ``ProblemSettings`` (the ``settings`` mapping of a problem file).
+SETTINGS_KEYS = ("group_size", "mlp_group", "quantizer")
+
+#: Upper bound of integer settings (a group wider than a million columns means a typo).
+MAX_SETTING = 1 << 20
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value) if not isinstance(value, str) or len(value) < 4 * limit \
+        else repr(value[: 4 * limit])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -57,8 +217,13 @@ class Option:
 
     @property
     def bits(self) -> int:
-        """0 for ``prune``, k for ``b<k>``."""
-        return option_bits(self.id)
+        """0 for ``prune``, k for ``b<k>`` and ``b<k>g<G>``."""
+        return parse_option(self.id).bits
+
+    @property
+    def spec(self) -> OptionSpec:
+        """Bits and explicit group size of the id (``parse_option``)."""
+        return parse_option(self.id)
 
     @property
     def is_prune(self) -> bool:
@@ -171,8 +336,15 @@ class Problem:
     interactions: Interactions | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
+    #: Never None once built: None (the default) takes the settings an older problem kept
+    #: in ``metadata`` (``group_size``, ``mlp_group``, ``quantizer``), else the defaults.
+    settings: ProblemSettings | None = None
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.settings is None:
+            object.__setattr__(self, "settings", ProblemSettings.from_metadata(self.metadata))
 
     @property
     def n_options(self) -> int:

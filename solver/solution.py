@@ -242,18 +242,20 @@ def load_solution(path) -> Solution:
         bitsack.errors.ValidationError: unreadable file, invalid JSON, wrong schema or a
             missing / malformed field (named).
     """
-    import json
     from pathlib import Path
 
     from bitsack.errors import ValidationError
+    from bitsack.solver.bounded import MAX_JSON_BYTES, parse_json, read_text_bounded
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValidationError("solution", f"{str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValidationError("solution", f"{str(path)!r} is not readable JSON: {exc}") from None
+        text = read_text_bounded(path, MAX_JSON_BYTES, "json")
+    except ValidationError as exc:
+        raise ValidationError("solution", str(exc).split(": ", 1)[1]) from None
+    try:
+        data = parse_json(text, repr(str(path)))
+    except ValidationError as exc:
+        raise ValidationError("solution", str(exc).split(": ", 1)[1]) from None
     return solution_from_dict(data)
 
 
@@ -266,15 +268,16 @@ def solution_from_dict(data: Any) -> Solution:
     from dataclasses import fields
 
     from bitsack.errors import ValidationError
+    from bitsack.solver.bounded import short_repr
 
     if not isinstance(data, dict):
         raise ValidationError("solution", f"is a {type(data).__name__}; valid: a JSON object")
     if data.get("schema", SOLUTION_SCHEMA) != SOLUTION_SCHEMA:
-        raise ValidationError("schema", f"{data.get('schema')!r} is not supported; valid: "
-                              f"{SOLUTION_SCHEMA!r}")
+        raise ValidationError("schema", f"{short_repr(data.get('schema'))} is not supported; "
+                              f"valid: {SOLUTION_SCHEMA!r}")
     if data.get("status") not in STATUSES:
-        raise ValidationError("status", f"{data.get('status')!r} is not a status; valid: "
-                              f"{', '.join(STATUSES)}")
+        raise ValidationError("status", f"{short_repr(data.get('status'))} is not a status; "
+                              f"valid: {', '.join(STATUSES)}")
     for key in ("problem", "certificate"):
         if key not in data:
             raise ValidationError(key, "is missing")
@@ -282,103 +285,34 @@ def solution_from_dict(data: Any) -> Solution:
     names = {f.name for f in fields(Certificate)}
     if not isinstance(cert, dict) or set(cert) != names:
         got = set(cert) if isinstance(cert, dict) else set()
-        raise ValidationError("certificate", f"has keys {sorted(got)}; valid: exactly "
-                              f"{sorted(names)} (missing {sorted(names - got)}, unknown "
-                              f"{sorted(got - names)})")
+        raise ValidationError("certificate", f"has keys {short_repr(sorted(map(str, got)))}; "
+                              f"valid: exactly {sorted(names)} (missing "
+                              f"{sorted(names - got)}, unknown "
+                              f"{short_repr(sorted(map(str, got - names)))})")
     assignment = data.get("assignment") or {}
     if not isinstance(assignment, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in assignment.items()):
         raise ValidationError("assignment", "is not a mapping unit id -> option id")
-    for key in ("primal_bound", "dual_bound", "abs_gap", "rel_gap"):
+    for key in ("primal_bound", "dual_bound", "abs_gap", "rel_gap", "max_violation",
+                "wall_time_s"):
         value = cert[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValidationError(f"certificate.{key}", f"{value!r} is not a number or null")
+            raise ValidationError(f"certificate.{key}", f"{short_repr(value)} is not a number "
+                                  "or null")
+    for key in ("usage", "limits"):
+        value = cert[key]
+        if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+            raise ValidationError(f"certificate.{key}", f"{short_repr(value)} is not a mapping "
+                                  "resource -> number")
+    if not isinstance(cert["params"], dict):
+        raise ValidationError("certificate.params", f"{short_repr(cert['params'])} is not a "
+                              "mapping")
+    if data.get("objective") is not None and (isinstance(data["objective"], bool) or
+                                              not isinstance(data["objective"], (int, float))):
+        raise ValidationError("objective", f"{short_repr(data['objective'])} is not a number "
+                              "or null")
     try:
         return Solution.from_dict(data)
     except (TypeError, KeyError) as exc:
         raise ValidationError("solution", f"malformed: {exc}") from None
-
-
-@dataclass(frozen=True)
-class CheckItem:
-    """One independent check of a solution against its problem."""
-
-    name: str
-    ok: bool
-    detail: str
-
-
-def verify(problem: Problem, solution: Solution, rel_tol: float = 1e-9) -> tuple[CheckItem, ...]:
-    """Check a solution against its problem independently of whichever solver produced it.
-
-    Recomputes feasibility, objective and usage with :func:`evaluate` and compares them (and
-    the certificate's gap and status) with what the solution records; for an infeasible
-    status, recomputes the smallest achievable usage of each budget it blames.
-
-    Args:
-        rel_tol: relative tolerance for recorded vs recomputed numbers.
-
-    Raises:
-        bitsack.errors.ValidationError: the assignment names units or options the problem
-            does not have (the solution is for another problem).
-    """
-    out: list[CheckItem] = []
-
-    def close(a: float | None, b: float | None) -> bool:
-        if a is None or b is None:
-            return a is b
-        return abs(a - b) <= rel_tol * max(1.0, abs(a), abs(b))
-
-    out.append(CheckItem("problem name", solution.problem == problem.name,
-                         f"solution is for {solution.problem!r}, problem is {problem.name!r}"))
-    cert = solution.certificate
-    if solution.has_solution:
-        ev = evaluate(problem, solution.assignment)
-        out.append(CheckItem("feasible", ev.feasible,
-                             "; ".join(ev.violations) or "every budget and constraint holds"))
-        out.append(CheckItem("objective", close(solution.objective, ev.objective),
-                             f"recorded {solution.objective!r}, recomputed {ev.objective!r}"))
-        out.append(CheckItem("primal bound", close(cert.primal_bound, ev.objective),
-                             f"recorded {cert.primal_bound!r}, recomputed {ev.objective!r}"))
-        bad = [r for r in ev.usage if r in cert.usage and not close(cert.usage[r], ev.usage[r])]
-        missing = sorted(set(ev.usage) - set(cert.usage))
-        out.append(CheckItem("usage", not bad and not missing,
-                             f"mismatch on {bad}, missing {missing}" if bad or missing else
-                             ", ".join(f"{r} {v:.6g}" for r, v in ev.usage.items())))
-        limits_ok = all(close(cert.limits.get(r.name), r.limit) for r in problem.resources
-                        if r.limit is not None) and len(cert.limits) == len(problem.limits)
-        out.append(CheckItem("limits", limits_ok, f"recorded {cert.limits}, problem "
-                             f"{problem.limits}"))
-        if cert.dual_bound is not None:
-            slack = max(DEFAULT_ABS_GAP, rel_tol * max(1.0, abs(ev.objective)))
-            out.append(CheckItem("dual <= primal", cert.dual_bound <= ev.objective + slack,
-                                 f"dual {cert.dual_bound!r}, objective {ev.objective!r}"))
-            abs_gap, rel_gap = gap(ev.objective, cert.dual_bound)
-            out.append(CheckItem("gap", close(cert.abs_gap, abs_gap),
-                                 f"recorded abs gap {cert.abs_gap!r}, recomputed {abs_gap!r}"))
-            if solution.status == "optimal":
-                tol = float(cert.params.get("rel_gap", DEFAULT_REL_GAP))
-                atol = float(cert.params.get("abs_gap", DEFAULT_ABS_GAP))
-                out.append(CheckItem("optimal status", is_optimal(abs_gap, rel_gap, tol, atol),
-                                     f"recomputed rel gap {rel_gap!r} (tolerance {tol:g})"))
-        elif solution.status == "optimal":
-            out.append(CheckItem("optimal status", False, "status optimal without a dual bound"))
-    else:
-        out.append(CheckItem("no assignment", not solution.assignment,
-                             f"status {solution.status} but {len(solution.assignment)} units "
-                             "assigned"))
-        if solution.status == "infeasible":
-            from bitsack.solver.feasibility import min_cost_per_resource
-
-            for inf in solution.infeasibility:
-                if inf.resource not in {r.name for r in problem.resources}:
-                    out.append(CheckItem(f"infeasible {inf.resource}", False,
-                                         "not a resource of the problem"))
-                    continue
-                low = min_cost_per_resource(problem, inf.resource)
-                limit = problem.resource(inf.resource).limit
-                ok = limit is not None and close(inf.min_achievable, low) and low > limit
-                out.append(CheckItem(f"infeasible {inf.resource}", ok,
-                                     f"smallest achievable {low:.6g} (recorded "
-                                     f"{inf.min_achievable:.6g}), limit {limit}"))
-    return tuple(out)

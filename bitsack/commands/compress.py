@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from bitsack.commands._args import GROUP, POSITIVE_INT, SEED, SEQLEN
 
 
 def register(subparsers) -> None:
@@ -17,21 +18,27 @@ def register(subparsers) -> None:
     p.add_argument("--problem", required=True, help="problem.yaml (its metadata gives "
                    "group size and MLP block size)")
     p.add_argument("--solution", required=True, help="solution.json from `bitsack solve`")
-    p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"])
+    p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"],
+                   help="gptq (sequential, on calibration data; default) or rtn (round to "
+                   "nearest, no data)")
     p.add_argument("--calib", default="c4", help="calibration data for gptq: wikitext2 | c4 | "
                    "a text file (default c4)")
-    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (gptq)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--nsamples", type=POSITIVE_INT, default=64,
+                   help="calibration sequences (gptq; default 64)")
+    p.add_argument("--seqlen", type=SEQLEN, default=512,
+                   help=f"tokens per calibration sequence (default 512; {SEQLEN.valid})")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the calibration sample "
+                   "(default 0)")
+    p.add_argument("--group-size", type=GROUP, default=None,
                    help="override the problem's group size (must match how it was profiled)")
-    p.add_argument("--mlp-group", type=int, default=None, help="override the MLP block size")
+    p.add_argument("--mlp-group", type=GROUP, default=None, help="override the MLP block size")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "
                    "non-empty folder that is not a bitsack model (its contents are deleted)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object, no progress")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
 
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from bitsack.errors import ValidationError
     from bitsack.io import check_output_dir
     from bitsack.models.loading import load_model
+    from bitsack.progress import Progress, progress_mode
     from bitsack.solver.schema import load_problem
     from bitsack.solver.solution import load_solution
 
@@ -61,38 +69,29 @@ def run(args: argparse.Namespace) -> int:
     meta = problem.metadata or {}
     group_size = args.group_size or int(meta.get("group_size", 64))
     mlp_group = args.mlp_group or int(meta.get("mlp_group", 128))
-    quiet = args.json or not sys.stderr.isatty()
-    lm = load_model(args.model, progress=not quiet)
-    calib = None
-    if args.quantizer == "gptq":
-        from bitsack.data import calibration_tokens
-
-        calib = calibration_tokens(args.calib, lm.tokenizer, args.nsamples, args.seqlen,
-                                   seed=args.seed)
+    mode = progress_mode(quiet=args.json or args.quiet)
     cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
                       act_order=not args.no_act_order)
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
+    with Progress("bitsack compress", unit="layers", mode=mode) as prog:
+        prog.stage("loading the model")
+        lm = load_model(args.model, progress=mode == "bar")
+        calib = None
+        if args.quantizer == "gptq":
+            from bitsack.data import calibration_tokens
 
-        bar = tqdm(desc="compress", unit="layer", file=sys.stderr)
-
-    def tick(stage: str, done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-    result = compress(lm.model, plan, calib, cfg, progress=tick)
-    if bar is not None:
-        bar.close()
-    usage = solution.certificate.usage.get("memory_bytes")
-    out = save_compressed(lm.model, args.out, tokenizer=lm.tokenizer, force=args.force, extra={
-        "base_model": lm.source, "problem": problem.name, "solution_status": solution.status,
-        "calibration": None if calib is None else {"spec": args.calib, "nsamples": args.nsamples,
-                                                   "seqlen": args.seqlen, "seed": args.seed},
-        "plan_memory_bytes": usage,
-    })
+            prog.stage("calibration data")
+            calib = calibration_tokens(args.calib, lm.tokenizer, args.nsamples, args.seqlen,
+                                       seed=args.seed)
+        prog.stage("compressing")
+        result = compress(lm.model, plan, calib, cfg, progress=prog)
+        prog.stage("saving")
+        usage = solution.certificate.usage.get("memory_bytes")
+        calibration = None if calib is None else {"spec": args.calib, "nsamples": args.nsamples,
+                                                  "seqlen": args.seqlen, "seed": args.seed}
+        out = save_compressed(lm.model, args.out, tokenizer=lm.tokenizer, force=args.force,
+                              extra={"base_model": lm.source, "problem": problem.name,
+                                     "solution_status": solution.status,
+                                     "calibration": calibration, "plan_memory_bytes": usage})
     summary = {"out": str(out), "packed_bytes": result.packed_bytes,
                "plan_memory_bytes": usage, "untouched_units": list(result.untouched),
                "pruned_units": sum(1 for c in plan.values() if c.pruned),

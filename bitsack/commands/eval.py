@@ -7,6 +7,9 @@ import contextlib
 import json
 import sys
 
+from bitsack.commands._args import DTYPES, NONNEG_INT, POSITIVE_INT, SEQLEN, integer
+from bitsack.errors import ExitCode
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,23 +21,27 @@ def register(subparsers) -> None:
                    "compressed-model directory, or a hub id")
     p.add_argument("--data", default="wikitext2",
                    help="wikitext2 | c4 | a text file (default: wikitext2)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--windows", type=int, default=None,
+    p.add_argument("--seqlen", type=SEQLEN, default=2048,
+                   help=f"tokens per window (default 2048; {SEQLEN.valid})")
+    p.add_argument("--windows", type=POSITIVE_INT, default=None,
                    help="evaluate only the first K windows (default: all)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64")
+    p.add_argument("--batch-size", type=integer(1, 4096), default=1,
+                   help="windows per forward pass (default 1)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="model dtype (default: the checkpoint's; float32 for GGUF)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--verify", action="store_true",
                    help="check a sample of packed layers against the float64 reference within "
-                   "their computed error bounds while evaluating (exit 3 if a bound is broken)")
-    p.add_argument("--verify-sample", type=int, default=8, metavar="K",
+                   "their computed error bounds while evaluating (exit 4 if a bound is broken)")
+    p.add_argument("--verify-sample", type=NONNEG_INT, default=8, metavar="K",
                    help="packed layers checked by --verify (default 8; 0 = all)")
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
 
 #: Exit status when --verify finds an output outside its computed bound.
-EXIT_BOUND_BROKEN = 3
+EXIT_BOUND_BROKEN = ExitCode.VERIFY_FAILED
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,29 +49,33 @@ def run(args: argparse.Namespace) -> int:
     from bitsack.errors import ValidationError
     from bitsack.evaluate import perplexity
     from bitsack.models.loading import load_model
+    from bitsack.progress import Progress, progress_mode
 
-    if args.verify_sample < 0:
-        raise ValidationError("--verify-sample", f"{args.verify_sample}; valid: 0 (all) or a "
-                              "positive number of packed layers")
-    quiet = args.json or not sys.stderr.isatty()
     data_info = describe_spec(args.data)  # fail on missing data before loading the model
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=not quiet)
-    tokens = eval_tokens(args.data, lm.tokenizer)
-    verify = None
-    if args.verify:
-        from bitsack.verify import Verifier
+    mode = progress_mode(quiet=args.json or args.quiet)
+    with Progress("bitsack eval", unit="windows", mode=mode) as prog:
+        prog.stage("loading the model")
+        lm = load_model(args.model, dtype=args.dtype, device=args.device,
+                        progress=mode == "bar")
+        prog.stage("tokenizing")
+        tokens = eval_tokens(args.data, lm.tokenizer)
+        verify = None
+        if args.verify:
+            from bitsack.verify import Verifier
 
-        verify = Verifier(lm.model, sample=args.verify_sample or None)
-        if not verify.modules:
-            raise ValidationError("--verify", f"model {args.model!r} has no packed layers; "
-                                  "valid: a compressed-model directory (bitsack compress)")
-    else:
-        from bitsack.apply import cache_dequantized
+            verify = Verifier(lm.model, sample=args.verify_sample or None)
+            if not verify.modules:
+                raise ValidationError("--verify", f"model {args.model!r} has no packed "
+                                      "layers; valid: a compressed-model directory "
+                                      "(bitsack compress)")
+        else:
+            from bitsack.apply import cache_dequantized
 
-        cache_dequantized(lm.model)  # CPU speed: dequantize each packed layer once
-    with verify if verify is not None else contextlib.nullcontext():
-        result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
-                            batch_size=args.batch_size, progress=not quiet)
+            cache_dequantized(lm.model)  # CPU speed: dequantize each packed layer once
+        prog.stage("perplexity")
+        with verify if verify is not None else contextlib.nullcontext():
+            result = perplexity(lm.model, tokens, args.seqlen, windows=args.windows,
+                                batch_size=args.batch_size, progress=prog)
     report = None if verify is None else verify.report
     if args.json:
         print(json.dumps({"model": lm.source, "data": {**data_info, "tokens": tokens.shape[1]},

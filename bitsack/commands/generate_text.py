@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from bitsack.commands._args import DTYPES, integer
+
+#: Tokens one smoke test may generate.
+NEW_TOKENS = integer(1, 65536, what="a number of tokens")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate-text", help="greedy-decode a prompt (smoke test)",
@@ -12,8 +17,10 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True,
                    help="'default', a .gguf file, a checkpoint or compressed-model dir, a hub id")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | float64")
+    p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=32,
+                   help=f"tokens to generate (default 32; {NEW_TOKENS.valid})")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="model dtype (default: the checkpoint's; float32 for GGUF)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -43,8 +50,10 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple
 
 def run(args: argparse.Namespace) -> int:
     from bitsack.models.loading import load_model
+    from bitsack.progress import progress_mode
 
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.json)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device,
+                    progress=progress_mode(quiet=args.json) == "bar")
     text, ids = generate_greedy(lm.model, lm.tokenizer, args.prompt, args.max_new_tokens)
     if args.json:
         print(json.dumps({"model": lm.source, "prompt": args.prompt, "completion": text,

@@ -2,7 +2,8 @@
 
 Prints a table (limit, status, objective, dual bound, gap) and writes ``PREFIX.png`` (the
 frontier, with the dual bounds) and ``PREFIX.json`` (the data). The sweep itself is
-``bitsack.solver.pareto.pareto_sweep``; this command only prints and plots.
+``bitsack.solver.pareto.pareto_sweep``; this command only prints and plots. Exit 3 when no
+point of the sweep has a solution.
 """
 
 from __future__ import annotations
@@ -11,6 +12,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from bitsack.commands._args import deferred, integer
+from bitsack.errors import ExitCode
+
+
+def _points_range():
+    from bitsack.solver.pareto import MAX_POINTS  # numpy: imported only when --points is given
+
+    return integer(1, MAX_POINTS, what="a number of points")
+
+
+POINTS = deferred(_points_range, "points")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,30 +35,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "usage; print a table and write PREFIX.png and PREFIX.json.")
     p.add_argument("problem", help="problem file (.yaml, .yml or .json)")
     p.add_argument("--resource", required=True, help="resource whose limit is swept")
-    p.add_argument("--points", type=int, default=11, help="number of limits (default 11)")
+    p.add_argument("--points", default="11", type=POINTS,
+                   help="number of limits, 1..1000 (default 11)")
     add_solve_arguments(p)
     p.add_argument("--out", metavar="PREFIX", help="output prefix (default: <problem "
                    "name>-pareto in the current folder)")
-    p.add_argument("--json", action="store_true", help="print the sweep as JSON")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
+    p.add_argument("--json", action="store_true", help="print the sweep as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="print no text (--json still prints "
+                   "its object)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitsack.commands.solve import apply_budgets, solve_options
+    from bitsack.commands.solve import budget_of, number, out_file, solve_options
     from bitsack.io import write_json
-    from bitsack.solver.pareto import pareto_sweep
+    from bitsack.solver.pareto import MAX_POINTS, pareto_sweep
     from bitsack.solver.schema import load_problem
 
-    problem = apply_budgets(load_problem(args.problem), args)
-    result = pareto_sweep(problem, args.resource, args.points, solver=args.solver,
-                          options=solve_options(args),
-                          progress=sys.stderr.isatty() and not (args.json or args.quiet))
+    points = number(args.points, "--points", 1, MAX_POINTS, integer=True)
+    options = solve_options(args)
+    budget = budget_of(args)
+    if args.out:
+        out_file(args.out)
+    problem = budget.apply(load_problem(args.problem))
     prefix = Path(args.out) if args.out else Path(f"{problem.name}-pareto")
-    write_json(prefix.with_name(prefix.name + ".json"), result.to_dict())
-    png = prefix.with_name(prefix.name + ".png")
+    json_path = out_file(str(prefix.with_name(prefix.name + ".json")))
+    png = out_file(str(prefix.with_name(prefix.name + ".png")))
+    result = pareto_sweep(problem, args.resource, points, solver=args.solver, options=options,
+                          progress=sys.stderr.isatty() and not (args.json or args.quiet))
+    write_json(json_path, result.to_dict())
     plot(result, png)
-    if args.json and not args.quiet:
+    if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     elif not args.quiet:
@@ -57,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
             dual = "-" if p.dual_bound is None else f"{p.dual_bound:.6g}"
             gap = "-" if p.rel_gap is None else f"{p.rel_gap:.2g}"
             print(f"{p.limit:>14.6g} {p.status:<12}{obj:>14}{dual:>14}{gap:>10}  {p.solver}")
-        print(f"wrote {png} and {prefix.with_name(prefix.name + '.json')}")
-    return 0 if any(p.objective is not None for p in result.points) else 2
+        print(f"wrote {png} and {json_path}")
+    if any(p.objective is not None for p in result.points):
+        return ExitCode.OK
+    return ExitCode.NO_SOLUTION
 
 
 def plot(result, path: Path) -> None:

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from collections.abc import Callable
 from typing import Any
 
+from bitsack.commands._args import (
+    BITS_LIST,
+    DTYPES,
+    FRACTION,
+    GROUP,
+    POSITIVE_INT,
+    SEED,
+    SEQLEN,
+    integer,
+    name_list,
+)
+
 UNIT_KINDS = {"heads": "head_group", "mlp": "mlp_group", "embed": "embedding"}
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers "
-                                         "(e.g. 1,2,3,4,8)") from None
-
-
-def _kinds(text: str) -> list[str]:
-    parts = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [p for p in parts if p not in UNIT_KINDS]
-    if bad or not parts:
-        raise argparse.ArgumentTypeError(f"{text!r}: valid unit kinds are "
-                                         f"{', '.join(UNIT_KINDS)} (comma-separated)")
-    return parts
+#: Local processes of a profile.
+NPROC = integer(1, 256, what="a number of processes")
 
 
 def register(subparsers) -> None:
@@ -39,15 +36,19 @@ def register(subparsers) -> None:
     p.add_argument("--calib", default="c4", help="wikitext2 | c4 | a text file (default c4)")
     p.add_argument("--estimator", default="fisher", choices=["fisher", "fisher-diag",
                    "hutchinson", "layerwise", "measured", "calibrated"],
-                   help="default fisher")
-    p.add_argument("--bits", type=_int_list, default=[1, 2, 3, 4, 8],
-                   help="bit-widths offered besides b16 (default 1,2,3,4,8)")
-    p.add_argument("--group-size", type=int, default=64, help="quantization group size")
-    p.add_argument("--units", type=_kinds, default=["heads", "mlp", "embed"],
+                   help="how losses are estimated (default fisher; see the README)")
+    p.add_argument("--bits", type=BITS_LIST, default=[1, 2, 3, 4, 8],
+                   help=f"bit-widths offered besides b16 (default 1,2,3,4,8; {BITS_LIST.valid})")
+    p.add_argument("--group-size", type=GROUP, default=64,
+                   help="quantization group size (default 64)")
+    p.add_argument("--units", type=name_list(UNIT_KINDS), default=["heads", "mlp", "embed"],
                    help="unit kinds: heads,mlp[,embed] (default heads,mlp,embed)")
-    p.add_argument("--mlp-group", type=int, default=128, help="MLP channels per unit")
-    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (64)")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (256)")
+    p.add_argument("--mlp-group", type=GROUP, default=128,
+                   help="MLP channels per unit (default 128)")
+    p.add_argument("--nsamples", type=POSITIVE_INT, default=64,
+                   help="calibration sequences (default 64)")
+    p.add_argument("--seqlen", type=SEQLEN, default=256,
+                   help=f"tokens per sequence (default 256; {SEQLEN.valid})")
     p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
                    help="quantizer of the perturbations (default rtn)")
     p.add_argument("--cost-model", action="append", dest="cost_models", metavar="NAME",
@@ -57,30 +58,38 @@ def register(subparsers) -> None:
     p.add_argument("--latency-table", default=None, help="JSON table for --cost-model "
                    "latency-table")
     p.add_argument("--torch-device", default="cpu", help="where the model runs (default cpu)")
-    p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="model dtype (default: the checkpoint's)")
     p.add_argument("--fisher-labels", default="sampled", choices=["sampled", "data"],
                    help="labels of the Fisher gradients: sampled from the model (default) or "
                    "the data (empirical Fisher)")
-    p.add_argument("--fisher-draws", type=int, default=1, help="label draws per sequence")
-    p.add_argument("--fisher-chunks", type=int, default=1,
+    p.add_argument("--fisher-draws", type=POSITIVE_INT, default=1,
+                   help="label draws per sequence (default 1)")
+    p.add_argument("--fisher-chunks", type=POSITIVE_INT, default=1,
                    help="gradients per sequence (positions split in chunks; 1 = per sequence)")
     p.add_argument("--first-order", default="off", choices=["off", "significant", "on"],
                    help="first-order term (default off)")
-    p.add_argument("--measure-subset", type=float, default=None, metavar="FRACTION",
-                   help="measured: a seeded fraction of the units")
-    p.add_argument("--holdout", type=int, default=None,
+    p.add_argument("--measure-subset", type=FRACTION, default=None, metavar="FRACTION",
+                   help=f"measured: a seeded fraction of the units ({FRACTION.valid})")
+    p.add_argument("--holdout", type=POSITIVE_INT, default=None,
                    help="calibrated: sequences held out for measurement (default nsamples/4)")
-    p.add_argument("--calibrate-fraction", type=float, default=0.1,
+    p.add_argument("--calibrate-fraction", type=FRACTION, default=0.1,
                    help="calibrated: fraction of units measured per kind (default 0.1)")
-    p.add_argument("--hutchinson-probes", type=int, default=4)
-    p.add_argument("--hutchinson-samples", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--nproc", type=int, default=1, help="local processes (gloo); under "
-                   "torchrun the group comes from the environment")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hutchinson-probes", type=POSITIVE_INT, default=4,
+                   help="hutchinson: Rademacher probes per sample (default 4)")
+    p.add_argument("--hutchinson-samples", type=POSITIVE_INT, default=8,
+                   help="hutchinson: calibration sequences used (default 8)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8,
+                   help="sequences per forward pass (default 8)")
+    p.add_argument("--nproc", type=NPROC, default=1, help="local processes (gloo); under "
+                   f"torchrun the group comes from the environment ({NPROC.valid})")
+    p.add_argument("--seed", type=SEED, default=0, help="seeds sampled labels, probes and "
+                   "subsets (default 0)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object, "
+                   "no progress")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success, no "
+                   "progress")
     p.set_defaults(func=run)
 
 
@@ -88,8 +97,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
-def _rank_main(dist, cfg: dict[str, Any]):
-    """One process's profile (module-level so spawned processes can import it)."""
+def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = None):
+    """One process's profile (module-level so spawned processes can import it); ``stage``
+    is told each coarse step (``Progress.stage``)."""
     from bitsack.data import calibration_tokens
     from bitsack.models import model_units
     from bitsack.models.loading import load_model
@@ -97,11 +107,14 @@ def _rank_main(dist, cfg: dict[str, Any]):
     from bitsack.profiling.run import profile
 
     progress = cfg["_progress"] and dist.is_main
+    say = stage or (lambda name: None)
+    say("loading the model")
     lm = load_model(cfg["model"], dtype=cfg["dtype"], device=cfg["torch_device"],
                     progress=progress)
     kinds = {UNIT_KINDS[k] for k in cfg["units"]}
     units = [u for u in model_units(lm.model, mlp_group=cfg["mlp_group"],
                                     embeddings="embed" in cfg["units"]) if u.kind in kinds]
+    say("calibration data")
     calib = calibration_tokens(cfg["calib"], lm.tokenizer, cfg["nsamples"], cfg["seqlen"],
                                seed=cfg["seed"])
     opts = EstimatorOptions(
@@ -116,6 +129,7 @@ def _rank_main(dist, cfg: dict[str, Any]):
     if cfg["latency_table"]:
         cm_args["latency-table"] = {"path": cfg["latency_table"]}
     model_id = {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file", "sha256")}
+    say(f"estimating ({cfg['estimator']}, {len(units)} units)")
     return profile(lm.model, units, calib, estimator=cfg["estimator"], bits=cfg["bits"],
                    group_size=cfg["group_size"], quantizer=cfg["quantizer"],
                    cost_models=cost_models, cost_model_args=cm_args, seed=cfg["seed"],
@@ -125,20 +139,25 @@ def _rank_main(dist, cfg: dict[str, Any]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitsack.errors import ValidationError
     from bitsack.profiling.distributed import Dist, spawn
     from bitsack.profiling.run import write_profile
+    from bitsack.progress import Progress, progress_mode
 
-    if args.nproc < 1:
-        raise ValidationError("--nproc", f"{args.nproc}; valid: a positive integer")
     cfg = _config(args)
-    cfg["_progress"] = not (args.json or args.quiet) and sys.stderr.isatty()
+    mode = progress_mode(quiet=args.json or args.quiet)
+    # on a terminal the estimators draw their own bars; in a log, a line every 30 s says
+    # which step runs and for how long (profiling reports no counts to the command yet)
+    cfg["_progress"] = mode == "bar"
+    lines = "lines" if mode == "lines" else "off"
     if args.nproc > 1:
-        result = spawn(args.nproc, _rank_main, cfg)
+        with Progress("bitsack profile", mode=lines) as prog:
+            prog.stage(f"profiling in {args.nproc} processes")
+            result = spawn(args.nproc, _rank_main, cfg)
         is_main = True
     else:
         dist = Dist.from_env()
-        result = _rank_main(dist, cfg)
+        with Progress("bitsack profile", mode=lines if dist.is_main else "off") as prog:
+            result = _rank_main(dist, cfg, stage=prog.stage)
         is_main = dist.is_main
     if not is_main:
         return 0

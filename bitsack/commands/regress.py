@@ -2,7 +2,7 @@
 
 For each problem file under DIR (default ``problems``) with a golden ``<stem>.golden.json``
 beside it, every available exact backend (or those named by ``--solver``) solves it with a
-tight gap; a difference in status, or in objective beyond a relative 1e-6, fails (exit 1).
+tight gap; a difference in status, or in objective beyond a relative 1e-6, fails (exit 4).
 A backend that declines an instance (raises ``UnsupportedProblem``: ``brute`` above its size
 limit, ``dp`` with interactions) is skipped; any other solver error fails, and so does an
 instance no backend accepts.
@@ -18,6 +18,9 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+
+from bitsack.commands._args import SECONDS
+from bitsack.errors import ExitCode
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: problems)")
     p.add_argument("--solver", nargs="+", metavar="NAME", help="only these backends")
     p.add_argument("--update", action="store_true", help="rewrite the goldens (deliberately)")
-    p.add_argument("--time-limit", type=float, default=120.0, metavar="S",
-                   help="per solve (default 120)")
-    p.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    p.add_argument("--time-limit", default="120", metavar="S", type=SECONDS,
+                   help=f"per solve (default 120; {SECONDS.valid})")
+    p.add_argument("--json", action="store_true", help="print the outcomes as one JSON object")
     p.add_argument("--quiet", action="store_true", help="print failures only")
     p.set_defaults(func=run)
 
@@ -132,7 +135,11 @@ def regress(root: str, solvers: list[str] | None = None, update: bool = False,
 
 
 def run(args: argparse.Namespace) -> int:
-    outcomes = regress(args.dir, args.solver, args.update, args.time_limit,
+    from bitsack.commands.solve import number
+    from bitsack.solver.numeric import MAX_TIME_LIMIT_S
+
+    time_limit = number(args.time_limit, "--time-limit", 0, MAX_TIME_LIMIT_S, lo_open=True)
+    outcomes = regress(args.dir, args.solver, args.update, time_limit,
                        progress=sys.stderr.isatty() and not (args.json or args.quiet))
     failed = [o for o in outcomes if o.result == "FAIL"]
     if args.json:
@@ -150,4 +157,4 @@ def run(args: argparse.Namespace) -> int:
                     f"{sum(o.result == 'ok' for o in outcomes)} agreeing solves")
             print(f"{'FAILED' if failed else 'passed'}: {n} instance(s), {done}, "
                   f"{len(failed)} failure(s)")
-    return 1 if failed else 0
+    return ExitCode.VERIFY_FAILED if failed else ExitCode.OK

@@ -1,4 +1,4 @@
-"""``bitsack run``: profile → solve → compress → evaluate in one resumable command."""
+"""``bitsack run``: plan (search / one-shot / uniform) → compress → evaluate, resumable."""
 
 from __future__ import annotations
 
@@ -10,26 +10,20 @@ from dataclasses import asdict
 from typing import Any
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers "
-                                         "(e.g. 2,3,4,8)") from None
-
-
 def _str_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "run", help="profile -> solve -> compress -> evaluate, resumable",
-        description="The whole job in one command: profile MODEL on calibration text, solve "
-        "the joint prune-and-precision plan under the budgets with a certificate, compress "
-        "(physical pruning, sequential GPTQ, packing), evaluate perplexity before and after, "
-        "and write OUT/report.md. A finished stage is reused when its inputs (recorded by "
-        "hash in OUT/<stage>.stage.json) are unchanged.")
+        "run", help="plan (measured search by default) -> compress -> evaluate, resumable",
+        description="The whole job in one command. --method search (default): the measured "
+        "trust-region search (the solver proposes plans around a measured incumbent, KL to "
+        "the base model on calibration tokens decides); oneshot: one solve of the profiled "
+        "Fisher objective with a certificate; uniform: the best uniform option of the menu "
+        "that fits. Then compression (sequential GPTQ, packing), perplexity before and after, "
+        "and OUT/report.md. A finished stage is reused when its inputs (recorded by hash in "
+        "OUT/<stage>.stage.json) are unchanged; the search and its variant store resume.")
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M GGUF), a .gguf "
                    "file, a checkpoint directory, or a hub id")
     add_budget_args(p)
@@ -38,59 +32,111 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--avg-bits", type=float, default=None, metavar="B",
-                   help="memory budget as bits per original weight (overhead included)")
+def add_budget_args(p: argparse.ArgumentParser, avg_bits: float | None = None) -> None:
+    from bitsack.commands._args import AVG_BITS
+
+    p.add_argument("--avg-bits", type=AVG_BITS, default=avg_bits, metavar="B",
+                   help="memory budget as bits per original weight, overhead included "
+                   f"({AVG_BITS.valid})" + (f"; default {avg_bits:g}" if avg_bits else ""))
     p.add_argument("--budget", action="append", default=[], metavar="RESOURCE=VALUE",
-                   help="resource limit, e.g. memory_bytes=6e7 or prefill_latency_us=900 "
-                   "(repeatable)")
+                   help="resource limit, e.g. prefill_latency_us=900 (repeatable; 'none' "
+                   "removes a limit; memory_bytes and --avg-bits are one budget: give one)")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        n, length = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SEQUENCESxTOKENS (e.g. "
+                                         "16x256)") from None
+    if n < 2 or length < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: sequences and tokens must be ≥ 2")
+    return n, length
 
 
 def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
     """Flags shared by ``run`` and ``demo`` (``demo`` passes its smaller defaults)."""
-    from bitsack.pipeline import RunConfig
+    from bitsack.commands._args import (
+        BITS_LIST,
+        GAP,
+        GROUP,
+        NONNEG_INT,
+        POSITIVE_INT,
+        SECONDS,
+        SEED,
+        SEQLEN,
+        name_list,
+        real,
+    )
+    from bitsack.pipeline import METHODS, RunConfig
 
     d = {**asdict(RunConfig(avg_bits=4.0)), **(defaults or {})}
+    p.add_argument("--method", default=d["method"], choices=METHODS,
+                   help=f"how the plan is made (default {d['method']}; see the description)")
+    p.add_argument("--menu", type=_str_list, default=d["menu"],
+                   help="options a unit may take, b<k>g<G> or b16 (default "
+                   f"{','.join(d['menu'])})")
     p.add_argument("--calib", default=d["calib"], help=f"calibration data: wikitext2 | c4 | a "
                    f"text file (default {d['calib']})")
     p.add_argument("--eval", default=d["eval"], help=f"evaluation data: wikitext2 | c4 | a text "
                    f"file (default {d['eval']})")
-    p.add_argument("--estimator", default=d["estimator"], help="profiling estimator "
+    p.add_argument("--search-budget", type=real(0, 1e9, what="sequence-forwards"),
+                   default=d["search_budget"], help="forward passes the search may spend "
+                   "(one full forward of one calibration sequence = 1; default "
+                   f"{d['search_budget']:g})")
+    p.add_argument("--search-start", default=d["search_start"], choices=("both", "uniform"),
+                   help="the search starts from the better of uniform and the one-shot plan "
+                   "(both, default) or from uniform only (skips the profile)")
+    p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
+                   help=f"units the first search step may change (default {d['search_k']})")
+    for split in ("screen", "select", "holdout"):
+        n, length = d[split]
+        p.add_argument(f"--{split}", type=_pair, default=(n, length), metavar="NxL",
+                       help=f"search {split} split: sequences x tokens (default {n}x{length})")
+    p.add_argument("--estimator", default=d["estimator"], help="one-shot profiling estimator "
                    f"(default {d['estimator']}; see `bitsack profile --help`)")
-    p.add_argument("--interactions", type=float, default=d["interactions"], metavar="W",
-                   help="weight in [0, 1] of the profile's interaction terms in the objective "
-                   f"(default {d['interactions']:g}: additive; see README)")
+    p.add_argument("--interactions", type=real(0, 1), default=d["interactions"], metavar="W",
+                   help="weight in [0, 1] of the profile's interaction terms in the one-shot "
+                   f"objective (default {d['interactions']:g}: additive; see README)")
     p.add_argument("--no-prune", dest="prune", action="store_false", default=d["prune"],
-                   help="bits only: no unit may be pruned")
-    p.add_argument("--bits", type=_int_list, default=d["bits"], help="bit-widths offered "
-                   f"besides b16 and prune (default {','.join(map(str, d['bits']))})")
-    p.add_argument("--units", type=_str_list, default=d["units"],
+                   help="the one-shot plan may not prune")
+    p.add_argument("--bits", type=BITS_LIST, default=d["bits"], help="one-shot profile: "
+                   f"bit-widths at --group-size (default {','.join(map(str, d['bits']))})")
+    p.add_argument("--units", type=name_list(("heads", "mlp", "embed")), default=d["units"],
                    help=f"unit kinds heads,mlp,embed (default {','.join(d['units'])})")
-    p.add_argument("--group-size", type=int, default=d["group_size"])
-    p.add_argument("--mlp-group", type=int, default=d["mlp_group"])
-    p.add_argument("--nsamples", type=int, default=d["profile_nsamples"],
+    p.add_argument("--group-size", type=GROUP, default=d["group_size"],
+                   help=f"the group size plain b<k> options mean (default {d['group_size']})")
+    p.add_argument("--mlp-group", type=GROUP, default=d["mlp_group"],
+                   help=f"MLP channels per unit (default {d['mlp_group']})")
+    p.add_argument("--nsamples", type=POSITIVE_INT, default=d["profile_nsamples"],
                    help=f"profiling sequences (default {d['profile_nsamples']})")
-    p.add_argument("--seqlen", type=int, default=d["profile_seqlen"],
+    p.add_argument("--seqlen", type=SEQLEN, default=d["profile_seqlen"],
                    help=f"profiling tokens per sequence (default {d['profile_seqlen']})")
     p.add_argument("--quantizer", default=d["quantizer"], choices=["gptq", "rtn"],
                    help="apply quantizer (default gptq: sequential GPTQ)")
     p.add_argument("--profile-quantizer", default=d["profile_quantizer"],
-                   choices=["gptq", "rtn"], help="quantizer of the profile's perturbations "
-                   "(default: the apply quantizer; rtn profiles faster)")
-    p.add_argument("--compress-nsamples", type=int, default=d["compress_nsamples"])
-    p.add_argument("--compress-seqlen", type=int, default=d["compress_seqlen"])
-    p.add_argument("--eval-seqlen", type=int, default=d["eval_seqlen"])
-    p.add_argument("--eval-windows", type=int, default=d["eval_windows"],
+                   choices=["gptq", "rtn"], help="quantizer of the one-shot profile's "
+                   "perturbations (default: the apply quantizer; rtn profiles faster)")
+    p.add_argument("--compress-nsamples", type=POSITIVE_INT, default=d["compress_nsamples"],
+                   help=f"GPTQ calibration sequences (default {d['compress_nsamples']})")
+    p.add_argument("--compress-seqlen", type=SEQLEN, default=d["compress_seqlen"],
+                   help=f"GPTQ calibration tokens per sequence (default {d['compress_seqlen']})")
+    p.add_argument("--eval-seqlen", type=SEQLEN, default=d["eval_seqlen"],
+                   help=f"evaluation window (default {d['eval_seqlen']})")
+    p.add_argument("--eval-windows", type=POSITIVE_INT, default=d["eval_windows"],
                    help=f"first K evaluation windows (default {d['eval_windows']})")
-    p.add_argument("--solver", default=d["solver"], help=f"default {d['solver']}")
-    p.add_argument("--time-limit", type=float, default=d["time_limit_s"],
-                   help=f"solver seconds (default {d['time_limit_s']:g})")
-    p.add_argument("--gap", type=float, default=d["gap"], help="target relative gap")
+    p.add_argument("--solver", default=d["solver"], help=f"solver backend (default "
+                   f"{d['solver']})")
+    p.add_argument("--time-limit", type=SECONDS, default=d["time_limit_s"],
+                   help=f"solver seconds ({SECONDS.valid}; default {d['time_limit_s']:g})")
+    p.add_argument("--gap", type=GAP, default=d["gap"], help=f"target relative gap "
+                   f"({GAP.valid})")
     p.add_argument("--device", default=d["device"], help="roofline device (h200, a100, l40, "
                    f"cpu-2c; default {d['device']})")
-    p.add_argument("--frontier-points", type=int, default=d["frontier_points"],
-                   help="points of the predicted frontier in the report (0 = none)")
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--frontier-points", type=NONNEG_INT, default=d["frontier_points"],
+                   help="unused (kept for compatibility of scripts)")
+    p.add_argument("--seed", type=SEED, default=d["seed"], help=f"seed of calibration windows "
+                   f"and the search ({SEED.valid}; default {d['seed']})")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--force", action="store_true", help="write into --out even when it is a "
@@ -98,36 +144,45 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
 
 
 def config_from_args(args: argparse.Namespace, model: str, out: str):
-    from bitsack.commands.solve import parse_budgets
     from bitsack.pipeline import RunConfig
+    from bitsack.solver.budget import Budget
 
+    budget = Budget.parse(args.avg_bits, args.budget)
     return RunConfig(
-        model=model, out=out, avg_bits=args.avg_bits, budgets=parse_budgets(args.budget),
-        calib=args.calib, eval=args.eval, estimator=args.estimator,
-        interactions=args.interactions, prune=args.prune, bits=tuple(args.bits),
-        units=tuple(args.units), group_size=args.group_size, mlp_group=args.mlp_group,
-        profile_nsamples=args.nsamples, profile_seqlen=args.seqlen, quantizer=args.quantizer,
-        profile_quantizer=args.profile_quantizer,
+        model=model, out=out, avg_bits=budget.avg_bits, budgets=dict(budget.limits),
+        method=args.method, menu=tuple(args.menu), calib=args.calib, eval=args.eval,
+        estimator=args.estimator, interactions=args.interactions, prune=args.prune,
+        bits=tuple(args.bits), units=tuple(args.units), group_size=args.group_size,
+        mlp_group=args.mlp_group, profile_nsamples=args.nsamples, profile_seqlen=args.seqlen,
+        quantizer=args.quantizer, profile_quantizer=args.profile_quantizer,
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
-        eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows, solver=args.solver,
-        time_limit_s=args.time_limit, gap=args.gap, device=args.device,
-        frontier_points=args.frontier_points, seed=args.seed)
+        search_start=args.search_start, search_budget=args.search_budget,
+        search_k=args.trust_region, screen=tuple(args.screen), select=tuple(args.select),
+        holdout=tuple(args.holdout), eval_seqlen=args.eval_seqlen,
+        eval_windows=args.eval_windows, solver=args.solver, time_limit_s=args.time_limit,
+        gap=args.gap, device=args.device, frontier_points=args.frontier_points,
+        seed=args.seed)
 
 
 def execute(cfg, args: argparse.Namespace) -> int:
     """Run the pipeline and print the summary (text or ``--json``)."""
     from bitsack.pipeline import RUN_SCHEMA
     from bitsack.pipeline import run as run_pipeline
+    from bitsack.progress import Progress, progress_mode
 
     start = time.monotonic()
     quiet = args.json or args.quiet
+    mode = progress_mode(quiet)
+    # not on a terminal: a heartbeat line when a stage is silent for 30 s
+    beat = Progress("bitsack run", mode="lines" if mode == "lines" else "off")
 
     def say(msg: str) -> None:
         if not quiet:
             print(f"[{time.monotonic() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
+            beat.stage(msg[:60])
 
-    summary = run_pipeline(cfg, progress=say, bars=not quiet and sys.stderr.isatty(),
-                           force=args.force)
+    with beat:
+        summary = run_pipeline(cfg, progress=say, bars=mode == "bar", force=args.force)
     if args.json:
         print(json.dumps({"schema": RUN_SCHEMA, **asdict(summary)}, indent=2, default=str))
         return 0
@@ -136,14 +191,25 @@ def execute(cfg, args: argparse.Namespace) -> int:
 
 
 def format_summary(s) -> str:
-    cert = s.certificate
-    lines = [f"plan ({s.status}, solver {cert.get('solver')}, relative gap "
-             f"{_g(cert.get('rel_gap'))}, dual bound {_g(cert.get('dual_bound'))}):"]
+    cert = s.certificate or {}
+    lines = [f"plan ({s.method}, {s.status}):"]
     for kind, counts in s.plan_counts.items():
         lines.append(f"  {kind:12s} " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    if s.search:
+        st = s.search
+        acc = sum(1 for x in st.get("steps", []) if x["accepted"])
+        lines.append(f"search: from {st['start'].get('incumbent')}, {acc} of "
+                     f"{len(st.get('steps', []))} steps accepted, holdout KL "
+                     f"{_g(st['start']['kl'].get('holdout'))} -> {_g(st['kl'].get('holdout'))}"
+                     f", {st.get('forwards', 0):.0f} forwards; kept the "
+                     f"{st.get('final', {}).get('kept')} model")
+    elif cert.get("rel_gap") is not None:
+        lines.append(f"certificate: solver {cert.get('solver')}, relative gap "
+                     f"{_g(cert.get('rel_gap'))}, dual bound {_g(cert.get('dual_bound'))}")
     lines += [
-        f"loss increase (nats/token): predicted {_g(s.predicted_loss_increase)}, "
-        f"measured {_g(s.measured_loss_increase)}",
+        f"loss increase (nats/token): measured {_g(s.measured_loss_increase)}"
+        + (f", predicted {_g(s.predicted_loss_increase)}"
+           if s.predicted_loss_increase is not None else ""),
         f"perplexity: {_g(s.ppl_before)} -> {_g(s.ppl_after)}",
         f"memory: {s.memory_before_bytes:,} -> {s.memory_after_bytes:,} bytes"
         + (f" ({s.bits_per_weight:.3f} bits per weight of the planned units)"

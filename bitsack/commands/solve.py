@@ -1,8 +1,8 @@
 """``bitsack solve PROBLEM``: solve a problem file, print the plan and its certificate.
 
-Exit codes: 0 a solution is present (optimal or feasible), 2 infeasible / no solution in the
+Exit codes: 0 a solution is present (optimal or feasible), 3 infeasible / no solution in the
 limits (the explanation says which budget and the smallest limit that could be met), 1 bad
-input (one line on stderr, from ``bitsack.cli.main``).
+input, 2 usage error (one line on stderr, from ``bitsack.cli.main``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bitsack.commands._args import AVG_BITS, GAP, SECONDS, SEED, THREADS
+from bitsack.errors import ExitCode
+from bitsack.solver.numeric import MAX_SEED, MAX_THREADS, MAX_TIME_LIMIT_S
 
 if TYPE_CHECKING:
     from bitsack.solver.problem import Problem
@@ -22,55 +27,110 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "solve", help="solve a problem file (YAML/JSON) and print the plan and certificate",
         description="Solve a bitsack problem: choose prune / b-bits per unit under the "
-        "budgets, with a certificate. Exit 0 with a solution, 2 without one, 1 on bad input.")
+        "budgets, with a certificate. Exit 0 with a solution, 3 without one (infeasible or none "
+        "within the limits), 1 on bad input, 2 on a usage error.")
     p.add_argument("problem", help="problem file (.yaml, .yml or .json)")
     add_solve_arguments(p)
     p.add_argument("--out", metavar="SOLUTION.json", help="write the solution JSON here")
     p.add_argument("--per-layer", action="store_true", help="also print the plan per layer")
-    p.add_argument("--json", action="store_true", help="print the solution as JSON")
-    p.add_argument("--quiet", action="store_true", help="print nothing (exit code only)")
+    p.add_argument("--json", action="store_true", help="print the solution as one JSON object "
+                   "(also when infeasible)")
+    p.add_argument("--quiet", action="store_true", help="print no text (exit code only); "
+                   "--json still prints its object")
     p.set_defaults(func=run)
 
 
 def add_solve_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by solve and pareto (they mirror ``SolveOptions`` and the budgets)."""
+    """Flags shared by solve and pareto (they mirror ``SolveOptions`` and the budgets).
+
+    Numbers are range-checked while parsing (``bitsack.commands._args``: a one-line usage
+    error naming the flag, exit 2) and again by ``solve_options`` / ``budget_of``, which take
+    text too.
+    """
     p.add_argument("--solver", default="auto", help="backend name (default: auto)")
-    p.add_argument("--time-limit", type=float, metavar="S", help="wall-clock limit, seconds")
-    p.add_argument("--gap", type=float, metavar="G", help="relative gap tolerance "
+    p.add_argument("--time-limit", metavar="S", type=SECONDS, help="wall-clock limit, seconds "
+                   f"(0, {MAX_TIME_LIMIT_S:g}]")
+    p.add_argument("--gap", metavar="G", type=GAP, help="relative gap tolerance in [0, 1) "
                    "(default 1e-4)")
-    p.add_argument("--seed", type=int, default=0, help="solver seed (default 0)")
-    p.add_argument("--threads", type=int, help="solver threads (backend default if unset)")
-    p.add_argument("--budget", action="append", default=[], metavar="RESOURCE=VALUE",
-                   help="set (or with 'none' remove) a resource limit; repeatable")
-    p.add_argument("--avg-bits", type=float, metavar="B",
-                   help="memory budget as bits per original weight (overhead included)")
+    p.add_argument("--seed", default="0", type=SEED,
+                   help=f"solver seed, 0..{MAX_SEED} (default 0)")
+    p.add_argument("--threads", metavar="N", type=THREADS,
+                   help=f"solver threads, 1..{MAX_THREADS} (backend default if unset)")
+    add_budget_arguments(p)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="backend-specific parameter (VALUE parsed as JSON if it can be)")
+
+
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """``--budget`` and ``--avg-bits`` (read by ``budget_of``)."""
+    p.add_argument("--budget", action="append", default=[], metavar="RESOURCE=VALUE",
+                   help="set (or with 'none' remove) a resource limit; repeatable")
+    p.add_argument("--avg-bits", metavar="B", type=AVG_BITS,
+                   help="memory budget as bits per original weight (overhead included): "
+                   "memory_bytes = B * total params / 8; not together with --budget "
+                   "memory_bytes")
+
+
+def number(text: str | float | int, flag: str, lo: float, hi: float, *, integer: bool = False,
+           lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A command-line number, range-checked: ``lo``..``hi`` (open ends as asked).
+
+    Raises:
+        bitsack.errors.ValidationError: naming ``flag``, the value and the valid range.
+    """
+    from bitsack.errors import ValidationError
+    from bitsack.solver.bounded import short_repr
+
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    valid = f"valid: {'an integer' if integer else 'a number'} in {interval}"
+    shown = text if isinstance(text, str) and len(text) <= 40 else short_repr(text)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValidationError(flag, f"{shown} is not a number; {valid}") from None
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if not math.isfinite(value) or below or above:
+        raise ValidationError(flag, f"{shown} is out of range; {valid}")
+    if integer:
+        if not value.is_integer():
+            raise ValidationError(flag, f"{shown} is not an integer; {valid}")
+        return int(value)
+    return value
+
+
+def out_file(path: str, flag: str = "--out") -> Path:
+    """An output file path: refuse a folder (or a path ending in '/') before any work.
+
+    Raises:
+        bitsack.errors.ValidationError: naming ``flag``.
+    """
+    from bitsack.errors import ValidationError
+
+    out = Path(path)
+    if out.is_dir() or path.endswith(("/", "\\")):
+        raise ValidationError(flag, f"{path!r} is a folder; valid: a file path (e.g. "
+                              f"{str(out / 'solution.json')!r})")
+    return out
 
 
 def solve_options(args: argparse.Namespace):
     """``SolveOptions`` from the shared flags.
 
     Raises:
-        bitsack.errors.ValidationError: a malformed flag value.
+        bitsack.errors.ValidationError: a malformed or out-of-range flag value, named.
     """
     from bitsack.errors import ValidationError
     from bitsack.solver.backends.base import SolveOptions
 
-    kwargs: dict[str, Any] = {"seed": args.seed}
+    kwargs: dict[str, Any] = {"seed": number(args.seed, "--seed", 0, MAX_SEED, integer=True)}
     if args.time_limit is not None:
-        if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
-            raise ValidationError("--time-limit", f"{args.time_limit!r} is not a positive "
-                                  "number of seconds")
-        kwargs["time_limit_s"] = args.time_limit
+        kwargs["time_limit_s"] = number(args.time_limit, "--time-limit", 0, MAX_TIME_LIMIT_S,
+                                        lo_open=True)
     if args.gap is not None:
-        if not (0 <= args.gap < 1):
-            raise ValidationError("--gap", f"{args.gap!r} is out of range; valid: [0, 1)")
-        kwargs["rel_gap"] = args.gap
+        kwargs["rel_gap"] = number(args.gap, "--gap", 0, 1, hi_open=True)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValidationError("--threads", f"{args.threads} is not a positive integer")
-        kwargs["threads"] = args.threads
+        kwargs["threads"] = number(args.threads, "--threads", 1, MAX_THREADS, integer=True)
     params = {}
     for item in args.param:
         key, sep, value = item.partition("=")
@@ -78,56 +138,46 @@ def solve_options(args: argparse.Namespace):
             raise ValidationError("--param", f"{item!r} is not KEY=VALUE")
         try:
             params[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             params[key] = value
     kwargs["params"] = params
     return SolveOptions(**kwargs)
 
 
+def budget_of(args: argparse.Namespace):
+    """The :class:`bitsack.solver.budget.Budget` of ``--avg-bits`` / ``--budget``.
+
+    Raises:
+        bitsack.errors.ValidationError: a malformed or out-of-range value, or both
+            ``--avg-bits`` and ``--budget memory_bytes``.
+    """
+    from bitsack.solver.budget import Budget
+
+    return Budget.parse(args.avg_bits, args.budget)
+
+
 def parse_budgets(items: list[str]) -> dict[str, float | None]:
-    """``--budget RESOURCE=VALUE`` items -> {resource: limit}; ``none``/``inf`` = no limit.
+    """``--budget RESOURCE=VALUE`` items -> {resource: limit}; ``none`` = no limit.
+
+    Kept for callers of the dict form; the typed form is ``Budget.parse``.
 
     Raises:
         bitsack.errors.ValidationError: an item that is not RESOURCE=VALUE, a resource set
-            twice, or a value that is not a number.
+            twice, or a value that is not a number in range.
     """
-    from bitsack.errors import ValidationError
+    from bitsack.solver.budget import Budget
 
-    limits: dict[str, float | None] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValidationError("--budget", f"{item!r} is not RESOURCE=VALUE")
-        if name in limits:
-            raise ValidationError("--budget", f"{name!r} is set twice")
-        if value.strip().lower() in ("none", "null", "inf"):
-            limits[name] = None
-            continue
-        try:
-            limits[name] = float(value)
-        except ValueError:
-            raise ValidationError(f"--budget {name}", f"{value!r} is not a number; valid: a "
-                                  "number >= 0 or 'none'") from None
-    return limits
+    return dict(Budget.parse(None, items).limits)
 
 
 def apply_budgets(problem: Problem, args: argparse.Namespace) -> Problem:
-    """The problem with ``--budget`` / ``--avg-bits`` applied.
+    """The problem with ``--budget`` / ``--avg-bits`` applied (``Budget.apply``).
 
     Raises:
         bitsack.errors.ValidationError: malformed or unknown budget, or two flags setting the
             same resource.
     """
-    from bitsack.errors import ValidationError
-    from bitsack.solver.schema import avg_bits_limit, with_limits
-
-    limits = parse_budgets(args.budget)
-    if args.avg_bits is not None:
-        if "memory_bytes" in limits:
-            raise ValidationError("--avg-bits", "and --budget memory_bytes=... both set the "
-                                  "memory budget; give one")
-        limits["memory_bytes"] = avg_bits_limit(problem, args.avg_bits)
-    return with_limits(problem, limits) if limits else problem
+    return budget_of(args).apply(problem)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,17 +185,20 @@ def run(args: argparse.Namespace) -> int:
     from bitsack.solver import solve
     from bitsack.solver.schema import load_problem
 
-    problem = apply_budgets(load_problem(args.problem), args)
+    # every flag is checked before the problem is read or anything is solved
     options = solve_options(args)
+    budget = budget_of(args)
+    out = out_file(args.out) if args.out else None
+    problem = budget.apply(load_problem(args.problem))
     solution = solve(problem, args.solver, options)
-    if args.out:
-        write_json(args.out, solution.to_dict())
-    if args.json and not args.quiet:
+    if out is not None:
+        write_json(out, solution.to_dict())
+    if args.json:
         json.dump(solution.to_dict(), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     elif not args.quiet:
         print(summarize(problem, solution, per_layer=args.per_layer))
-    return 0 if solution.has_solution else 2
+    return ExitCode.OK if solution.has_solution else ExitCode.NO_SOLUTION
 
 
 def summarize(problem: Problem, solution: Solution, per_layer: bool = False) -> str:
@@ -193,9 +246,13 @@ def summarize(problem: Problem, solution: Solution, per_layer: bool = False) -> 
 
 def plan_table(problem: Problem, assignment: dict[str, str], per_layer: bool) -> list[str]:
     """Counts of units per option, by unit kind (and by layer when asked)."""
-    from bitsack.solver.problem import option_bits
+    from bitsack.solver.problem import parse_option
 
-    option_ids = sorted({o.id for u in problem.units for o in u.options}, key=option_bits)
+    def order(oid: str) -> tuple[int, int]:  # by bits, then by group size (default first)
+        spec = parse_option(oid)
+        return spec.bits, spec.group_size or 0
+
+    option_ids = sorted({o.id for u in problem.units for o in u.options}, key=order)
     rows: dict[str, dict[str, int]] = {}
     layers: dict[int, dict[str, int]] = {}
     for unit in problem.units:

@@ -69,8 +69,15 @@ class LayerInputs:
 
     ``hidden`` is the hidden state entering layer 0 (``[batch, seq, hidden]``); ``kwargs`` are
     every other argument the model passes to a decoder layer (attention mask, position ids,
-    rotary position embeddings, ...), by name. They are the same for every layer, so
-    ``adapter.run_layer(i, hidden, inputs.kwargs)`` runs layer ``i`` as the model would.
+    rotary position embeddings, ...), by name, so ``adapter.run_layer(i, hidden,
+    inputs.kwargs)`` runs layer ``i`` as the model would.
+
+    Models whose layers are of several attention types (``config.layer_types``: sliding-window
+    and full layers of Gemma 2/3, Qwen2/3 with sliding windows) pass each type its own mask
+    and, for Gemma 3, its own rotary embeddings. ``kwargs`` then holds layer 0's arguments
+    under their names and another type's differing ones as ``"<name>@<type>"`` (e.g.
+    ``"attention_mask@full_attention"``): still a flat dict of tensors, which ``run_layer``
+    resolves per layer.
     """
 
     hidden: torch.Tensor
@@ -103,11 +110,13 @@ class _Caught(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer 0: records its inputs by name, then stops the forward."""
+    """Stands in for a decoder layer: records its inputs by name, then stops the forward
+    (``stop``) or passes the hidden state on unchanged (to reach a later layer's inputs)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, stop: bool = True):
         super().__init__()
         self.signature = inspect.signature(layer.forward)
+        self.stop = stop
         self.captured: tuple[torch.Tensor, dict[str, Any]] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -121,7 +130,9 @@ class _Catcher(nn.Module):
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
                 named.update(named.pop(name))
         self.captured = (hidden, named)
-        raise _Caught
+        if self.stop:
+            raise _Caught
+        return hidden  # transformers 5 decoder layers return the hidden state alone
 
 
 class PrunedBlock(nn.Module):
@@ -197,6 +208,35 @@ def expand_positions(positions: Sequence[int], width: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.long)
     base = torch.as_tensor(list(positions), dtype=torch.long) * width
     return (base[:, None] + torch.arange(width)[None, :]).reshape(-1)
+
+
+class LayerConfig:
+    """One layer's view of the model config: a few fields of its own (a pruned layer's head
+    counts, for modules that read them from their config at run time, like Phi-3's fused
+    q/k/v split), every other field read from — and written to — the model's config, so
+    later changes (e.g. ``set_attn_implementation``) still reach the layer."""
+
+    def __init__(self, base: Any, **fields: Any):
+        base = base.base if isinstance(base, LayerConfig) else base
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "fields", dict(fields))
+
+    def __getattr__(self, name: str) -> Any:  # called only for names not set on self
+        state = self.__dict__
+        if "fields" not in state:  # during copy / unpickling
+            raise AttributeError(name)
+        if name in state["fields"]:
+            return state["fields"][name]
+        return getattr(state["base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.fields:
+            self.fields[name] = value
+        else:
+            setattr(self.base, name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({type(self.base).__name__}, {self.fields})"
 
 
 class Adapter:
@@ -492,6 +532,14 @@ class Adapter:
             [lr["mlp_channels"] for lr in rec["layers"]])
 
     # ---- layer-by-layer processing ------------------------------------------------------
+    def layer_types(self) -> list[str] | None:
+        """Each layer's attention type when the model mixes several (transformers'
+        ``config.layer_types``, e.g. ``sliding_attention`` / ``full_attention``), else None."""
+        types = getattr(self.config, "layer_types", None)
+        if not isinstance(types, (list, tuple)) or len(set(types)) < 2:
+            return None
+        return list(types[: len(self.layers())])
+
     @torch.no_grad()
     def capture_layer_inputs(self, input_ids: torch.Tensor,
                              attention_mask: torch.Tensor | None = None) -> LayerInputs:
@@ -499,7 +547,9 @@ class Adapter:
 
         No decoder layer runs, so only the embedding modules need to be on a device (the
         layers may stay on the CPU or the meta device) — this is how models larger than memory
-        are processed one layer at a time (GPTQ's "catcher", Frantar et al. 2022).
+        are processed one layer at a time (GPTQ's "catcher", Frantar et al. 2022). For a model
+        with several layer types, the first layer of each type is reached by passing the
+        hidden state through the layers before it unchanged (see ``LayerInputs``).
 
         Args:
             input_ids: ``[batch, seq]`` token ids, on the embedding's device.
@@ -509,21 +559,45 @@ class Adapter:
             The hidden state and the keyword arguments of a layer call.
         """
         layers = self.layers()
-        first = layers[0]
-        catcher = _Catcher(first)
-        layers[0] = catcher
+        types = self.layer_types()
+        first_of = {} if types is None else {t: types.index(t) for t in dict.fromkeys(types)}
+        last = max(first_of.values(), default=0)
+        originals = [layers[i] for i in range(last + 1)]
+        catchers = [_Catcher(layer, stop=i == last) for i, layer in enumerate(originals)]
+        for i, catcher in enumerate(catchers):
+            layers[i] = catcher
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Caught:
             pass
         finally:
-            layers[0] = first
-        if catcher.captured is None:
-            raise ModelError("capture_layer_inputs: the model never called decoder layer 0")
-        hidden, kwargs = catcher.captured
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+        if any(catchers[i].captured is None for i in [0, *first_of.values()]):
+            raise ModelError("capture_layer_inputs: the model never called decoder layer 0 (or "
+                             "the first layer of each attention type)")
+        hidden, kwargs = catchers[0].captured
+        kwargs = dict(kwargs)
+        for kind, i in first_of.items():
+            if i == 0:
+                continue
+            for name, value in catchers[i].captured[1].items():
+                if value is not kwargs.get(name):
+                    kwargs[f"{name}@{kind}"] = value
         return LayerInputs(hidden=hidden, kwargs=kwargs)
+
+    def layer_kwargs(self, i: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Layer ``i``'s call arguments from captured ``kwargs`` (see ``LayerInputs``)."""
+        if not any("@" in k for k in kwargs):
+            return kwargs
+        types = self.layer_types()
+        suffix = f"@{types[i]}" if types is not None else None
+        out = {k: v for k, v in kwargs.items() if "@" not in k}
+        if suffix is not None:
+            out.update({k[: -len(suffix)]: v for k, v in kwargs.items() if k.endswith(suffix)})
+        return out
 
     def run_layer(self, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """Run decoder layer ``i`` on ``hidden`` with captured ``kwargs``; returns its output."""
-        out = self.layers()[i](hidden, **kwargs)
+        out = self.layers()[i](hidden, **self.layer_kwargs(i, kwargs))
         return out[0] if isinstance(out, tuple) else out

@@ -1,4 +1,5 @@
-"""Adapter for the Llama family (llama, qwen2, mistral; SmolLM2 is llama).
+"""Adapter for the Llama family (llama, qwen2, qwen3, mistral; SmolLM2 is llama). Gemma
+(``gemma.py``) and Phi-3 (``phi3.py``) build on it.
 
 Layer ``i`` (``model.layers.{i}``):
 
@@ -11,7 +12,9 @@ Layer ``i`` (``model.layers.{i}``):
 transformers 5.x computes attention shapes from ``view(..., -1, head_dim)`` and the per-module
 ``num_key_value_groups`` (= ``r``), never from ``config.num_attention_heads``, so smaller
 projections are all a layer needs to run with its own head count. Qwen2's q/k/v biases are
-sliced with their rows.
+sliced with their rows. Qwen3's q/k norms act per head (on ``head_dim``) and need no surgery.
+Mistral's sliding window and Qwen2/3's sliding layers change masks only (see
+``LayerInputs`` for models that mix layer types).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from bitsack.models.base import Slice, UnitSpec
 from bitsack.models.registry import register_adapter
 
 
-@register_adapter("llama", "qwen2", "mistral")
+@register_adapter("llama", "qwen2", "qwen3", "mistral")
 class LlamaAdapter(Adapter):
     """Units and surgery for ``LlamaForCausalLM`` and its look-alikes."""
 

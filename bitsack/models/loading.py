@@ -193,7 +193,7 @@ def load_model(spec: str | os.PathLike, *, dtype=None, device: str = "cpu",
 
 
 def _load_compressed(path: Path, source: dict, device: str) -> LoadedModel:
-    from bitsack.checkpoint import load_compressed
+    from bitsack.models.checkpoint import load_compressed
 
     loaded = load_compressed(path, device=device)
     return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer,

@@ -48,18 +48,63 @@ def output_name(model: nn.Module) -> str | None:
 
 
 class PackedWeightModule(nn.Module):
-    """Runs a module of its own kind (e.g. OPT's learned position embedding, an
-    ``nn.Embedding`` subclass with its own ``forward``) on a packed ``weight``.
+    """Runs a module of its own kind (e.g. OPT's learned position embedding or Gemma's scaled
+    word embedding, ``nn.Embedding`` subclasses with their own ``forward``) on a packed
+    ``weight``.
 
-    The original module is kept as a weightless template on the meta device, outside the
-    module tree (so ``state_dict`` holds only the packed buffers).
+    The original module is kept as a template outside the module tree, its weight on the meta
+    device (so ``state_dict`` holds only the packed buffers). Its buffers (Gemma's
+    ``embed_scale``) become non-persistent buffers of this module, so they move with it and
+    are passed to the template's ``forward`` with the dequantized weight.
     """
 
     def __init__(self, template: nn.Module, packed: nn.Module):
         super().__init__()
         self.packed = packed
+        self._buffer_names: dict[str, str] = {}
+        for i, (name, buf) in enumerate(template.named_buffers()):
+            key = f"template_buffer{i}"
+            self.register_buffer(key, buf, persistent=False)
+            self._buffer_names[name] = key
         object.__setattr__(self, "_template", template.to("meta"))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        weight = self.packed.dequantize(self.packed.dtype)
-        return torch.func.functional_call(self._template, {"weight": weight}, args, kwargs)
+        state = {name: getattr(self, key) for name, key in self._buffer_names.items()}
+        state["weight"] = self.packed.dequantize(self.packed.dtype)
+        return torch.func.functional_call(self._template, state, args, kwargs)
+
+
+def settle_packed_ties(model: nn.Module) -> dict[str, str]:
+    """Drop transformers' tie declarations that packed modules already satisfy.
+
+    ``tie_weights()`` (which lm-eval's ``HFLM`` and other tools call) makes ``lm_head.weight``
+    the embedding's ``weight``. A packed embedding has no ``weight``: its tied lm_head is a
+    ``PackedLinear`` on the same buffers (``PackedEmbedding.as_linear``), so the tie already
+    holds and there is nothing to do. Pairs whose two ends are real tensors stay declared.
+
+    Returns:
+        The dropped ``{target: source}`` pairs (qualified names).
+    """
+    from transformers import PreTrainedModel
+
+    dropped: dict[str, str] = {}
+    for prefix, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        declared = sub.get_expanded_tied_weights_keys(all_submodels=False)
+        keep = {t: s for t, s in declared.items() if _has_tensor(sub, t) and _has_tensor(sub, s)}
+        if keep != declared:
+            sub._tied_weights_keys = keep
+            dot = f"{prefix}." if prefix else ""
+            dropped.update({dot + t: dot + s for t, s in declared.items() if t not in keep})
+    if dropped and isinstance(model, PreTrainedModel):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return dropped
+
+
+def _has_tensor(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter_or_buffer(name)
+    except AttributeError:
+        return False
+    return True

@@ -15,7 +15,15 @@ _ADAPTERS: dict[str, type[Adapter]] = {}
 
 # The built-in adapters register themselves on import; listed here (no package walking) and
 # imported on first use so that importing the registry stays free of torch.
-_BUILTIN_MODULES = ("bitsack.models.llama", "bitsack.models.gpt2", "bitsack.models.opt")
+_BUILTIN_MODULES = ("bitsack.models.llama", "bitsack.models.gemma", "bitsack.models.phi3",
+                    "bitsack.models.gpt2", "bitsack.models.opt")
+
+# Families that look supported but are not, with what to use instead.
+_HINTS = {
+    "gemma3": "this is Gemma 3's multimodal model; load its text model (model_type "
+              "'gemma3_text', Gemma3ForCausalLM)",
+    "phi3small": "Phi-3-small's blocksparse attention has no bitsack adapter",
+}
 
 
 def register_adapter(*model_types: str) -> Callable[[type[Adapter]], type[Adapter]]:
@@ -57,8 +65,9 @@ def get_adapter(model) -> Adapter:
     config = getattr(model, "config", None)
     mt = getattr(config, "model_type", None)
     if mt not in _ADAPTERS:
+        hint = f" ({_HINTS[mt]})" if mt in _HINTS else ""
         raise ModelError(
-            f"model.config.model_type: {mt!r} is not supported; supported architectures: "
+            f"model.config.model_type: {mt!r} is not supported{hint}; supported architectures: "
             f"{', '.join(sorted(_ADAPTERS))}"
         )
     return _ADAPTERS[mt](model)

@@ -12,21 +12,30 @@ import torch
 
 from bitsack.errors import ModelError
 
-TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2", "opt")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3",
+              "gpt2", "opt")
 
 # Small enough to run in milliseconds, with GQA (4 query heads on 2 KV heads) for the Llama
-# family and head_dim 16, so group sizes 8 and 16 fit every slice.
+# family and head_dim 16, so group sizes 8 and 16 fit every slice. Sliding windows of 8 tokens
+# (Mistral; Qwen3 from layer 1; Gemma 2 / 3 every other layer) are shorter than the test
+# sequences, so a layer that got the wrong mask would show.
+_LLAMA_LIKE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+                   max_position_embeddings=256)
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  intermediate_size=96, num_hidden_layers=2, vocab_size=128,
-                  max_position_embeddings=256, tie_word_embeddings=False),
-    "qwen2": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  intermediate_size=96, num_hidden_layers=2, vocab_size=128,
-                  max_position_embeddings=256, tie_word_embeddings=True),
-    "mistral": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                    intermediate_size=96, num_hidden_layers=2, vocab_size=128,
-                    max_position_embeddings=256, sliding_window=None,
-                    tie_word_embeddings=False),
+    "llama": dict(_LLAMA_LIKE, tie_word_embeddings=False),
+    "qwen2": dict(_LLAMA_LIKE, tie_word_embeddings=True),
+    "qwen3": dict(_LLAMA_LIKE, tie_word_embeddings=True, use_sliding_window=True,
+                  sliding_window=8, max_window_layers=1),
+    "mistral": dict(_LLAMA_LIKE, sliding_window=8, tie_word_embeddings=False),
+    "gemma": dict(_LLAMA_LIKE, tie_word_embeddings=True),
+    "gemma2": dict(_LLAMA_LIKE, sliding_window=8, query_pre_attn_scalar=16,
+                   tie_word_embeddings=True),
+    "gemma3_text": dict(_LLAMA_LIKE, sliding_window=8, sliding_window_pattern=2,
+                        query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+                        tie_word_embeddings=True),
+    "phi3": dict(_LLAMA_LIKE, pad_token_id=None, bos_token_id=1, eos_token_id=2,
+                 tie_word_embeddings=False),
     "gpt2": dict(n_embd=64, n_head=4, n_inner=96, n_layer=2, vocab_size=128, n_positions=256,
                  tie_word_embeddings=True, bos_token_id=0, eos_token_id=0),
     "opt": dict(hidden_size=64, num_attention_heads=4, ffn_dim=96, num_hidden_layers=2,
@@ -48,7 +57,7 @@ def tiny_config(arch: str, **dims: Any):
 
 def tiny_model(arch: str, seed: int = 0, *, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "eager", init_std: float = 0.1, **dims: Any):
-    """A random tiny causal LM of architecture ``arch`` (llama, qwen2, mistral, gpt2, opt).
+    """A random tiny causal LM of architecture ``arch`` (one of ``TINY_ARCHS``).
 
     Every parameter, biases and norm weights included, is drawn from a seeded normal
     distribution (norm weights around 1), so bugs that lose a bias or a norm show up as output
@@ -79,6 +88,22 @@ def tiny_model(arch: str, seed: int = 0, *, dtype: torch.dtype = torch.float32,
             else:
                 p.copy_(init_std * noise)
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A real transformers tokenizer (fast, ``tokenizers`` backend) of one id per character:
+    ASCII character ``c`` is id ``ord(c) % vocab_size``; ids 0/1/2 are unk/eos/pad.
+
+    For tests that save, load and hash a tokenizer's files like a real model's.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {(chr(i) if 32 <= i < 127 else f"<{i}>"): i for i in range(min(vocab_size, 128))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<0>", eos_token="<1>",
+                                   pad_token="<2>")
 
 
 class ByteTokenizer:

@@ -19,7 +19,7 @@ __global__ void bs_dequant(const unsigned int* __restrict__ qdata,
     const int row = (int)(t / nchunks);
     const int c = (int)(t % nchunks);
     const int wpr = (BITS * cols + 31) / 32;
-    const int ngroups = cols / group_size;
+    const int ngroups = (cols + group_size - 1) / group_size;  // last group may be short
     unsigned int words[BITS];
     bs_load_chunk<BITS>(qdata + (size_t)row * wpr, wpr, c, words);
     const size_t base = (size_t)row * out_stride + col_offset;

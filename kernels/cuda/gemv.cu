@@ -22,7 +22,7 @@ __device__ __forceinline__ void bs_gemv_row(
     float* __restrict__ y, int row, int lane, int cols, int group_size, int batch,
     int x_stride, int x_offset, int y_stride, int y_offset, int accumulate) {
     const int wpr = (BITS * cols + 31) / 32;
-    const int ngroups = cols / group_size;
+    const int ngroups = (cols + group_size - 1) / group_size;  // last group may be short
     const int nchunks = (cols + 31) / 32;
     const unsigned int* qrow = qdata + (size_t)row * wpr;
     const unsigned short* srow = scale + (size_t)row * ngroups;

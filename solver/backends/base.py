@@ -8,12 +8,15 @@ backend's own claims reach the certificate unchecked.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bitsack.errors import SolverError
+from bitsack.errors import SolverError, ValidationError
+from bitsack.solver.bounded import short_repr
+from bitsack.solver.numeric import MAX_SEED, MAX_THREADS, MAX_TIME_LIMIT_S
 from bitsack.solver.problem import Problem
 from bitsack.solver.solution import (
     DEFAULT_ABS_GAP,
@@ -48,6 +51,77 @@ class SolveOptions:
     threads: int | None = None
     verbose: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Range-check every field (``ValidationError`` naming it, e.g. ``time_limit_s``)."""
+        if self.time_limit_s is not None:
+            _check_number("time_limit_s", self.time_limit_s, 0.0, MAX_TIME_LIMIT_S,
+                          lo_open=True, what="seconds")
+        _check_number("rel_gap", self.rel_gap, 0.0, 1.0, hi_open=True, what="a fraction")
+        _check_number("abs_gap", self.abs_gap, 0.0, 1e150, what="an absolute gap")
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, MAX_THREADS)
+        if not isinstance(self.params, dict) or not all(isinstance(k, str)
+                                                        for k in self.params):
+            raise ValidationError("params", f"{short_repr(self.params)} is not a mapping "
+                                  "name -> value")
+
+
+def _check_number(path: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
+                  hi_open: bool = False, what: str = "a number") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValidationError(path, f"{short_repr(value)} is not a number")
+    number = float(value)
+    below = number <= lo if lo_open else number < lo
+    above = number >= hi if hi_open else number > hi
+    if not math.isfinite(number) or below or above:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValidationError(path, f"{number!r} is out of range; valid: {what} in {interval}")
+    return number
+
+
+def _check_int(path: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, float) and value.is_integer() and lo <= value <= hi:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValidationError(path, f"{short_repr(value)} is out of range; valid: an integer "
+                              f"in {lo}..{hi}")
+    return value
+
+
+def int_param(backend: str, params: dict[str, Any], key: str, default: int, lo: int,
+              hi: int) -> int:
+    """Backend parameter ``key`` as an integer in ``lo..hi`` (``default`` when absent).
+
+    Raises:
+        bitsack.errors.ValidationError: ``params.<key>`` out of range or not an integer.
+    """
+    value = params.get(key, default)
+    try:
+        return _check_int(f"params.{key}", value, lo, hi)
+    except ValidationError as exc:
+        raise ValidationError(exc.path, f"{str(exc).split(': ', 1)[1]} (backend {backend})") \
+            from None
+
+
+def float_param(backend: str, params: dict[str, Any], key: str, default: float | None,
+                lo: float, hi: float, *, lo_open: bool = False,
+                hi_open: bool = False) -> float | None:
+    """Backend parameter ``key`` as a finite number in the given interval (``default`` when
+    absent, which may be None).
+
+    Raises:
+        bitsack.errors.ValidationError: ``params.<key>`` out of range or not a number.
+    """
+    value = params.get(key, default)
+    if value is None:
+        return None
+    try:
+        return _check_number(f"params.{key}", value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    except ValidationError as exc:
+        raise ValidationError(exc.path, f"{str(exc).split(': ', 1)[1]} (backend {backend})") \
+            from None
 
 
 class UnsupportedProblem(SolverError):
@@ -142,8 +216,16 @@ def make_solution(
     infeasible: bool = False,
     message: str = "",
     extra: dict[str, Any] | None = None,
+    check_claims: bool = True,
 ) -> Solution:
     """Build the Solution for a backend's answer, recomputing everything checkable.
+
+    The plan's objective, usage and violations come from ``evaluate``. The backend's dual bound
+    and any infeasibility claim are checked against bounds bitsack computes itself
+    (``bitsack.solver.certify``): a claim they contradict is dropped (bitsack's own
+    Lagrangian bound stands in, the better plan is kept), the status is then at best
+    ``feasible`` and the message says what was refuted. ``certificate.params["bound_check"]``
+    records the comparison.
 
     Args:
         assignment: unit -> option, or None when the backend found nothing.
@@ -151,16 +233,55 @@ def make_solution(
             backend did), or None if it has none.
         infeasible: the backend *proved* infeasibility (status ``infeasible``, explained by
             ``explain_infeasibility``); otherwise no assignment means ``no_solution``.
+        check_claims: check the claims independently (False only for ``greedy``, whose
+            bound *is* the independent one).
 
     Raises:
         SolverError: the backend's assignment violates the problem (a backend bug, never a
-            status), or its dual bound exceeds the recomputed objective beyond tolerance.
+            status).
     """
+    from bitsack.solver.certify import check_claims as run_check
+    from bitsack.solver.certify import slack
+
     limits = problem.limits
     params = dict(params or {})
     # the tolerances "optimal" was judged by, so `bitsack check` can judge it the same way
     params.setdefault("rel_gap", options.rel_gap)
     params.setdefault("abs_gap", options.abs_gap)
+    ev = None
+    if assignment is not None:
+        ev = evaluate(problem, assignment)
+        if not ev.feasible:
+            raise SolverError(f"solver {solver} returned an infeasible assignment: "
+                              f"{'; '.join(ev.violations[:3])}")
+    refuted = False
+    if check_claims:
+        check = run_check(problem, dual_bound=dual_bound,
+                          objective=None if ev is None else ev.objective,
+                          infeasible=infeasible and assignment is None, abs_tol=options.abs_gap,
+                          solver=solver)
+        params["bound_check"] = check.to_params()
+        if dual_bound is None and check.own.lower is not None:
+            dual_bound = check.own.lower  # a valid bound of bitsack's own beats none
+        if not check.ok:
+            refuted = True
+            notes = [check.contradiction, "the certificate uses bitsack's own Lagrangian bound "
+                     "instead and the status is at most feasible"]
+            dual_bound, infeasible = check.own.lower, False
+            own = check.own
+            if own.plan is not None and (ev is None or own.upper < ev.objective):
+                notes.append(f"the plan is bitsack's own (objective {own.upper:.8g})"
+                             + ("" if ev is None else f", better than {solver}'s "
+                                f"({ev.objective:.8g})"))
+                assignment, ev = own.plan, evaluate(problem, own.plan)
+            message = "; ".join(m for m in [message, *notes] if m)
+    elif dual_bound is not None and ev is not None \
+            and dual_bound > ev.objective + slack(ev.objective, options.abs_gap):
+        refuted = True
+        message = "; ".join(m for m in [message, (
+            f"{solver}'s dual bound {dual_bound:.8g} is above the objective "
+            f"{ev.objective:.8g} of its own plan; no bound is reported")] if m)
+        dual_bound = None
     if assignment is None:
         status = "infeasible" if infeasible else "no_solution"
         infeas = explain_infeasibility(problem) if infeasible else ()
@@ -175,19 +296,11 @@ def make_solution(
                         certificate=cert, infeasibility=infeas, message=message,
                         extra=dict(extra or {}))
 
-    ev = evaluate(problem, assignment)
-    if not ev.feasible:
-        raise SolverError(f"solver {solver} returned an infeasible assignment: "
-                          f"{'; '.join(ev.violations[:3])}")
     primal = ev.objective
     if dual_bound is not None:
-        slack = max(options.abs_gap, 1e-9 * max(1.0, abs(primal)))
-        if dual_bound > primal + slack:
-            raise SolverError(f"solver {solver} reported dual bound {dual_bound!r} above the "
-                              f"recomputed objective {primal!r}")
         dual_bound = min(dual_bound, primal)
     abs_gap, rel_gap = gap(primal, dual_bound)
-    optimal = is_optimal(abs_gap, rel_gap, options.rel_gap, options.abs_gap)
+    optimal = not refuted and is_optimal(abs_gap, rel_gap, options.rel_gap, options.abs_gap)
     cert = Certificate(
         primal_bound=primal, dual_bound=dual_bound, abs_gap=abs_gap, rel_gap=rel_gap,
         usage=ev.usage, limits=limits, max_violation=ev.max_violation, solver=solver,

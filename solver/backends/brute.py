@@ -23,6 +23,7 @@ from bitsack.solver.backends.base import (
     Stopwatch,
     UnsupportedProblem,
     check_params,
+    int_param,
     make_solution,
     register,
 )
@@ -48,7 +49,8 @@ class BruteBackend:
     def solve(self, problem: Problem, options: SolveOptions) -> Solution:
         clock = Stopwatch()
         check_params(self.name, options.params, ("max_combinations",))
-        limit = int(options.params.get("max_combinations", MAX_COMBINATIONS))
+        limit = int_param(self.name, options.params, "max_combinations", MAX_COMBINATIONS, 1,
+                          10**12)
         sizes = [len(u.options) for u in problem.units]
         total = math.prod(sizes)
         if total > limit:

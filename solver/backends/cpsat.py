@@ -24,8 +24,9 @@ less than n_units / T) — and only if it does not, the restricted model is solv
 Interactions: the low-rank ``U`` is refused (a SolverError naming the backends that support
 it); explicit ``pairs`` are modelled exactly (w_p = x_i ∧ x_j).
 
-Constraint labels follow ``mathopt_model``: one_option[u] (exactly one), budget[r],
-same_option[c,u,o], same_bits[c] / same_bits[c,u,b] (z_{c,b} literals), min_kept[c], pair[p].
+Constraint labels follow the model in ``solver/__init__.py``: one_option[u] (exactly one),
+budget[r], same_option[c,u,o], same_bits[c] / same_bits[c,u,o] (z_{c,b} literals),
+min_kept[c], pair[p].
 
 Determinism: ``random_seed`` is fixed; with more than one worker the parallel portfolio is only
 reproducible with ``interleave_search`` (on by default here when ``num_workers > 1``). A solve
@@ -66,6 +67,8 @@ from bitsack.solver.backends.base import (
     Stopwatch,
     UnsupportedProblem,
     check_params,
+    float_param,
+    int_param,
     make_solution,
     register,
 )
@@ -121,23 +124,18 @@ class CpSatBackend:
                 "(its integer scaling cannot keep the quadratic term's bound valid); use "
                 "--solver scip or --solver highs")
         prm = options.params
-        workers = int(prm.get("num_workers", options.threads or 1))
-        lin_level = int(prm.get("linearization_level", 2))
-        interleave = bool(prm.get("interleave_search", workers > 1))
-        obj_bits = int(prm.get("objective_bits", 40))
-        cost_bits = int(prm.get("cost_bits", 40))
-        if workers < 1 or lin_level not in (0, 1, 2) or not 8 <= obj_bits <= 52 \
-                or not 8 <= cost_bits <= 52:
-            raise SolverError(f"params: num_workers={workers}, linearization_level={lin_level}, "
-                              f"objective_bits={obj_bits}, cost_bits={cost_bits}; valid: "
-                              f"num_workers ≥ 1, linearization_level 0..2, bits 8..52")
+        workers = int_param(self.name, prm, "num_workers", options.threads or 1, 1, 1024)
+        lin_level = int_param(self.name, prm, "linearization_level", 2, 0, 2)
+        interleave = prm.get("interleave_search", workers > 1)
+        if not isinstance(interleave, bool):
+            raise SolverError(f"params.interleave_search: {interleave!r}; valid: true or false")
+        obj_bits = int_param(self.name, prm, "objective_bits", 40, 8, 52)
+        cost_bits = int_param(self.name, prm, "cost_bits", 40, 8, 52)
+        det_total = float_param(self.name, prm, "deterministic_time", None, 0.0, 1e9,
+                                lo_open=True)
+        forced = float_param(self.name, prm, "objective_scale", None, 0.0, 1e300, lo_open=True)
 
-        det_total = prm.get("deterministic_time")
-        if det_total is not None and not float(det_total) > 0:
-            raise SolverError(f"params.deterministic_time: {det_total!r}; valid: a positive "
-                              f"number of CP-SAT deterministic time units")
-
-        scaled = _Scaled(problem, obj_bits, cost_bits, prm.get("objective_scale"))
+        scaled = _Scaled(problem, obj_bits, cost_bits, forced)
         used = {
             "time_limit_s": options.time_limit_s,
             "deterministic_time": det_total,

@@ -56,6 +56,8 @@ from bitsack.solver.backends.base import (
     Stopwatch,
     UnsupportedProblem,
     check_params,
+    float_param,
+    int_param,
     make_solution,
     register,
 )
@@ -170,9 +172,7 @@ def plan(problem: Problem, params: dict | None = None) -> DPPlan:
     if len(binding) > 1:
         raise UnsupportedProblem(f"dp: {len(binding)} budgets can bind "
                                  f"({[r.name for r in binding]}); dp handles one")
-    max_cells = int(params.get("max_cells", DEFAULT_MAX_CELLS))
-    if max_cells < 2:
-        raise UnsupportedProblem(f"dp: max_cells = {max_cells}; valid: >= 2")
+    max_cells = int_param("dp", params, "max_cells", DEFAULT_MAX_CELLS, 2, 1 << 31)
     if not binding:
         return DPPlan(None, True, 1, 1.0, 0.0, 0.0, tuple(dropped))
     res = binding[0]
@@ -220,8 +220,9 @@ def _cell_budget(st, params: dict) -> int:
         else:
             rec_bytes += (cc.count + 1) * len(comp.supers) * 5
             work += (cc.count + 1) * n_opts
-    max_bytes = float(params.get("max_record_mb", DEFAULT_MAX_RECORD_MB)) * 2**20
-    max_work = float(params.get("max_work", DEFAULT_MAX_WORK))
+    max_bytes = float_param("dp", params, "max_record_mb", DEFAULT_MAX_RECORD_MB, 0.0, 1e6,
+                            lo_open=True) * 2**20
+    max_work = float_param("dp", params, "max_work", DEFAULT_MAX_WORK, 0.0, 1e15, lo_open=True)
     return max(2, int(min(max_bytes / max(1, rec_bytes), max_work / max(1, work))))
 
 

@@ -1,57 +1,29 @@
-"""The MIP formulation of a bitsack problem, built once for the MathOpt backends (scip, highs).
+"""The MIP of a bitsack problem, built once for the MathOpt backends (``highs``, ``scip``).
 
-Math model (the same labels name the constraints in the built model; see ``solver/__init__.py``)::
+The model is the one stated in ``solver/__init__.py`` (variables x, y, z, w, t; rows
+``one_option[u]``, ``budget[r]``, ``same_option[c,u,o]``, ``same_bits[c]``,
+``same_bits[c,u,o]``, ``min_kept[c]``, ``interaction[k]``, ``pair[p]``, cuts ``oa_cut``);
+``build_mip`` adds each row under that label. What is particular to this builder:
 
-    data
-      units u, options i ∈ O(u) (flat, file order); loss ℓ_i; cost a_{r,i}; limit L_r
-      U ∈ R^{N×n} low-rank interaction factor (column U_i); pairs p = (i, j, v_p)
-    variables
-      x_i ∈ {0, 1}         option i is chosen
-      y_k ∈ R              k < N: y = U x, the interaction factor of the choice
-      z_{c,b} ∈ {0, 1}     same_bits group c keeps its units at b bits
-      w_p ∈ [0, 1]         pair p is active (= x_i x_j at every integer point)
-    objective
-      min  Σ_i (ℓ_i − ½‖U_i‖²) x_i  +  ½ Σ_k y_k²  +  Σ_p v_p w_p
-      (times σ, a power of 4 chosen by ``objective_scale`` for the solvers' tolerances; the
-      model's y is then √σ·Ux)
-    constraints
-      one_option[u]:       Σ_{i∈O(u)} x_i = 1
-      budget[r]:           Σ_i a_{r,i} x_i ≤ L_r           (row scaled by 1/max(L_r, max a_r))
-      same_option[c,u,o]:  x_{u,o} = x_{u0,o}              u ∈ c after the first unit u0,
-                                                           o an option id every unit of c has;
-                           x_{u,o} = 0 (a bound)           o an option id some unit of c lacks
-      same_bits[c]:        Σ_b z_{c,b} ≤ 1
-      same_bits[c,u,b]:    x_{u,b} ≤ z_{c,b}               every kept option of u ∈ c (prune free)
-      min_kept[c]:         Σ_{u∈c} Σ_{i∈O(u), i≠prune} x_i ≥ count_c
-      interaction[k]:      y_k − Σ_i U_{k,i} x_i = 0
-      pair[p]:             w_p ≥ x_i + x_j − 1             v_p > 0 (w_p is pushed down)
-      pair[p].a, pair[p].b: w_p ≤ x_i, w_p ≤ x_j           v_p < 0 (w_p is pushed up)
+- the objective carries σ (``objective_scale``), so the model's y is √σ·Ux and its bounds are
+  divided by σ; each ``budget[r]`` row is divided by ``max(L_r, max a_r)``;
+- it is assembled as a ``ModelProto`` from NumPy arrays and loaded with
+  ``Model.from_model_proto``: the interaction rows of a 7B-shaped instance hold ~2M nonzeros,
+  and building them through MathOpt's expression API takes ~9 s against ~1.5 s this way;
+- interaction modes (``interactions=``): ``objective`` (½Σy² as the quadratic objective:
+  MIQP), ``epigraph`` (t_k ≥ y_k² as quadratic constraints, objective ½Σt), ``direct``
+  (½ xᵀUᵀUx with no y: dense n×n, small instances only), ``outer`` (t_k ≥ 0 with no cut yet;
+  ``bitsack.solver.backends.outer`` adds the tangent cuts), ``outer_aggregated`` (one t ≥ 0,
+  no y; aggregated cuts).
 
-Why the objective is right: with one option per unit, Σ_u U_{o_u} = U x and
-Σ_u ‖U_{o_u}‖² = Σ_i x_i ‖U_i‖², so Σ_{u<u'} U_{o_u}·U_{o_u'} = ½‖Ux‖² − ½ Σ_i x_i‖U_i‖²:
-a linear term plus a convex quadratic. At every integer point the model's objective equals
-``evaluate``'s, so any valid bound of the model is a valid bound of the problem.
-
-The model is assembled as a ``ModelProto`` from NumPy arrays and loaded with
-``Model.from_model_proto``: the interaction rows of a 7B-shaped instance hold ~2M nonzeros, and
-building them through MathOpt's expression API takes ~9 s against ~1.5 s this way.
-
-Interaction modes (``interactions=``): ``objective`` (½Σy² as the quadratic objective: MIQP),
-``epigraph`` (t_k ≥ y_k² as quadratic constraints, objective ½Σt), ``direct`` (½ xᵀUᵀUx with no
-y: dense n×n, small instances only), ``outer`` (t_k ≥ 0 with no cut yet; the HiGHS backend adds
-tangent cuts ``oa_cut[j,k]``: t_k ≥ 2 p_k y_k − p_k²), ``outer_aggregated`` (one t ≥ 0, no y;
-cuts t ≥ (Uᵀp)·x − ½‖p‖²).
+Running the model and reading its answer is ``bitsack.solver.backends.mathopt_base``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import math
-import os
-import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -272,7 +244,7 @@ def build_mip(problem: Problem, *, interactions: str = "objective") -> MipFormul
                 for j, opt in enumerate(units[ui].options):
                     if opt.is_prune:
                         continue
-                    b.add_row(f"same_bits[{ci},{units[ui].id},b{opt.bits}]",
+                    b.add_row(f"same_bits[{ci},{units[ui].id},{opt.id}]",
                               np.array([x_ids[start[ui] + j], zmap[opt.bits]]),
                               np.array([1.0, -1.0]), ub=0.0)
         elif con.type == "min_kept":
@@ -444,234 +416,3 @@ def mckp_lower_bound(problem: Problem, linear: np.ndarray) -> float:
             total, _ = usage(lam)
             best = max(best, total - lam * res.limit)
     return best
-
-
-def solve_params(options: Any, *, time_limit_s: float | None, rel_gap: float,
-                 objective_scale: float = 1.0, threads: bool = True) -> mathopt.SolveParameters:
-    """MathOpt ``SolveParameters`` from bitsack ``SolveOptions`` (time, gap, seed, threads).
-
-    ``objective_scale`` is the formulation's σ: the absolute gap is in model units.
-    """
-    from ortools.math_opt.python import mathopt
-
-    kwargs: dict[str, Any] = {
-        "relative_gap_tolerance": rel_gap,
-        "absolute_gap_tolerance": options.abs_gap * objective_scale,
-        "random_seed": int(options.seed),
-        "enable_output": bool(options.verbose),
-    }
-    if time_limit_s is not None:
-        kwargs["time_limit"] = datetime.timedelta(seconds=max(time_limit_s, 0.0))
-    if threads and options.threads is not None:
-        kwargs["threads"] = int(options.threads)
-    return mathopt.SolveParameters(**kwargs)
-
-
-@contextlib.contextmanager
-def _native_stdout_silenced(active: bool):
-    """Send file descriptor 1 to /dev/null while a native solver runs (``active`` only).
-
-    HiGHS prints a debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution
-    tmpSolver.run();") straight to the process's stdout when it is given a solution hint,
-    whatever its output setting; on ``bitsack solve --json`` that would corrupt the JSON.
-    """
-    if not active:
-        yield
-        return
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no real stdout (captured, embedded)
-        fd = 1
-    sys.stdout.flush()
-    try:
-        saved = os.dup(fd)
-    except OSError:
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
-
-
-def run_mathopt(model: mathopt.Model, solver_type: mathopt.SolverType, backend: str,
-                params: mathopt.SolveParameters, model_params: Any = None):
-    """``mathopt.solve`` with its failures turned into ``SolverError``.
-
-    MathOpt translates a solver's ``StatusNotOk`` into a Python exception with a helper that
-    fails with this pybind11-abseil (``'StatusNotOk' object has no attribute
-    'canonical_code'``); the real message is then on the exception's context, so unwrap it.
-    """
-    from ortools.math_opt.python import mathopt
-
-    try:
-        with _native_stdout_silenced(not params.enable_output):
-            return mathopt.solve(model, solver_type, params=params, model_params=model_params)
-    except AttributeError as exc:
-        cause = exc.__context__
-        if cause is not None and type(cause).__name__ == "StatusNotOk":
-            raise SolverError(f"{backend}: the solver refused the model: {cause}") from None
-        raise
-    except (RuntimeError, ValueError) as exc:
-        raise SolverError(f"{backend}: the solver failed: {exc}") from exc
-
-
-def read_assignment(problem: Problem, values: np.ndarray) -> dict[str, str]:
-    """Unit -> option from x values: the option with the largest value in each unit.
-
-    Integer solutions come back as 0/1 up to the solver's integrality tolerance; the largest
-    value is the chosen option.
-    """
-    start = problem.arrays.start
-    out = {}
-    for ui, unit in enumerate(problem.units):
-        seg = values[start[ui]:start[ui + 1]]
-        out[unit.id] = unit.options[int(np.argmax(seg))].id
-    return out
-
-
-def ortools_version() -> str:
-    """The installed OR-Tools version string."""
-    import ortools
-
-    return str(ortools.__version__)
-
-
-def mathopt_solver_works(solver_type_name: str) -> bool:
-    """Whether MathOpt can solve a one-variable MIP with this solver type here."""
-    try:
-        from ortools.math_opt.python import mathopt
-
-        solver_type = getattr(mathopt.SolverType, solver_type_name)
-        model = mathopt.Model()
-        v = model.add_binary_variable(name="v")
-        model.add_linear_constraint(v >= 1)
-        model.minimize(v)
-        result = mathopt.solve(model, solver_type)
-        return result.termination.reason == mathopt.TerminationReason.OPTIMAL
-    except Exception:  # any failure (import, missing solver, crash) means "not available"
-        return False
-
-
-@dataclass(frozen=True)
-class MipAnswer:
-    """What one MathOpt solve said, in bitsack's terms.
-
-    Attributes:
-        assignment: unit -> option, or None without a primal solution.
-        dual_bound: the solver's lower bound on the model's objective (None when it has none
-            or the termination does not vouch for it).
-        infeasible: the solver proved the model infeasible.
-        termination: the MathOpt termination reason and detail, for the certificate.
-    """
-
-    assignment: dict[str, str] | None
-    dual_bound: float | None
-    infeasible: bool
-    termination: str
-
-
-def read_result(problem: Problem, form: MipFormulation, result: Any, backend: str) -> MipAnswer:
-    """Map a MathOpt ``SolveResult`` to a ``MipAnswer``.
-
-    ``INFEASIBLE_OR_UNBOUNDED`` counts as infeasible: the model is bounded (x binary, y fixed by
-    x, t ≥ 0, w in [0, 1]), so only infeasibility is left.
-
-    Raises:
-        SolverError: the solver ended in an error (numerical, unbounded, other).
-    """
-    from ortools.math_opt.python import mathopt
-
-    reasons = mathopt.TerminationReason
-    term = result.termination
-    text = f"{term.reason.name}" + (f" ({term.detail})" if term.detail else "")
-    if term.reason in (reasons.INFEASIBLE, reasons.INFEASIBLE_OR_UNBOUNDED):
-        return MipAnswer(None, None, True, text)
-    if term.reason in (reasons.UNBOUNDED, reasons.NUMERICAL_ERROR, reasons.OTHER_ERROR):
-        raise SolverError(f"{backend}: the solver ended in {text}")
-    dual = term.objective_bounds.dual_bound / form.objective_scale
-    if term.reason == reasons.IMPRECISE or not math.isfinite(dual):
-        dual = None
-    assignment = None
-    if result.has_primal_feasible_solution():
-        values = np.asarray(result.variable_values(form.x), dtype=np.float64)
-        assignment = read_assignment(problem, values)
-    return MipAnswer(assignment, dual, False, text)
-
-
-def budget_excess(problem: Problem, assignment: dict[str, str]) -> dict[str, float]:
-    """Resource -> amount by which ``assignment`` exceeds its limit beyond ``evaluate``'s tolerance.
-
-    A solver accepts rows violated by its feasibility tolerance (~1e-6 of the scaled row);
-    bitsack's own check is stricter (1e-9), so a backend tightens those rows and solves again.
-    """
-    from bitsack.solver.solution import FEASIBILITY_TOL
-
-    arrays = problem.arrays
-    start = arrays.start
-    chosen = np.array([start[ui] + [o.id for o in u.options].index(assignment[u.id])
-                       for ui, u in enumerate(problem.units)], dtype=np.int64)
-    out = {}
-    for res in problem.resources:
-        if res.limit is None:
-            continue
-        excess = float(np.sum(arrays.cost[res.name][chosen])) - res.limit
-        if excess > FEASIBILITY_TOL * max(1.0, abs(res.limit)):
-            out[res.name] = excess
-    return out
-
-
-def tighten_budgets(form: MipFormulation, excess: dict[str, float]) -> None:
-    """Lower the ``budget[r]`` rows by twice the observed excess (see ``budget_excess``)."""
-    for name, amount in excess.items():
-        row, scale = form.budget_rows[name]
-        con = form.model.get_linear_constraint(row)
-        con.upper_bound = con.upper_bound - 2.0 * amount / scale
-
-
-def hint_params(form: MipFormulation, problem: Problem, plan: dict[str, str]) -> Any:
-    """``ModelSolveParameters`` carrying ``plan`` as a solution hint on x and y = √σ·Ux.
-
-    y is given too because completing a partial hint is a sub-MIP for SCIP: with only x
-    hinted, the 7B-shaped MIQP spent its whole minute there and never proved a bound. The
-    solver completes the z literals, w and t (few, or cheap) itself.
-    """
-    from ortools.math_opt.python import mathopt
-
-    from bitsack.solver.solution import option_vector
-
-    chosen = np.zeros(problem.n_options, dtype=bool)
-    chosen[option_vector(problem, plan)] = True
-    values = {xi: float(c) for xi, c in zip(form.x, chosen, strict=True)}
-    if form.y and form.U is not None:
-        y = form.U[:, chosen].sum(axis=1)
-        values.update({yk: float(v) for yk, v in zip(form.y, y, strict=True)})
-    return mathopt.ModelSolveParameters(
-        solution_hints=[mathopt.SolutionHint(variable_values=values)])
-
-
-def additive_plan(problem: Problem, solver_type: Any, backend: str, options: Any,
-                  time_limit_s: float | None) -> tuple[dict[str, str] | None, MipAnswer]:
-    """The best plan with the interactions left out (the plain multiple-choice knapsack).
-
-    The interactions are a correction to the standalone losses, so this plan is close to the
-    optimum: a starting point (hint, first tangent point). Its bound is not a bound of the
-    problem and is not returned. The plan is None if it misses a budget by the solver's
-    tolerance (a hint must be feasible to help).
-    """
-    from dataclasses import replace
-
-    form = build_mip(replace(problem, interactions=None))
-    params = solve_params(options, time_limit_s=time_limit_s, rel_gap=options.rel_gap,
-                          objective_scale=form.objective_scale,
-                          threads=solver_type.name != "HIGHS")
-    answer = read_result(problem, form, run_mathopt(form.model, solver_type, backend, params),
-                         backend)
-    plan = answer.assignment
-    if plan is not None and budget_excess(problem, plan):
-        plan = None
-    return plan, answer

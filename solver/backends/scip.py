@@ -26,69 +26,53 @@ what stops it (then where it stopped depends on the machine's speed).
 
 from __future__ import annotations
 
-import functools
-
 from bitsack.errors import SolverError
-from bitsack.solver.backends.base import (
-    SolveOptions,
-    Stopwatch,
-    check_params,
-    make_solution,
-    register,
-)
-from bitsack.solver.backends.mathopt_model import (
+from bitsack.solver.backends.base import SolveOptions, Stopwatch, register
+from bitsack.solver.backends.mathopt_base import (
+    MathOptBackend,
+    MathOptRun,
     additive_plan,
     budget_excess,
-    build_mip,
     hint_params,
-    mathopt_solver_works,
-    ortools_version,
     read_result,
     run_mathopt,
     solve_params,
     tighten_budgets,
 )
+from bitsack.solver.backends.mathopt_model import build_mip
+from bitsack.solver.backends.outer import BUDGET_RETRIES, solve_outer
 from bitsack.solver.problem import Problem
-from bitsack.solver.solution import Solution
 
 _MODES = ("objective", "epigraph", "direct", "outer")
 
-#: Re-solves allowed to push a plan that violates a budget by the solver's tolerance back inside.
-_BUDGET_RETRIES = 2
-
-
-@functools.lru_cache(maxsize=1)
-def _available() -> bool:
-    return mathopt_solver_works("GSCIP")
-
 
 @register
-class ScipBackend:
+class ScipBackend(MathOptBackend):
     """OR-Tools MathOpt + SCIP: exact MIP, MIQP with interactions."""
 
     name = "scip"
+    solver_type = "GSCIP"
+    params = ("interactions",)
 
-    @classmethod
-    def is_available(cls) -> bool:
-        """True when OR-Tools imports and MathOpt's SCIP solves a trivial MIP."""
-        return _available()
-
-    def solve(self, problem: Problem, options: SolveOptions) -> Solution:
-        """Solve ``problem`` to ``options.rel_gap`` within ``options.time_limit_s``.
-
-        Raises:
-            SolverError: unknown ``params`` key or value, or SCIP failed.
-        """
-        from ortools.math_opt.python import mathopt
-
-        watch = Stopwatch()
-        check_params(self.name, options.params, ("interactions",))
+    def run(self, problem: Problem, options: SolveOptions, watch: Stopwatch) -> MathOptRun:
         mode = options.params.get("interactions", "objective")
         if mode not in _MODES:
             raise SolverError(f"params.interactions: {mode!r} is not a scip formulation; "
                               f"valid: {list(_MODES)}")
         if mode == "outer":
-            return self._outer(problem, options, watch)
+            # outer approximation (aggregated cuts), each MILP solved by SCIP: no dense
+            # y = Ux rows in SCIP's LP
+            return solve_outer(problem, options, watch, solver_type=self.solver_type,
+                               backend=self.name, cuts="aggregated", max_rounds=50,
+                               milp_gap=0.5 * options.rel_gap)
+        return self._direct(problem, options, watch, mode)
+
+    def _direct(self, problem: Problem, options: SolveOptions, watch: Stopwatch,
+                mode: str) -> MathOptRun:
+        """The MIP / MIQP in one SCIP solve (re-solved with tightened budget rows when a plan
+        meets a budget only up to SCIP's tolerance)."""
+        from ortools.math_opt.python import mathopt
+
         form = build_mip(problem, interactions=mode)
         build_s = watch()
 
@@ -109,7 +93,7 @@ class ScipBackend:
                 model_params = hint_params(form, problem, seed)
 
         answer = dual = None
-        for attempt in range(_BUDGET_RETRIES + 1):
+        for attempt in range(BUDGET_RETRIES + 1):
             params = solve_params(options, time_limit_s=remaining(), rel_gap=options.rel_gap,
                                   objective_scale=form.objective_scale)
             result = run_mathopt(form.model, mathopt.SolverType.GSCIP, self.name, params,
@@ -128,52 +112,7 @@ class ScipBackend:
         assignment = answer.assignment
         if assignment is not None and budget_excess(problem, assignment):
             assignment = None  # retries exhausted: report no plan rather than a violating one
-
-        used = {
-            "interactions": mode if form.U is not None else None,
-            "time_limit_s": options.time_limit_s,
-            "rel_gap": options.rel_gap,
-            "abs_gap": options.abs_gap,
-            "seed": options.seed,
-            "threads": options.threads,
-            "termination": terminations,
-            "build_s": round(build_s, 3),
-            **form.counts,
-        }
-        return make_solution(
-            problem, assignment=assignment, dual_bound=dual, solver=self.name,
-            solver_version=f"ortools {ortools_version()} (MathOpt GSCIP)", options=options,
-            wall_time_s=watch(), params=used, infeasible=answer.infeasible,
-        )
-
-    def _outer(self, problem: Problem, options: SolveOptions, watch: Stopwatch) -> Solution:
-        """``interactions="outer"``: the ``highs`` backend's outer approximation (aggregated
-        cuts), each MILP solved by SCIP — no dense y = Ux rows in SCIP's LP."""
-        from bitsack.solver.backends.highs import OuterApproximation
-
-        form = build_mip(problem, interactions="outer_aggregated")
-        build_s = watch()
-        run = OuterApproximation(problem, options, form, watch, 0.5 * options.rel_gap, "GSCIP",
-                                 self.name)
-        if form.U is None:
-            run.solve_milp()
-        else:
-            run.outer_approximation("aggregated", 50)
-        used = {
-            "interactions": None if form.U is None else "outer approximation, aggregated cuts",
-            "time_limit_s": options.time_limit_s,
-            "rel_gap": options.rel_gap,
-            "abs_gap": options.abs_gap,
-            "seed": options.seed,
-            "threads": options.threads,
-            "rounds": run.rounds,
-            "cuts_added": run.cuts_added,
-            "termination": run.terminations,
-            "build_s": round(build_s, 3),
-            **form.counts,
-        }
-        return make_solution(
-            problem, assignment=run.best, dual_bound=run.lower, solver=self.name,
-            solver_version=f"ortools {ortools_version()} (MathOpt GSCIP)", options=options,
-            wall_time_s=watch(), params=used, infeasible=run.infeasible,
-        )
+        return MathOptRun(form=form, assignment=assignment, dual_bound=dual,
+                          infeasible=answer.infeasible, build_s=build_s,
+                          params={"interactions": mode if form.U is not None else None,
+                                  "termination": terminations})

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitsack.errors import ValidationError
+
+if TYPE_CHECKING:
+    from bitsack.solver.problem import ProblemSettings
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class UnitShape:
 
 class CostModel:
     """Base class of cost models. Subclasses set ``name`` and ``resources`` and implement
-    ``cost``; ``bits == 0`` means the unit is pruned."""
+    ``cost(unit, bits, group_size)``; ``bits == 0`` means the unit is pruned, and
+    ``group_size`` is the option's own (explicit ``g<G>`` or the problem's default; see
+    ``option_costs``, which resolves an option id to both)."""
 
     name: str = ""
     resources: tuple[str, ...] = ()
@@ -83,12 +88,38 @@ def get_cost_model(name: str, **kwargs: Any) -> CostModel:
     return _COST_MODELS[name](**kwargs)
 
 
-def option_costs(models: Sequence[CostModel], unit: UnitShape, bits: int,
-                 group_size: int) -> dict[str, float]:
-    """Costs of one option under several cost models (their resources must not overlap)."""
+def option_costs(models: Sequence[CostModel], unit: UnitShape, option: str | int,
+                 settings: ProblemSettings | int) -> dict[str, float]:
+    """Costs of one option of ``unit`` under several cost models, each option priced with its
+    own group size.
+
+    Args:
+        models: cost models whose resources do not overlap.
+        unit: the unit's shapes.
+        option: an option id (``prune``, ``b<k>``, ``b<k>g<G>``). For callers written before
+            option ids carried group sizes, an int is read as the bit-width (0 = prune).
+        settings: the problem's settings; ``settings.group_size`` is what a plain ``b<k>``
+            means. An int is read as that default group size.
+
+    Returns:
+        resource -> cost.
+
+    Raises:
+        bitsack.errors.ValidationError: an invalid option id or settings, or a resource
+            defined by two models.
+    """
+    from bitsack.solver.problem import ProblemSettings, option_id, parse_option
+
+    if not isinstance(settings, ProblemSettings):
+        settings = ProblemSettings(group_size=settings)
+    if not isinstance(option, str):
+        option = option_id(option)
+    spec = parse_option(option)
+    # prune and b16 have no groups; the size functions ignore the group size for them
+    group_size = settings.group_size_of(spec) or settings.group_size
     out: dict[str, float] = {}
     for model in models:
-        for res, value in model.cost(unit, bits, group_size).items():
+        for res, value in model.cost(unit, spec.bits, group_size).items():
             if res in out:
                 raise ValidationError("cost_models", f"resource {res!r} is defined by two cost "
                                       "models; each resource needs exactly one")

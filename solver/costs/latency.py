@@ -129,10 +129,12 @@ class LatencyTable(CostModel):
 
     The JSON file maps resource -> unit kind -> bits -> microseconds per million parameters::
 
-        {"decode_latency_us": {"head_group": {"4": 1.9, "16": 6.8}, "mlp_group": {...}}}
+        {"decode_latency_us": {"head_group": {"4": 1.9, "3g128": 1.5, "16": 6.8}, ...}}
 
-    A unit's cost is ``params / 1e6 · value``; pruned units cost 0. A missing (kind, bits)
-    entry is an error naming it, never a silent zero.
+    A key ``"<bits>g<G>"`` prices that bit-width at group size G; a plain ``"<bits>"`` prices
+    every group size that has no key of its own. A unit's cost is ``params / 1e6 · value``;
+    pruned units cost 0. A missing (kind, bits) entry is an error naming it, never a silent
+    zero.
     """
 
     name = "latency-table"
@@ -157,12 +159,13 @@ class LatencyTable(CostModel):
             if bits == 0:
                 out[res] = 0.0
                 continue
-            try:
-                per_m = float(by_kind[unit.kind][str(bits)])
-            except KeyError:
+            row = by_kind.get(unit.kind)
+            key = f"{bits}g{group_size}"
+            if row is None or (key not in row and str(bits) not in row):
                 raise ValidationError(f"latency_table.{res}.{unit.kind}.{bits}",
-                                      f"missing in {self.path}; the table has kinds "
-                                      f"{sorted(by_kind)}") from None
+                                      f"missing in {self.path} (nor {key!r}); the table has "
+                                      f"kinds {sorted(by_kind)}")
+            per_m = float(row[key] if key in row else row[str(bits)])
             out[res] = unit.params / 1e6 * per_m
         return out
 

@@ -73,14 +73,20 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 
 def test_transformers_refuses_a_compressed_folder(tmp_path):
-    from transformers import AutoModelForCausalLM
+    import subprocess
+    import sys
 
     out = save_compressed(_compressed(), tmp_path / "c")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "bitsack"
     assert cfg["quantization_config"]["quant_method"] == "bitsack"
-    with pytest.raises(ValueError, match="bitsack"):
-        AutoModelForCausalLM.from_pretrained(out)
+    # without bitsack (here: it cannot be imported) transformers refuses the folder; with it,
+    # transformers loads the real packed model (tests/test_hf.py)
+    code = ("import sys; sys.modules['bitsack'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "ValueError" in proc.stderr and "bitsack" in proc.stderr
 
 
 def test_compress_cli_refuses_before_any_work(tmp_path, monkeypatch, capsys):

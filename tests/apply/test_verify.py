@@ -70,13 +70,13 @@ def test_eval_verify_reports_the_largest_ratio(fake_load_model, tmp_path, capsys
     assert set(got["per_module"]) == packed  # --verify-sample 0: every packed layer
 
 
-def test_eval_verify_exits_3_on_a_broken_bound(monkeypatch, fake_load_model, tmp_path, capsys):
+def test_eval_verify_exits_4_on_a_broken_bound(monkeypatch, fake_load_model, tmp_path, capsys):
     from bitsack.kernels.backends import TorchBackend
 
     original = TorchBackend.linear
     monkeypatch.setattr(TorchBackend, "linear", lambda self, layer, x: original(
         self, layer, x).to(torch.bfloat16).to(x.dtype))
-    assert _eval_cli(fake_load_model, tmp_path, _compressed()) == 3
+    assert _eval_cli(fake_load_model, tmp_path, _compressed()) == 4  # ExitCode.VERIFY_FAILED
     assert "exceeded its computed error bound" in capsys.readouterr().err
 
 

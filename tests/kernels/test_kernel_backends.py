@@ -28,21 +28,23 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FP16_MAX = 65504.0
 
 
-def _layer(seed: int, rows: int, cols: int, g: int, pieces: list[int], axis: int,
+def _layer(seed: int, rows: int, cols: int, g: int | list[int], pieces: list[int], axis: int,
            log_mag: float, bias: bool) -> PackedLinear:
-    """A layer of len(pieces) segments along ``axis`` with the given bit-widths."""
+    """A layer of len(pieces) segments along ``axis`` with the given bit-widths.
+
+    ``g`` is one group size or one per piece; cuts fall anywhere (a column segment is grouped
+    inside itself, so its groups need not align with the matrix's, and may be ragged).
+    """
     rng = np.random.default_rng(seed)
     w = torch.from_numpy(rng.standard_normal((rows, cols)) * 10.0**log_mag).float()
     n = rows if axis == 0 else cols
-    unit = g if axis == 1 else 1
-    # split n into len(pieces) non-empty ranges on unit boundaries
-    k = min(len(pieces), n // unit)
-    cuts = sorted(rng.choice(np.arange(1, n // unit), size=k - 1, replace=False) * unit) \
-        if k > 1 else []
+    k = min(len(pieces), n)
+    cuts = sorted(rng.choice(np.arange(1, n), size=k - 1, replace=False)) if k > 1 else []
     bounds = [0, *[int(c) for c in cuts], n]
-    ranges = [(bounds[i], bounds[i + 1], pieces[i]) for i in range(k)]
+    gs = g if isinstance(g, list) else [g] * len(pieces)
+    ranges = [(bounds[i], bounds[i + 1], pieces[i], gs[i]) for i in range(k)]
     b = torch.from_numpy(rng.standard_normal(rows) * 10.0**log_mag).float() if bias else None
-    return PackedLinear.from_dense(w, ranges, g, axis=axis, bias=b)
+    return PackedLinear.from_dense(w, ranges, 1, axis=axis, bias=b)
 
 
 def _input(seed: int, batch: int, cols: int, xlog: float, dtype: torch.dtype) -> torch.Tensor:
@@ -51,8 +53,8 @@ def _input(seed: int, batch: int, cols: int, xlog: float, dtype: torch.dtype) ->
 
 
 layer_args = dict(
-    seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 20), ngroups=st.integers(1, 4),
-    g=st.sampled_from([8, 16, 32, 48, 64]),
+    seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 20), cols=st.integers(1, 200),
+    g=st.lists(st.sampled_from([1, 7, 8, 16, 32, 48, 64, 128]), min_size=3, max_size=3),
     pieces=st.lists(st.sampled_from([*BITS, 16]), min_size=1, max_size=3),
     axis=st.sampled_from([0, 1]), log_mag=st.floats(-5, 2), xlog=st.floats(-4, 3),
     bias=st.booleans(), batch=st.integers(1, 12), dtype=st.sampled_from(DTYPES),
@@ -66,10 +68,11 @@ def _fits_fp16(layer: PackedLinear, x: torch.Tensor) -> bool:
 
 @settings(max_examples=120, deadline=None)
 @given(**layer_args)
-def test_torch_backend_within_bound(seed, rows, ngroups, g, pieces, axis, log_mag, xlog, bias,
+def test_torch_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, xlog, bias,
                                     batch, dtype):
-    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, bias)
-    x = _input(seed, batch, ngroups * g, xlog, dtype)
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, bias)
+    layer.backend = "torch"
+    x = _input(seed, batch, cols, xlog, dtype)
     assume(_fits_fp16(layer, x))
     y_ref = reference_output(layer, x)
     y = layer(x)
@@ -78,9 +81,117 @@ def test_torch_backend_within_bound(seed, rows, ngroups, g, pieces, axis, log_ma
     assert bool(((y.double() - y_ref).abs() <= bound).all())
 
 
+@settings(max_examples=150, deadline=None)
+@given(**{**layer_args,
+          "pieces": st.lists(st.sampled_from([*BITS, 5, 6, 7, 16]), min_size=1, max_size=3),
+          "dtype": st.sampled_from([*DTYPES, torch.float64])})
+def test_cpu_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, xlog, bias, batch,
+                                  dtype):
+    # the default backend: fused GEMV for batch ≤ GEMV_MAX_BATCH, tiles + BLAS above; every
+    # width 1..8 (word-straddling ones included), ragged groups, a group size per segment
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, bias)
+    assert layer.backend == "cpu"
+    x = _input(seed, batch, cols, xlog, dtype)
+    assume(_fits_fp16(layer, x))
+    y_ref = reference_output(layer, x)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (batch, rows)
+    bound = layer_error_bound(layer, x, "cpu", y_ref=y_ref)
+    assert bool(((y.double() - y_ref).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("g", [16, 32, 48, 128])
+def test_cpu_gemv_larger_shapes(bits, g):
+    # rows not a multiple of the kernel's 4-row blocks, the last rows' 16-word loads near the
+    # end of the buffer, widths not a multiple of 32, a column split into two segments
+    for rows, cols, axis, pieces in ((67, 1000, 0, [bits]), (9, 577, 1, [bits, 16, bits])):
+        layer = _layer(bits * 100 + g, rows, cols, g, pieces, axis, 0.0, True)
+        for batch in (1, 5, GEMV_MAX_BATCH + 1):
+            x = _input(g, batch, cols, 0.0, torch.float32)
+            y_ref = reference_output(layer, x)
+            bound = layer_error_bound(layer, x, "cpu", y_ref=y_ref)
+            assert bool(((layer(x).double() - y_ref).abs() <= bound).all()), (rows, batch)
+
+
+def test_cpu_plan_follows_the_buffers():
+    torch.manual_seed(2)
+    layer = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    other = PackedLinear.from_dense(torch.randn(16, 64), 4, 32)
+    x = torch.randn(1, 64)
+    y = layer(x)
+    layer.load_state_dict(PackedLinear.from_dense(torch.randn(16, 64), 3, 32).state_dict())
+    assert not torch.equal(layer(x), y)  # reloaded in place: new values, same plan is fine
+    # buffers replaced by assignment: the plan is rebuilt, never reads freed memory
+    for name in ("seg0_qdata", "seg0_scale", "seg0_zero"):
+        setattr(layer, name, getattr(other, name).clone())
+    layer._meta = other._meta
+    assert torch.equal(layer(x), other(x))
+    # a deep copy holds new buffers: its plan must point at them, not at the original's
+    import copy
+
+    clone = copy.deepcopy(layer)
+    want = layer(x)
+    del layer, other
+    assert torch.equal(clone(x), want)
+    plan = clone.__dict__["_cpu_plan"][1][0]
+    assert plan[7] == clone.seg0_qdata.data_ptr()
+
+
+def test_cpu_backend_torch_fallback(monkeypatch, tmp_path):
+    # Where the C++ library cannot be built, the cpu backend runs its torch path (same
+    # tiles, torch unpack) within the same bound.
+    from bitsack.kernels import cpu_build
+    from bitsack.kernels.backends import _reset_native
+
+    monkeypatch.setenv("BITSACK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    _reset_native()
+    try:
+        assert get_backend("cpu").native() is None
+        assert "no C++ compiler" in cpu_build.load_error()
+        assert not list(tmp_path.rglob("*.so"))
+        for pieces, axis in (([3, 16, 5], 0), ([2, 7], 1)):
+            layer = _layer(5, 37, 150, [64, 7, 32], pieces, axis, 0.0, True)
+            for batch in (1, 40):
+                x = _input(5, batch, 150, 0.0, torch.float32)
+                y_ref = reference_output(layer, x)
+                bound = layer_error_bound(layer, x, "cpu", y_ref=y_ref)
+                assert bool(((layer(x).double() - y_ref).abs() <= bound).all())
+        # a compiler that fails: also a clean fallback, with its message
+        bad = tmp_path / "bad-cxx"
+        bad.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 3\n")
+        bad.chmod(0o755)
+        monkeypatch.setenv("CXX", str(bad))
+        _reset_native()
+        assert get_backend("cpu").native() is None
+        assert "broken compiler" in cpu_build.load_error()
+        monkeypatch.setenv("BITSACK_CPU_KERNELS", "0")
+        _reset_native()
+        assert get_backend("cpu").native() is None
+        assert "disabled" in cpu_build.load_error()
+    finally:
+        monkeypatch.undo()
+        _reset_native()
+
+
+def test_cpu_build_is_cached(monkeypatch, tmp_path):
+    from bitsack.kernels import cpu_build
+
+    if cpu_build._compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.setenv("BITSACK_CACHE_DIR", str(tmp_path))
+    lib = cpu_build.build()
+    assert lib.is_file() and lib.parent.parent == tmp_path / "cpu-kernels"
+    stamp = lib.stat().st_mtime_ns
+    assert cpu_build.build() == lib and lib.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in lib.parent.iterdir()] == ["bitsack_cpu.so"]  # no temporaries
+
+
 def test_bound_is_not_vacuous():
     # for fp32 the bound is γ_n·Σ|ŵx| (plus float64 crumbs), and the error really is nonzero
     layer = _layer(0, 64, 512, 32, [4], 0, 0.0, False)
+    layer.backend = "torch"
     x = _input(0, 4, 512, 0.0, torch.float32)
     y_ref = reference_output(layer, x)
     bound = layer_error_bound(layer, x, "torch", y_ref=y_ref)
@@ -94,17 +205,18 @@ def test_bound_is_not_vacuous():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), ngroups=st.integers(1, 3),
-       g=st.sampled_from([8, 16, 32, 48]),
-       pieces=st.lists(st.sampled_from([*BITS, 16]), min_size=1, max_size=3),
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 9), cols=st.integers(1, 150),
+       g=st.lists(st.sampled_from([7, 8, 16, 32, 48, 64, 128]), min_size=3, max_size=3),
+       pieces=st.lists(st.sampled_from([*BITS, 5, 6, 7, 16]), min_size=1, max_size=3),
        axis=st.sampled_from([0, 1]), batch=st.integers(1, GEMV_MAX_BATCH),
        log_mag=st.floats(-4, 2))
-def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, ngroups, g, pieces, axis, batch,
+def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, cols, g, pieces, axis, batch,
                                                    log_mag):
     # The cupy backend's own launch plan (segments, offsets, accumulate flags, grid), run
-    # through the NumPy port of the kernels, against the float64 reference.
-    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, False)
-    x = _input(seed, batch, ngroups * g, 0.0, torch.float32)
+    # through the NumPy port of the kernels, against the float64 reference; ragged groups
+    # and a group size per segment included.
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, False)
+    x = _input(seed, batch, cols, 0.0, torch.float32)
     y = torch.full((batch, rows), float("nan"), dtype=torch.float32)  # unwritten stays NaN
     for launch in gemv_plan(layer, x, y):
         emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
@@ -114,13 +226,13 @@ def test_cupy_gemv_plan_emulated_matches_reference(seed, rows, ngroups, g, piece
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-@pytest.mark.parametrize("g", [8, 32, 40])
+@pytest.mark.parametrize("g", [8, 32, 40, [64, 7, 32, 128]])
 def test_cupy_dequant_plan_emulated_is_exact(axis, g):
-    layer = _layer(7 * g + axis, 6, 4 * g, g, [3, 16, 8, 1], axis, 0.0,
-                   False)
+    cols = 150  # ragged last groups at every group size here
+    layer = _layer(7 * len(str(g)) + axis, 6, cols, g, [3, 16, 8, 1], axis, 0.0, False)
     want = reference_weight(layer)
     for dt in (torch.float32, torch.float16):
-        w = torch.full((6, 4 * g), float("nan"), dtype=dt)
+        w = torch.full((6, cols), float("nan"), dtype=dt)
         for launch in dequant_plan(layer, w):
             emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
         np.testing.assert_array_equal(w.numpy(), want.astype(w.numpy().dtype))
@@ -155,8 +267,8 @@ def test_reference_backend_spec():
 
 def test_backend_registry():
     assert {"reference", "torch"} <= set(available_backends())
-    with pytest.raises(ValidationError, match="backend: 'triton' is unknown; valid: cupy, "
-                                              "reference, torch"):
+    with pytest.raises(ValidationError, match="backend: 'triton' is unknown; valid: cpu, "
+                                              "cupy, reference, torch"):
         get_backend("triton")
     layer = _layer(0, 4, 32, 16, [4], 0, 0.0, False)
     with pytest.raises(ValidationError, match="backend: 'nope' is unknown"):
@@ -189,7 +301,13 @@ def test_packed_linear_module():
         PackedLinear(64, 24, [layer.segments[0], Segment.from_fp16(torch.zeros(24, 64), 1, 8)])
     with pytest.raises(ValidationError, match="x: last dim 63; valid: 64"):
         layer(torch.randn(63))
-    with pytest.raises(ValidationError, match="segment.group_size: 24 does not divide"):
+    with pytest.raises(ValidationError, match="segment.group_size: 0; valid: a positive"):
+        Segment(0, 0, 2, 4, 0, (2, 64), qdata=torch.zeros(2, 8, dtype=torch.uint32),
+                scale=torch.zeros(2, 2, dtype=torch.float16),
+                zero=torch.zeros(2, 2, dtype=torch.float16))
+    # group size 24 of 64 columns: 3 groups (24, 24, 16), so scale [2, 3]
+    with pytest.raises(ValidationError, match=r"segment.scale: torch.float16 \[2, 2\]; valid: "
+                                              r"float16 \[2, 3\]"):
         Segment(0, 0, 2, 4, 24, (2, 64), qdata=torch.zeros(2, 8, dtype=torch.uint32),
                 scale=torch.zeros(2, 2, dtype=torch.float16),
                 zero=torch.zeros(2, 2, dtype=torch.float16))
@@ -197,12 +315,12 @@ def test_packed_linear_module():
 
 def test_weight_cache_is_exact_and_invalidated():
     torch.manual_seed(4)
-    layer = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    layer = PackedLinear.from_dense(torch.randn(16, 64), 3, 32, backend="torch")
     x = torch.randn(2, 64)
     y = layer(x)
     layer.cache_weight = True
     assert torch.equal(layer(x), y) and layer._weight_cache is not None
-    other = PackedLinear.from_dense(torch.randn(16, 64), 3, 32)
+    other = PackedLinear.from_dense(torch.randn(16, 64), 3, 32, backend="torch")
     layer.load_state_dict(other.state_dict())
     assert layer._weight_cache is None
     assert torch.equal(layer(x), other(x))
@@ -251,10 +369,10 @@ def _cupy_ready() -> bool:
 @pytest.mark.skipif(not _cupy_ready(), reason="no CUDA device / CuPy")
 @settings(max_examples=60, deadline=None)
 @given(**layer_args)
-def test_cupy_backend_within_bound(seed, rows, ngroups, g, pieces, axis, log_mag, xlog, bias,
+def test_cupy_backend_within_bound(seed, rows, cols, g, pieces, axis, log_mag, xlog, bias,
                                    batch, dtype):
-    layer = _layer(seed, rows, ngroups * g, g, pieces, axis, log_mag, bias)
-    x = _input(seed, batch, ngroups * g, xlog, dtype)
+    layer = _layer(seed, rows, cols, g, pieces, axis, log_mag, bias)
+    x = _input(seed, batch, cols, xlog, dtype)
     assume(_fits_fp16(layer, x))
     y_ref = reference_output(layer, x)
     bound = layer_error_bound(layer, x, "cupy", y_ref=y_ref)

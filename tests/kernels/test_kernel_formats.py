@@ -105,7 +105,8 @@ def test_sizes_match_real_bytes():
 
     rng = np.random.default_rng(0)
     for bits in (1, 2, 3, 4, 8):
-        for rows, cols, g in ((3, 96, 32), (5, 40, 8), (1, 35, 5), (7, 128, 128)):
+        for rows, cols, g in ((3, 96, 32), (5, 40, 8), (1, 35, 5), (7, 128, 128), (2, 576, 128),
+                              (3, 35, 8), (1, 5, 64)):
             w = torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32))
             layer = PackedLinear.from_dense(w, bits, g)
             (seg,) = layer.segments
@@ -117,6 +118,17 @@ def test_sizes_match_real_bytes():
     assert layer.nbytes == real == packed_nbytes(2, 64, 16, 16) + packed_nbytes(2, 64, 3, 16)
 
 
+def test_ragged_sizes_worked_example():
+    # SmolLM2's 576-wide rows at group size 128: groups 128, 128, 128, 128, 64 (5 groups).
+    # 3 bits: ceil(3·576/32) = 54 words = 216 bytes, plus 5 · 4 bytes of scale + zero.
+    assert packed_nbytes(1, 576, 3, 128) == 216 + 20
+    assert packed_nbytes(10, 576, 4, 128) == 10 * (72 * 4 + 5 * 4)
+    # a group larger than the row: one (short) group
+    assert packed_nbytes(1, 40, 2, 128) == 3 * 4 + 4
+    # bits/weight of the menu (DESIGN.md / issue 13): 3g128 on 4096 columns = 3.25
+    assert packed_nbytes(1, 4096, 3, 128) * 8 / 4096 == 3.25
+
+
 def test_errors_name_field_value_and_valid():
     with pytest.raises(ValidationError, match=r"bits: 9 has no packed layout; valid: 1\.\.8"):
         pack(np.zeros((1, 4), np.uint8), 9)
@@ -126,8 +138,8 @@ def test_errors_name_field_value_and_valid():
         unpack(np.zeros((1, 2), np.uint32), 4, 8)
     with pytest.raises(ValidationError, match=r"codes: shape \(4,\) is not 2-D"):
         pack(np.zeros(4, np.uint8), 4)
-    with pytest.raises(ValueError, match="group_size: 5 does not divide"):
-        packed_nbytes(2, 64, 4, 5)
+    with pytest.raises(ValueError, match="group_size: 0; valid: a positive integer"):
+        packed_nbytes(2, 64, 4, 0)
     assert PackFormat.for_bits(3) is PackFormat.BITSTREAM_U32
     assert PackFormat.for_bits(16) == "fp16"
 

@@ -12,8 +12,11 @@ from bitsack.errors import NumericalError, ValidationError
 from bitsack.kernels.bounds import RTN_SLACK, rtn_error_bound
 from bitsack.kernels.quantizers import (
     GPTQ,
+    GPTQResult,
     QuantizedTensor,
+    SegmentSpec,
     available_quantizers,
+    dequantize_codes,
     fake_quantize,
     get_quantizer,
     rtn_quantize,
@@ -30,20 +33,27 @@ def _weights(seed: int, rows: int, cols: int, log_mag: float, offset: float = 0.
 
 
 @settings(max_examples=120, deadline=None)
-@given(bits=st.sampled_from(BITS), rows=st.integers(1, 6), ngroups=st.integers(1, 4),
-       group_size=st.sampled_from([1, 3, 8, 32, 40]), log_mag=st.floats(-6, 3),
+@given(bits=st.sampled_from(BITS), rows=st.integers(1, 6), cols=st.integers(1, 170),
+       group_size=st.sampled_from([1, 3, 8, 32, 40, 64, 128]), log_mag=st.floats(-6, 3),
        offset=st.sampled_from([0.0, 3.0, -50.0]), xlog=st.floats(-4, 4),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        seed=st.integers(0, 2**32 - 1))
-def test_rtn_within_bound_of_unquantized(bits, rows, ngroups, group_size, log_mag, offset,
+def test_rtn_within_bound_of_unquantized(bits, rows, cols, group_size, log_mag, offset,
                                          xlog, dtype, seed):
-    cols = ngroups * group_size
+    # any width: the last group is short when group_size does not divide cols
     w = _weights(seed, rows, cols, log_mag, offset, dtype)
     qt = rtn_quantize(w, bits, group_size)
+    assert qt.scale.shape == (rows, -(-cols // group_size))
     w64 = w.to(torch.float64)
     what = qt.dequantize(torch.float64)
+    # each group's parameters are the min-max of its own columns (the short one's too)
+    for gi in range(qt.scale.shape[1]):
+        ref = rtn_quantize(w[:, gi * group_size:(gi + 1) * group_size].contiguous(), bits,
+                           group_size)
+        assert torch.equal(ref.scale[:, 0], qt.scale[:, gi])
+        assert torch.equal(ref.codes, qt.codes[:, gi * group_size:(gi + 1) * group_size])
     # per element: |ŵ − w| ≤ s/2 (stored scale) up to RTN_SLACK
-    s = qt.scale.to(torch.float64).repeat_interleave(group_size, dim=1)
+    s = qt.scale.to(torch.float64).repeat_interleave(group_size, dim=1)[:, :cols]
     assert bool(((what - w64).abs() <= s / 2 * RTN_SLACK).all())
     # per output, against any input: the documented bound
     rng = np.random.default_rng(seed + 1)
@@ -58,6 +68,29 @@ def test_rtn_within_bound_of_unquantized(bits, rows, ngroups, group_size, log_ma
     assert torch.equal(qt.dequantize(torch.float32).to(torch.float64), what)
 
 
+@settings(max_examples=100, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 300), group_size=st.integers(1, 160),
+       bits=st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]), seed=st.integers(0, 2**32 - 1))
+def test_dequantize_and_pack_any_group_size(rows, cols, group_size, bits, seed):
+    # dequantize_codes against the definition, column by column: column j uses group j // G
+    from bitsack.kernels.formats import pack, unpack
+
+    g = torch.Generator().manual_seed(seed)
+    ngroups = -(-cols // group_size)
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=g, dtype=torch.int64)
+    codes = codes.to(torch.uint8)
+    scale = (torch.rand(rows, ngroups, generator=g) + 0.01).half()
+    zero = torch.randint(0, 2**bits, (rows, ngroups), generator=g).half()
+    got = dequantize_codes(codes, scale, zero, group_size)
+    for j in range(cols):
+        gi = j // group_size
+        want = scale[:, gi].float() * (codes[:, j].float() - zero[:, gi].float())
+        assert torch.equal(got[:, j], want)
+    qt = QuantizedTensor(codes, scale, zero, bits, group_size)
+    assert torch.equal(unpack(pack(qt.codes, bits), bits, cols), codes)
+    assert torch.equal(qt.dequantize(), got)
+
+
 def test_rtn_worked_example():
     # One group [-1, 0, 0.5, 2] at 2 bits: range [-1, 2], s = 3/3 = 1 (exact in fp16),
     # z = round(1/1) = 1, q = round(x/s + z) = [0, 1, 2 (1.5 rounds to even), 3].
@@ -66,6 +99,30 @@ def test_rtn_worked_example():
     assert qt.codes.tolist() == [[0, 1, 2, 3]]
     assert qt.scale.tolist() == [[1.0]] and qt.zero.tolist() == [[1.0]]
     assert qt.dequantize().tolist() == [[-1.0, 0.0, 1.0, 2.0]]
+
+
+def test_rtn_worked_example_ragged_last_group():
+    # 6 columns at group size 4: groups [0, 4) and the short [4, 6), each with its own
+    # parameters. Group 0 = [-1, 0, 0.5, 2] as above. Group 1 = [0.25, 1.0] at 2 bits: range
+    # [0, 1] (0 is always in range), s = 1/3 rounded up to fp16 = 0.333496…(0x3556),
+    # z = round(0/s) = 0, q = round([0.25, 1.0]/s) = [round(0.7496), round(2.9985)] = [1, 3].
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0, 0.25, 1.0]])
+    qt = rtn_quantize(w, 2, 4)
+    s1 = torch.tensor([0x3556], dtype=torch.int16).view(torch.float16)
+    assert qt.scale.shape == (1, 2) and qt.zero.tolist() == [[1.0, 0.0]]
+    assert torch.equal(qt.scale[0, 1:], s1)
+    assert qt.codes.tolist() == [[0, 1, 2, 3, 1, 3]]
+    s = float(s1)
+    assert qt.dequantize().tolist() == [[-1.0, 0.0, 1.0, 2.0, s, 3 * s]]
+    # the same numbers through the packed layer and the reference backend
+    from bitsack.kernels.backends import reference_weight
+    from bitsack.kernels.packed import PackedLinear
+
+    layer = PackedLinear.from_quantized([qt], 0)
+    assert layer.segments[0].scale.shape == (1, 2)
+    # packed bits (independent of the grouping): 0 | 1<<2 | 2<<4 | 3<<6 | 1<<8 | 3<<10
+    assert layer.segments[0].qdata.view(torch.int32).tolist() == [[0xDE4]]
+    assert torch.equal(torch.from_numpy(reference_weight(layer)).float(), qt.dequantize())
 
 
 def test_scale_rounded_up_to_fp16():
@@ -91,8 +148,8 @@ def test_degenerate_groups():
 
 def test_rtn_errors():
     w = torch.randn(4, 12)
-    with pytest.raises(ValidationError, match=r"group_size: 5 does not divide the 12 columns"):
-        rtn_quantize(w, 4, 5)
+    with pytest.raises(ValidationError, match=r"group_size: 0; valid: a positive integer"):
+        rtn_quantize(w, 4, 0)
     with pytest.raises(ValidationError, match=r"bits: 0 has no packed layout; valid: 1\.\.8"):
         rtn_quantize(w, 0, 4)
     with pytest.raises(ValidationError, match=r"bits: 16 has no packed layout; valid: 1\.\.8"):
@@ -260,3 +317,154 @@ def test_gptq_errors():
     sq.add_batch(torch.randn(10, 16))
     with pytest.raises(ValidationError, match="bits_axis: None is ambiguous"):
         sq.quantize(torch.randn(2, 16), torch.tensor([2, 3]), 8)
+
+
+# ------------------------------------------------------------------------------------------
+# GPTQ over segments
+# ------------------------------------------------------------------------------------------
+
+
+def _gptq(cols: int, seed: int = 11) -> GPTQ:
+    gp = GPTQ(cols)
+    gp.add_batch(_correlated(seed, 4 * cols + 64, cols))
+    return gp
+
+
+def _same(a: GPTQResult, b: GPTQResult) -> bool:
+    """Parts, weight and per-part losses equal bit for bit."""
+    if len(a.parts) != len(b.parts) or a.losses != b.losses or a.damp != b.damp:
+        return False
+    for p, q in zip(a.parts, b.parts, strict=True):
+        if isinstance(p, QuantizedTensor):
+            if not (isinstance(q, QuantizedTensor) and p.bits == q.bits
+                    and p.group_size == q.group_size and torch.equal(p.codes, q.codes)
+                    and torch.equal(p.scale, q.scale) and torch.equal(p.zero, q.zero)):
+                return False
+        elif not torch.equal(p, q):
+            return False
+    return torch.equal(a.weight, b.weight)
+
+
+OPTIONS = [(2, 32), (3, 64), (3, 128), (4, 48), (16, 128), (8, 7)]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("row_chunk", [None, 5])
+def test_stacked_copies_equal_separate_runs_bit_for_bit(act_order, row_chunk):
+    # K copies of W stacked as one [K·rows, cols] matrix, one row segment (option) per copy:
+    # every part must be exactly the result of quantizing W alone at that option.
+    rows, cols = 13, 150  # 150 = ragged at every group size here
+    torch.manual_seed(9)
+    w = torch.randn(rows, cols)
+    gp = _gptq(cols)
+    kw = dict(act_order=act_order, block_size=64, row_chunk=row_chunk)
+    stacked = w.repeat(len(OPTIONS), 1)
+    specs = [SegmentSpec(0, k * rows, (k + 1) * rows, b, g) for k, (b, g) in enumerate(OPTIONS)]
+    res = gp.quantize_segments(stacked, specs, **kw)
+    assert res.segments == tuple(specs) and len(res.parts) == len(OPTIONS)
+    for k, (b, g) in enumerate(OPTIONS):
+        alone = gp.quantize_segments(w, [SegmentSpec(0, 0, rows, b, g)], **kw)
+        one = GPTQResult(None, None, None, None, None, res.weight[k * rows:(k + 1) * rows],
+                         res.damp, res.losses[k], (res.parts[k],), (), (res.losses[k],))
+        assert _same(one, alone), (b, g)
+    assert res.loss == pytest.approx(sum(res.losses), rel=1e-12)
+
+
+def test_segments_match_the_whole_matrix_interface():
+    rows, cols, g = 12, 64, 16
+    torch.manual_seed(7)
+    w = torch.randn(rows, cols)
+    gp = _gptq(cols)
+    for act_order in (False, True):
+        old = gp.quantize(w, torch.tensor([2] * 4 + [4] * 4 + [16] * 4), g, bits_axis=0,
+                          act_order=act_order)
+        new = gp.quantize_segments(w, [SegmentSpec(0, 0, 4, 2, g), SegmentSpec(0, 4, 8, 4, g),
+                                       SegmentSpec(0, 8, 12, 16, g)], act_order=act_order)
+        torch.testing.assert_close(new.weight, old.weight, rtol=0, atol=1e-6)
+        assert new.loss == pytest.approx(old.loss, rel=1e-9)
+        assert torch.equal(new.parts[2], old.segment(0, 8, 12))
+        old_c = gp.quantize(w, torch.tensor([8, 3, 3, 2]), g, bits_axis=1, act_order=act_order)
+        new_c = gp.quantize_segments(w, [SegmentSpec(1, 0, 16, 8, g), SegmentSpec(1, 16, 48, 3, g),
+                                         SegmentSpec(1, 48, 64, 2, g)], act_order=act_order)
+        assert torch.equal(new_c.weight, old_c.weight)  # one piece of rows: same products
+        assert torch.equal(new_c.parts[1].codes, old_c.segment(1, 16, 48).codes)
+        assert new_c.loss == pytest.approx(old_c.loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_segment_groupings_per_row_and_per_column_range(act_order):
+    rows, cols = 10, 150
+    torch.manual_seed(3)
+    w = torch.randn(rows, cols)
+    gp = _gptq(cols)
+    # rows: three options with different group sizes (ragged last groups)
+    specs = [SegmentSpec(0, 0, 3, 3, 64), SegmentSpec(0, 3, 7, 4, 32),
+             SegmentSpec(0, 7, 10, 2, 128)]
+    res = gp.quantize_segments(w, specs, act_order=act_order)
+    for sp, part in zip(specs, res.parts, strict=True):
+        rtn = rtn_quantize(w[sp.start:sp.stop], sp.bits, sp.group_size)
+        ngroups = -(-cols // sp.group_size)
+        assert part.scale.shape == rtn.scale.shape == (sp.stop - sp.start, ngroups)
+        assert torch.equal(part.dequantize(), res.weight[sp.start:sp.stop])
+        assert int(part.codes.max()) <= 2**sp.bits - 1
+        if act_order:  # static groups: min-max of each row's own groups of the original W
+            assert torch.equal(part.scale, rtn.scale) and torch.equal(part.zero, rtn.zero)
+        else:  # dynamic: the first group is met before any update
+            assert torch.equal(part.scale[:, 0], rtn.scale[:, 0])
+    # columns: each range grouped from its own first column
+    cspecs = [SegmentSpec(1, 0, 50, 3, 32), SegmentSpec(1, 50, 51, 16, 64),
+              SegmentSpec(1, 51, 150, 4, 64)]
+    cres = gp.quantize_segments(w, cspecs, act_order=act_order)
+    assert cres.parts[0].scale.shape == (rows, 2) and cres.parts[2].scale.shape == (rows, 2)
+    assert cres.parts[1].dtype == torch.float16 and cres.parts[1].shape == (rows, 1)
+    for sp, part in zip(cspecs, cres.parts, strict=True):
+        got = part.float() if sp.bits == 16 else part.dequantize()
+        assert torch.equal(got, cres.weight[:, sp.start:sp.stop])
+    if act_order:
+        rtn = rtn_quantize(w[:, 51:150].contiguous(), 4, 64)
+        assert torch.equal(cres.parts[2].scale, rtn.scale)
+    assert cres.loss == pytest.approx(sum(cres.losses), rel=1e-12)
+    # GPTQ beats RTN on correlated inputs with these groupings too
+    x = _correlated(11, 4 * cols + 64, cols)
+    rtn_w = torch.cat([rtn_quantize(w[:, s.start:s.stop].contiguous(), s.bits, s.group_size)
+                       .dequantize() if s.bits != 16 else w[:, s.start:s.stop].half().float()
+                       for s in cspecs], dim=1)
+    assert _out_err(w, cres.weight, x) < _out_err(w, rtn_w, x)
+    # no weight requested: same parts
+    lean = gp.quantize_segments(w, cspecs, act_order=act_order, return_weight=False)
+    assert lean.weight is None and torch.equal(lean.parts[1], cres.parts[1])
+    assert torch.equal(lean.parts[2].codes, cres.parts[2].codes)
+    assert cres.segment(1, 51, 150) is cres.parts[2]
+    with pytest.raises(ValidationError, match="start:stop: axis 1 0:51 is not a segment"):
+        cres.segment(1, 0, 51)
+
+
+def test_segments_errors():
+    gp = _gptq(16)
+    w = torch.randn(4, 16)
+    with pytest.raises(ValidationError, match=r"segments\[1\].start: 3; valid: 2"):
+        gp.quantize_segments(w, [SegmentSpec(0, 0, 2, 4, 8), SegmentSpec(0, 3, 4, 4, 8)])
+    with pytest.raises(ValidationError, match=r"segments: cover 0:2; valid: exactly 0:4 \(rows\)"):
+        gp.quantize_segments(w, [SegmentSpec(0, 0, 2, 4, 8)])
+    with pytest.raises(ValidationError, match=r"segments\[1\].axis: 1; valid: 0"):
+        gp.quantize_segments(w, [SegmentSpec(0, 0, 2, 4, 8), SegmentSpec(1, 2, 16, 4, 8)])
+    with pytest.raises(ValidationError, match="segment.bits: 9 has no packed layout"):
+        SegmentSpec(0, 0, 2, 9, 8)
+    with pytest.raises(ValidationError, match="segment.group_size: 0; valid: a positive"):
+        SegmentSpec(0, 0, 2, 4, 0)
+    with pytest.raises(ValidationError, match="row_chunk: 0; valid: a positive integer"):
+        gp.quantize_segments(w, [SegmentSpec(0, 0, 4, 4, 8)], row_chunk=0)
+    with pytest.raises(ValidationError, match="segments: empty"):
+        gp.quantize_segments(w, [])
+
+
+def test_finiteness_check_by_blocks_sees_every_row():
+    from bitsack.kernels.quantizers import _all_finite
+
+    t = torch.zeros(50, 7, dtype=torch.float16)
+    assert _all_finite(t, block=16)
+    t[49, 6] = float("inf")
+    assert not _all_finite(t, block=16) and not _all_finite(t)
+    gp = _gptq(7)
+    with pytest.raises(ValidationError, match="weight: holds NaN or infinite"):
+        gp.quantize_segments(t, [SegmentSpec(0, 0, 50, 4, 4)])

@@ -66,9 +66,11 @@ def test_unsupported_architecture_names_it_and_supported_ones():
         get_adapter(fake)
     msg = str(info.value)
     assert "'bert'" in msg
-    for mt in ("gpt2", "llama", "mistral", "opt", "qwen2"):
+    supported = ["gemma", "gemma2", "gemma3_text", "gpt2", "llama", "mistral", "opt", "phi3",
+                 "qwen2", "qwen3"]
+    for mt in supported:
         assert mt in msg
-    assert supported_model_types() == ["gpt2", "llama", "mistral", "opt", "qwen2"]
+    assert supported_model_types() == supported
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

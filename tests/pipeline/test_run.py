@@ -34,19 +34,22 @@ def tiny(monkeypatch, tmp_path):
 def _cfg(tiny, out, **kw) -> RunConfig:
     calib, ev = tiny
     base = dict(model="tiny", out=str(out), avg_bits=3.0, calib=str(calib), eval=str(ev),
-                bits=(2, 3, 4), group_size=16, mlp_group=32, profile_nsamples=4,
-                profile_seqlen=24, compress_nsamples=4, compress_seqlen=24, eval_seqlen=32,
-                eval_windows=4, time_limit_s=10.0, frontier_points=3, solver="auto")
+                method="oneshot", bits=(2, 3, 4), group_size=16, mlp_group=32,
+                profile_nsamples=4, profile_seqlen=24, compress_nsamples=4, compress_seqlen=24,
+                eval_seqlen=32, eval_windows=4, time_limit_s=10.0, solver="auto",
+                menu=("b2g32", "b2g16", "b3g32", "b3g16", "b4g32", "b4g16", "b16"),
+                screen=(6, 24), select=(8, 24), holdout=(8, 24), search_budget=150.0,
+                search_k=4)
     base.update(kw)
     return RunConfig(**base)
 
 
-def test_run_writes_every_stage_and_a_consistent_summary(tiny, tmp_path):
+def test_oneshot_writes_every_stage_and_a_consistent_summary(tiny, tmp_path):
     out = tmp_path / "run"
     s = run(_cfg(tiny, out))
     for name in ("profile/problem.yaml", "profile/interactions.npz", "solution.json",
                  "model/bitsack.json", "eval.json", "eval_base.json", "summary.json",
-                 "report.md", "allocation.png", "frontier.png"):
+                 "report.md", "allocation.png"):
         assert (out / name).is_file(), name
     assert s.status in ("optimal", "feasible")
     assert s.reused == ()
@@ -54,49 +57,89 @@ def test_run_writes_every_stage_and_a_consistent_summary(tiny, tmp_path):
     assert s.bits_per_weight is not None and s.bits_per_weight <= 3.0 + 1e-9
     assert s.memory_after_bytes < s.memory_before_bytes
     assert s.ppl_before > 1 and s.ppl_after > 1
-    # measured = ln ppl_after - ln ppl_before, predicted = the solver's objective
     import math
     assert s.measured_loss_increase == pytest.approx(math.log(s.ppl_after / s.ppl_before))
     sol = json.loads((out / "solution.json").read_text())
     assert s.predicted_loss_increase == pytest.approx(sol["objective"])
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["schema"] == "bitsack.run/v1" and saved["ppl_after"] == s.ppl_after
-    assert "## Certificate" in (out / "report.md").read_text()
+    assert saved["schema"] == "bitsack.run/v2" and saved["ppl_after"] == s.ppl_after
+    assert "Certificate: status" in (out / "report.md").read_text()
 
 
 def test_run_resumes_finished_stages_and_redoes_what_changed(tiny, tmp_path):
     out = tmp_path / "run"
     first = run(_cfg(tiny, out))
     again = run(_cfg(tiny, out))
-    assert set(again.reused) == {"profile", "eval_base", "solve", "compress", "eval"}
+    assert set(again.reused) == {"eval_base", "compress", "eval"}
     assert again.ppl_after == first.ppl_after
     assert again.memory_after_bytes == first.memory_after_bytes
     # a new budget keeps the profile, re-solves, re-compresses, re-evaluates
     looser = run(_cfg(tiny, out, avg_bits=4.0))
-    assert looser.reused == ("profile", "eval_base")
+    assert set(looser.reused) == {"profile", "eval_base"}
     assert looser.bits_per_weight <= 4.0 + 1e-9
     assert looser.predicted_loss_increase <= first.predicted_loss_increase + 1e-12
+
+
+def test_run_and_compress_give_byte_identical_models(tiny, tmp_path, capsys):
+    """The two routes from one plan and seed build the same bytes (one calibration call)."""
+    calib, _ = tiny
+    out = tmp_path / "run"
+    run(_cfg(tiny, out, seed=5))
+    argv = ["compress", "--model", "tiny", "--problem", str(out / "profile" / "problem.yaml"),
+            "--solution", str(out / "solution.json"), "--calib", str(calib), "--nsamples", "4",
+            "--seqlen", "24", "--seed", "5", "--group-size", "16", "--mlp-group", "32",
+            "--out", str(tmp_path / "c")]
+    assert main(argv) == 0, capsys.readouterr().err
+    a = (out / "model" / "model.safetensors").read_bytes()
+    b = (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_uniform_is_the_largest_menu_option_that_fits(tiny, tmp_path):
+    s = run(_cfg(tiny, tmp_path / "u", method="uniform", avg_bits=4.5))
+    # at g16 the overhead is 2 bits/weight: b2g32 (3.0) and b2g16 (4.0) fit, b3g32 (4.0) too
+    (label,) = {lab for counts in s.plan_counts.values() for lab in counts}
+    assert label in ("b2g16", "b3g32")
+    assert s.bits_per_weight <= 4.5 + 1e-9
+
+
+def test_search_run_records_its_trail_and_resumes(tiny, tmp_path):
+    out = tmp_path / "s"
+    s = run(_cfg(tiny, out, method="search", search_start="both", avg_bits=3.5))
+    assert s.search is not None and s.search["steps"]
+    assert s.search["final"]["kept"] in ("stitched", "sequential")
+    assert s.bits_per_weight <= 3.5 + 1e-9
+    assert (out / "search.json").is_file() and (out / "store" / "store.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Search" in report and (out / "search.png").is_file()
+    sol = json.loads((out / "solution.json").read_text())
+    assert sol["search"]["kl"]["holdout"] <= sol["search"]["start"]["kl"]["holdout"] + 1e-12
+    again = run(_cfg(tiny, out, method="search", search_start="both", avg_bits=3.5))
+    assert "compress" in again.reused and again.ppl_after == s.ppl_after
 
 
 def test_run_cli_json(tiny, tmp_path, capsys):
     calib, ev = tiny
     out = tmp_path / "cli"
     argv = ["run", "--model", "tiny", "--avg-bits", "3", "--calib", str(calib), "--eval",
-            str(ev), "--bits", "2,3,4", "--group-size", "16", "--mlp-group", "32",
-            "--nsamples", "4", "--seqlen", "24", "--compress-nsamples", "4",
-            "--compress-seqlen", "24", "--eval-seqlen", "32", "--eval-windows", "2",
-            "--frontier-points", "0", "--quantizer", "rtn", "--out", str(out), "--json"]
+            str(ev), "--method", "oneshot", "--bits", "2,3,4", "--group-size", "16",
+            "--mlp-group", "32", "--nsamples", "4", "--seqlen", "24", "--compress-nsamples",
+            "4", "--compress-seqlen", "24", "--eval-seqlen", "32", "--eval-windows", "2",
+            "--quantizer", "rtn", "--out", str(out), "--json"]
     assert main(argv) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["schema"] == "bitsack.run/v1"
+    assert got["schema"] == "bitsack.run/v2"
     assert got["bits_per_weight"] <= 3.0 + 1e-9
-    assert set(got["stage_seconds"]) >= {"profile", "solve", "compress", "eval"}
+    assert set(got["stage_seconds"]) >= {"profile", "compress", "eval"}
 
 
 @pytest.mark.parametrize("kw, field", [
     ({"avg_bits": None}, "budget"),
-    ({"avg_bits": 40.0}, "avg_bits"),
-    ({"budgets": {"memory_bytes": -1.0}}, "budgets.memory_bytes"),
+    ({"avg_bits": 40.0}, "--avg-bits"),
+    ({"budgets": {"memory_bytes": -1.0}}, "--budget memory_bytes"),
+    ({"budgets": {"memory_bytes": 1e6}}, "--avg-bits"),
+    ({"method": "greedy"}, "method"),
+    ({"menu": ("b3g64", "b9g64")}, "menu[1]"),
     ({"units": ("heads", "attn")}, "units"),
     ({"eval_windows": 0}, "eval_windows"),
     ({"quantizer": "awq"}, "quantizer"),
@@ -119,9 +162,9 @@ def test_interaction_weight_changes_the_solved_objective_only(tiny, tmp_path):
     from bitsack.solver import evaluate, load_problem, with_interaction_weight
 
     out = tmp_path / "w"
-    add = run(_cfg(tiny, out, quantizer="rtn", frontier_points=0))
-    full = run(_cfg(tiny, out, quantizer="rtn", frontier_points=0, interactions=1.0))
-    assert full.reused == ("profile", "eval_base")  # same profile, new solve
+    add = run(_cfg(tiny, out, quantizer="rtn"))
+    full = run(_cfg(tiny, out, quantizer="rtn", interactions=1.0))
+    assert set(full.reused) == {"profile", "eval_base"}  # same profile, new solve
     problem = load_problem(out / "profile" / "problem.yaml")
     assert problem.interactions is not None
     # weight w: objective = (1-w)·additive + w·full, checked on an arbitrary plan
@@ -139,9 +182,8 @@ def test_interaction_weight_changes_the_solved_objective_only(tiny, tmp_path):
 def test_no_prune_keeps_every_unit(tiny, tmp_path):
     out = tmp_path / "np"
     # 3 bits/weight at group 16 (2 bits of scale + zero per weight): bits-only is all-1-bit
-    joint = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn", frontier_points=0))
-    bits = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn", frontier_points=0,
-                    prune=False))
-    assert bits.reused == ("profile", "eval_base")
+    joint = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn"))
+    bits = run(_cfg(tiny, out, avg_bits=3.0, bits=(1, 2), quantizer="rtn", prune=False))
+    assert set(bits.reused) == {"profile", "eval_base"}
     assert not any("prune" in c for c in bits.plan_counts.values())
     assert bits.predicted_loss_increase >= joint.predicted_loss_increase - 1e-12

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bitsack.cli import main
+from bitsack.errors import ExitCode
 from bitsack.solver.schema import load_problem
 
 PROBLEMS = Path(__file__).resolve().parents[2] / "problems"
@@ -45,9 +46,9 @@ def test_solve_json_parses_and_out_is_written(capsys, tmp_path):
     assert json.loads(out_file.read_text()) == data
 
 
-def test_infeasible_exits_2_with_the_smallest_feasible_limit(capsys):
+def test_infeasible_exits_3_with_the_smallest_feasible_limit(capsys):
     code, out, _ = run(capsys, "solve", str(PROBLEMS / "infeasible.yaml"))
-    assert code == 2
+    assert code == ExitCode.NO_SOLUTION == 3
     assert "status   infeasible" in out
     assert "smallest feasible limit is 200" in out
 
@@ -59,17 +60,25 @@ def test_budget_override_can_make_it_feasible(capsys):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--budget", "memory_bytes=-3"], "budget.memory_bytes: -3.0 is negative"),
+    (["--budget", "memory_bytes=-3"], "--budget memory_bytes: -3.0 is negative"),
     (["--budget", "energy=3"], "budget.energy: is not a resource"),
     (["--budget", "memory_bytes"], "--budget: 'memory_bytes' is not RESOURCE=VALUE"),
     (["--solver", "magic"], "solver: 'magic' is not a backend"),
-    (["--avg-bits", "0"], "avg_bits: 0.0 is not a positive"),
-    (["--gap", "2"], "--gap: 2.0 is out of range"),
     (["--param", "bogus=1", "--solver", "dp"], "not understood by dp"),
 ])
 def test_bad_input_exits_1_with_a_message(capsys, argv, fragment):
     code, out, err = run(capsys, "solve", HAND, *argv)
     assert code == 1
+    assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--avg-bits", "0"], "--avg-bits: '0' is out of range; valid: bits per weight in (0, 16]"),
+    (["--gap", "2"], "--gap: '2' is out of range; valid: a relative gap in [0, 1)"),
+])
+def test_out_of_range_flag_is_a_usage_error(capsys, argv, fragment):
+    code, out, err = run(capsys, "solve", HAND, *argv)
+    assert code == ExitCode.USAGE
     assert fragment in err and "Traceback" not in err
 
 
@@ -113,14 +122,14 @@ def test_check_accepts_a_solution_and_catches_tampering(capsys, tmp_path):
         return run(capsys, "check", HAND, str(path))
 
     code, out, _ = tampered(objective=0.30)
-    assert code == 1 and "FAIL  objective" in out
+    assert code == ExitCode.VERIFY_FAILED and "FAIL  objective" in out
     code, out, _ = tampered(**{"assignment.b": "b4"})  # 4500 bytes > 3000
-    assert code == 1 and "FAIL  feasible" in out
+    assert code == ExitCode.VERIFY_FAILED and "FAIL  feasible" in out
     code, out, _ = tampered(**{"certificate.dual_bound": 0.2, "certificate.abs_gap": 0.15,
                                "certificate.rel_gap": 0.43})  # "optimal" with a wide gap
-    assert code == 1 and "FAIL  optimal status" in out
-    code, out, err = tampered(**{"assignment.zz": "b4"})
-    assert code == 1 and "unknown unit" in err
+    assert code == ExitCode.VERIFY_FAILED and "FAIL  optimal status" in out
+    code, out, err = tampered(**{"assignment.zz": "b4"})  # malformed, not a failed check
+    assert code == ExitCode.BAD_INPUT and "unknown unit" in err
 
 
 def test_generate_is_seeded_and_writes_both_formats(capsys, tmp_path):
@@ -153,12 +162,12 @@ def test_regress_fails_on_a_tampered_golden(capsys, tmp_path):
     doc["objective"] = 0.36
     golden.write_text(json.dumps(doc))
     code, out, _ = run(capsys, "regress", str(copy), "--solver", "brute", "dp")
-    assert code == 1
+    assert code == ExitCode.VERIFY_FAILED
     assert "FAIL    brute    " in out and "knapsack-hand" in out
     doc["objective"], doc["status"] = 0.35, "infeasible"
     golden.write_text(json.dumps(doc))
     code, out, _ = run(capsys, "regress", str(copy), "--solver", "dp")
-    assert code == 1 and "status optimal != golden infeasible" in out
+    assert code == ExitCode.VERIFY_FAILED and "status optimal != golden infeasible" in out
 
 
 def test_regress_update_writes_goldens_that_then_pass(capsys, tmp_path):

@@ -95,5 +95,61 @@ def test_latency_table(tmp_path):
 
 
 def test_packed_nbytes_rejects_bad_group():
-    with pytest.raises(ValueError, match="group_size"):
-        packed_nbytes(4, 100, 4, 64)
+    with pytest.raises(ValueError, match="group_size: 0; valid: a positive integer"):
+        packed_nbytes(4, 100, 4, 0)
+
+
+def test_packed_nbytes_any_group_size_last_group_shorter():
+    # a row of cols values at group size G holds ceil(cols / G) groups (4 bytes each)
+    assert packed_nbytes(1, 100, 4, 64) == 13 * 4 + 2 * 4
+    assert packed_nbytes(3, 100, 4, 64) == 3 * packed_nbytes(1, 100, 4, 64)
+    assert packed_nbytes(2, 64, 16, 5) == 2 * 2 * 64  # fp16 has no groups
+
+
+@pytest.mark.parametrize("cols, option, bits_per_weight", [
+    (576, "b3g64", 3.5),  # SmolLM2's hidden width: 9 groups of 64
+    (576, "b3g128", 3 + 5 * 32 / 576),  # 5 groups (128, 128, 128, 128, 64): 3.2778
+    (1536, "b4g128", 4.25),  # SmolLM2's MLP width: 12 groups of 128
+    (576, "b3", 3.5),  # plain b3 = the problem's default group size (64)
+    (576, "b16", 16.0),
+    (576, "prune", 0.0),
+])
+def test_option_costs_price_each_option_with_its_own_group_size(cols, option,
+                                                               bits_per_weight):
+    from bitsack.solver.problem import ProblemSettings
+
+    row = UnitShape(id="r", kind="other", slices=(SliceShape(1, cols, 0),))
+    cost = option_costs([get_cost_model("memory")], row, option, ProblemSettings())
+    assert 8 * cost["memory_bytes"] / cols == pytest.approx(bits_per_weight, abs=1e-12)
+    assert round(3 + 5 * 32 / 576, 4) == 3.2778
+
+
+def test_option_costs_default_group_and_legacy_form():
+    from bitsack.solver.problem import ProblemSettings
+
+    memory = [get_cost_model("memory")]
+    wide = ProblemSettings(group_size=128)
+    assert option_costs(memory, ATTN, "b3", wide) == option_costs(memory, ATTN, "b3g128", wide)
+    assert option_costs(memory, ATTN, "b3", wide) != option_costs(memory, ATTN, "b3g32", wide)
+    # the form callers used before option ids carried group sizes: bits + default group size
+    assert option_costs(memory, ATTN, 3, 128) == option_costs(memory, ATTN, "b3", wide)
+    both = [get_cost_model("memory"), get_cost_model("roofline")]
+    costs = option_costs(both, ATTN, "b4g32", wide)
+    assert set(costs) == {"memory_bytes", "decode_latency_us", "prefill_latency_us"}
+    assert costs["decode_latency_us"] > option_costs(both, ATTN, "b4g128", wide)[
+        "decode_latency_us"]  # more scale/zero bytes to read
+    with pytest.raises(ValidationError, match="not an option id"):
+        option_costs(memory, ATTN, "b16g64", wide)
+
+
+def test_latency_table_group_size_keys(tmp_path):
+    path = tmp_path / "lat.json"
+    path.write_text(json.dumps({"decode_latency_us": {"head_group": {"4": 2.0, "4g32": 2.5}}}))
+    table = get_cost_model("latency-table", path=path)
+    from bitsack.solver.problem import ProblemSettings
+
+    def us(option):
+        return option_costs([table], ATTN, option, ProblemSettings())["decode_latency_us"]
+
+    assert us("b4g32") == pytest.approx(ATTN.params / 1e6 * 2.5)
+    assert us("b4g128") == us("b4") == pytest.approx(ATTN.params / 1e6 * 2.0)

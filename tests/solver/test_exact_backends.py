@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bitsack.solver.backends.base import SolveOptions, UnsupportedProblem, registry
+from bitsack.solver.certify import verify
 from bitsack.solver.golden import (
     OBJECTIVE_RTOL,
     REGRESS_REL_GAP,
@@ -22,7 +23,6 @@ from bitsack.solver.golden import (
     load_golden,
 )
 from bitsack.solver.schema import load_problem
-from bitsack.solver.solution import verify
 
 PROBLEMS = Path(__file__).resolve().parents[2] / "problems"
 INSTANCES = [(p, g) for p, g in find_instances(PROBLEMS) if g.exists()]

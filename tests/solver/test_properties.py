@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from bitsack.errors import ValidationError
 from bitsack.solver import solve
 from bitsack.solver.backends.base import SolveOptions, UnsupportedProblem, registry
+from bitsack.solver.certify import verify
 from bitsack.solver.feasibility import (
     max_cost_per_resource,
     min_cost_is_exact,
@@ -32,7 +33,6 @@ from bitsack.solver.problem import (
     Unit,
 )
 from bitsack.solver.schema import validate_problem, with_limits
-from bitsack.solver.solution import verify
 
 TIGHT = SolveOptions(rel_gap=1e-7, abs_gap=1e-12, time_limit_s=30)
 OPTION_IDS = ["prune", "b1", "b2", "b3", "b4", "b8", "b16"]

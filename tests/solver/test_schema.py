@@ -100,7 +100,7 @@ INVALID = {
     "duplicate option id": (_set(["units", 0, "options", 2, "id"], "b2"),
                             "units[0].options[2].id", "twice"),
     "bad option id b17": (_set(["units", 0, "options", 1, "id"], "b17"),
-                          "units[0].options[1].id", "'prune' or 'b1'..'b16'"),
+                          "units[0].options[1].id", "'b<k>g<G>' (k in 1..8, G a power of two"),
     "bad option id int4": (_set(["units", 0, "options", 1, "id"], "int4"),
                            "units[0].options[1].id", "not an option id"),
     "unit without options": (_set(["units", 1, "options"], []), "units[1].options",
@@ -123,8 +123,11 @@ INVALID = {
                  "units[1].options[0].loss", "not finite"),
     "missing loss": (_delete(["units", 1, "options", 0, "loss"]),
                      "units[1].options[0].loss", "not a number"),
-    "negative layer": (_set(["units", 0, "layer"], -1), "units[0].layer", "integer >= 0"),
-    "float params": (_set(["units", 0, "params"], 1.5), "units[0].params", "integer >= 0"),
+    "negative layer": (_set(["units", 0, "layer"], -1), "units[0].layer",
+                       "-1 is not an integer in 0..9007199254740992"),
+    "float params": (_set(["units", 0, "params"], 1.5), "units[0].params",
+                     "1.5 is not an integer in 0.."),
+    "huge params": (_set(["units", 0, "params"], 2**60), "units[0].params", "not an integer"),
     "negative limit": (_set(["resources", "memory_bytes", "limit"], -1),
                        "resources.memory_bytes.limit", "negative"),
     "NaN limit": (_set(["resources", "memory_bytes", "limit"], float("nan")),
@@ -203,7 +206,7 @@ def test_python_tags_are_rejected_without_running_anything(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.yaml"
     path.write_text(f'schema: !!python/object/apply:os.system ["touch {marker}"]\nname: x\n')
-    with pytest.raises(ValidationError, match=r"^problem: .*safe"):
+    with pytest.raises(ValidationError, match=r"^problem: .*tag.*valid: plain YAML"):
         load_problem(path)
     assert not marker.exists()
 
@@ -241,7 +244,8 @@ def test_sidecar_non_finite_and_object_arrays_are_rejected(tmp_path):
     np.savez(tmp_path / "obj.npz", U=np.array([{"a": 1}] * 5, dtype=object).reshape(1, 5))
     doc = base_doc()
     doc["interactions"]["file"] = "obj.npz"
-    with pytest.raises(ValidationError, match=r"^interactions.file: 'obj.npz' cannot be read"):
+    with pytest.raises(ValidationError,
+                       match=r"^interactions.file \(obj.npz\): U has dtype object"):
         load_problem(write(tmp_path, doc))
 
 
@@ -321,9 +325,12 @@ def test_seven_b_json_loads_fast(tmp_path):
 
 _ID_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
 unit_ids = st.text(_ID_CHARS, min_size=1, max_size=12)
-finite = st.floats(allow_nan=False, allow_infinity=False)
-costs = st.one_of(st.integers(0, 2**40), st.floats(0, 1e12, allow_nan=False))
-OPTION_IDS = ["prune"] + [f"b{k}" for k in range(1, 17)]
+# Numbers inside the safe range (bitsack.solver.numeric): any bit pattern, bounded spread.
+finite = st.one_of(st.just(0.0), st.just(-0.0), st.floats(1e-3, 1e3),
+                   st.floats(-1e3, -1e-3))
+costs = st.one_of(st.just(0), st.integers(1, 2**20), st.floats(1.0, 1e6))
+OPTION_IDS = (["prune", "b16"] + [f"b{k}" for k in range(1, 9)]
+              + [f"b{k}g{g}" for k in (2, 3, 4) for g in (8, 32, 128, 1024)])
 
 
 @st.composite
@@ -383,7 +390,7 @@ def test_round_trip_is_identity(tmp_path, doc):
 
 def test_numbers_survive_yaml_exactly(tmp_path):
     doc = base_doc()
-    tricky = [1e-5, 1e20, 5e-324, 1.7976931348623157e308, -0.0, 0.1 + 0.2, 2.0**53 + 2, 123.0]
+    tricky = [1e-5, 1e2 / 3, 5e-324, 0.7 / 3, -0.0, 0.1 + 0.2, 2.0**29 + 2**-20, 123.0]
     for i, v in enumerate(tricky[:3]):
         doc["units"][0]["options"][i]["loss"] = v
     doc["units"][1]["options"][0]["loss"] = tricky[3]

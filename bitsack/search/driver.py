@@ -1,0 +1,169 @@
+"""``measured_search``: base distributions, variant store, search, and the final model.
+
+The final plan is packed two ways and the one that measures better on the held-out split is
+kept (measurement decides, to the end):
+
+- *stitched*: the plan's units packed from the variant store (``bitsack.compress.assemble``),
+  exactly the model the search measured;
+- *sequential*: the plan applied for real (``bitsack.compress.compress``: sequential GPTQ,
+  Hessians from the plan's own compressed layers).
+
+Both figures are recorded, so the record says how far the stitched estimate was from a real
+sequential apply.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitsack.compress import ApplyConfig, CompressResult, assemble, compress
+from bitsack.errors import ValidationError
+from bitsack.plan import Choice
+from bitsack.search.loop import Search, SearchConfig, SearchResult
+from bitsack.search.menu import Menu, nominal_bits
+from bitsack.search.meter import KLMeter
+from bitsack.search.store import StoreConfig, VariantStore
+
+
+@dataclass
+class SearchOutcome:
+    """The searched plan, its record, and the packed model chosen by measurement."""
+
+    result: SearchResult
+    compressed: CompressResult
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+def uniform_fits(choice: Choice, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 limits: Mapping[str, float]) -> bool:
+    """Whether ``choice`` on every unit meets ``limits``."""
+    use: dict[str, float] = {}
+    for per in unit_costs.values():
+        for res, v in per[choice.option_id].items():
+            use[res] = use.get(res, 0.0) + v
+    return all(use.get(r, 0.0) <= lim * (1 + 1e-12) for r, lim in limits.items())
+
+
+def store_incumbent(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    limits: Mapping[str, float]) -> Choice:
+    """The uniform menu choice with the most bytes that fits ``limits``: whose sequential walk
+    makes the store's Hessians (the model the search most likely starts from).
+
+    Raises:
+        ValidationError: no uniform menu choice fits.
+    """
+    for c in sorted(menu.steps, key=lambda c: -nominal_bits(c)):
+        if uniform_fits(c, unit_costs, limits):
+            return c
+    raise ValidationError("budget", f"{dict(limits)}: no uniform choice of the menu "
+                          f"{list(menu.option_ids)} fits; valid: a larger budget or a menu "
+                          "with smaller options")
+
+
+def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
+                    unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    limits: Mapping[str, float], splits: Mapping[str, torch.Tensor],
+                    calib_tokens: torch.Tensor | None, apply: ApplyConfig,
+                    config: SearchConfig, run_dir: Path, store_key: Any,
+                    starts: Mapping[str, Mapping[str, Choice]] | None = None,
+                    batch_size: int = 4,
+                    progress: Callable[[str], None] | None = None) -> SearchOutcome:
+    """Search ``model``'s plan under ``limits`` and pack the result (see module docstring).
+
+    ``model`` is consumed (its weights are rewritten, then it becomes the packed model).
+    ``run_dir/store`` holds the variant store, ``run_dir/search.json`` the search's
+    checkpoint: an interrupted call resumes from both.
+    """
+    say = progress or (lambda msg: None)
+    base = copy.deepcopy(model)
+    head_layers = _head_layers(model, units)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in splits.items())
+    say(f"search: base distributions on {shapes}")
+    meter = KLMeter(model, splits, batch_size=batch_size, head_layers=head_layers)
+    # the store's walk: the largest uniform that fits (memory alone, when a latency budget
+    # needs pruning and no uniform plan fits it)
+    try:
+        incumbent = store_incumbent(menu, unit_costs, limits)
+    except ValidationError:
+        incumbent = store_incumbent(menu, unit_costs, {k: v for k, v in limits.items()
+                                                       if k == "memory_bytes"})
+    say(f"search: variant store ({len(menu.steps)} choices per matrix; walk at uniform "
+        f"{incumbent.option_id})")
+    store = VariantStore.build(
+        model, units, menu, incumbent, calib_tokens,
+        StoreConfig(quantizer=apply.quantizer, damp=apply.damp, act_order=apply.act_order,
+                    batch_size=apply.batch_size, true_sequential=apply.true_sequential),
+        root=run_dir / "store", key=store_key,
+        progress=lambda done, total: say(f"search: store {done}/{total}")
+        if done == total or done % max(1, total // 5) == 0 else None)
+    ck_file = run_dir / "search.json"
+    resume = None
+    if ck_file.is_file():
+        saved = json.loads(ck_file.read_text())
+        if saved.get("key") == _jsonable(store_key) and saved.get("config") == _cfg(config):
+            resume = saved["checkpoint"]
+            say(f"search: resuming after step {len(resume['result']['steps'])}")
+
+    def checkpoint(ck: dict) -> None:
+        from bitsack.io import write_json
+
+        write_json(ck_file, {"key": _jsonable(store_key), "config": _cfg(config),
+                             "checkpoint": ck})
+
+    search = Search(model, units, store, meter, unit_costs, limits, config, progress=say,
+                    checkpoint=checkpoint)
+    result = search.run(extra_starts=starts, resume=resume)
+    plan = dict(result.plan)
+    x = {"stitched_holdout_kl": result.kl["holdout"]}
+    say(f"search: done ({result.stopped}); final plan stitched holdout KL "
+        f"{result.kl['holdout']:.5f}")
+    uniform_plan = all(c == incumbent for c in plan.values())
+    sequential = None
+    if not uniform_plan and apply.quantizer == "gptq":
+        say("search: the plan applied for real (sequential GPTQ) to compare")
+        sequential = compress(copy.deepcopy(base), plan, calib_tokens, apply)
+        x["sequential_holdout_kl"] = float(np.mean(meter.kl_of(sequential.model, "holdout")))
+    else:
+        # the stitched uniform incumbent *is* the sequential apply (bitsack.search.store)
+        x["sequential_holdout_kl"] = x["stitched_holdout_kl"]
+    del model
+    if sequential is not None and x["sequential_holdout_kl"] < x["stitched_holdout_kl"]:
+        x["kept"] = "sequential"
+        compressed = sequential
+    else:
+        x["kept"] = "stitched"
+        compressed = assemble(base, plan, store.part, apply)
+    x["stitched_minus_sequential"] = x["stitched_holdout_kl"] - x["sequential_holdout_kl"]
+    say(f"search: kept the {x['kept']} model (holdout KL stitched "
+        f"{x['stitched_holdout_kl']:.5f}, sequential {x['sequential_holdout_kl']:.5f})")
+    return SearchOutcome(result=result, compressed=compressed, final=x)
+
+
+def _head_layers(model: nn.Module, units: Sequence[Any]) -> float:
+    """The head's weights in average-decoder-layer units (for the forward counter)."""
+    layers = [u for u in units if u.layer is not None]
+    n_layers = max((u.layer for u in layers), default=0) + 1
+    per_layer = sum(u.params for u in layers) / max(1, n_layers)
+    head = model.get_output_embeddings()
+    if head is None or per_layer == 0:
+        return 1.0
+    return float(head.weight.numel()) / per_layer
+
+
+def _cfg(config: SearchConfig) -> dict:
+    from dataclasses import asdict
+
+    return _jsonable(asdict(config))
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))

@@ -1,0 +1,530 @@
+"""The measured trust-region search: the solver proposes, measurement decides.
+
+Notation: x is a plan (a ``Choice`` per unit), KL_S(x) the mean per-token KL(base ‖ x) on token
+split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candidates),
+``select`` (decide) and ``holdout`` (accept), disjoint from each other and from evaluation data.
+
+1. Start: the incumbent x* is the best, measured on ``select``, of the uniform configurations
+   that fit the budgets and (if given) a one-shot plan of the Fisher objective.
+2. Linearise around x*, in context (ExLlamaV3's in-context ΔKL): for every *group* (one unit
+   kind in one layer, or an embedding) and direction d ∈ {one menu step up, one step down},
+   ``Δ(g, d) = KL_screen(x* with g's units moved by d) − KL_screen(x*)``, paired over the
+   same sequences, re-running only the layers from g's on. Single-unit 3↔4-bit effects lie
+   below measurement noise on a small model; a group moves enough weight to be measured.
+3. Propose: a multiple-choice knapsack over units (OR-Tools through ``bitsack.solver``), each
+   unit offered {its incumbent choice (0), one step up, one step down} with loss
+   ``Δ(g, d)·(params_u / params of g's movers)`` and its exact costs, under the budgets and a
+   **trust region**: a resource ``changes`` (1 per moved unit) limited to k. The solver's
+   certificate is kept for every proposal. Alternatives: k/2, and costs resampled within
+   each Δ's standard error (Thompson-style), so a single noisy Δ cannot decide.
+4. Select (EvoPress' multi-stage selection): every distinct candidate on ``screen``, the best
+   two on ``select``; the best of those is accepted only if it beats x* on ``select`` by more
+   than ``z`` paired standard errors **and** is not worse on ``holdout``. Accept: x* moves,
+   k doubles (to ``k_max``), the groups of the changed layers are re-measured (all groups
+   every ``refresh`` accepted steps). Reject: k halves; below ``k_min`` the search stops.
+5. Stop when the forward budget (sequence-forwards: one full forward of one sequence = 1) is
+   spent, or k < k_min.
+
+Why bounded steps: a linearisation is only trustworthy near where it was measured
+(ExLlamaV3's optimizer ends worse than uniform when it moves far: issue #108); SPDY measures
+every solved plan rather than trusting the model. Every accepted step is measured better than
+the incumbent, so the search never ends worse (on held-out tokens) than where it started.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from bitsack.errors import ValidationError
+from bitsack.plan import Choice, module_name
+from bitsack.search.menu import Menu, nominal_bits
+from bitsack.search.meter import KLMeter, Paired
+from bitsack.search.store import VariantStore
+
+SPLITS = ("screen", "select", "holdout")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Knobs of the search (defaults are ``bitsack run``'s).
+
+    Attributes:
+        budget_forwards: sequence-forwards the search may spend (measurement only).
+        k: initial trust region (units that may change in one step).
+        k_min: stop once the trust region falls below this.
+        k_max: the trust region never grows beyond this.
+        z: a step is accepted if it beats the incumbent by more than ``z`` paired standard
+            errors on ``select`` (and is not worse on ``holdout``).
+        alternatives: Thompson-style resampled proposals per step (besides k and k/2).
+        refresh: re-measure every group after this many accepted steps (else only the groups
+            of changed layers).
+        solver: the bitsack solver backend of the proposals.
+        time_limit_s: per proposal solve.
+        seed: seeds the resampled proposals.
+    """
+
+    budget_forwards: float = 3000.0
+    k: int = 24
+    k_min: int = 2
+    k_max: int = 96
+    z: float = 2.0
+    alternatives: int = 2
+    refresh: int = 3
+    solver: str = "highs"
+    time_limit_s: float = 20.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.budget_forwards >= 0 and math.isfinite(self.budget_forwards)):
+            raise ValidationError("search_budget", f"{self.budget_forwards!r}; valid: a "
+                                  "finite number ≥ 0 (sequence-forwards)")
+        if not 1 <= self.k_min <= self.k <= self.k_max:
+            raise ValidationError("k", f"k_min {self.k_min}, k {self.k}, k_max {self.k_max}; "
+                                  "valid: 1 ≤ k_min ≤ k ≤ k_max")
+        if not self.z >= 0:
+            raise ValidationError("z", f"{self.z!r}; valid: ≥ 0")
+
+
+@dataclass
+class Step:
+    """One iteration: what was proposed, measured and decided."""
+
+    iteration: int
+    k: int
+    changed: dict[str, list[str]]  # unit -> [from, to] option ids
+    predicted: float
+    screen: dict[str, float]
+    select: dict[str, float] | None
+    holdout: dict[str, float] | None
+    accepted: bool
+    reason: str
+    candidates: int
+    forwards: float
+    certificate: dict[str, Any] | None = None
+
+
+@dataclass
+class SearchResult:
+    """What the search did (``solution.json``'s ``search`` section)."""
+
+    start: dict[str, Any]
+    plan: dict[str, Choice]
+    kl: dict[str, float]
+    steps: list[Step] = field(default_factory=list)
+    forwards: float = 0.0
+    linearisations: int = 0
+    stopped: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "kl": self.kl, "forwards": round(self.forwards, 3),
+                "linearisations": self.linearisations, "stopped": self.stopped,
+                "plan": {u: c.option_id for u, c in self.plan.items()},
+                "steps": [asdict(s) for s in self.steps]}
+
+
+class Stitcher:
+    """Writes units' choices from a ``VariantStore`` into a dense model's weights."""
+
+    def __init__(self, model: nn.Module, units: Sequence[Any], store: VariantStore):
+        self.model = model
+        self.units = {u.id: u for u in units}
+        self.store = store
+        self.params = dict(model.named_parameters())
+        # a tied head's slices name the embedding's parameter; the store keys the embedding
+        self.n_layers = max((u.layer for u in units if u.layer is not None), default=-1) + 1
+
+    def write(self, changes: Mapping[str, Choice]) -> int | None:
+        """Write ``changes`` (unit -> choice); returns the first changed layer (None: an
+        embedding; ``n_layers``: only the head)."""
+        first: int | None = self.n_layers
+        for uid, choice in changes.items():
+            unit = self.units[uid]
+            for s in unit.slices:
+                name = module_name(s.param)
+                src = self.store.dense(self.store.stored_name(name), choice)
+                dst = self.params[s.param]
+                view = dst.data.T if s.transposed else dst.data
+                idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
+                    (slice(None), slice(s.start, s.stop))
+                view[idx] = src[idx].to(view.dtype)
+            if unit.layer is None:
+                first = None if self._is_input(unit) else (first if first is None
+                                                           else min(first, self.n_layers))
+            elif first is not None:
+                first = min(first, unit.layer)
+        return first
+
+    def _is_input(self, unit) -> bool:
+        emb = self.model.get_input_embeddings()
+        return any(self.params[s.param] is emb.weight for s in unit.slices)
+
+
+def groups_of(units: Sequence[Any]) -> dict[str, list[str]]:
+    """Group name -> unit ids: one group per (layer, unit kind), one per embedding unit."""
+    out: dict[str, list[str]] = {}
+    for u in units:
+        key = u.id if u.layer is None else f"L{u.layer}.{u.kind}"
+        out.setdefault(key, []).append(u.id)
+    return out
+
+
+class Search:
+    """The loop of the module docstring, over a model whose weights the search rewrites.
+
+    Args:
+        model: the dense model (its weights are stitched from ``store``).
+        units: the model's units (``bitsack.models.model_units``) the plan covers.
+        store: the variant store (every unit's menu choices).
+        meter: the KL meter (base distributions already taken).
+        unit_costs: unit id -> option id -> {resource: cost} for every menu choice (and
+            prune when offered): exact bytes, latencies.
+        limits: resource -> limit (the budgets).
+        config: the search knobs.
+        progress: called with one line after every step.
+        checkpoint: called with the result so far after every step (resumption).
+    """
+
+    def __init__(self, model: nn.Module, units: Sequence[Any], store: VariantStore,
+                 meter: KLMeter, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 limits: Mapping[str, float], config: SearchConfig | None = None,
+                 progress: Callable[[str], None] | None = None,
+                 checkpoint: Callable[[SearchResult], None] | None = None):
+        self.model = model
+        self.units = list(units)
+        self.store = store
+        self.menu: Menu = store.menu
+        self.meter = meter
+        self.unit_costs = unit_costs
+        self.limits = dict(limits)
+        self.cfg = config or SearchConfig()
+        self.say = progress or (lambda msg: None)
+        self.checkpoint = checkpoint or (lambda result: None)
+        self.stitch = Stitcher(model, self.units, store)
+        self.groups = groups_of(self.units)
+        self.params = {u.id: u.params for u in self.units}
+        self.plan: dict[str, Choice] = {}
+        self.kl: dict[str, np.ndarray] = {}
+        self.deltas: dict[tuple[str, int], tuple[Paired, dict[str, Choice]]] = {}
+
+    # ---- plans --------------------------------------------------------------------------
+    def usage(self, plan: Mapping[str, Choice]) -> dict[str, float]:
+        """Σ costs of ``plan`` per resource."""
+        out: dict[str, float] = {}
+        for uid, c in plan.items():
+            for res, v in self.unit_costs[uid][c.option_id].items():
+                out[res] = out.get(res, 0.0) + v
+        return out
+
+    def fits(self, plan: Mapping[str, Choice]) -> bool:
+        use = self.usage(plan)
+        return all(use.get(r, 0.0) <= lim * (1 + 1e-12) for r, lim in self.limits.items())
+
+    def uniform(self, choice: Choice) -> dict[str, Choice]:
+        return {u.id: choice for u in self.units}
+
+    def _set(self, plan: Mapping[str, Choice]) -> None:
+        """Make the model's weights ``plan`` (from whatever they are) and trace it."""
+        changes = {u: c for u, c in plan.items() if self.plan.get(u) != c}
+        if changes:
+            self.stitch.write(changes)
+        self.plan = dict(plan)
+        self.kl = {s: self.meter.trace(s) for s in SPLITS}
+
+    def _measure(self, changes: Mapping[str, Choice], split: str) -> np.ndarray:
+        """KL on ``split`` with ``changes`` applied to the incumbent (then reverted)."""
+        start = self.stitch.write(changes)
+        try:
+            return self.meter.kl(split, start)
+        finally:
+            self.stitch.write({u: self.plan[u] for u in changes})
+
+    def _mean(self, split: str) -> float:
+        return float(np.mean(self.kl[split]))
+
+    # ---- 1. start -----------------------------------------------------------------------
+    def start(self, extra: Mapping[str, Mapping[str, Choice]] | None = None) -> dict[str, Any]:
+        """Choose the incumbent: the best on ``select`` of the fitting uniform plans and
+        ``extra`` named plans (e.g. ``{"oneshot": plan}``)."""
+        cands: dict[str, dict[str, Choice]] = {}
+        for c in sorted(self.menu.steps, key=lambda c: -nominal_bits(c)):
+            plan = self.uniform(c)
+            if self.fits(plan):
+                cands[f"uniform {c.option_id}"] = plan
+                if len(cands) >= 2:
+                    break
+        for name, plan in (extra or {}).items():
+            if plan and self.fits(plan):
+                cands[name] = dict(plan)
+        if not cands:
+            raise ValidationError("budget", f"no uniform menu choice fits {self.limits}; "
+                                  "valid: a budget at least the smallest menu choice's bytes")
+        scores: dict[str, float] = {}
+        best = None
+        for name, plan in cands.items():
+            self._set(plan)
+            scores[name] = self._mean("select")
+            if best is None or scores[name] < scores[best]:
+                best = name
+        self._set(cands[best])
+        self.say(f"search start: {best} (select KL {scores[best]:.5f}; "
+                 + ", ".join(f"{n} {v:.5f}" for n, v in scores.items()) + ")")
+        return {"incumbent": best, "select_kl": scores,
+                "kl": {s: self._mean(s) for s in SPLITS}}
+
+    # ---- 2. linearise -------------------------------------------------------------------
+    def linearise(self, groups: Sequence[str] | None = None) -> None:
+        """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all): d = ±1, the group's
+        units one menu step up / down; d = 0 (menu with prune), its one prunable kept unit
+        whose weights are smallest (``VariantStore.error`` of pruning) pruned."""
+        base = self.kl["screen"]
+        for g in (groups if groups is not None else self.groups):
+            for d in (+1, -1, 0) if self.menu.prune else (+1, -1):
+                moved = self._move(g, d)
+                if not moved:
+                    self.deltas.pop((g, d), None)
+                    continue
+                kl = self._measure(moved, "screen")
+                self.deltas[(g, d)] = (Paired.of(kl, base), moved)
+
+    def _move(self, g: str, d: int) -> dict[str, Choice]:
+        from bitsack.plan import PRUNE
+
+        if d == 0:
+            kept = [u for u in self.groups[g] if self.stitch.units[u].prunable
+                    and not self.plan[u].pruned]
+            if not kept:
+                return {}
+            pick = min(kept, key=lambda u: (self.store.error(self.stitch.units[u], PRUNE), u))
+            return {pick: PRUNE}
+        moved = {}
+        for uid in self.groups[g]:
+            to = self.menu.step(self.plan[uid], d)
+            if to is not None:
+                moved[uid] = to
+        return moved
+
+    # ---- 3. propose ---------------------------------------------------------------------
+    def propose(self, k: int, rng: np.random.Generator | None = None):
+        """The knapsack around the incumbent (trust region k); ``rng`` resamples Δ's within
+        their standard errors. Returns (changes, predicted Δ, certificate) or None."""
+        from bitsack.solver import solve
+        from bitsack.solver.backends import SolveOptions
+        from bitsack.solver.problem import Option, Problem, Resource, Unit
+
+        units = []
+        for g, members in self.groups.items():
+            moves = {}
+            for d in (+1, -1, 0):
+                if (g, d) not in self.deltas:
+                    continue
+                paired, moved = self.deltas[(g, d)]
+                delta = paired.mean
+                if rng is not None and math.isfinite(paired.se):
+                    delta += float(rng.normal(0.0, paired.se))
+                moves[d] = (delta, moved, self.shares(moved))
+            for uid in members:
+                cur = self.plan[uid]
+                opts = [Option(cur.option_id, 0.0, self._cost(uid, cur, False))]
+                offered = {cur.option_id}
+                for _, (delta, moved, share) in moves.items():
+                    if uid in moved and moved[uid].option_id not in offered:
+                        offered.add(moved[uid].option_id)
+                        opts.append(Option(moved[uid].option_id, delta * share[uid],
+                                           self._cost(uid, moved[uid], True)))
+                units.append(Unit(uid, tuple(opts), params=self.params[uid]))
+        resources = tuple(Resource(r, lim) for r, lim in self.limits.items()) + \
+            (Resource("changes", float(k)),)
+        problem = Problem(name="search-step", units=tuple(units), resources=resources)
+        sol = solve(problem, self.cfg.solver, SolveOptions(
+            time_limit_s=self.cfg.time_limit_s, rel_gap=1e-6, seed=self.cfg.seed))
+        if not sol.has_solution:
+            return None
+        changes = {}
+        for uid, oid in sol.assignment.items():
+            if oid != self.plan[uid].option_id:
+                changes[uid] = self._choice(oid)
+        return changes, float(sol.objective), _cert(sol)
+
+    def shares(self, moved: Mapping[str, Choice]) -> dict[str, float]:
+        """How a group move's measured Δ splits over its units: by how much each unit's
+        weights change (``|err(current) − err(new)|``, ``VariantStore.error``), so a unit
+        whose quantization error is large carries most of the group's effect; by parameters
+        when no unit's error changes."""
+        w = {u: abs(self.store.error(self.stitch.units[u], self.plan[u])
+                    - self.store.error(self.stitch.units[u], c)) for u, c in moved.items()}
+        total = sum(w.values())
+        if not total > 0:
+            w = {u: float(self.params[u]) for u in moved}
+            total = sum(w.values())
+        return {u: v / total for u, v in w.items()}
+
+    def _cost(self, uid: str, c: Choice, moved: bool) -> dict[str, float]:
+        out = dict(self.unit_costs[uid][c.option_id])
+        out["changes"] = 1.0 if moved else 0.0
+        return out
+
+    def _choice(self, oid: str) -> Choice:
+        from bitsack.plan import parse_choice
+
+        return parse_choice(oid, 64, "search")
+
+    # ---- the loop -----------------------------------------------------------------------
+    def run(self, extra_starts: Mapping[str, Mapping[str, Choice]] | None = None,
+            resume: Mapping[str, Any] | None = None) -> SearchResult:
+        """Search until the forward budget is spent or the trust region collapses.
+
+        ``resume`` is a checkpoint (``checkpoint_dict``) of an interrupted search: the search
+        continues from its last finished step and ends exactly as an uninterrupted one.
+        """
+        cfg = self.cfg
+        if resume:
+            result, state = self._restore(resume)
+        else:
+            info = self.start(extra_starts)
+            result = SearchResult(start=info, plan=dict(self.plan),
+                                  kl={s: self._mean(s) for s in SPLITS})
+            state = {"k": cfg.k, "stale": None, "since_refresh": 0}
+        while True:
+            result.forwards = self.meter.forwards
+            if self.meter.forwards >= cfg.budget_forwards:
+                result.stopped = "forward budget spent"
+                break
+            if state["k"] < cfg.k_min:
+                result.stopped = f"trust region below k_min={cfg.k_min}"
+                break
+            if state["stale"] is None or state["stale"]:
+                self.linearise(state["stale"])
+                result.linearisations += 1
+            step = self._step(len(result.steps) + 1, state["k"])
+            result.steps.append(step)
+            if step.accepted:
+                layers = {self.stitch.units[u].layer for u in step.changed}
+                self._set({**self.plan, **{u: self._choice(v[1])
+                                           for u, v in step.changed.items()}})
+                state["since_refresh"] += 1
+                state["k"] = min(cfg.k_max, 2 * state["k"])
+                if state["since_refresh"] >= cfg.refresh or None in layers:
+                    state["stale"], state["since_refresh"] = None, 0
+                else:
+                    state["stale"] = [g for g, members in self.groups.items()
+                                      if self.stitch.units[members[0]].layer in layers]
+            else:
+                state["k"] //= 2
+                # nothing to propose: re-measure everything; else the same linearisation
+                state["stale"] = None if not step.changed else []
+            result.plan = dict(self.plan)
+            result.kl = {s: self._mean(s) for s in SPLITS}
+            result.forwards = self.meter.forwards
+            self.say(f"search step {step.iteration}: "
+                     f"{'accepted' if step.accepted else 'rejected'} {len(step.changed)} units"
+                     f" ({step.reason}); incumbent select KL {result.kl['select']:.5f}, "
+                     f"holdout {result.kl['holdout']:.5f}; {self.meter.forwards:.0f}/"
+                     f"{cfg.budget_forwards:.0f} forwards")
+            self.checkpoint(self.checkpoint_dict(result, state))
+        result.plan = dict(self.plan)
+        result.kl = {s: self._mean(s) for s in SPLITS}
+        self.checkpoint(self.checkpoint_dict(result, state))
+        return result
+
+    def _step(self, it: int, k: int) -> Step:
+        """Propose around the incumbent, screen, select, and decide (nothing is moved)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, it])
+        proposals = []
+        for kk in dict.fromkeys([k, max(cfg.k_min, k // 2)]):
+            proposals.append(self.propose(kk))
+        for _ in range(cfg.alternatives):
+            proposals.append(self.propose(k, rng))
+        seen, cands = set(), []
+        for p in proposals:
+            if p is None or not p[0]:
+                continue
+            key = tuple(sorted((u, c.option_id) for u, c in p[0].items()))
+            if key not in seen:
+                seen.add(key)
+                cands.append(p)
+        if not cands:
+            return Step(it, k, {}, 0.0, {}, None, None, False, "no move predicted to help", 0,
+                        self.meter.forwards)
+        screened = []
+        for changes, pred, cert in cands:
+            kl = self._measure(changes, "screen")
+            screened.append((Paired.of(kl, self.kl["screen"]), changes, pred, cert))
+        screened.sort(key=lambda t: t[0].mean)
+        best = None
+        for s_paired, changes, pred, cert in screened[:2]:
+            sel = Paired.of(self._measure(changes, "select"), self.kl["select"])
+            if best is None or sel.mean < best[1].mean:
+                best = (s_paired, sel, changes, pred, cert)
+        s_paired, sel, changes, pred, cert = best
+        accept = sel.mean < -cfg.z * sel.se
+        hold = None
+        reason = f"select {sel.mean:+.5f} ± {sel.se:.5f}"
+        if accept:
+            hold = Paired.of(self._measure(changes, "holdout"), self.kl["holdout"])
+            accept = hold.mean <= 0.0
+            reason += f", holdout {hold.mean:+.5f} ± {hold.se:.5f}"
+            if not accept:
+                reason += " (worse on holdout)"
+        else:
+            reason += f" not below -{cfg.z:g} SE"
+        return Step(it, k, {u: [self.plan[u].option_id, c.option_id]
+                            for u, c in sorted(changes.items())},
+                    pred, _p(s_paired), _p(sel), _p(hold) if hold else None, accept, reason,
+                    len(cands), self.meter.forwards, cert)
+
+    # ---- resumption ---------------------------------------------------------------------
+    def checkpoint_dict(self, result: SearchResult, state: Mapping[str, Any]) -> dict:
+        """Everything an interrupted search needs to continue identically (JSON-able)."""
+        deltas = [{"group": g, "d": d, **_p(paired),
+                   "moved": {u: c.option_id for u, c in moved.items()}}
+                  for (g, d), (paired, moved) in sorted(self.deltas.items())]
+        return {"result": result.to_dict(), "state": dict(state), "deltas": deltas,
+                "forwards": self.meter.forwards}
+
+    def _restore(self, ck: Mapping[str, Any]) -> tuple[SearchResult, dict]:
+        r = ck["result"]
+        result = SearchResult(start=dict(r["start"]),
+                              plan={u: self._choice(o) for u, o in r["plan"].items()},
+                              kl=dict(r["kl"]), forwards=float(r["forwards"]),
+                              linearisations=int(r["linearisations"]))
+        result.steps = [Step(**s) for s in r["steps"]]
+        self.plan = {}
+        self._set(result.plan)
+        self.meter.forwards = float(ck["forwards"])
+        self.deltas = {(d["group"], int(d["d"])): (Paired(d["delta"], d["se"], d["n"]),
+                                                   {u: self._choice(o)
+                                                    for u, o in d["moved"].items()})
+                       for d in ck["deltas"]}
+        return result, dict(ck["state"])
+
+
+def _p(paired: Paired) -> dict[str, float]:
+    return {"delta": paired.mean, "se": paired.se, "n": paired.n}
+
+
+def _cert(sol) -> dict[str, Any]:
+    c = sol.certificate
+    return {"status": sol.status, "objective": sol.objective, "dual_bound": c.dual_bound,
+            "rel_gap": c.rel_gap, "solver": c.solver, "usage": c.usage}
+
+
+def unit_costs(shapes, menu: Menu, cost_models) -> dict[str, dict[str, dict[str, float]]]:
+    """unit id -> option id -> {resource: cost} for every menu choice (and prune)."""
+    from bitsack.solver.costs.base import option_costs
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for shape in shapes:
+        per: dict[str, dict[str, float]] = {}
+        for c in menu.steps:
+            per[c.option_id] = option_costs(cost_models, shape, c.bits, c.group_size or 1)
+        if menu.prune:
+            per["prune"] = option_costs(cost_models, shape, 0, 1)
+        out[shape.id] = per
+    return out

@@ -1,0 +1,81 @@
+"""The option menu of a measured search: which choices a unit may take, in order of cost.
+
+The default menu (issue #13, after EXL2's mixed group sizes): bits {2, 3, 4} × group size
+{32, 64, 128}, 8 bits at the default group size, fp16, and prune. Ordered by nominal bits per
+weight (``bits + 32/G``: fp16 scale and zero per group), the menu steps are
+2g128 2.25 < 2g64 2.5 < 2g32 3.0 < 3g128 3.25 < 3g64 3.5 < 3g32 4.0 < 4g128 4.25 < 4g64 4.5
+< 4g32 5.0 < 8g64 8.5 < 16, so one step up or down is a small change of bytes: a plan can
+trade 3g128 units against 3g32 or 4g128 units without any unit falling to 2 bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from bitsack.errors import ValidationError
+from bitsack.plan import FP16, Choice, nominal_bits, parse_choice
+
+#: The default menu of ``bitsack run --method search`` (prune is a separate switch).
+DEFAULT_MENU = ("b2g128", "b2g64", "b2g32", "b3g128", "b3g64", "b3g32", "b4g128", "b4g64",
+                "b4g32", "b8g64", "b16")
+
+
+@dataclass(frozen=True)
+class Menu:
+    """Kept choices in increasing order of bytes (``steps``), and whether prune is offered."""
+
+    steps: tuple[Choice, ...]
+    prune: bool = False
+
+    @classmethod
+    def parse(cls, options: Iterable[str], default_group_size: int = 64,
+              prune: bool = False) -> Menu:
+        """A menu from option ids (``b3g64``, ``b16``, …; ``prune`` sets ``prune``).
+
+        Raises:
+            ValidationError: an unknown id, a duplicate, or no kept choice.
+        """
+        steps: list[Choice] = []
+        for i, oid in enumerate(options):
+            if oid == "prune":
+                prune = True
+                continue
+            c = parse_choice(oid, default_group_size, f"menu[{i}]")
+            if c in steps:
+                raise ValidationError(f"menu[{i}]", f"{oid!r} appears twice")
+            steps.append(c)
+        if not steps:
+            raise ValidationError("menu", "no kept option; valid: one or more of b<k>g<G>, b16")
+        steps.sort(key=lambda c: (nominal_bits(c), c.bits))
+        return cls(tuple(steps), prune)
+
+    @property
+    def option_ids(self) -> tuple[str, ...]:
+        return (("prune",) if self.prune else ()) + tuple(c.option_id for c in self.steps)
+
+    def index(self, choice: Choice) -> int:
+        try:
+            return self.steps.index(choice)
+        except ValueError:
+            raise ValidationError("choice", f"{choice} is not on the menu "
+                                  f"{[c.option_id for c in self.steps]}") from None
+
+    def step(self, choice: Choice, direction: int) -> Choice | None:
+        """The choice ``direction`` steps up (+) or down (−) the menu; None past either end.
+        A pruned unit steps up to the smallest choice and cannot step down."""
+        if choice.pruned:
+            return self.steps[0] if direction > 0 else None
+        j = self.index(choice) + direction
+        return self.steps[j] if 0 <= j < len(self.steps) else None
+
+    def quantized(self) -> tuple[Choice, ...]:
+        """The choices a quantizer must produce (everything but fp16)."""
+        return tuple(c for c in self.steps if c != FP16)
+
+
+def uniform_candidates(menu: Menu, fits: Sequence[bool]) -> list[Choice]:
+    """The menu's choices whose uniform plan fits (``fits[i]`` for ``menu.steps[i]``), most
+    bytes first: the uniform configurations worth measuring."""
+    return [c for c, ok in sorted(zip(menu.steps, fits, strict=True),
+                                  key=lambda t: -nominal_bits(t[0])) if ok]

@@ -1,0 +1,428 @@
+"""A variant store: every weight matrix of a model quantized once at every option of a menu.
+
+A plan is then *stitched* — each unit's rows or columns copied from the variant of its choice —
+and measured, without running GPTQ inside the search (EvoPress keeps such a database of
+compressed layers; Sieberling et al. 2025).
+
+How the variants are made: one sequential GPTQ walk of the model on the layer engine
+(``bitsack.engine``), exactly as ``bitsack.compress`` applies a *uniform* plan (the
+``incumbent`` choice everywhere: true-sequential stages, Hessians from the already-quantized
+layers before), except that at every matrix GPTQ also quantizes the matrix at every other menu
+choice with the same Hessian. So the stored variants of the incumbent *are* the uniform
+compressed model, and every other variant is what GPTQ makes of that matrix in the uniform
+model's context (EvoPress' ``calibration_bitwidth``: Hessians from a model already quantized
+at the target level rather than from the full-precision one).
+
+Stitching is exact per matrix where units own rows (q/k/v head groups, gate/up channels,
+embeddings: GPTQ treats rows independently) and approximate where units own columns (o_proj,
+down_proj: GPTQ's error compensation crosses column ranges) and wherever the upstream layers of
+a plan differ from the uniform model the Hessians came from. The search therefore re-measures
+its final plan after the real sequential apply.
+
+On disk (``root``): one safetensors file per layer (packed codes, scales, zeros of every
+variant) and ``store.json`` naming what was built, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitsack.errors import FormatError, ValidationError
+from bitsack.models import get_adapter
+from bitsack.models.plumbing import dense_weight, is_conv1d, output_name, tied_pairs
+from bitsack.plan import FP16, Choice, module_name
+from bitsack.search.menu import Menu
+
+STORE_SCHEMA = "bitsack.store/v1"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How variants are quantized (the same knobs as ``bitsack.compress.ApplyConfig``)."""
+
+    quantizer: str = "gptq"
+    damp: float = 0.01
+    act_order: bool = True
+    batch_size: int = 8
+    true_sequential: bool = True
+
+
+def write_weight(mod: nn.Module, weight: torch.Tensor) -> None:
+    """Overwrite a linear's weight with ``weight`` (``[out, in]``, any float dtype)."""
+    target = mod.weight
+    w = weight.t() if is_conv1d(mod) else weight
+    with torch.no_grad():
+        target.data.copy_(w.to(dtype=target.dtype, device=target.device))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of a variant: rows (``axis`` 0) or columns (1) ``start:stop`` of a matrix, as a
+    ``QuantizedTensor`` (or fp16 weights for ``b16``). Column pieces are one unit's columns,
+    grouped inside themselves, exactly as the packer groups a column segment."""
+
+    axis: int
+    start: int
+    stop: int
+    q: Any
+
+    def dense(self) -> torch.Tensor:
+        from bitsack.kernels.quantizers import QuantizedTensor
+
+        if isinstance(self.q, QuantizedTensor):
+            return self.q.dequantize(torch.float32)
+        return self.q.to(torch.float32)
+
+
+def quantize_choices(weight: torch.Tensor, hessian, choices: Iterable[Choice],
+                     cfg: StoreConfig, col_bounds: Sequence[tuple[int, int]] | None = None
+                     ) -> dict[Choice, tuple[Piece, ...]]:
+    """``weight`` ([out, in] float32) quantized at each choice, as pieces. GPTQ with
+    ``hessian`` (a ``Hessian``), RTN without.
+
+    A matrix whose units own rows is one piece per choice; GPTQ treats rows independently, so
+    all its choices are one GPTQ run over the choices' copies stacked along the rows (one
+    Cholesky, one column loop). A matrix whose units own columns (``col_bounds``: the units'
+    column ranges) is quantized per choice with one column segment per unit, so groups restart
+    at unit boundaries as in the packed format.
+    """
+    from bitsack.kernels.quantizers import GPTQ, SegmentSpec, rtn_quantize
+
+    rows, cols = weight.shape
+    bounds = list(col_bounds) if col_bounds else None
+    out: dict[Choice, tuple[Piece, ...]] = {}
+    quant = []
+    for c in choices:
+        if c == FP16:
+            out[c] = (Piece(0, 0, rows, weight.to(torch.float16)),)
+        else:
+            quant.append(c)
+    if hessian is None or cfg.quantizer == "rtn":
+        for c in quant:
+            out[c] = tuple(Piece(1, a, b, rtn_quantize(weight[:, a:b], c.bits, c.group_size))
+                           for a, b in bounds) if bounds else \
+                (Piece(0, 0, rows, rtn_quantize(weight, c.bits, c.group_size)),)
+        return out
+    gptq = GPTQ.from_hessian(hessian)
+    opts = {"damp": cfg.damp, "act_order": cfg.act_order, "return_weight": False}
+    if bounds:
+        for c in quant:
+            res = gptq.quantize_segments(weight, [SegmentSpec(1, a, b, c.bits, c.group_size)
+                                                  for a, b in bounds], **opts)
+            out[c] = tuple(Piece(1, a, b, q) for (a, b), q in zip(bounds, res.parts,
+                                                                  strict=True))
+        return out
+    per_call = max(1, (1 << 24) // max(1, rows * cols))  # ≈128 MiB of float64 per copy set
+    for k in range(0, len(quant), per_call):
+        batch = quant[k:k + per_call]
+        specs = [SegmentSpec(0, j * rows, (j + 1) * rows, c.bits, c.group_size)
+                 for j, c in enumerate(batch)]
+        res = gptq.quantize_segments(weight.repeat(len(batch), 1), specs, **opts)
+        for c, q in zip(batch, res.parts, strict=True):
+            out[c] = (Piece(0, 0, rows, q),)
+    return out
+
+
+def column_bounds(units) -> dict[str, list[tuple[int, int]]]:
+    """Module name -> the units' column ranges, for matrices whose units own columns."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for u in units:
+        for s in u.slices:
+            if s.dim == 1:
+                out.setdefault(module_name(s.param), []).append((s.start, s.stop))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+class VariantStore:
+    """Quantized variants per (matrix, choice); see module docstring.
+
+    Attributes:
+        menu: the choices stored.
+        incumbent: the uniform choice whose sequential walk made the Hessians.
+        variants: module name -> choice -> the variant's ``Piece``s (in order).
+        tied: embedding module name -> head module name, for tied weights (stored once,
+            under the embedding's name).
+    """
+
+    def __init__(self, menu: Menu, incumbent: Choice, root: Path | None = None):
+        self.menu = menu
+        self.incumbent = incumbent
+        self.root = Path(root) if root is not None else None
+        self.variants: dict[str, dict[Choice, tuple[Piece, ...]]] = {}
+        self.tied: dict[str, str] = {}
+        self._dense: OrderedDict[tuple[str, Choice], torch.Tensor] = OrderedDict()
+        self._errors: dict[tuple[str, Choice], float] = {}
+
+    # ---- reading ----------------------------------------------------------------------
+    #: dequantized variants kept for reuse (least recently used dropped first)
+    DENSE_CACHE = 48
+
+    def dense(self, name: str, choice: Choice) -> torch.Tensor:
+        """The variant ``choice`` of module ``name`` dequantized, float32 ``[out, in]``
+        (zeros for prune); the most recently used ones are cached."""
+        key = (name, choice)
+        if key in self._dense:
+            self._dense.move_to_end(key)
+        else:
+            if choice.pruned:
+                ref = self.dense(name, FP16)
+                self._dense[key] = torch.zeros_like(ref)
+            else:
+                if choice not in self.variants.get(name, {}):
+                    raise ValidationError("choice", f"{choice} of {name!r} is not in the store "
+                                          f"(menu {list(self.menu.option_ids)})")
+                pieces = self.variants[name][choice]
+                self._dense[key] = torch.cat([p.dense() for p in pieces],
+                                             dim=pieces[0].axis)
+            while len(self._dense) > self.DENSE_CACHE:
+                self._dense.popitem(last=False)
+        return self._dense[key]
+
+    def error(self, unit, choice: Choice) -> float:
+        """``Σ (ŵ − w)²`` over the unit's slices for variant ``choice`` (w: the fp16 weights;
+        prune: ŵ = 0) — how much the choice moves the unit's weights."""
+        from bitsack.plan import module_name
+
+        key = (unit.id, choice)
+        if key not in self._errors:
+            total = 0.0
+            for s in unit.slices:
+                name = self.stored_name(module_name(s.param))
+                idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
+                    (slice(None), slice(s.start, s.stop))
+                diff = self.dense(name, choice)[idx] - self.dense(name, FP16)[idx]
+                total += float(diff.double().square().sum())
+            self._errors[key] = total
+        return self._errors[key]
+
+    def stored_name(self, name: str) -> str:
+        """The module a variant of ``name`` is stored under (a tied head: its embedding)."""
+        if name in self.variants:
+            return name
+        return next((e for e, h in self.tied.items() if h == name), name)
+
+    def part(self, name: str, choice: Choice, dim: int, start: int, stop: int) -> Any:
+        """A unit's slice of variant ``choice`` of module ``name`` as stored: a
+        ``QuantizedTensor`` (fp16 tensor for ``b16``) of rows (``dim`` 0) or of the unit's own
+        columns (``dim`` 1) — what ``bitsack.compress.assemble`` packs."""
+        from bitsack.kernels.quantizers import QuantizedTensor
+
+        pieces = self.variants[name][choice]
+        if dim == 1:
+            for p in pieces:
+                if p.axis == 1 and (p.start, p.stop) == (start, stop):
+                    return p.q
+            if len(pieces) == 1 and pieces[0].axis == 0 and isinstance(pieces[0].q,
+                                                                       torch.Tensor):
+                return pieces[0].q[:, start:stop].contiguous()
+            raise ValidationError("slice", f"columns {start}:{stop} of {name!r} are not a unit "
+                                  "of the store")
+        (p,) = pieces
+        if isinstance(p.q, QuantizedTensor):
+            q = p.q
+            return QuantizedTensor(q.codes[start:stop].contiguous(),
+                                   q.scale[start:stop].contiguous(),
+                                   q.zero[start:stop].contiguous(), q.bits, q.group_size)
+        return p.q[start:stop].contiguous()
+
+    def nbytes(self) -> int:
+        """Bytes held by the quantized variants (codes as uint8, scales, zeros)."""
+        total = 0
+        for per in self.variants.values():
+            for pieces in per.values():
+                for p in pieces:
+                    ts = [p.q] if isinstance(p.q, torch.Tensor) else [p.q.codes, p.q.scale,
+                                                                      p.q.zero]
+                    total += sum(t.numel() * t.element_size() for t in ts)
+        return total
+
+    # ---- building ---------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: nn.Module, units, menu: Menu, incumbent: Choice,
+              calib_tokens: torch.Tensor | None, cfg: StoreConfig | None = None,
+              root: str | os.PathLike | None = None, *, key: Any = None,
+              progress: Callable[[int, int], None] | None = None) -> VariantStore:
+        """Quantize every linear of ``model`` at every menu choice (see module docstring).
+
+        ``model`` is left as the uniform ``incumbent`` plan would make it (dense weights
+        holding the incumbent's dequantized values), which is where a search starts.
+
+        Args:
+            model: a supported causal LM, unpruned, full precision.
+            units: its units (``bitsack.models.model_units``): which matrices' units own
+                columns, and where.
+            menu: the choices to store.
+            incumbent: the uniform choice of the walk (a menu choice).
+            calib_tokens: GPTQ calibration tokens (None with ``cfg.quantizer == "rtn"``).
+            cfg: quantizer knobs.
+            root: a folder to persist the store in (per layer; resumed when ``key`` — a
+                JSON-able description of every input — matches ``store.json``).
+            key: what the stored files were built from.
+            progress: ``(layers done, layers)`` after every layer.
+        """
+        from bitsack.engine import LayerEngine
+
+        cfg = cfg or StoreConfig()
+        menu.index(incumbent)
+        if cfg.quantizer == "gptq" and calib_tokens is None:
+            raise ValidationError("calib_tokens", "None; gptq needs calibration tokens")
+        store = cls(menu, incumbent, Path(root) if root is not None else None)
+        if store.root is not None:
+            store._open(key)
+        adapter = get_adapter(model)
+        choices = tuple(dict.fromkeys((*menu.steps, FP16)))  # fp16: the reference weights
+        cols = column_bounds(units)
+        tied = tied_pairs(model)
+        store.tied = dict(tied)
+        head = output_name(model)
+        n_layers = len(adapter.layers())
+        tick = progress or (lambda done, total: None)
+
+        # embeddings (and projections) outside the layers, but the head: RTN first, as
+        # compress does, so layer 0's calibration inputs are what the model computes
+        outside = sorted({module_name(s.param) for u in units if u.layer is None
+                          for s in u.slices} - set(tied) - {head})
+        for name in outside:
+            mod = model.get_submodule(name)
+            store._add(name, quantize_choices(dense_weight(mod), None, choices,
+                                              StoreConfig(quantizer="rtn")))
+            write_weight(mod, store.dense(name, incumbent))
+        engine = None
+        if cfg.quantizer == "gptq":
+            engine = LayerEngine(model, calib_tokens, batch_size=cfg.batch_size)
+        for i in range(n_layers):
+            prefix = adapter.layer_prefix(i)
+            mods = {prefix + rel: m for rel, m in adapter.linear_modules(i).items()}
+            if not store._load_layer(i):
+                if engine is None:
+                    for name, mod in mods.items():
+                        store._add(name, quantize_choices(dense_weight(mod), None, choices,
+                                                          cfg, cols.get(name)))
+                        write_weight(mod, store.dense(name, incumbent))
+                else:
+                    stages = engine.stages(mods) if cfg.true_sequential else [list(mods)]
+                    for stage in stages:
+                        hess = engine.hessians({n: mods[n] for n in stage})
+                        for name in stage:
+                            store._add(name, quantize_choices(dense_weight(mods[name]),
+                                                              hess[name], choices, cfg,
+                                                              cols.get(name)))
+                            write_weight(mods[name], store.dense(name, incumbent))
+                store._save_layer(i, list(mods))
+            else:
+                for name, mod in mods.items():
+                    write_weight(mod, store.dense(name, incumbent))
+            if engine is not None:
+                engine.advance()
+            tick(i + 1, n_layers + 1)
+        # the head (a tied embedding is stored under the embedding's name)
+        heads = {emb: hd for emb, hd in tied.items()} or ({head: head} if head else {})
+        if not store._load_layer(n_layers):
+            for name, head_name in heads.items():
+                mod = model.get_submodule(name)
+                hmod = model.get_submodule(head_name)
+                hess = engine.head_hessian(hmod) if engine is not None else None
+                store._add(name, quantize_choices(mod.weight.detach().float(), hess, choices,
+                                                  cfg))
+            store._save_layer(n_layers, list(heads))
+        for name in heads:
+            mod = model.get_submodule(name)
+            with torch.no_grad():
+                mod.weight.data.copy_(store.dense(name, incumbent).to(mod.weight.dtype))
+        tick(n_layers + 1, n_layers + 1)
+        return store
+
+    def _add(self, name: str, per_choice: dict[Choice, tuple[Piece, ...]]) -> None:
+        self.variants[name] = per_choice
+        for key in [k for k in self._dense if k[0] == name]:
+            del self._dense[key]
+
+    # ---- persistence ------------------------------------------------------------------
+    def _open(self, key: Any) -> None:
+        assert self.root is not None
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self.root / "store.json"
+        want = {"schema": STORE_SCHEMA, "key": key,
+                "menu": list(self.menu.option_ids), "incumbent": self.incumbent.option_id}
+        if manifest.is_file():
+            try:
+                have = json.loads(manifest.read_text())
+            except ValueError:
+                have = None
+            if have == want:
+                return
+        for f in self.root.glob("layer_*.safetensors"):  # built from other inputs: stale
+            f.unlink()
+        from bitsack.io import write_json
+
+        write_json(manifest, want)
+
+    def _file(self, i: int) -> Path | None:
+        return None if self.root is None else self.root / f"layer_{i:04d}.safetensors"
+
+    def _save_layer(self, i: int, names: list[str]) -> None:
+        path = self._file(i)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        from bitsack.io import atomic_write_path
+        from bitsack.kernels.formats import pack
+
+        tensors: dict[str, torch.Tensor] = {}
+        for name in names:
+            for c, pieces in self.variants[name].items():
+                for p in pieces:
+                    k = f"{name}|{c.option_id}|{p.axis}|{p.start}|{p.stop}"
+                    if isinstance(p.q, torch.Tensor):
+                        tensors[k + "|weight"] = p.q.contiguous()
+                        continue
+                    tensors[k + "|qdata"] = pack(p.q.codes, p.q.bits).view(
+                        torch.int32).contiguous()
+                    tensors[k + "|scale"] = p.q.scale.contiguous()
+                    tensors[k + "|zero"] = p.q.zero.contiguous()
+                    tensors[k + "|cols"] = torch.tensor([p.q.codes.shape[1]],
+                                                        dtype=torch.int64)
+        atomic_write_path(path, lambda tmp: save_file(tensors, tmp))
+
+    def _load_layer(self, i: int) -> bool:
+        path = self._file(i)
+        if path is None or not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        from bitsack.kernels.formats import unpack_torch
+        from bitsack.kernels.quantizers import QuantizedTensor
+        from bitsack.plan import parse_choice
+
+        try:
+            raw = load_file(str(path))
+        except Exception as exc:  # a truncated or foreign file: rebuild this layer
+            raise FormatError(f"{path}: not a readable store layer ({exc}); delete it to "
+                              "rebuild") from None
+        found: dict[str, dict[Choice, list[Piece]]] = {}
+        for k in sorted({k.rsplit("|", 1)[0] for k in raw},
+                        key=lambda k: (k.split("|")[:2], int(k.split("|")[3]))):
+            name, oid, axis, start, stop = k.split("|")
+            c = parse_choice(oid, 64, "store")
+            if f"{k}|weight" in raw:
+                q: Any = raw[f"{k}|weight"]
+            else:
+                ncols = int(raw[f"{k}|cols"][0])
+                codes = unpack_torch(raw[f"{k}|qdata"].view(torch.uint32), c.bits, ncols)
+                q = QuantizedTensor(codes.to(torch.uint8), raw[f"{k}|scale"],
+                                    raw[f"{k}|zero"], c.bits, c.group_size)
+            found.setdefault(name, {}).setdefault(c, []).append(
+                Piece(int(axis), int(start), int(stop), q))
+        for name, per in found.items():
+            self._add(name, {c: tuple(p) for c, p in per.items()})
+        return True

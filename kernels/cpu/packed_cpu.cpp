@@ -1,0 +1,397 @@
+// bitsack CPU kernels for packed segments (formats.PackFormat.BITSTREAM_U32 / FP16).
+//
+// Built by bitsack/kernels/cpu_build.py with the machine's compiler (-O3 -march=native
+// -fopenmp), loaded with ctypes; plain C entry points, no Python or torch headers.
+//
+//   bs_gemv      y[b, y_off + r] (+)= Σ_j ŵ[r, j] · x[b, x_off + j]    (decode: batch ≤ 8)
+//   bs_dequant   out[r, j] = ŵ[r0 + r, j] for a tile of rows            (prefill: then BLAS)
+//
+// ŵ = s·(q − z) is computed in fp32 exactly as the format defines it (fp16 scale and zero
+// widened to fp32, the code converted exactly): every product and the sum are fp32, summed in
+// an order the bound does not care about (bitsack.kernels.bounds: γ_n covers any order, with
+// or without FMA). Rows are split over OpenMP threads; each output is written by one thread.
+//
+// Unpacking, for any width 1..8 (Frantar et al.'s Marlin and llama.cpp's k-quants unpack with
+// per-width shuffles; this is a width-generic variant of the idea): a chunk of 32 values of
+// BITS bits fills exactly BITS words. Value k sits at bit k·BITS: word wi = k·BITS / 32, shift
+// sh = k·BITS % 32, straddling into word wi + 1 when sh + BITS > 32. With the chunk's words in
+// one 16-lane vector, a lane-wise permute brings word wi (and wi + 1) of each value's lane into
+// place, two variable shifts and a mask extract 16 values at once; the permute indices and
+// shifts are compile-time constants per BITS.
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <omp.h>
+#if defined(__F16C__) || defined(__AVX512VBMI2__)
+#include <immintrin.h>
+#endif
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16f __attribute__((vector_size(64)));
+
+#define BS_MAX_BATCH 8
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    // exact fp16 -> fp32, subnormals included
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  // subnormal: normalize
+        int e = -1;
+        do { man <<= 1; ++e; } while (!(man & 0x400u));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline v16f load16_half(const uint16_t* p) {
+    v16f out;
+#if defined(__F16C__)
+    __m128i a, b;
+    std::memcpy(&a, p, 16);
+    std::memcpy(&b, p + 8, 16);
+    __m256 fa = _mm256_cvtph_ps(a), fb = _mm256_cvtph_ps(b);
+    std::memcpy(&out, &fa, 32);
+    std::memcpy(reinterpret_cast<char*>(&out) + 32, &fb, 32);
+#else
+    for (int i = 0; i < 16; ++i) out[i] = half_to_float(p[i]);
+#endif
+    return out;
+}
+
+static inline v16f load16f(const float* p) {
+    v16f v;
+    std::memcpy(&v, p, 64);
+    return v;
+}
+
+static inline float hsum(v16f v) {
+    float s = 0.f;
+    for (int i = 0; i < 16; ++i) s += v[i];
+    return s;
+}
+
+// The 16 codes of half h (values 16h .. 16h+15) of a chunk whose words are in `w` (lanes
+// 0..BITS-1; lane BITS may hold anything: it is read only for values that do not straddle,
+// and then masked away). The word index and shift of each lane are constant vectors per BITS
+// and h (folded by the compiler).
+template <int BITS>
+static inline __attribute__((always_inline)) v16u extract16(v16u w, int h) {
+    const v16u lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16u bit = (lane + (uint32_t)(16 * h)) * (uint32_t)BITS;
+    const v16u wi = bit >> 5, sh = bit & 31u;
+    const v16u mask = (v16u){} + (uint32_t)((1u << BITS) - 1u);
+    if (32 % BITS == 0) {
+        // no value straddles: one permute, one shift
+        return (__builtin_shuffle(w, wi) >> sh) & mask;
+    }
+#if defined(__AVX512VBMI2__)
+    // one funnel shift: (lo >> sh) | (hi << (32 − sh)) per lane
+    __m512i lo, hi, shv;
+    const v16u a = __builtin_shuffle(w, wi), b = __builtin_shuffle(w, wi + 1u);
+    std::memcpy(&lo, &a, 64);
+    std::memcpy(&hi, &b, 64);
+    std::memcpy(&shv, &sh, 64);
+    const __m512i f = _mm512_shrdv_epi32(lo, hi, shv);
+    v16u out;
+    std::memcpy(&out, &f, 64);
+    return out & mask;
+#else
+    const v16u lo = __builtin_shuffle(w, wi) >> sh;
+    // (x << 1) << (31 − sh) = x << (32 − sh), defined for sh = 0 too (gives 0)
+    const v16u hi = (__builtin_shuffle(w, wi + 1u) << 1) << (31u - sh);
+    return (lo | hi) & mask;
+#endif
+}
+
+// Words of chunk c of a row: 16 words from its first (an unaligned vector load) when the
+// buffer holds them, else the ones that exist, zeros after.
+static inline v16u load_words(const uint32_t* p, const uint32_t* end) {
+    v16u w;
+    if (p + 16 <= end) {
+        std::memcpy(&w, p, 64);
+    } else {
+        w = (v16u){};
+        const long n = end - p;
+        for (long i = 0; i < n && i < 16; ++i) w[i] = p[i];
+    }
+    return w;
+}
+
+// Dequantized values of a row, 32 columns (one chunk) at a time, chunks in order. Columns
+// past `cols` get codes from padding (or the next row's words) and the last group's
+// parameters: finite values that the caller multiplies by 0 or drops.
+template <int BITS>
+struct RowDecoder {
+    const uint32_t* qrow = nullptr;
+    const uint32_t* qend = nullptr;
+    const uint16_t* srow = nullptr;
+    const uint16_t* zrow = nullptr;
+    int cols = 0, G = 1, ngroups = 1;
+    // Group tracking without a division per vector (when G % 16 == 0 a 16-column vector lies
+    // in one group): the current group g covers columns [gstart, gend).
+    int g = 0, gend = 0;
+    float s = 0.f, z = 0.f;
+
+    RowDecoder() = default;
+    inline RowDecoder(const uint32_t* q, const uint32_t* e, const uint16_t* sr,
+                      const uint16_t* zr, int c, int gs, int ng)
+        : qrow(q), qend(e), srow(sr), zrow(zr), cols(c), G(gs), ngroups(ng) {
+        gend = G;
+        s = half_to_float(srow[0]);
+        z = half_to_float(zrow[0]);
+    }
+
+    // values of columns [j0, j0 + 16), j0 a multiple of 16, called in increasing j0
+    inline v16f scale16(v16f qf, int j0) {
+        if (G % 16 == 0) {
+            if (j0 >= gend && g + 1 < ngroups) {
+                ++g;
+                gend += G;
+                s = half_to_float(srow[g]);
+                z = half_to_float(zrow[g]);
+            }
+            return qf * s + (-(z * s));  // = s·(q − z) exactly (see gemv1_g32)
+        }
+        v16f sv = {}, zv = {};
+        for (int l = 0; l < 16; ++l) {
+            int gl = (j0 + l) / G;
+            if (gl >= ngroups) gl = ngroups - 1;
+            sv[l] = half_to_float(srow[gl]);
+            zv[l] = half_to_float(zrow[gl]);
+        }
+        return (qf - zv) * sv;
+    }
+
+    inline void chunk(int c, v16f out[2]) {
+        const v16u w = load_words(qrow + (long)c * BITS, qend);
+        out[0] = scale16(__builtin_convertvector(extract16<BITS>(w, 0), v16f), c * 32);
+        out[1] = scale16(__builtin_convertvector(extract16<BITS>(w, 1), v16f), c * 32 + 16);
+    }
+};
+
+// x rows are padded by the caller to a multiple of 32 columns (zeros), stride x_stride.
+//
+// Batch 1 (decode) with G % 32 == 0 (every chunk inside one group): RB rows at a time per
+// thread, group by group, so a chunk's x vectors are loaded once for RB rows, a group's
+// scale and zero are converted once, and the 2·RB accumulator chains are independent
+// (latency hidden). SAFE = every 16-word load stays inside the buffer (all but the last rows).
+template <int BITS, int RB, bool SAFE>
+static inline void gemv1_g32(const uint32_t* qdata, const uint16_t* scale,
+                             const uint16_t* zero, int r, int wpr, int G, int ngroups,
+                             int nchunks, const uint32_t* qend, const float* x, float* y,
+                             int accumulate) {
+    const uint32_t* q[RB];
+    const uint16_t* sr[RB];
+    const uint16_t* zr[RB];
+    v16f acc0[RB], acc1[RB];
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+        q[i] = qdata + (long)(r + i) * wpr;
+        sr[i] = scale + (long)(r + i) * ngroups;
+        zr[i] = zero + (long)(r + i) * ngroups;
+        acc0[i] = (v16f){};
+        acc1[i] = (v16f){};
+    }
+    const int cpg = G / 32;  // chunks per group
+    for (int g = 0; g < ngroups; ++g) {
+        // ŵ = s·(q − z) computed as q·s + (−z·s): z·s and q·s are exact in fp32 (an integer
+        // ≤ 255 times an fp16: ≤ 19 significant bits) and so is their difference (≤ 20), so
+        // the fused multiply-add yields exactly the format's value, one instruction instead
+        // of two. (Without FMA contraction the compiler's q·s then + is exact too.)
+        float s[RB], nzs[RB];
+#pragma GCC unroll 8
+        for (int i = 0; i < RB; ++i) {
+            s[i] = half_to_float(sr[i][g]);
+            nzs[i] = -(half_to_float(zr[i][g]) * s[i]);
+        }
+        const int c1 = (g + 1) * cpg < nchunks ? (g + 1) * cpg : nchunks;
+        for (int c = g * cpg; c < c1; ++c) {
+            const v16f x0 = load16f(x + c * 32), x1 = load16f(x + c * 32 + 16);
+#pragma GCC unroll 8
+            for (int i = 0; i < RB; ++i) {
+                v16u w;
+                if (SAFE)
+                    std::memcpy(&w, q[i] + (long)c * BITS, 64);
+                else
+                    w = load_words(q[i] + (long)c * BITS, qend);
+                const v16f w0 = __builtin_convertvector(extract16<BITS>(w, 0), v16f);
+                const v16f w1 = __builtin_convertvector(extract16<BITS>(w, 1), v16f);
+                acc0[i] += (w0 * s[i] + nzs[i]) * x0;
+                acc1[i] += (w1 * s[i] + nzs[i]) * x1;
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+        const float v = hsum(acc0[i] + acc1[i]);
+        y[r + i] = accumulate ? y[r + i] + v : v;
+    }
+}
+
+template <int BITS>
+static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint16_t* zero,
+                      int rows, int cols, int G, const float* x, int nb, long x_stride,
+                      float* y, long y_stride, int y_off, int accumulate, int nthreads) {
+    const int wpr = (BITS * cols + 31) / 32;
+    const int ngroups = (cols + G - 1) / G;
+    const int nchunks = (cols + 31) / 32;
+    const uint32_t* qend = qdata + (long)rows * wpr;
+    if (nb == 1 && G % 32 == 0) {
+        constexpr int RB = 4;
+        const int blocks = rows / RB;
+        float* yo = y + y_off;
+        // rows from `safe_rows` on may read past the buffer with a 16-word load
+        const long need = (long)(nchunks - 1) * BITS + 16;
+        const long total = (long)rows * wpr;
+        const int safe_rows = total >= need ? (int)std::min<long>(rows, (total - need) / wpr + 1)
+                                            : 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int bi = 0; bi < blocks + (rows % RB); ++bi) {
+            if (bi < blocks) {
+                const int r = bi * RB;
+                if (r + RB <= safe_rows)
+                    gemv1_g32<BITS, RB, true>(qdata, scale, zero, r, wpr, G, ngroups, nchunks,
+                                              qend, x, yo, accumulate);
+                else
+                    gemv1_g32<BITS, RB, false>(qdata, scale, zero, r, wpr, G, ngroups,
+                                               nchunks, qend, x, yo, accumulate);
+            } else {
+                gemv1_g32<BITS, 1, false>(qdata, scale, zero, blocks * RB + (bi - blocks), wpr,
+                                          G, ngroups, nchunks, qend, x, yo, accumulate);
+            }
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int r = 0; r < rows; ++r) {
+        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups,
+                           zero + (long)r * ngroups, cols, G, ngroups);
+        v16f acc[BS_MAX_BATCH];
+        for (int b = 0; b < BS_MAX_BATCH; ++b) acc[b] = (v16f){};
+        for (int c = 0; c < nchunks; ++c) {
+            v16f w[2];
+            d.chunk(c, w);
+            for (int b = 0; b < nb; ++b) {
+                const float* xb = x + b * x_stride + c * 32;
+                acc[b] += w[0] * load16f(xb) + w[1] * load16f(xb + 16);
+            }
+        }
+        for (int b = 0; b < nb; ++b) {
+            float* out = y + b * y_stride + y_off + r;
+            const float v = hsum(acc[b]);
+            *out = accumulate ? *out + v : v;
+        }
+    }
+}
+
+template <int BITS>
+static void gemv_bits(const uint32_t* q, const uint16_t* s, const uint16_t* z, int rows,
+                      int cols, int G, const float* x, int nb, long xs, float* y, long ys,
+                      int yo, int acc, int nt) {
+    gemv_rows<BITS>(q, s, z, rows, cols, G, x, nb, xs, y, ys, yo, acc, nt);
+}
+
+template <int BITS>
+static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uint16_t* zero,
+                         int rows, int cols, int G, int r0, int r1, float* out, long ld,
+                         int nthreads) {
+    const int wpr = (BITS * cols + 31) / 32;
+    const int ngroups = (cols + G - 1) / G;
+    const int nchunks = (cols + 31) / 32;
+    const uint32_t* qend = qdata + (long)rows * wpr;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int r = r0; r < r1; ++r) {
+        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups,
+                           zero + (long)r * ngroups, cols, G, ngroups);
+        float* o = out + (long)(r - r0) * ld;
+        for (int c = 0; c < nchunks; ++c) {
+            v16f w[2];
+            d.chunk(c, w);
+            const int j = c * 32;
+            if (j + 32 <= cols) {
+                std::memcpy(o + j, &w[0], 64);
+                std::memcpy(o + j + 16, &w[1], 64);
+            } else {
+                for (int k = 0; j + k < cols; ++k) o[j + k] = w[k >> 4][k & 15];
+            }
+        }
+    }
+}
+
+extern "C" {
+
+int bs_cpu_abi_version() { return 1; }
+
+// Returns 0 on success, 1 for an unsupported width.
+int bs_gemv(int bits, const uint32_t* q, const uint16_t* s, const uint16_t* z, int rows,
+            int cols, int G, const float* x, int nb, long x_stride, float* y, long y_stride,
+            int y_off, int accumulate, int nthreads) {
+    switch (bits) {
+        case 1: gemv_bits<1>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        case 2: gemv_bits<2>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        case 3: gemv_bits<3>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        case 4: gemv_bits<4>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        case 5: gemv_bits<5>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        case 6: gemv_bits<6>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        case 7: gemv_bits<7>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        case 8: gemv_bits<8>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
+        default: return 1;
+    }
+}
+
+int bs_dequant(int bits, const uint32_t* q, const uint16_t* s, const uint16_t* z, int rows,
+               int cols, int G, int r0, int r1, float* out, long ld, int nthreads) {
+    switch (bits) {
+        case 1: dequant_rows<1>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        case 2: dequant_rows<2>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        case 3: dequant_rows<3>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        case 4: dequant_rows<4>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        case 5: dequant_rows<5>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        case 6: dequant_rows<6>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        case 7: dequant_rows<7>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        case 8: dequant_rows<8>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
+        default: return 1;
+    }
+}
+
+// fp16 (16-bit) segment: same contract as bs_gemv, weights [rows, cols] fp16 (x padded too).
+int bs_gemv_fp16(const uint16_t* w, int rows, int cols, const float* x, int nb, long x_stride,
+                 float* y, long y_stride, int y_off, int accumulate, int nthreads) {
+    const int n16 = cols / 16;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int r = 0; r < rows; ++r) {
+        const uint16_t* wr = w + (long)r * cols;
+        v16f acc[BS_MAX_BATCH];
+        float tail[BS_MAX_BATCH];
+        for (int b = 0; b < BS_MAX_BATCH; ++b) { acc[b] = (v16f){}; tail[b] = 0.f; }
+        for (int v = 0; v < n16; ++v) {
+            const v16f wv = load16_half(wr + v * 16);
+            for (int b = 0; b < nb; ++b) acc[b] += wv * load16f(x + b * x_stride + v * 16);
+        }
+        for (int j = n16 * 16; j < cols; ++j) {
+            const float wj = half_to_float(wr[j]);
+            for (int b = 0; b < nb; ++b) tail[b] += wj * x[b * x_stride + j];
+        }
+        for (int b = 0; b < nb; ++b) {
+            float* out = y + b * y_stride + y_off + r;
+            const float v = hsum(acc[b]) + tail[b];
+            *out = accumulate ? *out + v : v;
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"

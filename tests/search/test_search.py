@@ -1,0 +1,220 @@
+"""The measured search on tiny models: store, meter, loop (acceptance, planted sensitivity,
+resumption), and the packed model it produces."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bitsack.compress import ApplyConfig, assemble, compress
+from bitsack.models import model_units
+from bitsack.models.testing import tiny_model
+from bitsack.plan import parse_choice
+from bitsack.profiling.build import make_cost_models, unit_shapes
+from bitsack.search.loop import Search, SearchConfig, groups_of, unit_costs
+from bitsack.search.menu import DEFAULT_MENU, Menu, nominal_bits
+from bitsack.search.meter import KLMeter, Paired
+from bitsack.search.store import StoreConfig, VariantStore
+
+MLP = 32
+MENU = ("b2g32", "b2g16", "b3g32", "b3g16", "b4g32", "b4g16", "b8g16", "b16")
+
+
+def _tokens(n, seed, seqlen=32):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def setup(one_thread):
+    def make(arch="llama", incumbent="b2g32", seed=0, quantizer="gptq"):
+        model = tiny_model(arch, seed=seed)
+        base = copy.deepcopy(model)
+        units = model_units(model, mlp_group=MLP)
+        meter = KLMeter(model, {"screen": _tokens(8, 1), "select": _tokens(8, 2),
+                                "holdout": _tokens(8, 3)}, batch_size=4)
+        menu = Menu.parse(MENU)
+        store = VariantStore.build(model, units, menu, parse_choice(incumbent, 16), _tokens(8, 4),
+                                   StoreConfig(quantizer=quantizer, batch_size=4))
+        costs = unit_costs(unit_shapes(model, units), menu, make_cost_models(["memory"]))
+        return base, model, units, meter, store, costs
+
+    return make
+
+
+def _limit(units, bits):
+    return {"memory_bytes": bits * sum(u.params for u in units) / 8}
+
+
+def test_menu_order_and_steps():
+    menu = Menu.parse(DEFAULT_MENU)
+    assert [c.option_id for c in menu.steps][:6] == ["b2g128", "b2g64", "b2g32", "b3g128",
+                                                      "b3g64", "b3g32"]
+    assert [nominal_bits(c) for c in menu.steps][:4] == [2.25, 2.5, 3.0, 3.25]
+    b3g64 = parse_choice("b3g64", 64)
+    assert menu.step(b3g64, +1).option_id == "b3g32"
+    assert menu.step(b3g64, -1).option_id == "b3g128"
+    assert menu.step(menu.steps[-1], +1) is None
+    assert Menu.parse(["b3g64", "prune"]).prune
+
+
+def test_paired_standard_error():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    p = Paired.of(a + 0.5, a)
+    assert p.mean == pytest.approx(0.5) and p.se == pytest.approx(0.0)
+    p = Paired.of(np.array([1.0, 3.0]), np.array([0.0, 0.0]))
+    assert p.mean == 2.0 and p.se == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stitched_uniform_is_compress_and_assemble_packs_any_plan(setup, arch):
+    base, model, units, _, store, _ = setup(arch, incumbent="b3g16")
+    x = _tokens(2, 9, 20)
+    real = copy.deepcopy(base)
+    plan = {u.id: store.incumbent for u in units}
+    compress(real, plan, _tokens(8, 4), ApplyConfig(group_size=16, mlp_group=MLP, batch_size=4))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, real(x).logits)
+    # a mixed plan with pruning: stitched dense zeros == packed surgery, to rounding
+    rng = np.random.default_rng(0)
+    mixed = {u.id: ("prune" if u.prunable and rng.random() < 0.2 else
+                    str(rng.choice(MENU))) for u in units}
+    mixed = {u: parse_choice(o, 16) for u, o in mixed.items()}
+    from bitsack.search.loop import Stitcher
+
+    Stitcher(model, units, store).write(mixed)
+    packed = copy.deepcopy(base)
+    res = assemble(packed, mixed, store.part, ApplyConfig(group_size=16, mlp_group=MLP))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    costs = unit_costs(_shapes(units), Menu(store.menu.steps, prune=True),
+                       make_cost_models(["memory"]))
+    assert res.packed_bytes == sum(costs[u][c.option_id]["memory_bytes"]
+                                   for u, c in mixed.items())
+
+
+def _shapes(units):
+    from bitsack.solver.costs import SliceShape, UnitShape
+
+    return [UnitShape(u.id, u.kind, tuple(SliceShape(s.shape[0], s.shape[1], s.dim)
+                                          for s in u.slices), u.layer) for u in units]
+
+
+def test_store_persists_and_resumes(setup, tmp_path, one_thread):
+    model = tiny_model("llama", seed=0)
+    units = model_units(model, mlp_group=MLP)
+    menu = Menu.parse(MENU)
+    inc = parse_choice("b3g16", 16)
+    a = VariantStore.build(copy.deepcopy(model), units, menu, inc, _tokens(8, 4),
+                           StoreConfig(batch_size=4), root=tmp_path / "s", key={"k": 1})
+    files = sorted(p.name for p in (tmp_path / "s").glob("layer_*"))
+    assert len(files) == 3  # two layers and the head
+    (tmp_path / "s" / files[1]).unlink()  # as if killed before the last layer
+    b = VariantStore.build(copy.deepcopy(model), units, menu, inc, _tokens(8, 4),
+                           StoreConfig(batch_size=4), root=tmp_path / "s", key={"k": 1})
+    for name, per in a.variants.items():
+        for c in per:
+            assert torch.equal(a.dense(name, c), b.dense(name, c)), (name, c)
+    # another key: the stored layers are stale and rebuilt
+    VariantStore.build(copy.deepcopy(model), units, menu, inc, _tokens(8, 4),
+                       StoreConfig(batch_size=4), root=tmp_path / "s", key={"k": 2})
+    assert json.loads((tmp_path / "s" / "store.json").read_text())["key"] == {"k": 2}
+
+
+def test_search_never_accepts_a_worse_holdout_and_fits(setup):
+    _, model, units, meter, store, costs = setup()
+    limits = _limit(units, 3.5)
+    s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=300, k=4))
+    res = s.run()
+    assert s.fits(res.plan)
+    assert res.kl["holdout"] <= res.start["kl"]["holdout"] + 1e-12
+    assert any(st.accepted for st in res.steps)
+    for st in res.steps:
+        if st.accepted:
+            assert st.holdout["delta"] <= 0.0
+            assert st.select["delta"] < -2 * st.select["se"]
+    # the measured KL of the final plan is what the meter says of the model now
+    assert float(np.mean(meter.kl("holdout", 0))) == pytest.approx(res.kl["holdout"],
+                                                                   rel=1e-9)
+
+
+def test_planted_sensitive_unit_ends_at_high_precision(setup):
+    _, _, units, _, _, costs = setup()
+    # plant: make layer 1's first MLP block's down-projection columns huge in the base model,
+    # so any quantization error there is amplified; rebuild the whole setup on that model
+    base = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[:, :MLP] *= 100.0
+    model = copy.deepcopy(base)
+    meter = KLMeter(model, {"screen": _tokens(16, 1, 64), "select": _tokens(16, 2, 64),
+                            "holdout": _tokens(16, 3, 64)}, batch_size=8)
+    menu = Menu.parse(MENU)
+    store = VariantStore.build(model, units, menu, parse_choice("b2g32", 16), _tokens(8, 4),
+                               StoreConfig(batch_size=4))
+    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+               SearchConfig(budget_forwards=600, k=4, k_min=1))
+    res = s.run()
+    planted = res.plan["L1.mlp.c0"]
+    others = [nominal_bits(c) for u, c in res.plan.items() if u.startswith("L1.mlp")
+              and u != "L1.mlp.c0"]
+    assert nominal_bits(planted) > nominal_bits(parse_choice("b2g32", 16))
+    assert nominal_bits(planted) >= max(others)
+
+
+def test_interrupted_search_resumes_to_the_identical_result(setup):
+    cfg = SearchConfig(budget_forwards=400, k=4)
+
+    def run(stop_after=None, resume=None):
+        _, model, units, meter, store, costs = setup()
+        saved = []
+
+        def checkpoint(ck):
+            saved.append(json.loads(json.dumps(ck)))
+            if stop_after is not None and len(ck["result"]["steps"]) >= stop_after:
+                raise KeyboardInterrupt
+
+        s = Search(model, units, store, meter, costs, _limit(units, 3.5), cfg,
+                   checkpoint=checkpoint)
+        try:
+            return s.run(resume=resume).to_dict(), saved
+        except KeyboardInterrupt:
+            return None, saved
+
+    full, _ = run()
+    assert len(full["steps"]) >= 2
+    part, saved = run(stop_after=1)
+    assert part is None
+    resumed, _ = run(resume=saved[-1])
+    assert resumed == full
+
+
+def test_groups_are_layer_kinds_and_embeddings():
+    units = model_units(tiny_model("llama"), mlp_group=MLP)
+    groups = groups_of(units)
+    assert groups["L0.head_group"] == ["L0.attn.g0", "L0.attn.g1"]
+    assert groups["L1.mlp_group"] == ["L1.mlp.c0", "L1.mlp.c1", "L1.mlp.c2"]
+    assert groups["embed"] == ["embed"]
+
+
+def test_pruning_enters_as_measured_moves_when_bits_cannot_meet_the_budget(setup):
+    from dataclasses import replace
+
+    from bitsack.plan import PRUNE
+
+    _, model, units, meter, store, _ = setup()
+    menu = replace(store.menu, prune=True)
+    store.menu = menu
+    costs = unit_costs(_shapes(units), menu, make_cost_models(["memory"]))
+    limits = _limit(units, 2.9)  # below the smallest uniform choice (b2g32: 3.0 bits)
+    s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=300, k=4))
+    # a feasible start that prunes (a one-shot plan would give one): every other MLP block
+    start = {u.id: (PRUNE if u.kind == "mlp_group" and u.id.endswith(("c0", "c2"))
+                    else parse_choice("b2g32", 16)) for u in units}
+    assert s.fits(start) and not s.fits({u.id: parse_choice("b2g32", 16) for u in units})
+    res = s.run(extra_starts={"oneshot": start})
+    assert res.start["incumbent"] == "oneshot"
+    assert s.fits(res.plan)
+    assert any(c.pruned for c in res.plan.values())
+    assert any((g, 0) in s.deltas for g in s.groups)  # prune moves were measured
+    assert res.kl["holdout"] <= res.start["kl"]["holdout"] + 1e-12

@@ -1,0 +1,104 @@
+"""The model commands on a tiny model: ``--json`` prints exactly one object and no progress;
+without it, a log (stderr not a terminal) gets timestamped progress lines."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from bitsack.cli import main
+
+STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path, one_thread):
+    """Every load_model call gets a fresh copy of the same seeded tiny Llama (compress changes
+    the model it is given)."""
+    from bitsack.models import loading
+    from bitsack.models.testing import ByteTokenizer, tiny_model
+
+    def load(*a, **k):
+        return loading.LoadedModel(model=tiny_model("llama", seed=3), tokenizer=ByteTokenizer(),
+                                   source={"kind": "test", "spec": "tiny"})
+
+    monkeypatch.setattr(loading, "load_model", load)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return text
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def progress_lines(err: str, command: str) -> list[str]:
+    return [line for line in err.splitlines()
+            if re.match(STAMP + f"bitsack {command}: ", line)]
+
+
+def test_profile_solve_compress_eval_generate_json_and_progress(tiny, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.setattr("bitsack.progress.DEFAULT_INTERVAL", 0.05)  # a line per 50 ms
+    prof = tmp_path / "prof"
+    common = ["--model", "tiny", "--calib", str(tiny), "--bits", "2,4", "--group-size", "16",
+              "--mlp-group", "32", "--nsamples", "2", "--seqlen", "16", "--units", "heads,mlp",
+              "--estimator", "layerwise", "--out", str(prof)]
+    code, out, err = run_cli(capsys, "profile", *common, "--json")
+    assert code == 0 and json.loads(out)["problem"].endswith("problem.yaml")
+    assert progress_lines(err, "profile") == []
+    code, out, err = run_cli(capsys, "profile", *common)
+    assert code == 0 and out.startswith("profiled ")
+    lines = progress_lines(err, "profile")
+    assert " done in " in lines[-1]
+    assert any(re.search(r"profile: (loading the model|calibration data|estimating)", line)
+               for line in lines[:-1])
+
+    problem, sol = prof / "problem.yaml", tmp_path / "sol.json"
+    code, out, _ = run_cli(capsys, "solve", str(problem), "--avg-bits", "5", "--solver",
+                           "greedy", "--out", str(sol), "--json")
+    assert code == 0 and json.loads(out)["status"] in ("optimal", "feasible")
+
+    plan = ["--model", "tiny", "--problem", str(problem), "--solution", str(sol),
+            "--quantizer", "rtn"]
+    code, out, err = run_cli(capsys, "compress", *plan, "--out", str(tmp_path / "c1"), "--json")
+    assert code == 0 and json.loads(out)["packed_bytes"] > 0
+    assert progress_lines(err, "compress") == []
+    code, out, err = run_cli(capsys, "compress", *plan, "--out", str(tmp_path / "c2"))
+    assert code == 0 and "compressed model written to" in out
+    lines = progress_lines(err, "compress")
+    assert " done in " in lines[-1] and len(lines) >= 2
+
+    evaluation = ["--model", "tiny", "--data", str(tiny), "--seqlen", "32", "--windows", "2"]
+    code, out, err = run_cli(capsys, "eval", *evaluation, "--json")
+    assert code == 0 and json.loads(out)["result"]["windows"] == 2
+    assert progress_lines(err, "eval") == []
+    code, out, err = run_cli(capsys, "eval", *evaluation, "--quiet")
+    assert code == 0 and "perplexity" in out and progress_lines(err, "eval") == []
+    monkeypatch.setattr("bitsack.progress.DEFAULT_INTERVAL", 1e-6)  # a line per update
+    code, out, err = run_cli(capsys, "eval", *evaluation)
+    lines = progress_lines(err, "eval")
+    assert code == 0 and " done in " in lines[-1]
+    assert any("bitsack eval: 2/2 windows (100%), 0s elapsed" in line for line in lines), lines
+
+    code, out, _ = run_cli(capsys, "generate-text", "--model", "tiny", "--prompt", "hi",
+                           "--max-new-tokens", "3", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) <= 3
+
+
+def test_a_refusal_inside_a_long_stage_is_still_one_line(monkeypatch, tmp_path, capsys):
+    from bitsack.errors import ModelError
+
+    def refuse(*a, **k):
+        raise ModelError("model: 'nope' is neither a file, a folder nor a hub id")
+
+    monkeypatch.setattr("bitsack.models.loading.load_model", refuse)
+    text = tmp_path / "t.txt"
+    text.write_text("hello " * 50)
+    code, out, err = run_cli(capsys, "eval", "--model", "nope", "--data", str(text))
+    assert code == 1 and out == ""
+    assert err == "bitsack eval: error: model: 'nope' is neither a file, a folder nor a hub id\n"
