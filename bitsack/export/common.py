@@ -10,8 +10,10 @@ numbers are bitsack's own. A matrix whose segments differ in (bits, group size) 
 grid and is refused (``ExportError``, naming the module and the mix).
 
 Group sizes: every group of a grid has ``group_size`` columns except possibly the last of a
-row, which may be shorter (when ``group_size`` does not divide the row). A short group inside
-a row (a column segment that ends on a partial group) has no single-grid form and is refused.
+row, which may be shorter (when ``group_size`` does not divide the row). Column segments group
+their own columns from their first one, so their groups laid end to end must have one width
+(three 32-column segments at group size 64 are one grid of group size 32); a short group
+inside a row has no single-grid form and is refused.
 """
 
 from __future__ import annotations
@@ -260,36 +262,59 @@ def _quietly(fn: Callable[..., Any], *args: Any) -> Any:
 def matrix_of(name: str, module: Any, fmt: str) -> GridMatrix | DenseMatrix:
     """The packed ``module`` as one grid, or dense fp16 when it is a 16-bit unit.
 
+    Row segments (``axis`` 0) form one grid when they share bits and group size. Column
+    segments (``axis`` 1) restart their groups at their first column, so their groups laid end
+    to end must have one width ``W`` (the last may be shorter); the grid's group size is ``W``
+    (three 32-column segments at group size 64 are one grid of group size 32).
+
     Raises:
-        ExportError: the segments mix (bits, group size), or a short group sits inside a row.
+        ExportError: the segments mix bit-widths (or row segments group sizes), or column
+            groups of unequal widths.
     """
     segs = module.segments
-    kinds = sorted({(s.bits, s.group_size if s.bits != 16 else None) for s in segs},
-                   key=lambda k: (k[0], k[1] or 0))
-    if len(kinds) > 1:
-        parts = ", ".join(
-            f"{_kind(s.bits, s.group_size)} ({'rows' if s.axis == 0 else 'columns'} "
-            f"{s.start}:{s.stop})" for s in segs)
-        raise ExportError(name, f"mixes {parts}; {fmt} stores one type per tensor; valid: a "
-                          "plan whose units share one bit-width and group size within each "
-                          "matrix (solve it with per-matrix constraints: same_bits over the "
-                          "head groups and over the MLP blocks of every layer)")
-    bits, g = kinds[0]
+    kinds = {(s.bits, s.group_size if s.bits != 16 else None) for s in segs}
+    bits_set = {b for b, _ in kinds}
+    if len(bits_set) > 1 or (module.axis == 0 and len(kinds) > 1):
+        raise ExportError(name, f"mixes {_describe(module)}; {fmt} stores one type per tensor; "
+                          "valid: a plan whose units share one bit-width and group size within "
+                          "each matrix (solve it with per-matrix constraints: same_bits over "
+                          "the head groups and over the MLP blocks of every layer)")
+    bits = bits_set.pop()
     if bits == 16:
         return DenseMatrix(name, module.dequantize().numpy().astype(np.float16))
-    codes, scales, zeros = [], [], []
-    for k, s in enumerate(segs):
-        cols = s.shape[1]
-        if module.axis == 1 and k < len(segs) - 1 and cols % g:
-            raise ExportError(name, f"segment {k} (columns {s.start}:{s.stop}) ends inside a "
-                              f"group of {g}; valid: column segments that hold whole groups")
-        codes.append(s.codes().numpy())
-        scales.append(s.scale.numpy())
-        zeros.append(s.zero.numpy())
+    group = segs[0].group_size
+    if module.axis == 1:
+        widths = []
+        for s in segs:
+            n, g = s.shape[1], s.group_size
+            widths += [g] * (n // g) + ([n % g] if n % g else [])
+        group = widths[0]
+        if any(w != group for w in widths[:-1]) or widths[-1] > group:
+            raise ExportError(name, f"column segments {_describe(module)} give groups of "
+                              f"{_runs(widths)} columns; one grid needs groups of one width "
+                              "(the last may be shorter); valid: column segments that hold "
+                              "whole groups of one size")
     axis = module.axis
-    return GridMatrix(name, bits, g, np.ascontiguousarray(np.concatenate(codes, axis=axis)),
-                      np.ascontiguousarray(np.concatenate(scales, axis=axis)),
-                      np.ascontiguousarray(np.concatenate(zeros, axis=axis)))
+    return GridMatrix(
+        name, bits, group,
+        np.ascontiguousarray(np.concatenate([s.codes().numpy() for s in segs], axis=axis)),
+        np.ascontiguousarray(np.concatenate([s.scale.numpy() for s in segs], axis=axis)),
+        np.ascontiguousarray(np.concatenate([s.zero.numpy() for s in segs], axis=axis)))
+
+
+def _describe(module: Any) -> str:
+    return ", ".join(f"{_kind(s.bits, s.group_size)} ({'rows' if s.axis == 0 else 'columns'} "
+                     f"{s.start}:{s.stop})" for s in module.segments)
+
+
+def _runs(widths: list[int]) -> str:
+    out: list[list[int]] = []
+    for w in widths:
+        if out and out[-1][0] == w:
+            out[-1][1] += 1
+        else:
+            out.append([w, 1])
+    return ", ".join(f"{w} x{n}" if n > 1 else str(w) for w, n in out)
 
 
 def _kind(bits: int, group_size: int) -> str:

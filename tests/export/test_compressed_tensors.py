@@ -232,3 +232,27 @@ def test_output_folder_safety_and_determinism(tmp_path):
         export_model(src, tmp_path / "b", "compressed-tensors", tokenizer_gguf="x")
     with pytest.raises(ValidationError, match="valid: compressed-tensors, gguf"):
         export_model(src, tmp_path / "b", "onnx")
+
+
+def test_a_short_last_group_is_refused_naming_the_module(tmp_path):
+    # hidden 96 at group size 64: q/k/v rows hold groups of 64 and 32 columns
+    src = make_folder(tmp_path / "c", dict(attn="b4g64", embed="b16"), hidden_size=96)
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.[qkv]_proj: group "
+                       "size 64 does not divide its 96 columns"):
+        export_model(src, tmp_path / "ct", "compressed-tensors")
+
+
+def test_column_segments_with_short_groups_are_one_grid(tmp_path):
+    # MLP blocks of 32 channels at group size 64: down_proj is three 32-column segments, each
+    # one short group: one grid of group size 32, read back exactly
+    src = make_folder(tmp_path / "c", dict(mlp="b4g64", embed="b16"))
+    model = load_compressed(src).model
+    down = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert [s.shape[1] for s in down.segments] == [32, 32, 32]
+    res = export_model(src, tmp_path / "ct", "compressed-tensors")
+    _, schemes = _schemes(res.out)
+    name = "model.layers.0.mlp.down_proj"
+    assert schemes[name].weights.group_size == 32
+    assert schemes["model.layers.0.mlp.up_proj"].weights.group_size == 64
+    got = _decompress(_tensors(res.out), name, schemes[name], torch.float32)
+    assert torch.equal(got, down.dequantize())

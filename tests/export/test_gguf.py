@@ -308,3 +308,23 @@ def test_export_is_deterministic(tmp_path, tokenizer_gguf):
     a = export_model(src, tmp_path / "a", "gguf", tokenizer_gguf=tokenizer_gguf)
     b = export_model(src, tmp_path / "b", "gguf", tokenizer_gguf=tokenizer_gguf)
     assert (a.out / "model.gguf").read_bytes() == (b.out / "model.gguf").read_bytes()
+
+
+def test_a_short_last_group_maps_block_by_block(tmp_path, tokenizer_gguf):
+    # hidden 96 at group size 64: v_proj rows hold groups of 64 and 32 columns; o_proj is two
+    # 32-column segments (one per head group), each one short group: a grid of group size 32
+    src = make_folder(tmp_path / "c", dict(attn="b4g64", embed="b16"), hidden_size=96)
+    model = load_compressed(src).model
+    res = export_model(src, tmp_path / "g", "gguf", tokenizer_gguf=tokenizer_gguf)
+    _, tensors = _fields(res.out / "model.gguf")
+    for gname, mname, groups in (("attn_v", "v_proj", [64, 32]),
+                                 ("attn_output", "o_proj", [32, 32])):
+        mod = model.get_submodule(f"model.layers.0.self_attn.{mname}")
+        got = _dequantized(tensors[f"blk.0.{gname}.weight"])
+        g = np.repeat(np.arange(len(groups)), groups)
+        s = torch.cat([x.scale for x in mod.segments], 1).double()
+        z = torch.cat([x.zero for x in mod.segments], 1).double()
+        q = torch.cat([x.codes() for x in mod.segments], 1).numpy().astype(np.float32)
+        off = (-(s * z)).numpy().astype(np.float16).astype(np.float32)[:, g]
+        want = s.numpy().astype(np.float32)[:, g] * q + off
+        assert np.array_equal(got, want), gname
