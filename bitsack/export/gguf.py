@@ -20,8 +20,8 @@ bits       ggml type (bytes / 32 weights)  mapping of bitsack's ``s·(q − z)``
 16         F16                             the fp16 weights                        yes
 =========  ==============================  =====================================  =========
 
-Q4_1 / Q5_1 need one (d, m) per block, so the group size must be a multiple of 32 (and rows
-a multiple of 32, ggml's block). ``m = −s·z`` is rounded to fp16 once: each weight moves by
+Every block has one scale (and offset), so the group size must be a multiple of 32 (and rows a
+multiple of 32, ggml's block; a short last group then is too). ``m = −s·z`` is rounded to fp16 once: each weight moves by
 ``|fp16(m) − m| ≤ 2⁻¹¹·|m| ≤ 2⁻¹¹·(2^b − 1)·s`` — under 1/136 of a quantization step at 4 bits
 (0 where ``s·z`` is an fp16 number, e.g. z = 0). The 8-bit re-rounding moves a weight by at most
 ``d/2``; the number of re-rounded blocks and the largest change are reported in ``notes``.
@@ -47,8 +47,8 @@ transformers row ``h·d + j·d/2 + i`` — rows carry their own groups, so this 
 else the GGUF the model was compressed from (``base_model`` in ``bitsack.json``, e.g. the
 embedded default). Its vocabulary must match the embedding rows.
 
-Refused (``ExportError``): matrices that mix (bits, group size); group sizes that are not a
-multiple of 32 for 1–5 bits; rows that are not a multiple of 32; non-Llama architectures;
+Refused (``ExportError``): matrices that mix bit-widths (see ``bitsack.export.common``); group
+sizes that are not a multiple of 32; rows that are not a multiple of 32; non-Llama architectures;
 biases; RoPE scaling other than the default; no tokenizer GGUF.
 """
 
@@ -143,7 +143,7 @@ def _min_offsets(m: GridMatrix, s: np.ndarray, z: np.ndarray) -> tuple[np.ndarra
 def _check_blocks_in_groups(m: GridMatrix, type_name: str) -> None:
     if m.group_size % QK:
         raise ExportError(m.name, f"{m.bits}-bit group size {m.group_size} is not a multiple of "
-                          f"{QK}; {type_name} holds one scale and offset per {QK} weights; "
+                          f"{QK}; {type_name} holds one scale per block of {QK} weights; "
                           "valid: group size 32, 64, 128, ...")
 
 
@@ -184,6 +184,7 @@ def encode_q5_1(m: GridMatrix) -> Encoded:
 def encode_q8_0(m: GridMatrix) -> Encoded:
     """Q8_0 blocks: exact (``d = s``, ``q8 = q − z``) for every block whose ``|q − z| ≤ 127``
     (always for ≤ 7 bits); other blocks are re-rounded to their own symmetric grid."""
+    _check_blocks_in_groups(m, "Q8_0")
     q, s, z = _blocks(m)
     rows, nb, _ = q.shape
     centred = q.astype(np.int16) - z.astype(np.int16)[:, :, None]

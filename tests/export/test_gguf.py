@@ -106,8 +106,10 @@ def test_q8_0_of_eight_bits_is_exact_where_codes_fit_and_bounded_elsewhere():
 def test_block_types_refuse_what_they_cannot_hold():
     with pytest.raises(ExportError, match="group size 16 is not a multiple of 32"):
         encode(_grid(4, g=16))
+    with pytest.raises(ExportError, match="8-bit group size 16 is not a multiple of 32; Q8_0"):
+        encode(_grid(8, g=16))
     with pytest.raises(ExportError, match="40 columns are not a multiple of 32"):
-        encode(_grid(8, cols=40, g=8))
+        encode(_grid(8, cols=40, g=32))
 
 
 def test_rope_permutation_interleaves_the_two_halves_of_each_head():
