@@ -21,7 +21,7 @@ matches is not run again, so an interrupted or re-parameterised run redoes only 
       profile/problem.yaml, profile.json          (bitsack.profiling; oneshot, search start)
       solution.json                               (the plan: solver certificate, search record)
       store/, search.json                         (bitsack.search)
-      model/ (safetensors + bitsack.json)         (bitsack.compress, bitsack.checkpoint)
+      model/ (safetensors + bitsack.json)         (bitsack.apply, bitsack.checkpoint)
       eval_base.json, eval.json                   (bitsack.evaluate)
       summary.json, report.md, allocation.png
 """
@@ -50,11 +50,13 @@ __all__ = ["METHODS", "RUN_SCHEMA", "UNIT_KINDS", "Context", "RunConfig", "RunSu
            "Stages", "is_run_dir", "plan_counts", "run"]
 
 def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
-        bars: bool = False, force: bool = False) -> RunSummary:
+        bars: bool = False, force: bool = False, loaded: Any = None) -> RunSummary:
     """Plan, compress and evaluate, reusing finished stages. See module docstring.
 
     ``cfg.out`` may be new, empty or an earlier run directory; another non-empty folder is
     refused unless ``force`` (then the run writes its files into it, deleting nothing else).
+    ``loaded``: a ``bitsack.models.LoadedModel`` to use instead of loading ``cfg.model`` (it
+    is consumed: its model becomes the compressed one).
     """
     import torch
 
@@ -72,8 +74,11 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
                            force=force)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    say(f"loading {cfg.model}")
-    lm = load_model(cfg.model, progress=bars)
+    if loaded is None:
+        say(f"loading {cfg.model}")
+        lm = load_model(cfg.model, progress=bars)
+    else:
+        lm = loaded
     ctx = Context(cfg, out, Stages(out, say), say, bars,
                   {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file",
                                                   "sha256")})

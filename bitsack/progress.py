@@ -13,7 +13,7 @@ Three modes (``progress_mode`` picks one):
 - ``off``: nothing (``--quiet``, ``--json``).
 
 A ``Progress`` is also the ``(stage, done, total)`` callback that library stages accept
-(``bitsack.compress.compress(progress=...)``, ``bitsack.evaluate.perplexity(progress=...)``)::
+(``bitsack.apply.compress(progress=...)``, ``bitsack.evaluate.perplexity(progress=...)``)::
 
     with Progress("compress", unit="layer", mode=progress_mode(quiet)) as prog:
         compress(model, plan, calib, cfg, progress=prog)

@@ -80,7 +80,7 @@ def calibration(cfg: RunConfig, tokenizer):
 
 
 def apply_config(cfg: RunConfig):
-    from bitsack.compress import ApplyConfig
+    from bitsack.apply import ApplyConfig
 
     return ApplyConfig(quantizer=cfg.quantizer, group_size=cfg.group_size,
                        mlp_group=cfg.mlp_group)
@@ -183,7 +183,7 @@ def _usage_certificate(costs, plan, limits) -> dict[str, Any]:
 
 
 def _uniform(ctx: Context, lm, units) -> Planned:
-    from bitsack.compress import compress
+    from bitsack.apply import compress
     from bitsack.search.driver import store_incumbent
 
     cfg = ctx.cfg
@@ -253,7 +253,7 @@ def solve_problem(ctx: Context, problem):
 
 def _oneshot(ctx: Context, lm, units) -> Planned:
     """One solve of the profiled objective (``sequential``: prunes fixed first)."""
-    from bitsack.compress import compress
+    from bitsack.apply import compress
     from bitsack.plan import plan_from_solution
 
     cfg = ctx.cfg

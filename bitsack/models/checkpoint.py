@@ -411,7 +411,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
         else:
             bias = tensors.pop(f"{name}.bias", None) if entry["bias"] else None
             mod = PackedLinear(entry["cols"], entry["rows"], segs, bias=bias,
-                               backend=backend or "torch")
+                               backend=backend or "cpu")
         if entry.get("wrapped"):
             parent = name.rpartition(".")[0]
             set_module(model, parent, PackedWeightModule(model.get_submodule(parent), mod))
@@ -420,7 +420,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
         built[name] = mod
     for name, entry in layout.items():
         if "tied_to" in entry:
-            set_module(model, name, built[entry["tied_to"]].as_linear(backend or "torch"))
+            set_module(model, name, built[entry["tied_to"]].as_linear(backend or "cpu"))
     model.load_state_dict(tensors, strict=False, assign=True)
     # packed embeddings have no .weight to tie; their tied heads share their buffers already
     settle_packed_ties(model)

@@ -3,9 +3,9 @@
 The final plan is packed two ways and the one that measures better on the held-out split is
 kept (measurement decides, to the end):
 
-- *stitched*: the plan's units packed from the variant store (``bitsack.compress.assemble``),
+- *stitched*: the plan's units packed from the variant store (``bitsack.apply.assemble``),
   exactly the model the search measured;
-- *sequential*: the plan applied for real (``bitsack.compress.compress``: sequential GPTQ,
+- *sequential*: the plan applied for real (``bitsack.apply.compress``: sequential GPTQ,
   Hessians from the plan's own compressed layers).
 
 Both figures are recorded, so the record says how far the stitched estimate was from a real
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitsack.compress import ApplyConfig, CompressResult, assemble, compress
+from bitsack.apply import ApplyConfig, CompressResult, assemble, compress
 from bitsack.errors import ValidationError
 from bitsack.plan import Choice
 from bitsack.search.loop import Search, SearchConfig, SearchResult

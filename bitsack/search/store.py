@@ -5,7 +5,7 @@ and measured, without running GPTQ inside the search (EvoPress keeps such a data
 compressed layers; Sieberling et al. 2025).
 
 How the variants are made: one sequential GPTQ walk of the model on the layer engine
-(``bitsack.engine``), exactly as ``bitsack.compress`` applies a *uniform* plan (the
+(``bitsack.engine``), exactly as ``bitsack.apply`` applies a *uniform* plan (the
 ``incumbent`` choice everywhere: true-sequential stages, Hessians from the already-quantized
 layers before), except that at every matrix GPTQ also quantizes the matrix at every other menu
 choice with the same Hessian. So the stored variants of the incumbent *are* the uniform
@@ -47,7 +47,7 @@ STORE_SCHEMA = "bitsack.store/v1"
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """How variants are quantized (the same knobs as ``bitsack.compress.ApplyConfig``)."""
+    """How variants are quantized (the same knobs as ``bitsack.apply.ApplyConfig``)."""
 
     quantizer: str = "gptq"
     damp: float = 0.01
@@ -213,7 +213,7 @@ class VariantStore:
     def part(self, name: str, choice: Choice, dim: int, start: int, stop: int) -> Any:
         """A unit's slice of variant ``choice`` of module ``name`` as stored: a
         ``QuantizedTensor`` (fp16 tensor for ``b16``) of rows (``dim`` 0) or of the unit's own
-        columns (``dim`` 1) — what ``bitsack.compress.assemble`` packs."""
+        columns (``dim`` 1) — what ``bitsack.apply.assemble`` packs."""
         from bitsack.kernels.quantizers import QuantizedTensor
 
         pieces = self.variants[name][choice]

@@ -25,16 +25,21 @@ def test_verifier_sees_outputs_within_bound():
     assert rep.ok and 0 <= rep.max_ratio <= 1.0
 
 
+def _break_the_kernel(monkeypatch, model):
+    """Make the packed layers' own backend round its results to bf16 (a broken kernel)."""
+    from bitsack.kernels.packed import PackedLinear
+    from bitsack.kernels.registry import get_backend
+
+    layer = next(m for m in model.modules() if isinstance(m, PackedLinear))
+    cls = type(get_backend(layer.backend))
+    original = cls.linear
+    monkeypatch.setattr(cls, "linear", lambda self, layer, x: original(
+        self, layer, x).to(torch.bfloat16).to(x.dtype))
+
+
 def test_verifier_catches_a_wrong_kernel(monkeypatch):
-    from bitsack.kernels.backends import TorchBackend
-
-    original = TorchBackend.linear
-
-    def sloppy(self, layer, x):  # a kernel that rounds its result to bf16
-        return original(self, layer, x).to(torch.bfloat16).to(x.dtype)
-
-    monkeypatch.setattr(TorchBackend, "linear", sloppy)
     model = _compressed()
+    _break_the_kernel(monkeypatch, model)
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with Verifier(model, sample=4, calls=1) as v, torch.no_grad():
         model(x)
@@ -71,12 +76,9 @@ def test_eval_verify_reports_the_largest_ratio(fake_load_model, tmp_path, capsys
 
 
 def test_eval_verify_exits_4_on_a_broken_bound(monkeypatch, fake_load_model, tmp_path, capsys):
-    from bitsack.kernels.backends import TorchBackend
-
-    original = TorchBackend.linear
-    monkeypatch.setattr(TorchBackend, "linear", lambda self, layer, x: original(
-        self, layer, x).to(torch.bfloat16).to(x.dtype))
-    assert _eval_cli(fake_load_model, tmp_path, _compressed()) == 4  # ExitCode.VERIFY_FAILED
+    model = _compressed()
+    _break_the_kernel(monkeypatch, model)
+    assert _eval_cli(fake_load_model, tmp_path, model) == 4  # ExitCode.VERIFY_FAILED
     assert "exceeded its computed error bound" in capsys.readouterr().err
 
 
