@@ -21,10 +21,11 @@ bits       ggml type (bytes / 32 weights)  mapping of bitsack's ``s·(q − z)``
 =========  ==============================  =====================================  =========
 
 Every block has one scale (and offset), so the group size must be a multiple of 32 (and rows a
-multiple of 32, ggml's block; a short last group then is too). ``m = −s·z`` is rounded to fp16 once: each weight moves by
-``|fp16(m) − m| ≤ 2⁻¹¹·|m| ≤ 2⁻¹¹·(2^b − 1)·s`` — under 1/136 of a quantization step at 4 bits
-(0 where ``s·z`` is an fp16 number, e.g. z = 0). The 8-bit re-rounding moves a weight by at most
-``d/2``; the number of re-rounded blocks and the largest change are reported in ``notes``.
+multiple of 32, ggml's block; a short last group then is too). ``m = −s·z`` is rounded to fp16
+once: each weight moves by ``|fp16(m) − m| ≤ 2⁻¹¹·|m| ≤ 2⁻¹¹·(2^b − 1)·s`` — under 1/136 of a
+quantization step at 4 bits (0 where ``s·z`` is an fp16 number, e.g. z = 0). The 8-bit
+re-rounding moves a weight by at most ``d/2``; the number of re-rounded blocks and the largest
+change are reported in ``notes``.
 Norms are F32; other unpacked weights keep their dtype (F32 / F16).
 
 **Architectures.** An unpruned model (a bits-only plan; bitsack's consistent permutation of
