@@ -275,8 +275,8 @@ def main(argv=None) -> int:
         for k in ("bitsack", *ENGINES):
             if k in r and not math.isfinite(r[k]["ppl"]):
                 raise SystemExit(f"{r['plan']} {k}: perplexity is not finite")
-    write_json(args.out.with_suffix(".json"), {"meta": meta, "args": {
-        k: str(v) for k, v in vars(args).items()}, "rows": rows})
+    shown = {k: str(v).replace(str(ROOT) + os.sep, "") for k, v in vars(args).items()}
+    write_json(args.out.with_suffix(".json"), {"meta": meta, "args": shown, "rows": rows})
     with atomic_write(args.out) as fh:
         fh.write(report(args, rows, meta))
     print(json.dumps([{k: r[k]["ppl"] for k in ("bitsack", *ENGINES) if k in r}

@@ -2,7 +2,7 @@
 
 PyPI ships llama-cpp-python only as a source distribution (its prebuilt wheels live on the
 maintainer's own index), so ``ensure_llama_cpp`` downloads the sdist with pip, builds a wheel
-(a C/C++ compiler and CMake ≥ 3.21 are needed; about 10–20 minutes on two cores) and unpacks it
+(a C/C++ compiler and CMake ≥ 3.21 are needed; 26 minutes here on two busy cores) and unpacks it
 into a cache folder, which later calls reuse. Nothing is installed into the running
 environment: ``gguf_perplexity`` runs llama.cpp in a child process whose ``PYTHONPATH`` points
 at the cache, so a crash inside llama.cpp cannot take the caller down.
