@@ -40,6 +40,7 @@ _COMMAND_MODULES = (
     "bitsack.commands.pareto",
     "bitsack.commands.compress",
     "bitsack.commands.eval",
+    "bitsack.commands.export",
     "bitsack.commands.generate_text",
     "bitsack.commands.profile",
 )

@@ -1,0 +1,547 @@
+"""Export to GGUF (llama.cpp): per-tensor ggml types, arch ``llama`` or ``deci``.
+
+**Tensor types.** Every packed matrix is first one grid (``bitsack.export.common``), then
+written block by block in the ggml type that holds it best. Block layouts are ggml's
+(``ggml/src/ggml-common.h``: ``block_q4_1``, ``block_q5_1``, ``block_q8_0``; dequantization in
+``ggml-quants.c``), all blocks of 32 consecutive weights of a row, little-endian:
+
+=========  ==============================  =====================================  =========
+bits       ggml type (bytes / 32 weights)  mapping of bitsack's ``s·(q − z)``     exact?
+=========  ==============================  =====================================  =========
+1–4        Q4_1 (20: d, m fp16; 16 nibble  ``d = s``, ``m = fp16(−s·z)``,          up to m
+           bytes, ``x = d·q + m``)          the codes as they are                  (below)
+5          Q5_1 (24: d, m, 4 high-bit      same as Q4_1                           up to m
+           bytes, 16 nibble bytes)
+6, 7       Q8_0 (34: d fp16, 32 int8,      ``d = s``, ``q8 = q − z`` (fits int8)   yes
+           ``x = d·q8``)
+8          Q8_0                            per block: ``d = s, q8 = q − z`` when   where it
+                                           all ``|q − z| ≤ 127``; else re-rounded  fits
+                                           (``d = fp16↑(max|w|/127)``)
+16         F16                             the fp16 weights                        yes
+=========  ==============================  =====================================  =========
+
+Every block has one scale (and offset), so the group size must be a multiple of 32 (and rows a
+multiple of 32, ggml's block; a short last group then is too). ``m = −s·z`` is rounded to fp16
+once: each weight moves by ``|fp16(m) − m| ≤ 2⁻¹¹·|m| ≤ 2⁻¹¹·(2^b − 1)·s`` — under 1/136 of a
+quantization step at 4 bits (0 where ``s·z`` is an fp16 number, e.g. z = 0). The 8-bit
+re-rounding moves a weight by at most ``d/2``; the number of re-rounded blocks and the largest
+change are reported in ``notes``.
+Norms are F32; other unpacked weights keep their dtype (F32 / F16).
+
+**Architectures.** An unpruned model (a bits-only plan; bitsack's consistent permutation of
+heads and channels changes no output) is written as arch ``llama``, which llama.cpp and
+transformers' ``gguf_file=`` loader both read. A pruned model is written as arch ``deci``
+(DeciLM / Nemotron-NAS): ``attention.head_count``, ``attention.head_count_kv`` and
+``feed_forward_length`` become per-layer arrays, and llama.cpp sizes each layer from them
+(``src/models/deci.cpp``); a layer with no heads left is attention-free (``n_head = 0``: no
+attention tensors), a layer with no MLP channels left FFN-free (``n_ff = 0``). llama.cpp's
+``deci`` graph drops the attention output of a layer that keeps attention but has
+``n_ff = 0`` (``if (n_ff == 0) continue;`` skips ``inpL = cur``), so such a layer gets a
+zero FFN of 32 channels instead (F16 zeros: its output is exactly 0). Its head size is read
+from layer 0, so a model whose layer 0 lost all its heads is refused.
+
+Q and K rows are permuted per head from transformers' rotate-half RoPE order to llama.cpp's
+pairwise order (``NORM`` rope of ``llama`` / ``deci``): GGUF row ``h·d + 2i + j`` is
+transformers row ``h·d + j·d/2 + i`` — rows carry their own groups, so this is exact.
+
+**Tokenizer.** ``tokenizer.*`` metadata is copied from a GGUF: ``tokenizer_gguf`` if given,
+else the GGUF the model was compressed from (``base_model`` in ``bitsack.json``, e.g. the
+embedded default). Its vocabulary must match the embedding rows.
+
+Refused (``ExportError``): matrices that mix bit-widths (see ``bitsack.export.common``); group
+sizes that are not a multiple of 32; rows that are not a multiple of 32; non-Llama architectures;
+biases; RoPE scaling other than the default; no tokenizer GGUF.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitsack.export.common import (
+    DenseMatrix,
+    ExportedTensor,
+    ExportError,
+    ExportResult,
+    GridMatrix,
+    Source,
+    dense_state,
+    is_export_dir,
+    matrix_of,
+    open_source,
+    write_folder,
+)
+
+FORMAT = "gguf"
+GGUF_FILE = "model.gguf"
+
+#: ggml block: weights per block of every quantized type written here.
+QK = 32
+
+#: Channels of the zero FFN given to an attention-keeping, FFN-free ``deci`` layer.
+ZERO_FFN_WIDTH = 32
+
+_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
+_Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
+_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
+
+_LLAMA_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+# ------------------------------------------------------------------------------------------
+# blocks
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tensor in a ggml type: ``data`` as the writer takes it, and its deviation.
+
+    Attributes:
+        type: ggml type name (``Q4_1``, ``Q8_0``, ``F16``, ``F32``).
+        data: uint8 ``[rows, bytes_per_row]`` for block types, else the float array.
+        max_error: largest |exported − bitsack| weight (0.0 when exact).
+        rerounded_blocks: blocks that had to be re-rounded (Q8_0 of 8-bit codes).
+        blocks: blocks in the tensor (0 for float types).
+    """
+
+    type: str
+    data: np.ndarray
+    max_error: float = 0.0
+    rerounded_blocks: int = 0
+    blocks: int = 0
+
+
+def _blocks(m: GridMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes ``[rows, nb, 32]`` and the fp16 (scale, zero) of each block ``[rows, nb]``."""
+    rows, cols = m.shape
+    if cols % QK:
+        raise ExportError(m.name, f"{cols} columns are not a multiple of {QK}, ggml's block; "
+                          "valid: rows of a multiple of 32 weights")
+    nb = cols // QK
+    g_of_block = (np.arange(nb) * QK) // m.group_size
+    return (m.codes.reshape(rows, nb, QK), m.scale[:, g_of_block], m.zero[:, g_of_block])
+
+
+def _min_offsets(m: GridMatrix, s: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, float]:
+    """``fp16(−s·z)`` per block and the largest |fp16(m) − m| (s·z is exact in float64)."""
+    exact = -(s.astype(np.float64) * z.astype(np.float64))
+    if np.abs(exact).max(initial=0.0) > np.finfo(np.float16).max:
+        raise ExportError(m.name, f"a group's offset s·z = {np.abs(exact).max():.6g} exceeds "
+                          "fp16; valid: |scale·zero| ≤ 65504")
+    m16 = exact.astype(np.float16)
+    return m16, float(np.abs(m16.astype(np.float64) - exact).max(initial=0.0))
+
+
+def _check_blocks_in_groups(m: GridMatrix, type_name: str) -> None:
+    if m.group_size % QK:
+        raise ExportError(m.name, f"{m.bits}-bit group size {m.group_size} is not a multiple of "
+                          f"{QK}; {type_name} holds one scale per block of {QK} weights; "
+                          "valid: group size 32, 64, 128, ...")
+
+
+def encode_q4_1(m: GridMatrix) -> Encoded:
+    """Q4_1 blocks of a 1..4-bit grid: ``d = s``, ``m = fp16(−s·z)``, nibbles ``q``."""
+    if not 1 <= m.bits <= 4:
+        raise ExportError(m.name, f"{m.bits} bits do not fit Q4_1; valid: 1..4")
+    _check_blocks_in_groups(m, "Q4_1")
+    q, s, z = _blocks(m)
+    rows, nb, _ = q.shape
+    out = np.zeros((rows, nb), dtype=_Q4_1)
+    out["d"] = s
+    # a weight is d·q + m with d·q exact in fp32: the change of m is the change of the weight
+    out["m"], err = _min_offsets(m, s, z)
+    out["qs"] = q[:, :, :16] | (q[:, :, 16:] << 4)
+    return Encoded("Q4_1", out.view(np.uint8).reshape(rows, -1), max_error=err,
+                   blocks=rows * nb)
+
+
+def encode_q5_1(m: GridMatrix) -> Encoded:
+    """Q5_1 blocks of a 5-bit grid: as Q4_1, the fifth bit of value j in bit j of ``qh``."""
+    if m.bits != 5:
+        raise ExportError(m.name, f"{m.bits} bits are not Q5_1's; valid: 5")
+    _check_blocks_in_groups(m, "Q5_1")
+    q, s, z = _blocks(m)
+    rows, nb, _ = q.shape
+    out = np.zeros((rows, nb), dtype=_Q5_1)
+    out["d"] = s
+    out["m"], err = _min_offsets(m, s, z)
+    low = q & 0x0F
+    out["qs"] = low[:, :, :16] | (low[:, :, 16:] << 4)
+    high = ((q >> 4) & 1).astype(np.uint32)
+    out["qh"] = (high << np.arange(QK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+    return Encoded("Q5_1", out.view(np.uint8).reshape(rows, -1), max_error=err,
+                   blocks=rows * nb)
+
+
+def encode_q8_0(m: GridMatrix) -> Encoded:
+    """Q8_0 blocks: exact (``d = s``, ``q8 = q − z``) for every block whose ``|q − z| ≤ 127``
+    (always for ≤ 7 bits); other blocks are re-rounded to their own symmetric grid."""
+    _check_blocks_in_groups(m, "Q8_0")
+    q, s, z = _blocks(m)
+    rows, nb, _ = q.shape
+    centred = q.astype(np.int16) - z.astype(np.int16)[:, :, None]
+    fits = np.abs(centred).max(axis=-1) <= 127
+    out = np.zeros((rows, nb), dtype=_Q8_0)
+    d = s.copy()
+    q8 = np.where(fits[:, :, None], centred, 0).astype(np.int8)
+    max_err = 0.0
+    n_re = int((~fits).sum())
+    if n_re:
+        w = s.astype(np.float32)[:, :, None] * centred.astype(np.float32)  # bitsack's weights
+        bad = ~fits
+        wb = w[bad]  # [n_re, 32]
+        amax = np.abs(wb).max(axis=-1).astype(np.float64)
+        db = _fp16_round_up(amax / 127.0)
+        qb = np.clip(np.rint(wb / db[:, None].astype(np.float32)), -127, 127)
+        d[bad] = db.astype(np.float16)
+        q8[bad] = qb.astype(np.int8)
+        back = db[:, None].astype(np.float32) * qb.astype(np.float32)
+        max_err = float(np.abs(back - wb).max())
+    out["d"] = d
+    out["qs"] = q8
+    return Encoded("Q8_0", out.view(np.uint8).reshape(rows, -1), max_error=max_err,
+                   rerounded_blocks=n_re, blocks=rows * nb)
+
+
+def _fp16_round_up(x: np.ndarray) -> np.ndarray:
+    """The smallest fp16 ≥ x (as float64), so ``|w|/d ≤ 127`` and nothing is clamped."""
+    h = x.astype(np.float16)
+    low = h.astype(np.float64) < x
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    return h.astype(np.float64)
+
+
+def encode(m: GridMatrix | DenseMatrix) -> Encoded:
+    """The ggml tensor for one matrix (see the module docstring's table)."""
+    if isinstance(m, DenseMatrix):
+        w = m.weight
+        return Encoded("F16" if w.dtype == np.float16 else "F32",
+                       w if w.dtype == np.float16 else w.astype(np.float32))
+    if m.bits <= 4:
+        return encode_q4_1(m)
+    if m.bits == 5:
+        return encode_q5_1(m)
+    return encode_q8_0(m)
+
+
+# ------------------------------------------------------------------------------------------
+# model layout
+# ------------------------------------------------------------------------------------------
+
+
+def rope_permutation(rows: int, head_dim: int) -> np.ndarray:
+    """Row order taking transformers' q/k rows (rotate-half) to llama.cpp's (pairs): GGUF row
+    ``r`` is transformers row ``index[r]``."""
+    if rows % head_dim or head_dim % 2:
+        raise ExportError("head_dim", f"{head_dim} does not split {rows} rows into heads of "
+                          "an even size; valid: rows = heads · head_dim, head_dim even")
+    n = rows // head_dim
+    return np.arange(rows).reshape(n, 2, head_dim // 2).transpose(0, 2, 1).reshape(-1)
+
+
+def _permute_rows(m: GridMatrix | DenseMatrix, index: np.ndarray) -> GridMatrix | DenseMatrix:
+    if isinstance(m, GridMatrix):
+        return m.take_rows(index)
+    return DenseMatrix(m.name, np.ascontiguousarray(m.weight[index]), m.exact)
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The hyperparameters written as GGUF metadata (per layer where they vary)."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_ctx: int
+    n_vocab: int
+    head_dim: int
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    n_ff: tuple[int, ...]
+    rms_eps: float
+    rope_theta: float
+    zero_ffn_layers: tuple[int, ...] = ()
+
+
+def hyperparameters(src: Source) -> Hyper:
+    """Arch and per-layer sizes of a compressed Llama (``deci`` when anything was pruned).
+
+    Raises:
+        ExportError: not a plain Llama (biases, RoPE scaling), or layer 0 has no heads.
+    """
+    c = src.config
+    if src.model_type != "llama":
+        raise ExportError("model_type", f"{src.model_type!r} has no GGUF export here; valid: "
+                          "'llama' (arch llama, or deci when pruned)")
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            raise ExportError(key, "true: llama / deci GGUF without bias tensors is what this "
+                              "export writes; valid: false")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise ExportError("rope_parameters.rope_type", f"{rope_type!r} is not exported; "
+                          "valid: 'default' (plain RoPE)")
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    heads, kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
+    head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
+    r = heads // kv
+    dims = src.layer_dims()
+    n_head = tuple(int(d["kv_heads"]) * r for d in dims)
+    n_head_kv = tuple(int(d["kv_heads"]) for d in dims)
+    n_ff = [int(d["mlp_width"]) for d in dims]
+    pruned = bool(src.pruned_layers())
+    zero_ffn = tuple(i for i in range(len(dims)) if n_ff[i] == 0 and n_head[i] > 0)
+    for i in zero_ffn:
+        n_ff[i] = ZERO_FFN_WIDTH
+    if pruned and n_head[0] == 0:
+        raise ExportError("layer 0", "has no attention heads left; llama.cpp reads the head "
+                          "size from layer 0 (n_embd / n_head(0)), so such a model cannot load; "
+                          "valid: a plan that keeps at least one head group in layer 0")
+    return Hyper(arch="deci" if pruned else "llama", n_layer=len(dims),
+                 n_embd=int(c["hidden_size"]), n_ctx=int(c.get("max_position_embeddings", 2048)),
+                 n_vocab=int(c["vocab_size"]), head_dim=head_dim, n_head=n_head,
+                 n_head_kv=n_head_kv, n_ff=tuple(n_ff), rms_eps=float(c["rms_norm_eps"]),
+                 rope_theta=float(theta), zero_ffn_layers=zero_ffn)
+
+
+def _tensors(src: Source, hp: Hyper) -> list[tuple[str, GridMatrix | DenseMatrix, str | None]]:
+    """(GGUF name, matrix, bitsack module) of every tensor, in file order."""
+    packed = src.packed_modules()
+    dense = dense_state(src)
+    tied = bool(src.config.get("tie_word_embeddings", False))
+
+    def matrix(module_name: str) -> GridMatrix | DenseMatrix:
+        if module_name in packed:
+            return matrix_of(module_name, packed[module_name], "GGUF")
+        w = dense.get(f"{module_name}.weight")
+        if w is None:
+            raise ExportError(module_name, "has no weight in the compressed folder")
+        return DenseMatrix(module_name, w)
+
+    def vector(key: str) -> DenseMatrix:
+        return DenseMatrix(key, dense[key].astype(np.float32))
+
+    out: list[tuple[str, GridMatrix | DenseMatrix, str | None]] = [
+        ("token_embd.weight", matrix("model.embed_tokens"), "model.embed_tokens"),
+        ("output_norm.weight", vector("model.norm.weight"), None),
+    ]
+    if not tied:
+        out.append(("output.weight", matrix("lm_head"), "lm_head"))
+    for i in range(hp.n_layer):
+        pre = f"model.layers.{i}."
+        blk = f"blk.{i}."
+        if hp.n_head[i] > 0:
+            out.append((blk + "attn_norm.weight", vector(pre + "input_layernorm.weight"), None))
+            for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                         "self_attn.o_proj"):
+                m = matrix(pre + part)
+                if part in ("self_attn.q_proj", "self_attn.k_proj"):
+                    rows = m.shape[0] if isinstance(m, GridMatrix) else m.weight.shape[0]
+                    m = _permute_rows(m, rope_permutation(rows, hp.head_dim))
+                out.append((blk + _LLAMA_NAMES[part] + ".weight", m, pre + part))
+        if hp.n_ff[i] > 0:
+            out.append((blk + "ffn_norm.weight", vector(pre + "post_attention_layernorm.weight"),
+                        None))
+            if i in hp.zero_ffn_layers:
+                h, f = hp.n_embd, ZERO_FFN_WIDTH
+                for name, shape in (("ffn_gate", (f, h)), ("ffn_up", (f, h)),
+                                    ("ffn_down", (h, f))):
+                    out.append((f"{blk}{name}.weight",
+                                DenseMatrix(f"{pre}mlp (zero FFN)",
+                                            np.zeros(shape, dtype=np.float16)), None))
+                continue
+            for part in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                out.append((blk + _LLAMA_NAMES[part] + ".weight", matrix(pre + part), pre + part))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# tokenizer metadata
+# ------------------------------------------------------------------------------------------
+
+
+def tokenizer_source(src: Source, tokenizer_gguf: str | os.PathLike | None) -> Path:
+    """The GGUF whose ``tokenizer.*`` metadata the export copies (see module docstring).
+
+    Raises:
+        ExportError: none given and the model did not come from a GGUF.
+    """
+    if tokenizer_gguf is not None:
+        p = Path(tokenizer_gguf)
+        if not p.is_file():
+            raise ExportError("tokenizer_gguf", f"{str(p)!r} is not a file; valid: a .gguf "
+                              "file with tokenizer.* metadata")
+        return p
+    base = src.meta.get("base_model")
+    cand: Path | None = None
+    if isinstance(base, dict) and base.get("gguf_file") and base.get("path"):
+        cand = Path(base["path"]) / base["gguf_file"]
+    elif isinstance(base, str):
+        from bitsack.models.loading import DEFAULT_ALIASES, default_model_path
+
+        cand = default_model_path() if base in DEFAULT_ALIASES else \
+            (Path(base) if base.endswith(".gguf") else None)
+    if cand is not None and cand.is_file():
+        return cand
+    raise ExportError("tokenizer_gguf", f"not given, and the model's base ({base!r} in "
+                      "bitsack.json) is no GGUF file to copy the tokenizer from; valid: "
+                      "--tokenizer-gguf FILE, a GGUF with the same vocabulary")
+
+
+def copy_tokenizer(writer: Any, path: Path, n_vocab: int) -> int:
+    """Copy every ``tokenizer.*`` key of the GGUF ``path`` into ``writer``; return the number
+    of tokens.
+
+    Raises:
+        ExportError: no token list, or its length is not ``n_vocab``.
+    """
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(path)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_tok = len(tokens.data) if tokens is not None else 0
+    if n_tok != n_vocab:
+        raise ExportError("tokenizer_gguf", f"{str(path)!r} has {n_tok} tokens, the model's "
+                          f"embedding {n_vocab} rows; valid: a GGUF of the model's tokenizer")
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            sub = field.types[-1]
+            if sub == GGUFValueType.STRING:  # raw bytes: no decode / re-encode round trip
+                val: Any = [bytes(field.parts[i]) for i in field.data]
+            else:
+                val = [v.item() if hasattr(v, "item") else v for v in field.contents()]
+            writer.add_key_value(key, val, vtype, sub_type=sub)
+        elif vtype == GGUFValueType.STRING:
+            writer.add_key_value(key, bytes(field.parts[field.data[0]]), vtype)
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+    return n_tok
+
+
+# ------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------
+
+
+def export_gguf(source_dir: str | os.PathLike, out: str | os.PathLike, *,
+                tokenizer_gguf: str | os.PathLike | None = None,
+                force: bool = False) -> ExportResult:
+    """Write the compressed folder ``source_dir`` as ``out/model.gguf`` (see module docstring).
+
+    Args:
+        source_dir: a bitsack compressed-model folder.
+        out: output folder: new, empty, or an earlier GGUF export (replaced atomically);
+            anything else is refused unless ``force``.
+        tokenizer_gguf: the GGUF to copy ``tokenizer.*`` from (default: the model's base GGUF).
+        force: replace ``out`` whatever it holds.
+
+    Returns:
+        What was written: files, bytes, per-tensor ggml types, deviations in ``notes``.
+
+    Raises:
+        ExportError: the model cannot be stored in GGUF (see module docstring).
+        FormatError: ``source_dir`` is not an intact bitsack folder.
+        ValidationError: ``out`` would destroy something that is not an export.
+    """
+    from bitsack.io import check_output_dir
+
+    check_output_dir(out, what=f"bitsack {FORMAT} export", is_ours=is_export_dir(FORMAT),
+                     force=force)
+    src = open_source(source_dir)
+    hp = hyperparameters(src)
+    tok = tokenizer_source(src, tokenizer_gguf)
+    plan = _tensors(src, hp)
+    encoded = [(name, encode(m), source) for name, m, source in plan]
+    return write_folder(out, FORMAT, force,
+                        lambda tmp: _write(src, hp, tok, encoded, tmp))
+
+
+def _write(src: Source, hp: Hyper, tok: Path, encoded: list[tuple[str, Encoded, str | None]],
+           tmp: Path) -> ExportResult:
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp / GGUF_FILE, hp.arch)
+    writer.add_name("bitsack export")
+    writer.add_type("model")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_block_count(hp.n_layer)
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_vocab_size(hp.n_vocab)
+    per_layer = hp.arch == "deci"
+    writer.add_feed_forward_length(list(hp.n_ff) if per_layer else hp.n_ff[0])
+    writer.add_head_count(list(hp.n_head) if per_layer else hp.n_head[0])
+    writer.add_head_count_kv(list(hp.n_head_kv) if per_layer else hp.n_head_kv[0])
+    writer.add_rope_dimension_count(hp.head_dim)
+    if per_layer or hp.head_dim * hp.n_head[0] != hp.n_embd:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    copy_tokenizer(writer, tok, hp.n_vocab)
+    tensors, notes = [], []
+    for name, enc, source in encoded:
+        if enc.type in ("F16", "F32"):
+            writer.add_tensor(name, np.ascontiguousarray(enc.data))
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(enc.data),
+                              raw_dtype=gguf.GGMLQuantizationType[enc.type])
+        shape = (enc.data.shape[0], enc.data.shape[1] // _BYTES[enc.type] * QK) \
+            if enc.type in _BYTES else tuple(enc.data.shape)
+        tensors.append(ExportedTensor(name, enc.type, shape, int(enc.data.nbytes), source))
+    notes.extend(_deviation_notes(encoded))
+    if hp.zero_ffn_layers:
+        notes.append(f"layers {list(hp.zero_ffn_layers)}: MLP fully pruned but attention kept; "
+                     f"written with a zero FFN of {ZERO_FFN_WIDTH} channels (llama.cpp's deci "
+                     "graph drops the attention output of an n_ff = 0 layer)")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    layout = {"architecture": hp.arch, "kind": "pruned" if hp.arch == "deci" else "bits-only",
+              "tokenizer_from": str(tok), "n_head": list(hp.n_head),
+              "n_head_kv": list(hp.n_head_kv), "n_ff": list(hp.n_ff)}
+    return ExportResult(format=FORMAT, out=tmp, files={}, tensors=tuple(tensors),
+                        source=src.path, source_packed_bytes=src.meta.get("packed_bytes"),
+                        layout=layout, notes=tuple(notes))
+
+
+_BYTES = {"Q4_1": _Q4_1.itemsize, "Q5_1": _Q5_1.itemsize, "Q8_0": _Q8_0.itemsize}
+
+
+def _deviation_notes(encoded: list[tuple[str, Encoded, str | None]]) -> list[str]:
+    notes = []
+    offs = [(n, e) for n, e, _ in encoded if e.type in ("Q4_1", "Q5_1")]
+    if offs:
+        worst = max(offs, key=lambda t: t[1].max_error)
+        notes.append(f"Q4_1/Q5_1 ({len(offs)} tensors): offsets m = -s*z rounded to fp16 once, "
+                     f"bound 2^-11*|m| per weight; largest change {worst[1].max_error:.3g} "
+                     f"({worst[0]})")
+    q8 = [(n, e) for n, e, _ in encoded if e.type == "Q8_0"]
+    re = [(n, e) for n, e in q8 if e.rerounded_blocks]
+    if q8:
+        total = sum(e.blocks for _, e in q8)
+        n_re = sum(e.rerounded_blocks for _, e in q8)
+        if re:
+            worst = max(re, key=lambda t: t[1].max_error)
+            notes.append(f"Q8_0 ({len(q8)} tensors): {n_re} of {total} blocks had codes beyond "
+                         f"+-127 around their zero point and were re-rounded to a symmetric "
+                         f"grid (error <= d/2); largest change {worst[1].max_error:.3g} "
+                         f"({worst[0]}); the other blocks are exact")
+        else:
+            notes.append(f"Q8_0 ({len(q8)} tensors): exact (all {total} blocks fit int8 "
+                         "around their zero point)")
+    return notes
