@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI included): a failure reproduces, and
+# a green run is not luck of the draw. BITSACK_HYPOTHESIS_EXAMPLES deepens a run by hand.
+settings.register_profile("bitsack", derandomize=True, database=None)
+settings.load_profile("bitsack")
 
 
 @pytest.fixture
