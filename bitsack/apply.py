@@ -204,6 +204,7 @@ def compress(model: nn.Module, plan: Mapping[str, Any], calib_tokens: torch.Tens
     if engine is not None:
         report["peak_device_bytes"] = engine.peak_device_bytes
     settle_packed_ties(model)  # tie_weights() must not look for a packed embedding's .weight
+    _bind_save(model)
     model.bitsack_plan = {uid: c.option_id for uid, c in plan.items()}
     model.bitsack_apply = {"quantizer": cfg.quantizer, "group_size": cfg.group_size,
                            "mlp_group": cfg.mlp_group}
@@ -302,12 +303,19 @@ def assemble(model: nn.Module, plan: Mapping[str, Any],
             set_module(model, name, packed)
         packed_bytes += packed.nbytes
     settle_packed_ties(model)  # tie_weights() must not look for a packed embedding's .weight
+    _bind_save(model)
     model.bitsack_plan = {uid: c.option_id for uid, c in prep.plan.items()}
     model.bitsack_apply = {"quantizer": "assembled", "group_size": cfg.group_size,
                            "mlp_group": cfg.mlp_group}
     return CompressResult(model=model, plan=dict(prep.plan), dims=prep.adapter.dims(),
                           packed_bytes=int(packed_bytes), untouched=prep.untouched,
                           report={"config": cfg.__dict__.copy()})
+
+
+def _bind_save(model: nn.Module) -> None:
+    from bitsack.models.checkpoint import bind_save
+
+    bind_save(model)  # save_pretrained writes a compressed folder, never a broken HF one
 
 
 def _concat(pieces: list, axis: int):

@@ -295,6 +295,27 @@ def base_config_from_dict(cfg: Mapping[str, Any], where: str = "config.json"):
     return CONFIG_MAPPING[base].from_dict(cfg)
 
 
+def bind_save(model: nn.Module) -> nn.Module:
+    """Make ``model.save_pretrained(folder)`` write a compressed folder (``save_compressed``).
+
+    transformers' own ``save_pretrained`` would write the packed buffers under names no loader
+    expects, and the base config: a folder that transformers reloads with every packed weight
+    initialised at random. A packed model saves the one way that round-trips.
+    """
+    import types
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if args or kwargs.get("push_to_hub"):
+            raise ValidationError("save_pretrained", f"{args or kwargs!r}; a compressed model "
+                                  "saves with bitsack.checkpoint.save_compressed(model, folder) "
+                                  "(no positional options, no push_to_hub)")
+        return save_compressed(self, save_directory, tokenizer=kwargs.get("tokenizer"),
+                               force=bool(kwargs.get("force", False)))
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+    return model
+
+
 def _dedupe_ties(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: dict[int, str] = {}
     out = {}
@@ -424,6 +445,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
     model.load_state_dict(tensors, strict=False, assign=True)
     # packed embeddings have no .weight to tie; their tied heads share their buffers already
     settle_packed_ties(model)
+    bind_save(model)
     if _meta_tensors(model):
         # a tied weight transformers re-ties (lm_head.weight = embed.weight), nothing packed
         model.tie_weights()

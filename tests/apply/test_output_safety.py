@@ -114,3 +114,21 @@ def test_run_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(ValidationError, match="run directory"):
         run(RunConfig(avg_bits=3.5, out=str(tmp_path)))
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_save_pretrained_of_a_packed_model_writes_a_compressed_folder(tmp_path):
+    import torch
+
+    from bitsack.apply import load_compressed
+
+    model = _compressed()
+    model.save_pretrained(tmp_path / "sp")
+    assert is_model_dir(tmp_path / "sp")
+    x = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    reloaded = load_compressed(tmp_path / "sp").model
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+    reloaded.save_pretrained(tmp_path / "again")  # a loaded one saves the same way
+    assert is_model_dir(tmp_path / "again")
+    with pytest.raises(ValidationError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "hub", push_to_hub=True)
