@@ -161,6 +161,7 @@ class VariantStore:
         self.tied: dict[str, str] = {}
         self._dense: OrderedDict[tuple[str, Choice], torch.Tensor] = OrderedDict()
         self._errors: dict[tuple[str, Choice], float] = {}
+        self._lines: dict[tuple[str, Choice, int], torch.Tensor] = {}
 
     # ---- reading ----------------------------------------------------------------------
     #: dequantized variants kept for reuse (least recently used dropped first)
@@ -194,15 +195,19 @@ class VariantStore:
 
         key = (unit.id, choice)
         if key not in self._errors:
-            total = 0.0
-            for s in unit.slices:
-                name = self.stored_name(module_name(s.param))
-                idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
-                    (slice(None), slice(s.start, s.stop))
-                diff = self.dense(name, choice)[idx] - self.dense(name, FP16)[idx]
-                total += float(diff.double().square().sum())
-            self._errors[key] = total
+            self._errors[key] = sum(
+                float(self._line_errors(self.stored_name(module_name(s.param)), choice,
+                                        s.dim)[s.start:s.stop].sum()) for s in unit.slices)
         return self._errors[key]
+
+    def _line_errors(self, name: str, choice: Choice, dim: int) -> torch.Tensor:
+        """Per row (``dim`` 0) or per column (1): Σ (ŵ − w)² of variant ``choice``, float64
+        (one dequantization of the matrix serves every unit in it)."""
+        key = (name, choice, dim)
+        if key not in self._lines:
+            diff = self.dense(name, choice).double() - self.dense(name, FP16).double()
+            self._lines[key] = diff.square().sum(dim=1 - dim)
+        return self._lines[key]
 
     def stored_name(self, name: str) -> str:
         """The module a variant of ``name`` is stored under (a tied head: its embedding)."""
