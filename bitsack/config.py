@@ -72,6 +72,7 @@ class RunConfig:
     search_start: str = "both"
     search_budget: float = 3000.0
     search_k: int = 24
+    search_window: int = 3
     screen: tuple[int, int] = (8, 256)
     select: tuple[int, int] = (16, 256)
     holdout: tuple[int, int] = (16, 256)
@@ -96,7 +97,8 @@ class RunConfig:
             raise ValidationError("units", f"{list(self.units)}; valid: a non-empty subset of "
                                   f"{', '.join(UNIT_KINDS)}")
         for name in ("profile_nsamples", "profile_seqlen", "compress_nsamples",
-                     "compress_seqlen", "eval_seqlen", "group_size", "mlp_group", "search_k"):
+                     "compress_seqlen", "eval_seqlen", "group_size", "mlp_group", "search_k",
+                     "search_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValidationError(name, f"{value!r}; valid: a positive integer")

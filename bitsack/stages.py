@@ -306,7 +306,8 @@ def _search(ctx: Context, lm, units) -> Planned:
                                  "holdout": tuple(cfg.holdout)}, seed=cfg.seed)
     config = SearchConfig(budget_forwards=cfg.search_budget, k=cfg.search_k, seed=cfg.seed,
                           time_limit_s=min(cfg.time_limit_s, 30.0))
-    store_key = {"model": ctx.model_id, "menu": list(menu.option_ids), "calib": cfg.calib,
+    store_key = {"model": ctx.model_id, "menu": list(menu.option_ids),
+                 "window": cfg.search_window, "calib": cfg.calib,
                  "quantizer": cfg.quantizer, "nsamples": cfg.compress_nsamples,
                  "seqlen": cfg.compress_seqlen, "mlp_group": cfg.mlp_group, "seed": cfg.seed,
                  "limits": limits, "units": list(cfg.units), "splits": [cfg.screen,
@@ -315,7 +316,8 @@ def _search(ctx: Context, lm, units) -> Planned:
     outcome = measured_search(
         lm.model, units, menu=menu, unit_costs=costs, limits=limits, splits=splits,
         calib_tokens=calibration(cfg, lm.tokenizer), apply=apply_config(cfg), config=config,
-        run_dir=ctx.out, store_key=store_key, starts=starts, progress=ctx.say)
+        run_dir=ctx.out, store_key=store_key, starts=starts, window=cfg.search_window,
+        progress=ctx.say)
     record = {**outcome.result.to_dict(), "final": outcome.final}
     accepted = [s for s in outcome.result.steps if s.accepted and s.certificate]
     cert = {**_usage_certificate(costs, outcome.result.plan, limits),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 #: The demo's settings (everything else is ``bitsack run``'s default): the measured search
-#: from the uniform start (no one-shot profile), a smaller forward budget, GPTQ calibration of
-#: 16 × 512 tokens, four evaluation windows.
+#: from the uniform start (no one-shot profile) with a store of the 5 options around it and a
+#: smaller forward budget, GPTQ calibration of 16 × 512 tokens, four evaluation windows.
 DEMO = {"avg_bits": 3.5, "calib": "c4", "eval": "wikitext2", "search_start": "uniform",
-        "search_budget": 1500.0, "compress_nsamples": 16, "compress_seqlen": 512,
-        "eval_windows": 4, "time_limit_s": 30.0}
+        "search_window": 2, "search_budget": 800.0, "compress_nsamples": 16,
+        "compress_seqlen": 512, "eval_windows": 4, "time_limit_s": 30.0}
 
 
 def register(subparsers) -> None:

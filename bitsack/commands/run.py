@@ -87,6 +87,9 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     p.add_argument("--search-start", default=d["search_start"], choices=("both", "uniform"),
                    help="the search starts from the better of uniform and the one-shot plan "
                    "(both, default) or from uniform only (skips the profile)")
+    p.add_argument("--search-window", type=POSITIVE_INT, default=d["search_window"],
+                   help="the variant store keeps the menu options within this many steps of "
+                   f"the uniform start (default {d['search_window']}): fewer is a faster store")
     p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
                    help=f"units the first search step may change (default {d['search_k']})")
     for split in ("screen", "select", "holdout"):
@@ -157,7 +160,8 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         quantizer=args.quantizer, profile_quantizer=args.profile_quantizer,
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
         search_start=args.search_start, search_budget=args.search_budget,
-        search_k=args.trust_region, screen=tuple(args.screen), select=tuple(args.select),
+        search_k=args.trust_region, search_window=args.search_window,
+        screen=tuple(args.screen), select=tuple(args.select),
         holdout=tuple(args.holdout), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, solver=args.solver, time_limit_s=args.time_limit,
         gap=args.gap, device=args.device, frontier_points=args.frontier_points,
