@@ -89,10 +89,11 @@ def _one_type_per_matrix(plan: dict[str, str], fmt: str) -> None:
             assert "prune" not in chosen
 
 
-def _unit_tensor_bytes(result) -> int:
-    """Bytes the export wrote for tensors that came from units' modules (not norms, not a
-    zero FFN)."""
-    return sum(t.nbytes for t in result.tensors if t.source)
+def _unit_tensor_bytes(result, folder) -> int:
+    """Bytes the export wrote for tensors that came from the planned units' matrices (the
+    packed modules of the folder; not norms, not a zero FFN)."""
+    packed = json.loads((folder / "bitsack.json").read_text())["packed"]
+    return sum(t.nbytes for t in result.tensors if t.source in packed)
 
 
 # compressed-tensors keeps embeddings fp16 (a fifth of this tiny model's weights): the budgets
@@ -114,7 +115,7 @@ def test_plan_for_a_format_exports_with_the_budgeted_bytes(tiny, tmp_path, token
     assert usage <= s.certificate["limits"]["memory_bytes"] + 1e-6
     kw = {"tokenizer_gguf": tokenizer_gguf} if fmt == "gguf" else {}
     res = export_model(out / "model", tmp_path / "export", format=fmt, **kw)
-    assert _unit_tensor_bytes(res) == usage
+    assert _unit_tensor_bytes(res, out / "model") == usage
     if fmt == "gguf" and method == "oneshot":
         # 4.5 bits per weight is below Q4_1's 5: only pruning meets it, and deci holds it
         assert "prune" in plan.values() and res.layout["architecture"] == "deci"
