@@ -64,6 +64,8 @@ class SearchConfig:
         alternatives: Thompson-style resampled proposals per step (besides k and k/2).
         refresh: re-measure every group after this many accepted steps (else only the groups
             of changed layers).
+        caution: proposals price each measured Δ at ``mean + caution·SE`` (a gain only beyond
+            its noise); the resampled alternatives draw around the mean instead.
         solver: the bitsack solver backend of the proposals.
         time_limit_s: per proposal solve.
         seed: seeds the resampled proposals.
@@ -76,6 +78,7 @@ class SearchConfig:
     z: float = 2.0
     alternatives: int = 2
     refresh: int = 3
+    caution: float = 1.0
     solver: str = "highs"
     time_limit_s: float = 20.0
     seed: int = 0
@@ -216,6 +219,7 @@ class Search:
         self.plan: dict[str, Choice] = {}
         self.kl: dict[str, np.ndarray] = {}
         self.deltas: dict[tuple[str, int], tuple[Paired, dict[str, Choice]]] = {}
+        self.rejected: set[tuple] = set()  # candidates measured and refused at this incumbent
 
     # ---- plans --------------------------------------------------------------------------
     def usage(self, plan: Mapping[str, Choice]) -> dict[str, float]:
@@ -329,9 +333,13 @@ class Search:
                 if (g, d) not in self.deltas:
                     continue
                 paired, moved = self.deltas[(g, d)]
-                delta = paired.mean
-                if rng is not None and math.isfinite(paired.se):
-                    delta += float(rng.normal(0.0, paired.se))
+                se = paired.se if math.isfinite(paired.se) else 0.0
+                if rng is None:
+                    # pessimistic: a gain counts only beyond its noise, a cost with it (the
+                    # proposal must not chase a measurement's luck)
+                    delta = paired.mean + self.cfg.caution * se
+                else:  # Thompson-style: a draw within the measurement's error
+                    delta = paired.mean + float(rng.normal(0.0, se))
                 moves[d] = (delta, moved, self.shares(moved))
             for uid in members:
                 cur = self.plan[uid]
@@ -410,6 +418,7 @@ class Search:
             step = self._step(len(result.steps) + 1, state["k"])
             result.steps.append(step)
             if step.accepted:
+                self.rejected.clear()
                 layers = {self.stitch.units[u].layer for u in step.changed}
                 self._set({**self.plan, **{u: self._choice(v[1])
                                            for u, v in step.changed.items()}})
@@ -421,6 +430,7 @@ class Search:
                     state["stale"] = [g for g, members in self.groups.items()
                                       if self.stitch.units[members[0]].layer in layers]
             else:
+                self.rejected.add(tuple(sorted((u, v[1]) for u, v in step.changed.items())))
                 state["k"] //= 2
                 # nothing to propose: re-measure everything; else the same linearisation
                 state["stale"] = None if not step.changed else []
@@ -452,7 +462,7 @@ class Search:
             if p is None or not p[0]:
                 continue
             key = tuple(sorted((u, c.option_id) for u, c in p[0].items()))
-            if key not in seen:
+            if key not in seen and key not in self.rejected:
                 seen.add(key)
                 cands.append(p)
         if not cands:
@@ -508,6 +518,12 @@ class Search:
                                                    {u: self._choice(o)
                                                     for u, o in d["moved"].items()})
                        for d in ck["deltas"]}
+        self.rejected = set()
+        for st in result.steps:  # the candidates refused since the last accepted step
+            if st.accepted:
+                self.rejected.clear()
+            elif st.changed:
+                self.rejected.add(tuple(sorted((u, v[1]) for u, v in st.changed.items())))
         return result, dict(ck["state"])
 
 
