@@ -269,22 +269,22 @@ def target_constraints(fmt: str, shapes: Sequence[UnitShape],
 
 
 def geometry_metadata(shapes: Sequence[UnitShape]) -> dict[str, Any]:
-    """The units' slices as JSON-able problem metadata (what ``retarget`` needs later):
-    ``{"matrices": [[param, rows, cols], ...], "slices": {unit: [[matrix, dim, start,
-    stop], ...]}}``."""
+    """The units' slices as problem metadata (what ``retarget`` needs later), one line each:
+    ``{"matrices": ["<param> <rows> <cols>", ...], "slices": {unit: ["<matrix index> <dim>
+    <start> <stop>", ...]}}``."""
     index: dict[str, int] = {}
-    matrices: list[list[Any]] = []
-    slices: dict[str, list[list[int]]] = {}
+    matrices: list[str] = []
+    slices: dict[str, list[str]] = {}
     for shape in shapes:
         rows = []
         for s in shape.slices:
-            if s.param is None:
-                raise ValidationError(f"shapes.{shape.id}", "a slice names no matrix; "
-                                      "valid: slices with param, start and extent")
+            if s.param is None or any(c.isspace() for c in s.param):
+                raise ValidationError(f"shapes.{shape.id}", f"slice matrix {s.param!r}; valid: "
+                                      "a parameter name without spaces")
             if s.param not in index:
                 index[s.param] = len(matrices)
-                matrices.append([s.param, *s.matrix])
-            rows.append([index[s.param], s.dim, s.start, s.stop])
+                matrices.append(f"{s.param} {s.matrix[0]} {s.matrix[1]}")
+            rows.append(f"{index[s.param]} {s.dim} {s.start} {s.stop}")
         slices[shape.id] = rows
     return {"matrices": matrices, "slices": slices}
 
@@ -301,15 +301,18 @@ def shapes_from_metadata(problem: Problem) -> list[UnitShape]:
                               "geometry, so it cannot be retargeted to a file format; valid: "
                               "a problem written by `bitsack profile` (any format)")
     try:
-        matrices = [(str(p), int(r), int(c)) for p, r, c in geo["matrices"]]
+        matrices = []
+        for line in geo["matrices"]:
+            param, rows, cols = str(line).split()
+            matrices.append((param, int(rows), int(cols)))
         out = []
         for unit in problem.units:
             slices = []
-            for m, dim, start, stop in geo["slices"][unit.id]:
-                param, rows, cols = matrices[int(m)]
-                dim, start, stop = int(dim), int(start), int(stop)
-                if dim not in (0, 1) or not 0 <= start < stop <= (rows, cols)[dim]:
-                    raise ValueError(f"slice {[m, dim, start, stop]} of {param}")
+            for line in geo["slices"][unit.id]:
+                m, dim, start, stop = (int(x) for x in str(line).split())
+                param, rows, cols = matrices[m]
+                if dim not in (0, 1) or not 0 <= start < stop <= (rows, cols)[dim] or m < 0:
+                    raise ValueError(f"slice {line!r} of {param}")
                 shape = (stop - start, cols) if dim == 0 else (rows, stop - start)
                 slices.append(SliceShape(*shape, dim=dim, param=param, start=start,
                                          extent=(rows, cols)[dim]))
