@@ -209,6 +209,9 @@ def write_report(args, argv: list[str]) -> Path:
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "load"},
                            sort_keys=True) for r in res.values()}
     loads = [r["machine"]["load"][0] for r in res.values() if r.get("machine")]
+    first = next(iter(res.values()), None)
+    units = first["config"]["units"] if first else list(args.units)
+    windows = first["config"]["eval_windows"] if first else args.eval_windows
     L = ["# The quality cost of one format per matrix",
          "",
          "Free mixing inside a matrix (`--format bitsack`) against the per-matrix formats the "
@@ -216,18 +219,22 @@ def write_report(args, argv: list[str]) -> Path:
          "format** (a budget of B bits per weight = B/8 bytes per original weight of the "
          "planned units, in that format's tensor bytes). SmolLM2-135M (embedded default; its "
          "weights come from a Q4_1 GGUF, so 4-bit g32 is near-lossless by construction). "
-         "Planned units: " + ", ".join(args.units) + " (the tied embedding stays fp16, outside "
-         f"the budget). WikiText-2 perplexity, first {args.eval_windows} windows of 2048 "
+         "Planned units: " + ", ".join(units) + ("" if "embed" in units else
+                                                  " (the tied embedding stays fp16, outside "
+                                                  "the budget)") +
+         f". WikiText-2 perplexity, first {windows} windows of 2048 "
          f"tokens (GPTQ protocol); base {_f(base)}. Group size 64 (bitsack, "
          "compressed-tensors), 32 (gguf: free there).",
          "",
-         "Commands that produced the cells (each cell's JSON records its own): "
-         + ", ".join(f"`{c}`" for c in sorted({r.get("command", "?") for r in res.values()}))
-         + f"; this table: `{_command(argv)}`.",
+         ("Commands that produced the cells (each cell's JSON records its own): "
+          + ", ".join(f"`{c}`" for c in sorted({r.get("command", "?") for r in res.values()}))
+          + f"; this table: `{_command(argv)}`." if res else
+          "No cells yet: `python bench/format_cost.py` runs the grid (about an hour on an idle "
+          "2-core machine; `--methods uniform` alone about 15 minutes)."),
          "",
-         "Machine: " + "; ".join(sorted(machines)) + (
+         "Machine: " + ("; ".join(sorted(machines)) + (
              f"; load average during the cells {min(loads):.1f}–{max(loads):.1f}"
-             if loads else ""),
+             if loads else "") if res else "—"),
          "",
          "| budget | method | format | bits/weight (format bytes) | WikiText-2 | × free | "
          "plan | pruned | export = budget bytes |",
