@@ -75,12 +75,13 @@ from bitsack.export.common import (
     open_source,
     write_folder,
 )
+from bitsack.kernels.formats import GGUF_BLOCK, GGUF_BLOCK_BYTES, gguf_type
 
 FORMAT = "gguf"
 GGUF_FILE = "model.gguf"
 
 #: ggml block: weights per block of every quantized type written here.
-QK = 32
+QK = GGUF_BLOCK
 
 #: Channels of the zero FFN given to an attention-keeping, FFN-free ``deci`` layer.
 ZERO_FFN_WIDTH = 32
@@ -226,11 +227,8 @@ def encode(m: GridMatrix | DenseMatrix) -> Encoded:
         w = m.weight
         return Encoded("F16" if w.dtype == np.float16 else "F32",
                        w if w.dtype == np.float16 else w.astype(np.float32))
-    if m.bits <= 4:
-        return encode_q4_1(m)
-    if m.bits == 5:
-        return encode_q5_1(m)
-    return encode_q8_0(m)
+    # the type table is shared with the solver's GGUF pricing (kernels.formats.gguf_type)
+    return _ENCODERS[gguf_type(m.bits)](m)
 
 
 # ------------------------------------------------------------------------------------------
@@ -519,7 +517,11 @@ def _write(src: Source, hp: Hyper, tok: Path, encoded: list[tuple[str, Encoded, 
                         layout=layout, notes=tuple(notes))
 
 
-_BYTES = {"Q4_1": _Q4_1.itemsize, "Q5_1": _Q5_1.itemsize, "Q8_0": _Q8_0.itemsize}
+_ENCODERS = {"Q4_1": encode_q4_1, "Q5_1": encode_q5_1, "Q8_0": encode_q8_0}
+
+#: Bytes per block, as the solver prices them (``kernels.formats.GGUF_BLOCK_BYTES``; a test
+#: checks the block dtypes above against it).
+_BYTES = GGUF_BLOCK_BYTES
 
 
 def _deviation_notes(encoded: list[tuple[str, Encoded, str | None]]) -> list[str]:

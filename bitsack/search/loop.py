@@ -191,13 +191,17 @@ class Search:
         config: the search knobs.
         progress: called with one line after every step.
         checkpoint: called with the result so far after every step (resumption).
+        constraints: side constraints of every proposal (``bitsack.solver.problem
+            .Constraint``, e.g. one option per matrix for a target file format); the start
+            and every accepted plan meet them, since only proposals move the incumbent.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Any], store: VariantStore,
                  meter: KLMeter, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
                  limits: Mapping[str, float], config: SearchConfig | None = None,
                  progress: Callable[[str], None] | None = None,
-                 checkpoint: Callable[[SearchResult], None] | None = None):
+                 checkpoint: Callable[[SearchResult], None] | None = None,
+                 constraints: Sequence[Any] = ()):
         self.model = model
         self.units = list(units)
         self.store = store
@@ -208,6 +212,7 @@ class Search:
         self.cfg = config or SearchConfig()
         self.say = progress or (lambda msg: None)
         self.checkpoint = checkpoint or (lambda result: None)
+        self.constraints = tuple(constraints)
         self.stitch = Stitcher(model, self.units, store)
         self.groups = groups_of(self.units)
         self.params = {u.id: u.params for u in self.units}
@@ -348,7 +353,8 @@ class Search:
                 units.append(Unit(uid, tuple(opts), params=self.params[uid]))
         resources = tuple(Resource(r, lim) for r, lim in self.limits.items()) + \
             (Resource("changes", float(k)),)
-        problem = Problem(name="search-step", units=tuple(units), resources=resources)
+        problem = Problem(name="search-step", units=tuple(units), resources=resources,
+                          constraints=self.constraints)
         sol = solve(problem, self.cfg.solver, SolveOptions(
             time_limit_s=self.cfg.time_limit_s, rel_gap=1e-6, seed=self.cfg.seed))
         if not sol.has_solution:
