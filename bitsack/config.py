@@ -76,7 +76,7 @@ class RunConfig:
     # the search
     search_start: str = "both"
     search_budget: float = 3000.0
-    search_k: int = 24
+    search_k: int = 48
     search_window: int = 3
     screen: tuple[int, int] = (8, 256)
     select: tuple[int, int] = (16, 256)

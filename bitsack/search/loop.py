@@ -66,19 +66,22 @@ class SearchConfig:
             of changed layers).
         caution: proposals price each measured Δ at ``mean + caution·SE`` (a gain only beyond
             its noise); the resampled alternatives draw around the mean instead.
+        reach: menu steps a unit may move in one proposal (2: the second step extrapolated
+            from the measured first); the trust region counts steps.
         solver: the bitsack solver backend of the proposals.
         time_limit_s: per proposal solve.
         seed: seeds the resampled proposals.
     """
 
     budget_forwards: float = 3000.0
-    k: int = 24
+    k: int = 48
     k_min: int = 2
     k_max: int = 96
     z: float = 2.0
     alternatives: int = 2
     refresh: int = 3
     caution: float = 1.0
+    reach: int = 2
     solver: str = "highs"
     time_limit_s: float = 20.0
     seed: int = 0
@@ -343,13 +346,23 @@ class Search:
                 moves[d] = (delta, moved, self.shares(moved))
             for uid in members:
                 cur = self.plan[uid]
-                opts = [Option(cur.option_id, 0.0, self._cost(uid, cur, False))]
+                opts = [Option(cur.option_id, 0.0, self._cost(uid, cur, 0))]
                 offered = {cur.option_id}
-                for _, (delta, moved, share) in moves.items():
-                    if uid in moved and moved[uid].option_id not in offered:
-                        offered.add(moved[uid].option_id)
-                        opts.append(Option(moved[uid].option_id, delta * share[uid],
-                                           self._cost(uid, moved[uid], True)))
+                for d, (delta, moved, share) in moves.items():
+                    if uid not in moved:
+                        continue
+                    targets = [(moved[uid], delta * share[uid], 1)]
+                    far = self.menu.step(cur, 2 * d) if d != 0 and not cur.pruned else None
+                    if far is not None and self.cfg.reach > 1:
+                        # two steps, extrapolated from the measured one and discounted the
+                        # way returns diminish: a gain counts 1.5×, a cost 3× (the step is
+                        # measured before it is taken)
+                        targets.append((far, delta * share[uid] * (1.5 if delta < 0 else 3.0),
+                                        2))
+                    for to, loss, steps in targets:
+                        if to.option_id not in offered:
+                            offered.add(to.option_id)
+                            opts.append(Option(to.option_id, loss, self._cost(uid, to, steps)))
                 units.append(Unit(uid, tuple(opts), params=self.params[uid]))
         resources = tuple(Resource(r, lim) for r, lim in self.limits.items()) + \
             (Resource("changes", float(k)),)
@@ -378,9 +391,10 @@ class Search:
             total = sum(w.values())
         return {u: v / total for u, v in w.items()}
 
-    def _cost(self, uid: str, c: Choice, moved: bool) -> dict[str, float]:
+    def _cost(self, uid: str, c: Choice, steps: int) -> dict[str, float]:
+        """The option's costs, and its distance in menu steps (the trust region's resource)."""
         out = dict(self.unit_costs[uid][c.option_id])
-        out["changes"] = 1.0 if moved else 0.0
+        out["changes"] = float(steps)
         return out
 
     def _choice(self, oid: str) -> Choice:
