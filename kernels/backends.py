@@ -263,7 +263,7 @@ def _dequant_tile(lib: Any, seg: tuple, r0: int, r1: int, buf: torch.Tensor,
                        out.data_ptr(), cols, threads)
     else:
         from bitsack.kernels.formats import unpack_torch
-        from bitsack.kernels.quantizers import dequantize_codes
+        from bitsack.kernels.grid import dequantize_codes
 
         codes = unpack_torch(q[r0:r1], bits, cols, dtype=torch.float32)
         out.copy_(dequantize_codes(codes, sc[r0:r1], z[r0:r1], g))

@@ -26,7 +26,7 @@ from bitsack.kernels.formats import (
     packed_nbytes,
     unpack_torch,
 )
-from bitsack.kernels.quantizers import QuantizedTensor, dequantize_codes, rtn_quantize
+from bitsack.kernels.grid import QuantizedTensor, dequantize_codes, rtn_quantize
 
 __all__ = ["PackedEmbedding", "PackedLinear", "Segment"]
 
