@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bitsack.errors import NumericalError, ValidationError
-from bitsack.kernels.formats import check_bits, check_group_size, num_groups
+from bitsack.kernels.formats import check_bits, check_group_size, check_tiling, num_groups
 from bitsack.kernels.grid import QuantizedTensor, check_weight, minmax_params
 from bitsack.kernels.hessian import Hessian
 
@@ -416,26 +416,11 @@ class GPTQ:
         W0 = self._check_call(weight, damp, block_size)
         rows, cols = W0.shape
         segs = tuple(segments) if not isinstance(segments, SegmentSpec) else (segments,)
-        if not segs:
-            raise ValidationError("segments", "empty; valid: at least one SegmentSpec")
-        axis, pos = None, 0
         for i, sp in enumerate(segs):
             if not isinstance(sp, SegmentSpec):
                 raise ValidationError(f"segments[{i}]", f"{type(sp).__name__}; valid: a "
                                       "SegmentSpec")
-            if axis is None:
-                axis = sp.axis
-            if sp.axis != axis:
-                raise ValidationError(f"segments[{i}].axis", f"{sp.axis}; valid: {axis} (all "
-                                      "segments of one matrix run along one axis)")
-            if sp.start != pos:
-                raise ValidationError(f"segments[{i}].start", f"{sp.start}; valid: {pos} "
-                                      "(segments are contiguous, in order, from 0)")
-            pos = sp.stop
-        n = rows if axis == 0 else cols
-        if pos != n:
-            raise ValidationError("segments", f"cover 0:{pos}; valid: exactly 0:{n} "
-                                  f"({'rows' if axis == 0 else 'columns'})")
+        axis = check_tiling(segs, rows, cols)
         dev = self.H.device
         rects = []
         for sp in segs:

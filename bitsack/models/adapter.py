@@ -416,21 +416,10 @@ class Adapter:
 
     def capture_layer_inputs(self, input_ids: torch.Tensor,
                              attention_mask: torch.Tensor | None = None) -> LayerInputs:
-        """Run the embeddings and capture what enters decoder layer 0 (``layer_inputs.py``).
-
-        No decoder layer runs, so only the embedding modules need to be on a device (the
-        layers may stay on the CPU or the meta device) — this is how models larger than memory
-        are processed one layer at a time (GPTQ's "catcher", Frantar et al. 2022). For a model
-        with several layer types, the first layer of each type is reached by passing the
-        hidden state through the layers before it unchanged (see ``LayerInputs``).
-
-        Args:
-            input_ids: ``[batch, seq]`` token ids, on the embedding's device.
-            attention_mask: optional padding mask, as for the model's forward.
-
-        Returns:
-            The hidden state and the keyword arguments of a layer call.
-        """
+        """Run the embeddings and capture what enters decoder layer 0: the hidden state and
+        the keyword arguments of a layer call (``bitsack.models.layer_inputs``, where the
+        catcher is described). Only the embeddings run, so the layers may stay on the CPU or
+        the meta device."""
         return capture_layer_inputs(self.model, self.layers(), self.layer_types(), input_ids,
                                     attention_mask)
 
