@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SCHEMA = "bitsack.bench.e2e/v2"
 BUDGETS = ("2.5", "3", "3.25", "3.5", "4", "4.25")
-UNIFORM = tuple(f"b{k}g{g}" for k in (2, 3, 4) for g in (32, 64, 128))
+UNIFORM = ("b3g64", "b3g128", "b3g32", "b4g128", "b2g32", "b2g64", "b4g64", "b4g32", "b2g128")
 LATENCY_AVG_BITS = 3.5
 LATENCY_FRACTION = 0.85
 
@@ -76,11 +76,15 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     for f in ("eval_base.json", "eval_base.stage.json"):  # the base model is evaluated once
         if (base_dir / f).is_file() and not (run_dir / f).is_file():
             shutil.copy(base_dir / f, run_dir / f)
+    # one profile serves every budget (its record holds no budget): seed it, then share it
+    shared = base_dir.parent / "profile"
+    _share_profile(shared, run_dir)
     t = time.time()
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg_fields.items()}
     summary = run(RunConfig(out=str(run_dir), **fields),
                   progress=lambda m: print(f"[{cell} {time.time() - t:6.0f} s] {m}",
                                            file=sys.stderr, flush=True))
+    _share_profile(run_dir, shared)
     c4 = c4_perplexity(run_dir / "model", args.eval_windows, args.model)
     from dataclasses import asdict
 
@@ -91,6 +95,15 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
               "summary": asdict(summary), "wall_s": time.time() - t, "machine": machine()}
     write_json(path, result)
     return result
+
+
+def _share_profile(src: Path, dst: Path) -> None:
+    """Copy a profile (``profile/`` and its stage record) from one run folder to another."""
+    if (src / "profile" / "problem.yaml").is_file() and (src / "profile.stage.json").is_file() \
+            and not (dst / "profile.stage.json").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / "profile", dst / "profile", dirs_exist_ok=True)
+        shutil.copy(src / "profile.stage.json", dst / "profile.stage.json")
 
 
 def c4_perplexity(model_dir: Path, windows: int, model: str) -> float:

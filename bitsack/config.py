@@ -33,6 +33,10 @@ class RunConfig:
     ``bits`` and ``group_size``: the one-shot profile's options (``b<k>`` at ``group_size``;
     the search's one-shot start uses them too).
 
+    ``format``: the target file format (``bitsack.solver.costs.formats``): ``bitsack``
+    (default; any mix of options inside a matrix), ``compressed-tensors`` or ``gguf`` (only
+    the options the format stores, one per matrix, budgets in the bytes of its file).
+
     ``interactions`` weighs the profile's interaction terms in the one-shot objective
     (``bitsack.solver.with_interaction_weight``); 0 (default) is additive (README: weight 1
     let the solver prune 426 of 451 units of SmolLM2-135M at a predicted +0.08 nats/token,
@@ -47,6 +51,7 @@ class RunConfig:
     menu: tuple[str, ...] = ("b2g128", "b2g64", "b2g32", "b3g128", "b3g64", "b3g32",
                              "b4g128", "b4g64", "b4g32", "b8g64", "b16")
     prune: bool = True
+    format: str = "bitsack"
     calib: str = "c4"
     eval: str = "wikitext2"
     # the one-shot profile
@@ -89,6 +94,9 @@ class RunConfig:
                                   "--budget RESOURCE=VALUE")
         if self.method not in METHODS:
             raise ValidationError("method", f"{self.method!r}; valid: {', '.join(METHODS)}")
+        from bitsack.solver.costs.memory import check_format
+
+        check_format(self.format)
         if self.search_start not in ("both", "uniform"):
             raise ValidationError("search_start", f"{self.search_start!r}; valid: both "
                                   "(uniform and one-shot), uniform")

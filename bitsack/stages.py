@@ -56,8 +56,42 @@ def unit_costs_for(model, units, menu, cfg: RunConfig):
     from bitsack.profiling.build import make_cost_models, unit_shapes
     from bitsack.search.loop import unit_costs
 
-    models = make_cost_models(cfg.cost_models, {"roofline": {"device": cfg.device}})
+    models = make_cost_models(cfg.cost_models, {"roofline": {"device": cfg.device},
+                                                "memory": {"format": cfg.format}})
     return unit_costs(unit_shapes(model, units), menu, models)
+
+
+def run_menu(ctx: Context, model, units):
+    """The menu of ``cfg.menu`` that ``cfg.format`` can store (``bitsack``: all of it)."""
+    from bitsack.search.menu import Menu
+    from bitsack.solver.costs.formats import target_menu
+
+    cfg = ctx.cfg
+    menu = cfg.menu_choices()
+    if cfg.format == "bitsack":
+        return menu
+    from bitsack.profiling.build import unit_shapes
+
+    left_out: dict[str, str] = {}
+    ids = target_menu(cfg.format, unit_shapes(model, units),
+                      [c.option_id for c in menu.steps], cfg.group_size, left_out)
+    if left_out:
+        ctx.say(f"format {cfg.format}: menu {', '.join(ids)}; left out "
+                + "; ".join(f"{o} ({r})" for o, r in left_out.items()))
+    return Menu.parse(ids, cfg.group_size, prune=menu.prune)
+
+
+def format_constraints(cfg: RunConfig, model, units, menu) -> tuple:
+    """The side constraints that keep a plan of ``menu`` choices storable in ``cfg.format``."""
+    from bitsack.solver.costs.formats import target_constraints
+
+    if cfg.format == "bitsack":
+        return ()
+    from bitsack.profiling.build import unit_shapes
+
+    ids = list(menu.option_ids)
+    return target_constraints(cfg.format, unit_shapes(model, units),
+                              {u.id: ids for u in units}, cfg.group_size)
 
 
 def limits_for(cfg: RunConfig, units) -> dict[str, float]:
@@ -146,6 +180,8 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
     cfg = asdict(ctx.cfg)
     for k in ("out", "eval", "eval_seqlen", "eval_windows", "frontier_points"):
         cfg.pop(k)
+    if cfg["format"] == "bitsack":  # the default: records of earlier runs stay valid
+        cfg.pop("format")
     return {"model": ctx.model_id, "config": cfg}
 
 
@@ -187,7 +223,7 @@ def _uniform(ctx: Context, lm, units) -> Planned:
     from bitsack.search.driver import store_incumbent
 
     cfg = ctx.cfg
-    menu = cfg.menu_choices()
+    menu = run_menu(ctx, lm.model, units)
     costs = unit_costs_for(lm.model, units, menu, cfg)
     limits = limits_for(cfg, units)
     choice = store_incumbent(menu, costs, limits)
@@ -230,7 +266,13 @@ def profile_problem(ctx: Context, model, tokenizer, units):
         write_profile(result, prof_dir)
 
     ctx.timed("profile", inputs, [problem_file], work)
-    problem = cfg.budget.apply(load_problem(problem_file))
+    problem = load_problem(problem_file)
+    if cfg.format != "bitsack":  # the profile is the format-free one: reused across formats
+        from bitsack.profiling.build import unit_shapes
+        from bitsack.solver.costs.formats import retarget
+
+        problem = retarget(problem, cfg.format, unit_shapes(model, units))
+    problem = cfg.budget.apply(problem)
     problem = with_interaction_weight(problem, cfg.interactions)
     if not cfg.prune:
         problem = without_option(problem, "prune")
@@ -278,14 +320,15 @@ def _search(ctx: Context, lm, units) -> Planned:
     from bitsack.data import calibration_splits
     from bitsack.search.driver import measured_search, uniform_fits
     from bitsack.search.loop import SearchConfig
+    from bitsack.solver.costs.formats import stores_pruned
 
     cfg = ctx.cfg
-    menu = cfg.menu_choices()
+    menu = run_menu(ctx, lm.model, units)
     limits = limits_for(cfg, units)
     costs = unit_costs_for(lm.model, units, replace(menu, prune=True), cfg)
     # pruning enters as measured moves where bits alone cannot meet the budget
     bits_fit = any(uniform_fits(c, costs, limits) for c in menu.steps)
-    if cfg.prune and not bits_fit:
+    if cfg.prune and not bits_fit and stores_pruned(cfg.format):
         menu = replace(menu, prune=True)
         ctx.say("search: no uniform plan meets the budget; pruning moves are measured too")
     starts = {}
@@ -313,11 +356,13 @@ def _search(ctx: Context, lm, units) -> Planned:
                  "limits": limits, "units": list(cfg.units), "splits": [cfg.screen,
                                                                         cfg.select,
                                                                         cfg.holdout]}
+    if cfg.format != "bitsack":  # its prices and constraints shape the search's record
+        store_key["format"] = cfg.format
     outcome = measured_search(
         lm.model, units, menu=menu, unit_costs=costs, limits=limits, splits=splits,
         calib_tokens=calibration(cfg, lm.tokenizer), apply=apply_config(cfg), config=config,
         run_dir=ctx.out, store_key=store_key, starts=starts, window=cfg.search_window,
-        progress=ctx.say)
+        progress=ctx.say, constraints=format_constraints(cfg, lm.model, units, menu))
     record = {**outcome.result.to_dict(), "final": outcome.final}
     accepted = [s for s in outcome.result.steps if s.accepted and s.certificate]
     cert = {**_usage_certificate(costs, outcome.result.plan, limits),
@@ -342,4 +387,5 @@ def _layer_progress(ctx: Context):
 
 __all__: Sequence[str] = ("Planned", "run_units", "tensor_bytes", "evaluate_stage",
                           "plan_stage", "profile_problem", "solve_problem", "limits_for",
-                          "unit_costs_for", "calibration", "apply_config")
+                          "unit_costs_for", "run_menu", "format_constraints", "calibration",
+                          "apply_config")

@@ -140,6 +140,87 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# target formats: the files the exports write (``bitsack.export``), sized without writing them
+#
+# Serving engines store one type per tensor, so these sizes are of whole matrices. Each is the
+# size the exporter's arrays have (tests export tiny models and compare); the solver's
+# ``memory`` cost model (``format=``) prices options with them, so a budget in a target format
+# is that file's tensor bytes.
+# --------------------------------------------------------------------------------------------
+
+#: Where a plan can go: bitsack's own folder (any mix inside a matrix), or an export.
+TARGET_FORMATS = ("bitsack", "compressed-tensors", "gguf")
+
+#: ggml's block: weights per block of every quantized GGUF type bitsack writes.
+GGUF_BLOCK = 32
+
+#: Bytes per block of ``GGUF_BLOCK`` weights of the ggml types bitsack writes
+#: (``ggml-common.h``: ``block_q4_1`` d, m fp16 + 16 nibble bytes; ``block_q5_1`` d, m + 4
+#: high-bit bytes + 16; ``block_q8_0`` d fp16 + 32 int8).
+GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q5_1": 24, "Q8_0": 34}
+
+
+def gguf_type(bits: int) -> str:
+    """The ggml type the GGUF export stores a ``bits``-bit grid in: 1..4 ``Q4_1`` (the codes
+    as nibbles), 5 ``Q5_1``, 6..8 ``Q8_0`` (8 bits re-rounded where a block's codes leave
+    ±127 around its zero point), 16 ``F16``.
+
+    Raises:
+        ValidationError: bits outside 1..8 and 16.
+    """
+    bits = check_bits(bits, allow_16=True)
+    if bits == 16:
+        return "F16"
+    return "Q4_1" if bits <= 4 else "Q5_1" if bits == 5 else "Q8_0"
+
+
+def gguf_nbytes(rows: int, cols: int, bits: int) -> int:
+    """Bytes of a ``rows × cols`` matrix (or of ``rows`` rows / a block-aligned column range of
+    one) in the GGUF export: ``rows · cols/32 · block bytes`` of ``gguf_type(bits)``, 2 per
+    weight at 16 bits, 0 when pruned. Every block carries its own scale, so the group size
+    does not change the size.
+
+    Raises:
+        ValidationError: ``cols`` not a multiple of 32, or bits outside 0..8 and 16.
+    """
+    if bits == 0:
+        return 0
+    kind = gguf_type(bits)
+    if kind == "F16":
+        return 2 * rows * cols
+    if cols % GGUF_BLOCK:
+        raise ValidationError("cols", f"{cols} is not a multiple of {GGUF_BLOCK}, ggml's block; "
+                              f"valid: whole blocks of {GGUF_BLOCK} weights per row")
+    return rows * (cols // GGUF_BLOCK) * GGUF_BLOCK_BYTES[kind]
+
+
+def compressed_tensors_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+    """Bytes of one ``rows × cols`` linear module in the compressed-tensors export
+    (``pack-quantized``, bits 1..8): ``weight_packed`` int32 ``[rows, ceil(cols·b/32)]``,
+    ``weight_scale`` fp16 ``[rows, cols/G]``, ``weight_zero_point`` int32
+    ``[ceil(rows·b/32), cols/G]`` (packed along the rows), ``weight_shape`` int64 ``[2]``;
+    16 bits: the fp16 weights; 0 (pruned): 0.
+
+    Raises:
+        ValidationError: ``group_size`` does not divide ``cols`` (the format needs whole
+            groups), or bits outside 0..8 and 16.
+    """
+    if bits == 0:
+        return 0
+    bits = check_bits(bits, allow_16=True)
+    if bits == 16:
+        return 2 * rows * cols
+    group_size = check_group_size(group_size)
+    if cols % group_size:
+        raise ValidationError("group_size", f"{group_size} does not divide {cols} columns; "
+                              "valid: a group size that divides every row (compressed-tensors "
+                              "stores whole groups)")
+    groups = cols // group_size
+    return (rows * words_per_row(cols, bits) * 4 + rows * groups * 2
+            + words_per_row(rows, bits) * groups * 4 + 2 * 8)
+
+
+# --------------------------------------------------------------------------------------------
 # pack / unpack
 #
 # Both work on chunks of 32 values: 32 values of b bits fill exactly b words, so value k of a

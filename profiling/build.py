@@ -44,9 +44,12 @@ def unit_shapes(model: torch.nn.Module, units: Sequence[UnitSpec]) -> list[UnitS
         if isinstance(w, torch.nn.Parameter) and not isinstance(mod, torch.nn.Embedding):
             if id(w) in by_id:
                 linear_users.add(by_id[id(w)])
+    full = {n: tuple(p.shape) for n, p in model.named_parameters()}
     shapes = []
     for u in units:
-        slices = tuple(SliceShape(s.shape[0], s.shape[1], s.dim) for s in u.slices)
+        slices = tuple(SliceShape(s.shape[0], s.shape[1], s.dim, param=s.param, start=s.start,
+                                  extent=_extent(full.get(s.param), s))
+                       for s in u.slices)
         extra: dict[str, Any] = {}
         if u.kind == "head_group":
             cols = sum(s.shape[1] for s in u.slices if s.dim == 1)
@@ -55,6 +58,14 @@ def unit_shapes(model: torch.nn.Module, units: Sequence[UnitSpec]) -> list[UnitS
             extra = {"lookup_only": all(s.param not in linear_users for s in u.slices)}
         shapes.append(UnitShape(u.id, u.kind, slices, u.layer, extra))
     return shapes
+
+
+def _extent(shape: tuple[int, ...] | None, s) -> int | None:
+    """The matrix's size along the slice's ``dim`` (in [out, in] orientation)."""
+    if shape is None or len(shape) != 2:
+        return None
+    rows, cols = shape[::-1] if s.transposed else shape
+    return int(rows if s.dim == 0 else cols)
 
 
 def make_cost_models(names: Sequence[str],

@@ -28,6 +28,13 @@ from bitsack.profiling.distributed import Dist
 from bitsack.profiling.estimators import Context, EstimatorOptions, get_estimator
 from bitsack.profiling.layout import OptionLayout
 from bitsack.profiling.perturb import QUANTIZERS
+from bitsack.solver.costs.formats import (
+    check_format,
+    geometry_metadata,
+    retarget,
+    stores_pruned,
+    target_options,
+)
 from bitsack.solver.problem import Problem
 
 PROFILE_SCHEMA = "bitsack.profile/v1"
@@ -60,7 +67,7 @@ def profile(model: torch.nn.Module, units: Sequence[UnitSpec], calib_tokens: tor
             progress: bool = True, metadata: Mapping[str, Any] | None = None,
             options: EstimatorOptions | None = None,
             holdout_tokens: torch.Tensor | None = None, dist: Dist | None = None,
-            name: str | None = None) -> ProfileResult:
+            name: str | None = None, format: str = "bitsack") -> ProfileResult:  # noqa: A002
     """Estimate every unit's options and build the problem.
 
     Args:
@@ -83,6 +90,10 @@ def profile(model: torch.nn.Module, units: Sequence[UnitSpec], calib_tokens: tor
             last ``options.holdout`` calibration sequences; ``measured`` uses them all).
         dist: process group (default: from the environment, e.g. under torchrun).
         name: problem name (default ``<model name>-<estimator>``).
+        format: the target file format (``bitsack.solver.costs.formats``): ``bitsack``
+            (default: any mix inside a matrix), ``compressed-tensors`` or ``gguf`` (only the
+            options the format stores are estimated; ``memory_bytes`` in its bytes; one
+            option per matrix by constraints).
 
     Returns:
         The ``ProfileResult``.
@@ -98,8 +109,16 @@ def profile(model: torch.nn.Module, units: Sequence[UnitSpec], calib_tokens: tor
     if quantizer not in QUANTIZERS:
         raise ValidationError("quantizer", f"{quantizer!r}; valid: {', '.join(QUANTIZERS)}")
     tokens = check_tokens(calib_tokens)
-    layout = OptionLayout.build(units, bits)
+    check_format(format)
+    layout = OptionLayout.build(units, bits, prune=stores_pruned(format))
     models = make_cost_models(cost_models, cost_model_args)
+    shapes = {s.id: s for s in unit_shapes(model, layout.units)}
+    left_out: dict[str, str] = {}
+    if format != "bitsack":
+        allowed = target_options(format, list(shapes.values()),
+                                 dict(zip([u.id for u in layout.units], layout.option_ids,
+                                          strict=True)), group_size, left_out)
+        layout = OptionLayout(layout.units, tuple(allowed[u.id] for u in layout.units))
     dist = dist or Dist.from_env()
     grad_tokens, holdout = tokens, None
     if holdout_tokens is not None:
@@ -124,7 +143,7 @@ def profile(model: torch.nn.Module, units: Sequence[UnitSpec], calib_tokens: tor
         model.train(was_training)
     adapter = get_adapter(model)
     with meter.phase("build"):
-        shapes = unit_shapes(model, est.layout.units)
+        unit_list = [shapes[u.id] for u in est.layout.units]
         meta: dict[str, Any] = {
             "estimator": estimator,
             "quantizer": quantizer,
@@ -147,11 +166,15 @@ def profile(model: torch.nn.Module, units: Sequence[UnitSpec], calib_tokens: tor
         if est.layout is not layout:
             meta["units_subset"] = len(est.layout.units)
         meta.update(dict(metadata or {}))
+        meta["geometry"] = geometry_metadata(unit_list)
+        if left_out:
+            meta["format_left_out"] = dict(sorted(left_out.items()))
         meta = jsonable(meta)
         pname = name or f"{_model_name(model)}-{estimator}"
-        problem = build_problem(est.layout, est.loss, est.U, shapes=shapes,
+        problem = build_problem(est.layout, est.loss, est.U, shapes=unit_list,
                                 group_size=group_size, cost_models=models, name=pname,
                                 metadata=meta)
+        problem = retarget(problem, format, unit_list)
     report = {
         "schema": PROFILE_SCHEMA,
         "model": meta.get("model", _model_name(model)),
@@ -161,6 +184,7 @@ def profile(model: torch.nn.Module, units: Sequence[UnitSpec], calib_tokens: tor
                  "gradient_sequences": int(grad_tokens.shape[0]),
                  "heldout_sequences": None if holdout is None else int(holdout.shape[0])},
         "estimator": estimator,
+        "format": format,
         "estimator_options": jsonable(dataclasses.asdict(opts)),
         "quantizer": quantizer,
         "group_size": group_size,

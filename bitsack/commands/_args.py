@@ -213,3 +213,15 @@ BITS_LIST = int_list(1, 8, extra=(16,), what="bit-widths")
 #: Model dtypes the loaders accept.
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
+
+def add_format_arg(p: argparse.ArgumentParser, default: str | None = "bitsack") -> None:
+    """``--format``: the target file format (shared by run, demo, profile and solve)."""
+    from bitsack.kernels.formats import TARGET_FORMATS
+
+    p.add_argument("--format", default=default, choices=TARGET_FORMATS,
+                   help="target file format: bitsack (default: options mix freely inside a "
+                   "matrix), compressed-tensors or gguf (only options the format stores, one "
+                   "per matrix: all head groups of a layer share one option, and so do its "
+                   "MLP blocks; memory budgets in the bytes of that file's tensors; see "
+                   "`bitsack export`)" + ("" if default else
+                                          "; default: the problem's own"))

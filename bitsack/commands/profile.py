@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                    help=f"tokens per sequence (default 256; {SEQLEN.valid})")
     p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
                    help="quantizer of the perturbations (default rtn)")
+    from bitsack.commands._args import add_format_arg
+
+    add_format_arg(p)
     p.add_argument("--cost-model", action="append", dest="cost_models", metavar="NAME",
                    help="cost model (repeatable; default memory and roofline)")
     p.add_argument("--device", default="h200", help="roofline device table entry (h200, "
@@ -133,7 +136,7 @@ def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = 
     return profile(lm.model, units, calib, estimator=cfg["estimator"], bits=cfg["bits"],
                    group_size=cfg["group_size"], quantizer=cfg["quantizer"],
                    cost_models=cost_models, cost_model_args=cm_args, seed=cfg["seed"],
-                   progress=progress, options=opts, dist=dist,
+                   progress=progress, options=opts, dist=dist, format=cfg["format"],
                    metadata={"model": model_id, "calib": cfg["calib"],
                              "mlp_group": cfg["mlp_group"]})
 

@@ -65,6 +65,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
         SECONDS,
         SEED,
         SEQLEN,
+        add_format_arg,
         name_list,
         real,
     )
@@ -103,6 +104,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    f"objective (default {d['interactions']:g}: additive; see README)")
     p.add_argument("--no-prune", dest="prune", action="store_false", default=d["prune"],
                    help="the one-shot plan may not prune")
+    add_format_arg(p, d["format"])
     p.add_argument("--bits", type=BITS_LIST, default=d["bits"], help="one-shot profile: "
                    f"bit-widths at --group-size (default {','.join(map(str, d['bits']))})")
     p.add_argument("--units", type=name_list(("heads", "mlp", "embed")), default=d["units"],
@@ -157,6 +159,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         estimator=args.estimator, interactions=args.interactions, prune=args.prune,
         bits=tuple(args.bits), units=tuple(args.units), group_size=args.group_size,
         mlp_group=args.mlp_group, profile_nsamples=args.nsamples, profile_seqlen=args.seqlen,
+        format=args.format,
         quantizer=args.quantizer, profile_quantizer=args.profile_quantizer,
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
         search_start=args.search_start, search_budget=args.search_budget,

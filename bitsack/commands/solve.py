@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("problem", help="problem file (.yaml, .yml or .json)")
     add_solve_arguments(p)
     p.add_argument("--out", metavar="SOLUTION.json", help="write the solution JSON here")
+    from bitsack.commands._args import add_format_arg
+
+    add_format_arg(p, default=None)
     p.add_argument("--per-layer", action="store_true", help="also print the plan per layer")
     p.add_argument("--json", action="store_true", help="print the solution as one JSON object "
                    "(also when infeasible)")
@@ -189,7 +192,12 @@ def run(args: argparse.Namespace) -> int:
     options = solve_options(args)
     budget = budget_of(args)
     out = out_file(args.out) if args.out else None
-    problem = budget.apply(load_problem(args.problem))
+    problem = load_problem(args.problem)
+    if args.format is not None:
+        from bitsack.solver.costs.formats import retarget
+
+        problem = retarget(problem, args.format)
+    problem = budget.apply(problem)
     solution = solve(problem, args.solver, options)
     if out is not None:
         write_json(out, solution.to_dict())

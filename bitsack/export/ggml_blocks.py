@@ -36,19 +36,21 @@ from typing import Any
 import numpy as np
 
 from bitsack.export.common import DenseMatrix, ExportError, GridMatrix
+from bitsack.kernels.formats import GGUF_BLOCK, GGUF_BLOCK_BYTES, gguf_type
 
 __all__ = ["BLOCK_BYTES", "QK", "Encoded", "encode", "encode_q4_1", "encode_q5_1",
            "encode_q8_0"]
 
 #: ggml block: weights per block of every quantized type written here.
-QK = 32
+QK = GGUF_BLOCK
 
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
 _Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
 
-#: Bytes per block of each block type.
-BLOCK_BYTES = {"Q4_1": _Q4_1.itemsize, "Q5_1": _Q5_1.itemsize, "Q8_0": _Q8_0.itemsize}
+#: Bytes per block, as the solver prices them (``kernels.formats.GGUF_BLOCK_BYTES``; a test
+#: checks the block dtypes above against it).
+BLOCK_BYTES = GGUF_BLOCK_BYTES
 
 
 
@@ -182,8 +184,8 @@ def encode(m: GridMatrix | DenseMatrix) -> Encoded:
         w = m.weight
         return Encoded("F16" if w.dtype == np.float16 else "F32",
                        w if w.dtype == np.float16 else w.astype(np.float32))
-    if m.bits <= 4:
-        return encode_q4_1(m)
-    if m.bits == 5:
-        return encode_q5_1(m)
-    return encode_q8_0(m)
+    # the type table is shared with the solver's GGUF pricing (kernels.formats.gguf_type)
+    return _ENCODERS[gguf_type(m.bits)](m)
+
+
+_ENCODERS = {"Q4_1": encode_q4_1, "Q5_1": encode_q5_1, "Q8_0": encode_q8_0}

@@ -76,7 +76,8 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
                     config: SearchConfig, run_dir: Path, store_key: Any,
                     starts: Mapping[str, Mapping[str, Choice]] | None = None,
                     batch_size: int = 4, window: int | None = 3,
-                    progress: Callable[[str], None] | None = None) -> SearchOutcome:
+                    progress: Callable[[str], None] | None = None,
+                    constraints: Sequence[Any] = ()) -> SearchOutcome:
     """Search ``model``'s plan under ``limits`` and pack the result (see module docstring).
 
     ``model`` is consumed (its weights are rewritten, then it becomes the packed model).
@@ -84,7 +85,8 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     checkpoint: an interrupted call resumes from both. ``window``: the store (and the search)
     keep the menu choices within that many steps of the store's uniform walk (None: all) —
     choices farther away need more accepted moves than a search makes, and each costs a GPTQ
-    run per matrix.
+    run per matrix. ``constraints`` (``bitsack.solver.problem.Constraint``) bind every
+    proposal (e.g. one option per matrix for a target file format).
     """
     say = progress or (lambda msg: None)
     base = copy.deepcopy(model)
@@ -135,7 +137,7 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
                              "checkpoint": ck})
 
     search = Search(model, units, store, meter, unit_costs, limits, config, progress=say,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint, constraints=constraints)
     result = search.run(extra_starts=starts, resume=resume)
     plan = dict(result.plan)
     x = {"stitched_holdout_kl": result.kl["holdout"]}

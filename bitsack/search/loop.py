@@ -64,6 +64,8 @@ class SearchConfig:
         alternatives: Thompson-style resampled proposals per step (besides k and k/2).
         refresh: re-measure every group after this many accepted steps (else only the groups
             of changed layers).
+        caution: proposals price each measured Δ at ``mean + caution·SE`` (a gain only beyond
+            its noise); the resampled alternatives draw around the mean instead.
         solver: the bitsack solver backend of the proposals.
         time_limit_s: per proposal solve.
         seed: seeds the resampled proposals.
@@ -76,6 +78,7 @@ class SearchConfig:
     z: float = 2.0
     alternatives: int = 2
     refresh: int = 3
+    caution: float = 1.0
     solver: str = "highs"
     time_limit_s: float = 20.0
     seed: int = 0
@@ -188,13 +191,17 @@ class Search:
         config: the search knobs.
         progress: called with one line after every step.
         checkpoint: called with the result so far after every step (resumption).
+        constraints: side constraints of every proposal (``bitsack.solver.problem
+            .Constraint``, e.g. one option per matrix for a target file format); the start
+            and every accepted plan meet them, since only proposals move the incumbent.
     """
 
     def __init__(self, model: nn.Module, units: Sequence[Any], store: VariantStore,
                  meter: KLMeter, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
                  limits: Mapping[str, float], config: SearchConfig | None = None,
                  progress: Callable[[str], None] | None = None,
-                 checkpoint: Callable[[SearchResult], None] | None = None):
+                 checkpoint: Callable[[SearchResult], None] | None = None,
+                 constraints: Sequence[Any] = ()):
         self.model = model
         self.units = list(units)
         self.store = store
@@ -205,12 +212,14 @@ class Search:
         self.cfg = config or SearchConfig()
         self.say = progress or (lambda msg: None)
         self.checkpoint = checkpoint or (lambda result: None)
+        self.constraints = tuple(constraints)
         self.stitch = Stitcher(model, self.units, store)
         self.groups = groups_of(self.units)
         self.params = {u.id: u.params for u in self.units}
         self.plan: dict[str, Choice] = {}
         self.kl: dict[str, np.ndarray] = {}
         self.deltas: dict[tuple[str, int], tuple[Paired, dict[str, Choice]]] = {}
+        self.rejected: set[tuple] = set()  # candidates measured and refused at this incumbent
 
     # ---- plans --------------------------------------------------------------------------
     def usage(self, plan: Mapping[str, Choice]) -> dict[str, float]:
@@ -324,9 +333,13 @@ class Search:
                 if (g, d) not in self.deltas:
                     continue
                 paired, moved = self.deltas[(g, d)]
-                delta = paired.mean
-                if rng is not None and math.isfinite(paired.se):
-                    delta += float(rng.normal(0.0, paired.se))
+                se = paired.se if math.isfinite(paired.se) else 0.0
+                if rng is None:
+                    # pessimistic: a gain counts only beyond its noise, a cost with it (the
+                    # proposal must not chase a measurement's luck)
+                    delta = paired.mean + self.cfg.caution * se
+                else:  # Thompson-style: a draw within the measurement's error
+                    delta = paired.mean + float(rng.normal(0.0, se))
                 moves[d] = (delta, moved, self.shares(moved))
             for uid in members:
                 cur = self.plan[uid]
@@ -340,7 +353,8 @@ class Search:
                 units.append(Unit(uid, tuple(opts), params=self.params[uid]))
         resources = tuple(Resource(r, lim) for r, lim in self.limits.items()) + \
             (Resource("changes", float(k)),)
-        problem = Problem(name="search-step", units=tuple(units), resources=resources)
+        problem = Problem(name="search-step", units=tuple(units), resources=resources,
+                          constraints=self.constraints)
         sol = solve(problem, self.cfg.solver, SolveOptions(
             time_limit_s=self.cfg.time_limit_s, rel_gap=1e-6, seed=self.cfg.seed))
         if not sol.has_solution:
@@ -404,6 +418,7 @@ class Search:
             step = self._step(len(result.steps) + 1, state["k"])
             result.steps.append(step)
             if step.accepted:
+                self.rejected.clear()
                 layers = {self.stitch.units[u].layer for u in step.changed}
                 self._set({**self.plan, **{u: self._choice(v[1])
                                            for u, v in step.changed.items()}})
@@ -415,6 +430,7 @@ class Search:
                     state["stale"] = [g for g, members in self.groups.items()
                                       if self.stitch.units[members[0]].layer in layers]
             else:
+                self.rejected.add(tuple(sorted((u, v[1]) for u, v in step.changed.items())))
                 state["k"] //= 2
                 # nothing to propose: re-measure everything; else the same linearisation
                 state["stale"] = None if not step.changed else []
@@ -446,7 +462,7 @@ class Search:
             if p is None or not p[0]:
                 continue
             key = tuple(sorted((u, c.option_id) for u, c in p[0].items()))
-            if key not in seen:
+            if key not in seen and key not in self.rejected:
                 seen.add(key)
                 cands.append(p)
         if not cands:
@@ -502,6 +518,12 @@ class Search:
                                                    {u: self._choice(o)
                                                     for u, o in d["moved"].items()})
                        for d in ck["deltas"]}
+        self.rejected = set()
+        for st in result.steps:  # the candidates refused since the last accepted step
+            if st.accepted:
+                self.rejected.clear()
+            elif st.changed:
+                self.rejected.add(tuple(sorted((u, v[1]) for u, v in st.changed.items())))
         return result, dict(ck["state"])
 
 

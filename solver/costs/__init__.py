@@ -4,7 +4,9 @@ A cost model turns a unit's weight shapes and an option (prune / keep at b bits)
 the resources it defines. Built in:
 
 - ``memory`` -> ``memory_bytes``: exact packed bytes from the format's own size function
-  (``bitsack.kernels.formats.packed_nbytes``), so a memory budget is bytes on disk.
+  (``bitsack.kernels.formats.packed_nbytes``), so a memory budget is bytes on disk;
+  ``memory`` with ``format="gguf"`` / ``"compressed-tensors"``: the bytes of that export's
+  tensors (``bitsack.solver.costs.formats`` says which options and constraints go with it).
 - ``roofline`` -> ``decode_latency_us``, ``prefill_latency_us``: a roofline over a device table
   (bytes moved / bandwidth vs FLOPs / peak, per unit, additive).
 - ``latency-table`` -> the same resources from a measured table (JSON) instead of the roofline.

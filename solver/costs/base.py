@@ -18,15 +18,39 @@ class SliceShape:
 
     ``dim`` says how the unit owns it: 0 = a range of output rows (full input width),
     1 = a range of input columns (full output height). Quantization groups run along columns.
+
+    Where it lies in its matrix (what a per-tensor target format needs, see
+    ``bitsack.solver.costs.formats``): ``param`` names the matrix (units that share a
+    ``param`` share a tensor), ``start`` is the slice's first row (``dim`` 0) or column
+    (``dim`` 1), ``extent`` the matrix's size along ``dim`` (None: the slice is the whole
+    matrix along ``dim``).
     """
 
     rows: int
     cols: int
     dim: int = 0
+    param: str | None = None
+    start: int = 0
+    extent: int | None = None
 
     @property
     def numel(self) -> int:
         return self.rows * self.cols
+
+    @property
+    def width(self) -> int:
+        """The slice's size along ``dim``."""
+        return self.rows if self.dim == 0 else self.cols
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.width
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """(rows, cols) of the whole matrix the slice belongs to."""
+        extent = self.width if self.extent is None else self.extent
+        return (extent, self.cols) if self.dim == 0 else (self.rows, extent)
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,104 @@
-"""``memory``: exact packed bytes of a unit, from the packed format's own size function."""
+"""``memory``: exact bytes of a unit, in bitsack's packed format or in a target file format.
+
+``format="bitsack"`` (default): the packed segments bitsack itself writes, from the packed
+format's own size function (``bitsack.kernels.formats.packed_nbytes``).
+
+A target format (``compressed-tensors``, ``gguf``; what ``bitsack export`` writes) stores one
+type per tensor, so its sizes are sizes of whole matrices (``bitsack.kernels.formats``:
+``gguf_nbytes``, ``compressed_tensors_nbytes``, the functions the export tests check against
+the written files):
+
+- ``gguf``: every block of 32 weights of a row carries its own scale, so a unit's slice costs
+  its own blocks (``rows · cols/32 · block bytes``) and the sum over units is the tensor's
+  size whatever the units choose; a pruned unit leaves the tensor (arch ``deci``), 0.
+- ``compressed-tensors``: the zero points are packed along the rows and each module has a
+  shape tensor, so a matrix's bytes ``X`` do not split by rows exactly. Each slice gets a
+  telescoping share: rows (or columns) ``[a, b)`` of an ``n``-long axis cost
+  ``⌊X·b/n⌋ − ⌊X·a/n⌋``, integers that add up to ``X`` over the slices of the matrix. This is
+  exact when every unit of the matrix takes one option, which the format's constraints
+  (``bitsack.solver.costs.formats``) require. Embeddings (and an untied ``lm_head``) are
+  written as fp16 whatever their option (vLLM quantizes linear layers only;
+  ``bitsack.export.compressed_tensors``): 2 bytes per weight.
+"""
 
 from __future__ import annotations
 
-from bitsack.kernels.formats import packed_nbytes
-from bitsack.solver.costs.base import CostModel, UnitShape, register_cost_model
+from bitsack.errors import ValidationError
+from bitsack.kernels.formats import (
+    TARGET_FORMATS,
+    compressed_tensors_nbytes,
+    gguf_nbytes,
+    packed_nbytes,
+)
+from bitsack.solver.costs.base import CostModel, SliceShape, UnitShape, register_cost_model
+
+
+def check_format(fmt: str) -> str:
+    """``fmt`` if it is a target format name, else raise ``ValidationError``."""
+    if fmt not in TARGET_FORMATS:
+        raise ValidationError("format", f"{fmt!r}; valid: {', '.join(TARGET_FORMATS)}")
+    return fmt
+
+
+def _share(total: int, s: SliceShape) -> int:
+    """The telescoping share of a whole matrix's ``total`` bytes held by slice ``s``."""
+    n = s.width if s.extent is None else s.extent
+    return total * s.stop // n - total * s.start // n
+
+
+def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int) -> int:
+    """Bytes of ``unit`` at ``bits`` (0 = pruned, 16 = fp16) and ``group_size`` in format
+    ``fmt`` (see the module docstring).
+
+    Raises:
+        ValidationError: an unknown format, or an option the format cannot store (a group
+            size that does not divide the rows, rows of a width GGUF blocks cannot tile).
+    """
+    if check_format(fmt) == "bitsack":
+        return sum(packed_nbytes(s.rows, s.cols, bits, group_size) for s in unit.slices)
+    if bits == 0:
+        return 0
+    if fmt == "gguf":
+        return sum(gguf_nbytes(s.rows, s.cols, bits) for s in unit.slices)
+    if unit.kind == "embedding":  # compressed-tensors writes embeddings fp16
+        return 2 * unit.params
+    return sum(_share(compressed_tensors_nbytes(*s.matrix, bits, group_size), s)
+               for s in unit.slices)
 
 
 @register_cost_model
 class MemoryModel(CostModel):
-    """``memory_bytes`` = Σ over the unit's slices of ``packed_nbytes(rows, cols, bits, G)``.
+    """``memory_bytes`` of a unit in ``format`` (see the module docstring).
 
-    Column slices are packed as their own segment columns (groups inside the slice), row slices
-    as whole rows; both are what the packer writes, so the sum over units equals the bytes of
-    the packed tensors (norms and biases, which stay 16-bit, are outside every unit). G is the
-    option's own group size (``b<k>g<G>``, or the problem's default for ``b<k>``); a row of
-    ``cols`` values holds ``ceil(cols/G)`` groups, so G need not divide ``cols``.
+    ``bitsack`` (default): Σ over the unit's slices of ``packed_nbytes(rows, cols, bits, G)``.
+    Column slices are packed as their own segment columns (groups inside the slice), row
+    slices as whole rows; both are what the packer writes, so the sum over units equals the
+    bytes of the packed tensors (norms and biases, which stay 16-bit, are outside every unit).
+    G is the option's own group size (``b<k>g<G>``, or the problem's default for ``b<k>``); a
+    row of ``cols`` values holds ``ceil(cols/G)`` groups, so G need not divide ``cols``.
     """
 
     name = "memory"
     resources = ("memory_bytes",)
 
+    def __init__(self, format: str = "bitsack"):  # noqa: A002 - the user-facing name
+        self.format = check_format(format)
+
     def cost(self, unit: UnitShape, bits: int, group_size: int) -> dict[str, float]:
-        total = sum(packed_nbytes(s.rows, s.cols, bits, group_size) for s in unit.slices)
-        return {"memory_bytes": float(total)}
+        return {"memory_bytes": float(unit_nbytes(self.format, unit, bits, group_size))}
 
     def describe(self) -> dict:
-        return {"name": self.name, "resources": list(self.resources),
-                "formula": "rows*ceil(bits*cols/32)*4 + rows*ceil(cols/g)*4 per slice; "
-                           "16 bits: 2*rows*cols; pruned: 0"}
+        if self.format == "gguf":
+            formula = ("per slice: rows*cols/32 * block bytes of the ggml type (Q4_1 20 for "
+                       "1-4 bits, Q5_1 24 for 5, Q8_0 34 for 6-8); 16 bits: 2*rows*cols; "
+                       "pruned: 0")
+        elif self.format == "compressed-tensors":
+            formula = ("per matrix X = rows*ceil(bits*cols/32)*4 + rows*(cols/g)*2 + "
+                       "ceil(rows*bits/32)*(cols/g)*4 + 16, slice [a,b) of n: "
+                       "floor(X*b/n) - floor(X*a/n); embeddings and 16 bits: 2*rows*cols")
+        else:
+            return {"name": self.name, "resources": list(self.resources),
+                    "formula": "rows*ceil(bits*cols/32)*4 + rows*ceil(cols/g)*4 per slice; "
+                               "16 bits: 2*rows*cols; pruned: 0"}
+        return {"name": self.name, "resources": list(self.resources), "format": self.format,
+                "formula": formula}

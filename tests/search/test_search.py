@@ -220,3 +220,30 @@ def test_pruning_enters_as_measured_moves_when_bits_cannot_meet_the_budget(setup
     assert any(c.pruned for c in res.plan.values())
     assert any((g, 0) in s.deltas for g in s.groups)  # prune moves were measured
     assert res.kl["holdout"] <= res.start["kl"]["holdout"] + 1e-12
+
+
+def test_proposals_keep_one_option_per_matrix_under_format_constraints(setup):
+    """A target format's constraints bind every proposal, Thompson-resampled ones included:
+    without them the same search splits a layer's MLP blocks (the control)."""
+    from bitsack.solver.costs.formats import matrix_groups, target_constraints
+
+    _, model, units, meter, store, costs = setup(quantizer="rtn")
+    shapes = unit_shapes(model, units)
+    groups = matrix_groups(shapes)
+    cons = target_constraints("compressed-tensors", shapes,
+                              {u.id: list(store.menu.option_ids) for u in units}, 16)
+    assert {c.type for c in cons} == {"same_option"}
+    splits = {}
+    for name, c in (("constrained", cons), ("free", ())):
+        s = Search(model, units, store, meter, costs, _limit(units, 3.6), SearchConfig(k=4),
+                   constraints=c)
+        s.start()
+        s.linearise()
+        splits[name] = 0
+        for seed in range(4):
+            changes = (s.propose(4, np.random.default_rng(seed)) or ({},))[0]
+            assert changes
+            for g in groups:
+                moved = [u for u in g if u in changes]
+                splits[name] += bool(moved) and len(moved) < len(g)
+    assert splits["constrained"] == 0 and splits["free"] > 0

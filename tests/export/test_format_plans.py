@@ -1,0 +1,169 @@
+"""``--format``: plans made for a target file format export without refusal, one option per
+matrix, and the budget's bytes are the bytes the exporter writes for the units' tensors —
+for every method (oneshot, uniform, search), through ``bitsack run``, ``profile``/``solve``
+and the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bitsack.export import export_model
+from bitsack.export.common import GridMatrix
+from bitsack.export.compressed_tensors import grid_tensors
+from bitsack.export.ggml_blocks import _Q4_1, _Q5_1, _Q8_0, encode
+from bitsack.kernels.formats import GGUF_BLOCK_BYTES, compressed_tensors_nbytes, gguf_type
+from bitsack.models import model_units
+from bitsack.models.testing import ByteTokenizer, tiny_model
+from bitsack.pipeline import RunConfig, run
+from bitsack.solver.costs.formats import matrix_groups
+
+MLP = 32
+
+
+def test_block_sizes_and_types_are_the_exporters():
+    assert {k: np.dtype(v).itemsize for k, v in
+            (("Q4_1", _Q4_1), ("Q5_1", _Q5_1), ("Q8_0", _Q8_0))} == GGUF_BLOCK_BYTES
+    rng = np.random.default_rng(0)
+    for bits in range(1, 9):
+        m = GridMatrix("m", bits, 32, rng.integers(0, 1 << bits, (4, 64), dtype=np.uint8),
+                       np.full((4, 2), 0.01, np.float16), np.zeros((4, 2), np.float16))
+        assert encode(m).type == gguf_type(bits)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("rows,cols,g", [(6, 64, 32), (40, 96, 32), (3, 128, 64)])
+def test_compressed_tensors_size_is_the_written_arrays(bits, rows, cols, g):
+    rng = np.random.default_rng(bits)
+    m = GridMatrix("m", bits, g, rng.integers(0, 1 << bits, (rows, cols), dtype=np.uint8),
+                   np.full((rows, cols // g), 0.01, np.float16),
+                   rng.integers(0, 1 << bits, (rows, cols // g)).astype(np.float16))
+    written = sum(a.nbytes for a in grid_tensors(m).values())
+    assert written == compressed_tensors_nbytes(rows, cols, bits, g)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path, one_thread):
+    """``load_model`` returns a fresh (identical) tiny Llama each call (a run consumes it)."""
+    from bitsack.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loading.LoadedModel(
+        model=tiny_model("llama", seed=3), tokenizer=ByteTokenizer(),
+        source={"kind": "test", "spec": "tiny"}))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    ev = tmp_path / "eval.txt"
+    ev.write_text("Pack my box with five dozen liquor jugs, said the sphinx. " * 30)
+    return calib, ev
+
+
+def _settings(tiny, **kw) -> dict:
+    calib, ev = tiny
+    base = dict(calib=str(calib), eval=str(ev), bits=(2, 3, 4, 8),
+                group_size=32, mlp_group=MLP, profile_nsamples=4, profile_seqlen=24,
+                compress_nsamples=4, compress_seqlen=24, eval_seqlen=32, eval_windows=2,
+                time_limit_s=10.0, quantizer="rtn",
+                menu=("b2g32", "b3g32", "b4g32", "b4g64", "b8g32", "b16"),
+                screen=(6, 24), select=(8, 24), holdout=(8, 24), search_budget=150.0,
+                search_k=4)
+    base.update(kw)
+    return base
+
+
+def _cfg(tiny, out, **kw) -> RunConfig:
+    return RunConfig(model="tiny", out=str(out), **_settings(tiny, **kw))
+
+
+def _one_type_per_matrix(plan: dict[str, str], fmt: str) -> None:
+    from bitsack.profiling.build import unit_shapes
+
+    model = tiny_model("llama", seed=3)
+    shapes = unit_shapes(model, model_units(model, mlp_group=MLP))
+    for group in matrix_groups(shapes):
+        chosen = [plan[u] for u in group]
+        kept = set(chosen) - {"prune"}
+        assert len(kept) <= 1, (group, chosen)
+        if fmt == "compressed-tensors":
+            assert "prune" not in chosen
+
+
+def _unit_tensor_bytes(result, folder) -> int:
+    """Bytes the export wrote for tensors that came from the planned units' matrices (the
+    packed modules of the folder; not norms, not a zero FFN)."""
+    packed = json.loads((folder / "bitsack.json").read_text())["packed"]
+    return sum(t.nbytes for t in result.tensors if t.source in packed)
+
+
+# compressed-tensors keeps embeddings fp16 (a fifth of this tiny model's weights): the budgets
+# leave room for them
+CASES = [("compressed-tensors", "oneshot", 6.5), ("compressed-tensors", "uniform", 7.0),
+         ("compressed-tensors", "search", 7.0), ("gguf", "oneshot", 4.5),
+         ("gguf", "uniform", 6.0), ("gguf", "search", 6.0)]
+
+
+@pytest.mark.parametrize("fmt,method,avg_bits", CASES)
+def test_plan_for_a_format_exports_with_the_budgeted_bytes(tiny, tmp_path, tokenizer_gguf,
+                                                           fmt, method, avg_bits):
+    out = tmp_path / "run"
+    s = run(_cfg(tiny, out, method=method, format=fmt, avg_bits=avg_bits))
+    sol = json.loads((out / "solution.json").read_text())
+    plan = sol["assignment"]
+    _one_type_per_matrix(plan, fmt)
+    usage = s.certificate["usage"]["memory_bytes"]
+    assert usage <= s.certificate["limits"]["memory_bytes"] + 1e-6
+    kw = {"tokenizer_gguf": tokenizer_gguf} if fmt == "gguf" else {}
+    res = export_model(out / "model", tmp_path / "export", format=fmt, **kw)
+    assert _unit_tensor_bytes(res, out / "model") == usage
+    if fmt == "gguf" and method == "oneshot":
+        # 4.5 bits per weight is below Q4_1's 5: only pruning meets it, and deci holds it
+        assert "prune" in plan.values() and res.layout["architecture"] == "deci"
+
+
+def test_default_format_is_unchanged(tiny, tmp_path):
+    free = run(_cfg(tiny, tmp_path / "a", method="oneshot", avg_bits=3.5))
+    again = run(_cfg(tiny, tmp_path / "b", method="oneshot", avg_bits=3.5, format="bitsack"))
+    assert free.certificate["usage"] == again.certificate["usage"]
+    stage = json.loads((tmp_path / "a" / "compress.stage.json").read_text())
+    assert "format" not in stage["inputs"]["config"]  # earlier runs' records stay valid
+
+
+def test_formats_share_one_profile_and_the_api_passes_format(tiny, tmp_path):
+    import bitsack
+
+    out = tmp_path / "run"
+    run(_cfg(tiny, out, method="oneshot", avg_bits=6.5, format="compressed-tensors"))
+    res = bitsack.compress("tiny", avg_bits=6.0, method="oneshot", out=out, format="gguf",
+                           **_settings(tiny))
+    assert "profile" in res.summary.reused
+    _one_type_per_matrix(res.plan, "gguf")
+
+
+def test_profile_and_solve_cli_take_a_format(tiny, tmp_path, capsys):
+    from bitsack.cli import main
+    from bitsack.solver import load_problem
+
+    calib, _ = tiny
+    common = ["--model", "tiny", "--calib", str(calib), "--bits", "2,3,4,8", "--group-size",
+              "32", "--mlp-group", str(MLP), "--nsamples", "4", "--seqlen", "24", "--quiet"]
+    assert main(["profile", *common, "--out", str(tmp_path / "free")]) == 0
+    assert main(["profile", *common, "--format", "gguf", "--out", str(tmp_path / "gguf")]) == 0
+    free = load_problem(tmp_path / "free" / "problem.yaml")
+    gguf = load_problem(tmp_path / "gguf" / "problem.yaml")
+    assert "format" not in free.metadata and gguf.metadata["format"] == "gguf"
+    assert json.loads((tmp_path / "gguf" / "profile.json").read_text())["format"] == "gguf"
+    # solving the free profile for gguf is solving the gguf profile
+    sols = []
+    for path, extra in ((tmp_path / "free", ["--format", "gguf"]), (tmp_path / "gguf", [])):
+        assert main(["solve", str(path / "problem.yaml"), "--avg-bits", "5.5", "--json",
+                     *extra]) == 0
+        sols.append(json.loads(capsys.readouterr().out))
+    assert sols[0]["assignment"] == sols[1]["assignment"]
+    assert sols[0]["certificate"]["usage"]["memory_bytes"] == \
+        sols[1]["certificate"]["usage"]["memory_bytes"]
+    assert [c.type for c in gguf.constraints].count("same_bits") == 4
+    # a gguf problem cannot be solved as another format
+    assert main(["solve", str(tmp_path / "gguf" / "problem.yaml"), "--avg-bits", "5.5",
+                 "--format", "compressed-tensors"]) == 1
+    assert "was built for 'gguf'" in capsys.readouterr().err
