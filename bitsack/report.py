@@ -41,6 +41,17 @@ def allocation_grid(units, assignment: dict[str, str]
     return labels, grid
 
 
+def _save_png(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out
+
+
 def plot_allocation(units, assignment: dict[str, str], path: str | Path,
                     title: str = "") -> Path | None:
     """Heat map (layers × unit, colour = option, ordered by bits per weight; blank = pruned)
@@ -74,11 +85,7 @@ def plot_allocation(units, assignment: dict[str, str], path: str | Path,
     ax.set_title(title or "option per unit")
     cbar = fig.colorbar(im, ax=ax, ticks=range(len(present)))
     cbar.ax.set_yticklabels([f"{c} ({_nominal(c):g} b/w)" for c in present])
-    fig.tight_layout()
-    out = Path(path)
-    atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
+    return _save_png(fig, path)
 
 
 def plot_search_trail(search: dict[str, Any], path: str | Path, title: str = "") -> Path | None:
@@ -120,11 +127,7 @@ def plot_search_trail(search: dict[str, Any], path: str | Path, title: str = "")
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title or "measured search")
-    fig.tight_layout()
-    out = Path(path)
-    atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
+    return _save_png(fig, path)
 
 
 def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, x_label: str,
@@ -151,11 +154,7 @@ def plot_frontier(points: list[dict[str, Any]], path: str | Path, *, x_label: st
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title or "loss vs budget frontier")
-    fig.tight_layout()
-    out = Path(path)
-    atomic_write_path(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
+    return _save_png(fig, path)
 
 
 def write_report(out: str | Path, cfg, units, planned, summary) -> Path:

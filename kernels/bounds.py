@@ -1,7 +1,7 @@
 """A priori error bounds of the packed kernels, per output element.
 
 Notation: one output ``y_i = Σ_j ŵ_ij x_j + b_i`` over n = in_features terms, ŵ the exact
-dequantized weight (``s·(q − z)``, exact in fp32: see ``bitsack.kernels.quantizers``), x the
+dequantized weight (``s·(q − z)``, exact in fp32: see ``bitsack.kernels.grid``), x the
 input as given, u the unit roundoff of a format (fp32 2⁻²⁴, fp16 2⁻¹¹, bf16 2⁻⁸, fp64 2⁻⁵³)
 and ``γ_n = n·u/(1 − n·u)`` (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1:
 a dot product of n terms summed in *any* order — sequential, pairwise, split-K, a warp's

@@ -16,6 +16,7 @@ lazily, only when a torch tensor is packed or unpacked.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,33 @@ def check_group_size(group_size: Any, field: str = "group_size") -> int:
                               "group; need not divide the columns: the last group may be "
                               "shorter)")
     return int(group_size)
+
+
+def check_tiling(segments: Sequence[Any], rows: int, cols: int) -> int:
+    """The axis along which ``segments`` tile a ``rows × cols`` matrix, after checking it:
+    all along one axis (0: row ranges, 1: column ranges), contiguous and in order from 0,
+    covering it exactly. Segments are anything with ``axis``, ``start`` and ``stop``.
+
+    Raises:
+        ValidationError: naming the first segment that breaks the tiling.
+    """
+    if not segments:
+        raise ValidationError("segments", "empty; valid: at least one segment")
+    axis = segments[0].axis
+    pos = 0
+    for i, seg in enumerate(segments):
+        if seg.axis != axis:
+            raise ValidationError(f"segments[{i}].axis", f"{seg.axis}; valid: {axis} (all "
+                                  "segments of one matrix run along one axis)")
+        if seg.start != pos:
+            raise ValidationError(f"segments[{i}].start", f"{seg.start}; valid: {pos} "
+                                  "(segments are contiguous, in order, from 0)")
+        pos = seg.stop
+    n = rows if axis == 0 else cols
+    if pos != n:
+        raise ValidationError("segments", f"cover 0:{pos}; valid: exactly 0:{n} "
+                              f"({'rows' if axis == 0 else 'columns'})")
+    return axis
 
 
 def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:

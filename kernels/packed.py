@@ -21,12 +21,13 @@ from bitsack.kernels.formats import (
     PackFormat,
     check_bits,
     check_group_size,
+    check_tiling,
     num_groups,
     pack,
     packed_nbytes,
     unpack_torch,
 )
-from bitsack.kernels.quantizers import QuantizedTensor, dequantize_codes, rtn_quantize
+from bitsack.kernels.grid import QuantizedTensor, dequantize_codes, rtn_quantize
 
 __all__ = ["PackedEmbedding", "PackedLinear", "Segment"]
 
@@ -181,25 +182,12 @@ def _desc(t: torch.Tensor | None) -> str:
 
 def _check_tiling(segments: Sequence[Segment], rows: int, cols: int) -> int:
     """Check that the segments tile a rows × cols matrix along one axis; return the axis."""
-    if not segments:
-        raise ValidationError("segments", "empty; valid: at least one segment")
-    axis = segments[0].axis
-    n = rows if axis == 0 else cols
+    axis = check_tiling(segments, rows, cols)
     other = cols if axis == 0 else rows
-    pos = 0
     for i, seg in enumerate(segments):
-        if seg.axis != axis:
-            raise ValidationError(f"segments[{i}].axis", f"{seg.axis}; valid: {axis} (all "
-                                  "segments of one matrix run along one axis)")
-        if seg.start != pos:
-            raise ValidationError(f"segments[{i}].start", f"{seg.start}; valid: {pos} "
-                                  "(segments are contiguous, in order, from 0)")
         if seg.shape[1 - axis] != other:
             raise ValidationError(f"segments[{i}].shape", f"{seg.shape}; valid: the full "
                                   f"{other} along the other axis")
-        pos = seg.stop
-    if pos != n:
-        raise ValidationError("segments", f"cover 0:{pos}; valid: exactly 0:{n}")
     return axis
 
 

@@ -121,7 +121,7 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        return jsonable(obj.item())  # a NumPy NaN becomes None too
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     return obj

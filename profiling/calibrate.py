@@ -30,6 +30,7 @@ import numpy as np
 from bitsack.errors import ValidationError
 from bitsack.profiling.capture import seed_for
 from bitsack.profiling.layout import OptionLayout
+from bitsack.profiling.validate import spearman
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,13 @@ class Calibration:
         """The scale of every flat option of ``layout``."""
         return np.array([self.scale_for(layout.units[ui].kind, oid) for ui, oid in layout.flat])
 
+    def apply(self, layout: OptionLayout, loss: np.ndarray, U: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``loss`` (flat order of ``layout``) times its scales, and ``U``'s columns times
+        their square roots, so the interaction form stays a (rescaled) Fisher form."""
+        scale = self.scales(layout)
+        return loss * scale, None if U is None else U * np.sqrt(scale)[None, :]
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": "scale per (unit kind, option), least squares in log space",
                 "global_scale": _f(self.global_scale), "r2_heldout_log": _f(self.r2_heldout),
@@ -86,14 +94,6 @@ def _f(x: float | None) -> float | None:
 
 def _bits(option: str) -> int:
     return 0 if option == "prune" else int(option[1:])
-
-
-def _spearman(p: np.ndarray, m: np.ndarray) -> float | None:
-    if len(p) < 3 or np.ptp(p) == 0 or np.ptp(m) == 0:
-        return None
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(p, m).statistic)
 
 
 def _log_fit(p: np.ndarray, m: np.ndarray) -> tuple[float | None, int, int]:
@@ -158,6 +158,21 @@ def _r2(m: np.ndarray, p: np.ndarray, shift: np.ndarray) -> float | None:
     return 1.0 - float(((y - np.log(p) - shift) ** 2).sum()) / tot
 
 
+def calibration_units(layout: OptionLayout, fraction: float, min_per_kind: int,
+                      seed: int) -> list[str]:
+    """A seeded subset of units, stratified by kind: ``max(min, ⌈fraction·n_kind⌉)`` each."""
+    rng = np.random.default_rng(seed_for(seed, 202))
+    by_kind: dict[str, list[int]] = {}
+    for i, u in enumerate(layout.units):
+        by_kind.setdefault(u.kind, []).append(i)
+    pick: list[int] = []
+    for kind in sorted(by_kind):
+        idx = by_kind[kind]
+        k = min(len(idx), max(min_per_kind, math.ceil(fraction * len(idx))))
+        pick.extend(rng.choice(idx, size=k, replace=False).tolist())
+    return [layout.units[i].id for i in sorted(pick)]
+
+
 def fit_calibration(layout: OptionLayout, predicted: np.ndarray, measured: np.ndarray,
                     cols: Sequence[int], *, seed: int = 0, min_pairs: int = 3,
                     heldout_fraction: float = 1 / 3) -> Calibration:
@@ -212,6 +227,6 @@ def fit_calibration(layout: OptionLayout, predicted: np.ndarray, measured: np.nd
         sel = np.array([k == key for k in keys])
         r2, n_h = r2_by_group.get(key, (None, 0))
         groups.append(GroupFit(key[0], key[1], float(math.exp(ls)), n, excl,
-                               _spearman(p[sel], measured[sel]), r2, n_h, source))
+                               spearman(p[sel], measured[sel]), r2, n_h, source))
     return Calibration(tuple(groups), float(math.exp(glob)), overall, int(len(units)),
                        int(len(held)))

@@ -195,7 +195,7 @@ class Perturbations:
 
     def _store(self, entry: ParamEntry, hessian: torch.Tensor | None,
                gptq_options: Mapping[str, object]) -> None:
-        from bitsack.kernels.quantizers import GPTQ, SegmentSpec
+        from bitsack.kernels.gptq import GPTQ, SegmentSpec
 
         w = entry.view(entry.param.detach())
         tiles = column_tiles(entry)
@@ -421,71 +421,3 @@ def _to_scaled_fp16(delta: torch.Tensor) -> tuple[torch.Tensor, float]:
         return torch.zeros(delta.shape, dtype=torch.float16), 1.0
     s = _FP16_TOP - math.floor(math.log2(top))
     return (delta * (2.0 ** s)).to(torch.float16), 2.0 ** -s
-
-
-# ---- applying options for real (the measured estimator) -----------------------------------
-def _slice_view(param: torch.Tensor, s: Slice) -> torch.Tensor:
-    w = weight_2d(param, s.transposed)
-    return w[s.start:s.stop] if s.dim == 0 else w[:, s.start:s.stop]
-
-
-def exact_slice_weights(unit: UnitSpec, option_id: str, group_size: int,
-                        params: Mapping[str, torch.nn.Parameter], quantizer: str = "rtn",
-                        perturbations: Perturbations | None = None
-                        ) -> list[tuple[Slice, torch.Tensor]]:
-    """The weights each slice of ``unit`` holds under ``option_id`` (``[out, in]`` views).
-
-    RTN is separable (see module docstring), so each slice is quantized on its own and gets
-    exactly the numbers apply packs. GPTQ reads the stored per-matrix δ (fp16, 11 significant
-    bits) from ``perturbations``. ``prune`` zeroes the output slices.
-    """
-    from bitsack.kernels.quantizers import fake_quantize
-
-    out: list[tuple[Slice, torch.Tensor]] = []
-    if option_id == "prune":
-        for s in output_slices(unit):
-            out.append((s, torch.zeros_like(_slice_view(params[s.param], s))))
-        return out
-    bits = option_key(option_id)
-    for s in unit.slices:
-        w = _slice_view(params[s.param].detach(), s)
-        if quantizer == "rtn" or bits == 16:
-            hat = fake_quantize(w.float(), bits, group_size, "rtn").to(w.dtype)
-        else:
-            if perturbations is None:
-                raise ValidationError("perturbations", "None; the gptq quantizer's measured "
-                                      "weights come from the stored per-matrix δ")
-            d = perturbations.delta(s.param, bits)
-            d = d[s.start:s.stop] if s.dim == 0 else d[:, s.start:s.stop]
-            hat = (w.float() + d).to(w.dtype)
-        out.append((s, hat))
-    return out
-
-
-class applied:  # noqa: N801 - used as a context manager, reads like a function
-    """Context manager: write slice weights into the model, restore the originals on exit.
-
-    Example:
-        >>> with applied(params, exact_slice_weights(unit, "b3", 64, params)):  # doctest: +SKIP
-        ...     loss = evaluate(model)
-    """
-
-    def __init__(self, params: Mapping[str, torch.nn.Parameter],
-                 writes: Iterable[tuple[Slice, torch.Tensor]]):
-        self.params = params
-        self.writes = list(writes)
-        self.saved: list[tuple[Slice, torch.Tensor]] = []
-
-    def __enter__(self) -> applied:
-        with torch.no_grad():
-            for s, value in self.writes:
-                view = _slice_view(self.params[s.param], s)
-                self.saved.append((s, view.clone()))
-                view.copy_(value)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for s, value in reversed(self.saved):
-                _slice_view(self.params[s.param], s).copy_(value)
-        self.saved.clear()

@@ -26,7 +26,7 @@ from typing import Any
 
 from bitsack.errors import ValidationError
 from bitsack.solver.bounded import short_repr
-from bitsack.solver.numeric import MAX_MAGNITUDE
+from bitsack.solver.numeric import check_limit_value
 from bitsack.solver.problem import Problem
 
 #: Largest ``avg_bits``: every weight kept at 16 bits.
@@ -173,14 +173,4 @@ def _check_value(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(path, f"{short_repr(value)} is not a number; valid: a number "
                               ">= 0 or 'none'")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValidationError(path, f"{number!r} is not finite; valid: a number >= 0, or "
-                              "'none' for no limit")
-    if number < 0:
-        raise ValidationError(path, f"{number!r} is negative; valid: a number >= 0, or 'none' "
-                              "for no limit")
-    if number > MAX_MAGNITUDE:
-        raise ValidationError(path, f"{number!r} is above {MAX_MAGNITUDE:g}; valid: a number "
-                              f"<= {MAX_MAGNITUDE:g}, or 'none' for no limit")
-    return number
+    return check_limit_value(float(value), path, "'none'")

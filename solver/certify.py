@@ -70,11 +70,7 @@ class OwnBounds:
 
 def own_bounds(problem: Problem) -> OwnBounds:
     """bitsack's own lower and upper bounds on the optimum of ``problem`` (cached on it)."""
-    cached = problem.__dict__.get("_bitsack_own_bounds")
-    if cached is None:
-        cached = _compute(problem)
-        object.__setattr__(problem, "_bitsack_own_bounds", cached)
-    return cached
+    return problem.derived("own_bounds", _compute)
 
 
 def _compute(problem: Problem) -> OwnBounds:

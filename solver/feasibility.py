@@ -145,12 +145,7 @@ class MinResult:
 
 def structure_of(problem: Problem) -> Structure:
     """The compiled constraint structure of ``problem`` (built once, cached on the problem)."""
-    cached = problem.__dict__.get("_bitsack_structure")
-    if cached is None:
-        cached = _build_structure(problem)
-        # Problem is frozen; the cache is not a dataclass field, so equality is unaffected.
-        object.__setattr__(problem, "_bitsack_structure", cached)
-    return cached
+    return problem.derived("structure", _build_structure)
 
 
 def min_weighted(problem: Problem, w: np.ndarray) -> MinResult:
@@ -247,13 +242,14 @@ def constraint_violations_vectorized(problem: Problem, chosen: np.ndarray) -> np
 
 
 def _option_id_codes(problem: Problem) -> np.ndarray:
-    cached = problem.__dict__.get("_bitsack_id_codes")
-    if cached is None:
-        codes = {}
-        cached = np.array([codes.setdefault(o.id, len(codes)) for u in problem.units
-                           for o in u.options], dtype=np.int64)
-        object.__setattr__(problem, "_bitsack_id_codes", cached)
-    return cached
+    """A small integer per distinct option id, per flat option (file order)."""
+
+    def codes_of(p: Problem) -> np.ndarray:
+        codes: dict[str, int] = {}
+        return np.array([codes.setdefault(o.id, len(codes)) for u in p.units
+                         for o in u.options], dtype=np.int64)
+
+    return problem.derived("option_id_codes", codes_of)
 
 
 class _UnionFind:

@@ -51,6 +51,23 @@ RANGE_TEXT = (f"|loss| <= {LOSS_RANGE:g} x the median nonzero |loss|, cost <= {C
               f"{MAX_MAGNITUDE:g}")
 
 
+def check_limit_value(limit: float, path: str, no_limit: str) -> float:
+    """A resource limit: finite, ≥ 0 and at most ``MAX_MAGNITUDE``; ``no_limit`` is how the
+    caller's input says "no limit" (``null`` in a file, ``'none'`` on the command line).
+
+    Raises:
+        ValidationError: naming ``path``.
+    """
+    if not math.isfinite(limit):
+        raise ValidationError(path, f"{limit!r} is not finite; valid: a number >= 0, or "
+                              f"{no_limit} for no limit")
+    if limit < 0:
+        raise ValidationError(path, f"{limit!r} is negative; valid: a number >= 0, or "
+                              f"{no_limit} for no limit")
+    check_limit_magnitude(limit, path)
+    return limit
+
+
 def check_limit_magnitude(value: float, path: str) -> None:
     """Refuse a limit above ``MAX_MAGNITUDE`` (use no limit instead).
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -403,3 +403,12 @@ class Problem:
     def total_params(self) -> int:
         """Σ params over units (needed for avg-bits budgets)."""
         return sum(u.params or 0 for u in self.units)
+
+    def derived(self, key: str, compute: Callable[[Problem], Any]) -> Any:
+        """``compute(self)``, computed once per problem and kept on it under ``key``: what
+        other modules derive from a problem (the constraint structure, bitsack's own bounds).
+        Not a field, so equality and ``dataclasses.replace`` copies are unaffected."""
+        cache = self.__dict__.setdefault("_derived", {})
+        if key not in cache:
+            cache[key] = compute(self)
+        return cache[key]

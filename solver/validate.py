@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from bitsack.errors import ValidationError
 from bitsack.solver.bounded import short_repr
-from bitsack.solver.numeric import check_limit_magnitude, check_ranges
+from bitsack.solver.numeric import check_limit_value, check_ranges
 from bitsack.solver.problem import (
     CONSTRAINT_TYPES,
     OPTION_ID_GRAMMAR,
@@ -152,15 +152,7 @@ def check_limit(value: Any, path: str) -> float:
     Raises:
         ValidationError: naming ``path``.
     """
-    limit = as_number(value, path)
-    if not math.isfinite(limit):
-        raise ValidationError(path, f"{limit!r} is not finite; valid: a number >= 0, or null "
-                              "for no budget")
-    if limit < 0:
-        raise ValidationError(path, f"{limit!r} is negative; valid: a number >= 0, or null for "
-                              "no budget")
-    check_limit_magnitude(limit, path)
-    return limit
+    return check_limit_value(as_number(value, path), path, "null")
 
 
 def _parse_settings(raw: Any, metadata: Mapping[str, Any]) -> ProblemSettings:
@@ -181,6 +173,21 @@ def _check_keys(obj: Mapping, valid: tuple[str, ...], path: str) -> None:
             where = f"{path}.{name}" if path else name
             raise ValidationError(where, f"unknown key {_s(key)}; valid keys here: "
                                   + ", ".join(valid))
+
+
+def _mappings(raw: Any, name: str, keys: tuple[str, ...]) -> Iterator[tuple[str, Mapping]]:
+    """``(path, entry)`` for each entry of the optional list ``name`` (None: none), after
+    checking that it is a list of mappings with known keys."""
+    if raw is None:
+        return
+    if not isinstance(raw, list):
+        raise ValidationError(name, f"{_s(raw)} is not a list")
+    for i, entry in enumerate(raw):
+        path = f"{name}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ValidationError(path, f"{_s(entry)} is not a mapping")
+        _check_keys(entry, keys, path)
+        yield path, entry
 
 
 def _parse_resources(raw: Any) -> tuple[Resource, ...]:
@@ -315,16 +322,8 @@ def _unit_list(raw: Any, path: str, index: dict[str, int]) -> tuple[str, ...]:
 
 def _parse_constraints(raw: Any, units: tuple[Unit, ...],
                        index: dict[str, int]) -> tuple[Constraint, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ValidationError("constraints", f"{_s(raw)} is not a list")
     out = []
-    for i, c in enumerate(raw):
-        path = f"constraints[{i}]"
-        if not isinstance(c, Mapping):
-            raise ValidationError(path, f"{_s(c)} is not a mapping")
-        _check_keys(c, _CONSTRAINT_KEYS, path)
+    for path, c in _mappings(raw, "constraints", _CONSTRAINT_KEYS):
         ctype = c.get("type")
         if ctype not in CONSTRAINT_TYPES:
             raise ValidationError(f"{path}.type", f"{_s(ctype)} is not a constraint type; "
@@ -384,16 +383,8 @@ def _parse_interactions(raw: Any, units: tuple[Unit, ...], index: dict[str, int]
 
 
 def _parse_pairs(raw: Any, units: tuple[Unit, ...], index: dict[str, int]) -> tuple[Pair, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ValidationError("interactions.pairs", f"{_s(raw)} is not a list")
     out = []
-    for i, p in enumerate(raw):
-        path = f"interactions.pairs[{i}]"
-        if not isinstance(p, Mapping):
-            raise ValidationError(path, f"{_s(p)} is not a mapping")
-        _check_keys(p, _PAIR_KEYS, path)
+    for path, p in _mappings(raw, "interactions.pairs", _PAIR_KEYS):
         ends = []
         for end in ("a", "b"):
             ref = p.get(end)

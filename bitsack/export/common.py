@@ -78,7 +78,7 @@ class GridMatrix:
 
     def dequantize(self) -> np.ndarray:
         """float32 ``[rows, cols]``: ``float32(scale)·(float32(q) − float32(zero))``, the
-        kernels' formula (``bitsack.kernels.quantizers.dequantize_codes``)."""
+        kernels' formula (``bitsack.kernels.grid.dequantize_codes``)."""
         g = self.group_index()
         s = self.scale.astype(np.float32)[:, g]
         z = self.zero.astype(np.float32)[:, g]

@@ -46,7 +46,7 @@ _LAZY = {
     "LoadedModel": "bitsack.models.loading",
     "load_model": "bitsack.models.loading",
     "PruneResult": "bitsack.models.adapter",
-    "LayerInputs": "bitsack.models.adapter",
+    "LayerInputs": "bitsack.models.layer_inputs",
     "Adapter": "bitsack.models.adapter",
 }
 

@@ -24,16 +24,15 @@ state dict of a pruned or permuted model loads into it.
 
 Subclasses (``llama.py``, ``gpt2.py``, ``opt.py``) supply the geometry (which slices a group or
 channel range owns) and the surgery primitives (keep these positions of this block, in this
-order); this module does the bookkeeping once for all of them.
+order, built from ``surgery.py``); this module does the bookkeeping once for all of them.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +40,21 @@ from torch import nn
 
 from bitsack.errors import ModelError
 from bitsack.models.base import Slice, UnitSpec
+from bitsack.models.layer_inputs import LayerInputs, capture_layer_inputs, layer_kwargs
+from bitsack.models.surgery import LayerConfig, PrunedBlock, expand_positions, select_linear
+
+__all__ = [
+    "DIMS_SCHEMA",
+    "Adapter",
+    "LayerConfig",
+    "LayerInputs",
+    "PruneResult",
+    "PrunedBlock",
+    "expand_positions",
+    "matrix_unit",
+    "parse_unit_id",
+    "select_linear",
+]
 
 DIMS_SCHEMA = "bitsack.dims/v1"
 _UNIT_RE = re.compile(r"^L(\d+)\.(attn)\.g(\d+)$|^L(\d+)\.(mlp)\.c(\d+)$")
@@ -63,27 +77,6 @@ class PruneResult:
     params_after: int
 
 
-@dataclass(frozen=True)
-class LayerInputs:
-    """The inputs of decoder layer 0, captured for layer-by-layer processing.
-
-    ``hidden`` is the hidden state entering layer 0 (``[batch, seq, hidden]``); ``kwargs`` are
-    every other argument the model passes to a decoder layer (attention mask, position ids,
-    rotary position embeddings, ...), by name, so ``adapter.run_layer(i, hidden,
-    inputs.kwargs)`` runs layer ``i`` as the model would.
-
-    Models whose layers are of several attention types (``config.layer_types``: sliding-window
-    and full layers of Gemma 2/3, Qwen2/3 with sliding windows) pass each type its own mask
-    and, for Gemma 3, its own rotary embeddings. ``kwargs`` then holds layer 0's arguments
-    under their names and another type's differing ones as ``"<name>@<type>"`` (e.g.
-    ``"attention_mask@full_attention"``): still a flat dict of tensors, which ``run_layer``
-    resolves per layer.
-    """
-
-    hidden: torch.Tensor
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
 def parse_unit_id(unit_id: str) -> tuple[int, str, int]:
     """Split ``"L3.attn.g2"`` into ``(3, "attn", 2)`` and ``"L0.mlp.c5"`` into ``(0, "mlp", 5)``.
 
@@ -101,142 +94,11 @@ def parse_unit_id(unit_id: str) -> tuple[int, str, int]:
     return int(m.group(4)), "mlp", int(m.group(6))
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-class _Caught(Exception):
-    """Raised by the layer-0 catcher to stop the forward pass once the inputs are captured."""
-
-
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer: records its inputs by name, then stops the forward
-    (``stop``) or passes the hidden state on unchanged (to reach a later layer's inputs)."""
-
-    def __init__(self, layer: nn.Module, stop: bool = True):
-        super().__init__()
-        self.signature = inspect.signature(layer.forward)
-        self.stop = stop
-        self.captured: tuple[torch.Tensor, dict[str, Any]] | None = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # Some models pass layer arguments positionally (GPT-2 passes cache and mask so);
-        # binding them to names makes the captured kwargs valid for every layer call.
-        bound = self.signature.bind(*args, **kwargs)
-        named = dict(bound.arguments)
-        hidden_name = next(iter(self.signature.parameters))
-        hidden = named.pop(hidden_name)
-        for name, param in self.signature.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
-                named.update(named.pop(name))
-        self.captured = (hidden, named)
-        if self.stop:
-            raise _Caught
-        return hidden  # transformers 5 decoder layers return the hidden state alone
-
-
-class PrunedBlock(nn.Module):
-    """Replaces a sub-block (attention or MLP) whose units were all pruned.
-
-    It returns what the masked original would return: the output projection's bias broadcast
-    over the tokens (zeros when there is no bias), so the residual stream passes through. As an
-    attention stand-in (``attention=True``) it returns ``(output, None)`` like the attention
-    modules, and it keeps a one-number-per-token placeholder in a KV cache: transformers reads
-    the cached sequence length from layer 0 to place new tokens, which would be wrong if a fully
-    pruned layer cached nothing.
-    """
-
-    def __init__(self, hidden_size: int, bias: torch.Tensor | None, *, attention: bool,
-                 layer_idx: int | None = None):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.attention = attention
-        self.layer_idx = layer_idx
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        shape = (*hidden_states.shape[:-1], self.hidden_size)
-        if self.bias is None:
-            out = hidden_states.new_zeros(shape)
-        else:
-            out = self.bias.to(hidden_states.dtype).expand(shape).clone()
-        if not self.attention:
-            return out
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None and args and hasattr(args[0], "update"):
-            cache = args[0]
-        if cache is not None and self.layer_idx is not None:
-            b, s = hidden_states.shape[0], hidden_states.shape[1]
-            placeholder = hidden_states.new_zeros(b, 1, s, 1)
-            cache.update(placeholder, placeholder, self.layer_idx)
-        return out, None
-
-    def extra_repr(self) -> str:
-        kind = "attention" if self.attention else "mlp"
-        return f"{kind} pruned, hidden={self.hidden_size}, bias={self.bias is not None}"
-
-
-def select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new ``nn.Linear`` keeping rows (``dim=0``, bias too) or columns (``dim=1``) ``index``.
-
-    The weights are copied (contiguous), on the original device and dtype; meta tensors stay
-    meta, which is how ``apply_dims`` reshapes a model before its weights are loaded.
-    """
-    w = linear.weight.detach()
-    index = index.to(w.device) if w.device.type != "meta" else index
-    new_w = w.index_select(dim, index) if w.device.type != "meta" else _meta_select(w, index, dim)
-    out_f, in_f = new_w.shape
-    new = nn.Linear(in_f, out_f, bias=linear.bias is not None, device="meta", dtype=w.dtype)
-    new.weight = nn.Parameter(new_w.contiguous(), requires_grad=linear.weight.requires_grad)
-    if linear.bias is not None:
-        b = linear.bias.detach()
-        if dim == 0:
-            b = b.index_select(0, index) if b.device.type != "meta" else _meta_select(b, index, 0)
-        new.bias = nn.Parameter(b.clone().contiguous(), requires_grad=linear.bias.requires_grad)
-    return new
-
-
-def _meta_select(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    shape = list(t.shape)
-    shape[dim] = int(index.numel())
-    return torch.empty(shape, dtype=t.dtype, device="meta")
-
-
-def expand_positions(positions: Sequence[int], width: int) -> torch.Tensor:
-    """Row indices of blocks ``positions`` of ``width`` rows each, in the given order."""
-    if not positions:
-        return torch.empty(0, dtype=torch.long)
-    base = torch.as_tensor(list(positions), dtype=torch.long) * width
-    return (base[:, None] + torch.arange(width)[None, :]).reshape(-1)
-
-
-class LayerConfig:
-    """One layer's view of the model config: a few fields of its own (a pruned layer's head
-    counts, for modules that read them from their config at run time, like Phi-3's fused
-    q/k/v split), every other field read from — and written to — the model's config, so
-    later changes (e.g. ``set_attn_implementation``) still reach the layer."""
-
-    def __init__(self, base: Any, **fields: Any):
-        base = base.base if isinstance(base, LayerConfig) else base
-        object.__setattr__(self, "base", base)
-        object.__setattr__(self, "fields", dict(fields))
-
-    def __getattr__(self, name: str) -> Any:  # called only for names not set on self
-        state = self.__dict__
-        if "fields" not in state:  # during copy / unpickling
-            raise AttributeError(name)
-        if name in state["fields"]:
-            return state["fields"][name]
-        return getattr(state["base"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self.fields:
-            self.fields[name] = value
-        else:
-            setattr(self.base, name, value)
-
-    def __repr__(self) -> str:
-        return f"LayerConfig({type(self.base).__name__}, {self.fields})"
+def matrix_unit(unit_id: str, param: str, weight: torch.Tensor, kind: str = "embedding"
+                ) -> UnitSpec:
+    """A bits-only unit that owns the whole matrix ``param`` (embeddings, lm_head)."""
+    return UnitSpec(unit_id, kind, None, (Slice(param, 0, 0, weight.shape[0],
+                                                tuple(weight.shape)),), prunable=False)
 
 
 class Adapter:
@@ -248,6 +110,8 @@ class Adapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: Architecture hook: the quantizable linear modules of a layer, by path relative to it.
+    linear_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -271,12 +135,22 @@ class Adapter:
         raise NotImplementedError
 
     def linear_modules(self, i: int) -> dict[str, nn.Module]:
-        """Quantizable linear modules of layer ``i`` by name relative to the layer.
+        """Quantizable linear modules of layer ``i`` by name relative to the layer
+        (``linear_names``, in that order).
 
-        Pruned-away sub-blocks contribute nothing. GPT-2 returns ``Conv1D`` modules, whose
-        weights are stored ``[in, out]``.
+        Pruned-away sub-blocks contribute nothing (a ``PrunedBlock`` has no linears, and a
+        stand-in without a weight is none). GPT-2 returns ``Conv1D`` modules, whose weights are
+        stored ``[in, out]``.
         """
-        raise NotImplementedError
+        layer = self.layers()[i]
+        out: dict[str, nn.Module] = {}
+        for name in self.linear_names:
+            mod: Any = layer
+            for part in name.split("."):
+                mod = getattr(mod, part, None)
+            if mod is not None and not isinstance(mod, PrunedBlock) and hasattr(mod, "weight"):
+                out[name] = mod
+        return out
 
     def _group_slices(self, i: int, pos: int, n_groups: int) -> tuple[Slice, ...]:
         """Architecture hook: slices of the head group at current position ``pos``."""
@@ -540,62 +414,20 @@ class Adapter:
             return None
         return list(types[: len(self.layers())])
 
-    @torch.no_grad()
     def capture_layer_inputs(self, input_ids: torch.Tensor,
                              attention_mask: torch.Tensor | None = None) -> LayerInputs:
-        """Run the embeddings and capture what enters decoder layer 0.
-
-        No decoder layer runs, so only the embedding modules need to be on a device (the
-        layers may stay on the CPU or the meta device) — this is how models larger than memory
-        are processed one layer at a time (GPTQ's "catcher", Frantar et al. 2022). For a model
-        with several layer types, the first layer of each type is reached by passing the
-        hidden state through the layers before it unchanged (see ``LayerInputs``).
-
-        Args:
-            input_ids: ``[batch, seq]`` token ids, on the embedding's device.
-            attention_mask: optional padding mask, as for the model's forward.
-
-        Returns:
-            The hidden state and the keyword arguments of a layer call.
-        """
-        layers = self.layers()
-        types = self.layer_types()
-        first_of = {} if types is None else {t: types.index(t) for t in dict.fromkeys(types)}
-        last = max(first_of.values(), default=0)
-        originals = [layers[i] for i in range(last + 1)]
-        catchers = [_Catcher(layer, stop=i == last) for i, layer in enumerate(originals)]
-        for i, catcher in enumerate(catchers):
-            layers[i] = catcher
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _Caught:
-            pass
-        finally:
-            for i, layer in enumerate(originals):
-                layers[i] = layer
-        if any(catchers[i].captured is None for i in [0, *first_of.values()]):
-            raise ModelError("capture_layer_inputs: the model never called decoder layer 0 (or "
-                             "the first layer of each attention type)")
-        hidden, kwargs = catchers[0].captured
-        kwargs = dict(kwargs)
-        for kind, i in first_of.items():
-            if i == 0:
-                continue
-            for name, value in catchers[i].captured[1].items():
-                if value is not kwargs.get(name):
-                    kwargs[f"{name}@{kind}"] = value
-        return LayerInputs(hidden=hidden, kwargs=kwargs)
+        """Run the embeddings and capture what enters decoder layer 0: the hidden state and
+        the keyword arguments of a layer call (``bitsack.models.layer_inputs``, where the
+        catcher is described). Only the embeddings run, so the layers may stay on the CPU or
+        the meta device."""
+        return capture_layer_inputs(self.model, self.layers(), self.layer_types(), input_ids,
+                                    attention_mask)
 
     def layer_kwargs(self, i: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Layer ``i``'s call arguments from captured ``kwargs`` (see ``LayerInputs``)."""
         if not any("@" in k for k in kwargs):
             return kwargs
-        types = self.layer_types()
-        suffix = f"@{types[i]}" if types is not None else None
-        out = {k: v for k, v in kwargs.items() if "@" not in k}
-        if suffix is not None:
-            out.update({k[: -len(suffix)]: v for k, v in kwargs.items() if k.endswith(suffix)})
-        return out
+        return layer_kwargs(self.layer_types(), i, kwargs)
 
     def run_layer(self, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """Run decoder layer ``i`` on ``hidden`` with captured ``kwargs``; returns its output."""

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from bitsack.models.adapter import Adapter, PrunedBlock, expand_positions
+from bitsack.models.adapter import Adapter, matrix_unit
 from bitsack.models.base import Slice, UnitSpec
 from bitsack.models.registry import register_adapter
+from bitsack.models.surgery import PrunedBlock, expand_positions
 
 
 def select_conv1d(conv: Conv1D, index: torch.Tensor, dim: int) -> Conv1D:
@@ -51,6 +52,8 @@ def select_conv1d(conv: Conv1D, index: torch.Tensor, dim: int) -> Conv1D:
 class GPT2Adapter(Adapter):
     """Units and surgery for ``GPT2LMHeadModel``."""
 
+    linear_names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
     def layers(self) -> nn.ModuleList:
         return self.model.transformer.h
 
@@ -67,17 +70,6 @@ class GPT2Adapter(Adapter):
 
     def heads_per_group(self) -> int:
         return 1
-
-    def linear_modules(self, i: int) -> dict[str, nn.Module]:
-        layer = self.layers()[i]
-        out: dict[str, nn.Module] = {}
-        if not isinstance(layer.attn, PrunedBlock):
-            out["attn.c_attn"] = layer.attn.c_attn
-            out["attn.c_proj"] = layer.attn.c_proj
-        if not isinstance(layer.mlp, PrunedBlock):
-            out["mlp.c_fc"] = layer.mlp.c_fc
-            out["mlp.c_proj"] = layer.mlp.c_proj
-        return out
 
     def _group_slices(self, i: int, pos: int, n_groups: int) -> tuple[Slice, ...]:
         d, e = self.head_dim, self.config.n_embd
@@ -124,16 +116,10 @@ class GPT2Adapter(Adapter):
     def embedding_units(self) -> list[UnitSpec]:
         t = self.model.transformer
         wte, wpe, head = t.wte.weight, t.wpe.weight, self.model.lm_head.weight
-        units = [UnitSpec("embed", "embedding", None,
-                          (Slice("transformer.wte.weight", 0, 0, wte.shape[0],
-                                 tuple(wte.shape)),), prunable=False),
-                 UnitSpec("pos_embed", "embedding", None,
-                          (Slice("transformer.wpe.weight", 0, 0, wpe.shape[0],
-                                 tuple(wpe.shape)),), prunable=False)]
+        units = [matrix_unit("embed", "transformer.wte.weight", wte),
+                 matrix_unit("pos_embed", "transformer.wpe.weight", wpe)]
         if head is not wte:
-            units.append(UnitSpec("lm_head", "embedding", None,
-                                  (Slice("lm_head.weight", 0, 0, head.shape[0],
-                                         tuple(head.shape)),), prunable=False))
+            units.append(matrix_unit("lm_head", "lm_head.weight", head))
         return units
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitsack.models.adapter import Adapter, PrunedBlock, expand_positions, select_linear
+from bitsack.models.adapter import Adapter, matrix_unit
 from bitsack.models.base import Slice, UnitSpec
 from bitsack.models.registry import register_adapter
+from bitsack.models.surgery import PrunedBlock, expand_positions, select_linear
 
 
 @register_adapter("llama", "qwen2", "qwen3", "mistral")
 class LlamaAdapter(Adapter):
     """Units and surgery for ``LlamaForCausalLM`` and its look-alikes."""
+
+    linear_names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                    "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
     def layers(self) -> nn.ModuleList:
         return self.model.model.layers
@@ -47,17 +51,6 @@ class LlamaAdapter(Adapter):
 
     def heads_per_group(self) -> int:
         return self.config.num_attention_heads // self.config.num_key_value_heads
-
-    def linear_modules(self, i: int) -> dict[str, nn.Module]:
-        layer = self.layers()[i]
-        out: dict[str, nn.Module] = {}
-        if not isinstance(layer.self_attn, PrunedBlock):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                out[f"self_attn.{name}"] = getattr(layer.self_attn, name)
-        if not isinstance(layer.mlp, PrunedBlock):
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                out[f"mlp.{name}"] = getattr(layer.mlp, name)
-        return out
 
     def _group_slices(self, i: int, pos: int, n_groups: int) -> tuple[Slice, ...]:
         d, r, h = self.head_dim, self.heads_per_group(), self.config.hidden_size
@@ -114,14 +107,10 @@ class LlamaAdapter(Adapter):
     def embedding_units(self) -> list[UnitSpec]:
         emb = self.model.model.embed_tokens.weight
         head = self.model.lm_head.weight
-        units = [UnitSpec("embed", "embedding", None,
-                          (Slice("model.embed_tokens.weight", 0, 0, emb.shape[0],
-                                 tuple(emb.shape)),), prunable=False)]
+        units = [matrix_unit("embed", "model.embed_tokens.weight", emb)]
         # Tied embeddings are one tensor: one unit, counted once.
         if head is not emb:
-            units.append(UnitSpec("lm_head", "embedding", None,
-                                  (Slice("lm_head.weight", 0, 0, head.shape[0],
-                                         tuple(head.shape)),), prunable=False))
+            units.append(matrix_unit("lm_head", "lm_head.weight", head))
         return units
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:

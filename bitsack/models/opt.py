@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitsack.models.adapter import Adapter, PrunedBlock, expand_positions, select_linear
+from bitsack.models.adapter import Adapter, matrix_unit
 from bitsack.models.base import Slice, UnitSpec
 from bitsack.models.registry import register_adapter
+from bitsack.models.surgery import PrunedBlock, expand_positions, select_linear
 
 
 class NoFeatures(nn.Module):
@@ -27,6 +28,10 @@ class NoFeatures(nn.Module):
 @register_adapter("opt")
 class OPTAdapter(Adapter):
     """Units and surgery for ``OPTForCausalLM``."""
+
+    # a layer whose channels were all pruned has NoFeatures and a PrunedBlock for fc1 / fc2
+    linear_names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                    "self_attn.out_proj", "fc1", "fc2")
 
     def layers(self) -> nn.ModuleList:
         return self.model.model.decoder.layers
@@ -43,17 +48,6 @@ class OPTAdapter(Adapter):
 
     def heads_per_group(self) -> int:
         return 1
-
-    def linear_modules(self, i: int) -> dict[str, nn.Module]:
-        layer = self.layers()[i]
-        out: dict[str, nn.Module] = {}
-        if not isinstance(layer.self_attn, PrunedBlock):
-            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                out[f"self_attn.{name}"] = getattr(layer.self_attn, name)
-        if not isinstance(layer.fc2, PrunedBlock):
-            out["fc1"] = layer.fc1
-            out["fc2"] = layer.fc2
-        return out
 
     def _group_slices(self, i: int, pos: int, n_groups: int) -> tuple[Slice, ...]:
         d, h = self.head_dim, self.config.hidden_size
@@ -103,23 +97,14 @@ class OPTAdapter(Adapter):
         emb, pos, head = dec.embed_tokens.weight, dec.embed_positions.weight, \
             self.model.lm_head.weight
         base = "model.decoder."
-        units = [UnitSpec("embed", "embedding", None,
-                          (Slice(base + "embed_tokens.weight", 0, 0, emb.shape[0],
-                                 tuple(emb.shape)),), prunable=False),
-                 UnitSpec("pos_embed", "embedding", None,
-                          (Slice(base + "embed_positions.weight", 0, 0, pos.shape[0],
-                                 tuple(pos.shape)),), prunable=False)]
+        units = [matrix_unit("embed", base + "embed_tokens.weight", emb),
+                 matrix_unit("pos_embed", base + "embed_positions.weight", pos)]
         if head is not emb:
-            units.append(UnitSpec("lm_head", "embedding", None,
-                                  (Slice("lm_head.weight", 0, 0, head.shape[0],
-                                         tuple(head.shape)),), prunable=False))
+            units.append(matrix_unit("lm_head", "lm_head.weight", head))
         for name in ("project_in", "project_out"):
             mod = getattr(dec, name, None)
             if mod is not None:
-                w = mod.weight
-                units.append(UnitSpec(name, "other", None,
-                                      (Slice(f"{base}{name}.weight", 0, 0, w.shape[0],
-                                             tuple(w.shape)),), prunable=False))
+                units.append(matrix_unit(name, f"{base}{name}.weight", mod.weight, "other"))
         return units
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:

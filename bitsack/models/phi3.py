@@ -20,28 +20,19 @@ gets (``LayerConfig``) with its own head counts.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from bitsack.models.adapter import LayerConfig, PrunedBlock, expand_positions, select_linear
 from bitsack.models.base import Slice
 from bitsack.models.llama import LlamaAdapter
 from bitsack.models.registry import register_adapter
+from bitsack.models.surgery import LayerConfig, PrunedBlock, expand_positions, select_linear
 
 
 @register_adapter("phi3")
 class Phi3Adapter(LlamaAdapter):
     """Units and surgery for ``Phi3ForCausalLM``."""
 
-    def linear_modules(self, i: int) -> dict[str, nn.Module]:
-        layer = self.layers()[i]
-        out: dict[str, nn.Module] = {}
-        if not isinstance(layer.self_attn, PrunedBlock):
-            out["self_attn.qkv_proj"] = layer.self_attn.qkv_proj
-            out["self_attn.o_proj"] = layer.self_attn.o_proj
-        if not isinstance(layer.mlp, PrunedBlock):
-            out["mlp.gate_up_proj"] = layer.mlp.gate_up_proj
-            out["mlp.down_proj"] = layer.mlp.down_proj
-        return out
+    linear_names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                    "mlp.down_proj")
 
     def _group_slices(self, i: int, pos: int, n_groups: int) -> tuple[Slice, ...]:
         d, r, h = self.head_dim, self.heads_per_group(), self.config.hidden_size

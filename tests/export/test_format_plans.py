@@ -13,7 +13,7 @@ import pytest
 from bitsack.export import export_model
 from bitsack.export.common import GridMatrix
 from bitsack.export.compressed_tensors import grid_tensors
-from bitsack.export.gguf import _Q4_1, _Q5_1, _Q8_0, encode
+from bitsack.export.ggml_blocks import _Q4_1, _Q5_1, _Q8_0, encode
 from bitsack.kernels.formats import GGUF_BLOCK_BYTES, compressed_tensors_nbytes, gguf_type
 from bitsack.models import model_units
 from bitsack.models.testing import ByteTokenizer, tiny_model

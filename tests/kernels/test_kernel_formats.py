@@ -154,7 +154,8 @@ def test_formats_imports_without_torch():
 
 def test_kernel_modules_do_not_import_cupy():
     code = ("import sys; import bitsack.kernels.backends, bitsack.kernels.packed, "
-            "bitsack.kernels.quantizers, bitsack.kernels.bounds, bitsack.kernels.io, "
+            "bitsack.kernels.quantizers, bitsack.kernels.grid, bitsack.kernels.gptq, "
+            "bitsack.kernels.bounds, bitsack.kernels.io, bitsack.kernels.cupy_backend, "
             "bitsack.kernels.cuda_build; "
             "assert 'cupy' not in sys.modules, 'cupy imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

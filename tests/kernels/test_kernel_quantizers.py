@@ -459,7 +459,7 @@ def test_segments_errors():
 
 
 def test_finiteness_check_by_blocks_sees_every_row():
-    from bitsack.kernels.quantizers import _all_finite
+    from bitsack.kernels.grid import _all_finite
 
     t = torch.zeros(50, 7, dtype=torch.float16)
     assert _all_finite(t, block=16)

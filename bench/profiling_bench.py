@@ -1,15 +1,20 @@
 """Profiling validation benchmark (issue #3): do the estimators predict the measured loss?
 
-    python bench/profiling.py                     # real run on SmolLM2-135M (resumable)
-    python bench/profiling.py --pieces timing_plain,timing_fisher   # only the time/memory row
-    python bench/profiling.py --report            # rebuild profiling.md / .json / plots
-    python bench/profiling.py --quick --out DIR   # tiny random model, seconds (smoke test)
+    python bench/profiling_bench.py                   # real run on SmolLM2-135M (resumable)
+    python bench/profiling_bench.py --pieces timing_plain,timing_fisher   # only time/memory
+    python bench/profiling_bench.py --report          # rebuild profiling.md / .json / plots
+    python bench/profiling_bench.py --quick --out DIR # tiny random model, seconds (smoke test)
+
+A thin driver: the scoring (Spearman ρ and magnitude per option, multi-unit plans, the noise
+and test–retest of the ground truth) is ``bitsack.profiling.validate``; the estimators, the
+gradient pass and the measurement are the library's (``bitsack.profiling``). This file chooses
+what to run, caches each piece, and writes the report.
 
 A FIXED seeded subset of units (head groups and MLP blocks across layers) with the options
 prune, b2, b3, b4 (RTN, group 64). Ground truth is ``measured``: each option applied alone,
 ``ℓ(W + δ) − ℓ(W)`` on held-out C4 sequences drawn with a different seed from the estimators'
-calibration sequences (``bitsack.profiling.estimators.Measurer``, the code of the
-``measured`` estimator, called per option so a crash loses at most a few options).
+calibration sequences (``Measurer``, the code of the ``measured`` estimator, called per option
+so a crash loses at most a few options).
 
 Estimators on the calibration tokens:
 
@@ -40,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -99,8 +103,9 @@ class BenchConfig:
 
     def key(self, piece: str) -> str:
         """Hash of the configuration a piece depends on (all of it: simple and safe)."""
-        blob = json.dumps({"piece": piece, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        from bitsack.io import json_digest
+
+        return json_digest({"piece": piece, **dataclasses.asdict(self)})[:16]
 
 
 REAL = BenchConfig(mode="real", model="default")
@@ -110,6 +115,7 @@ QUICK = BenchConfig(mode="quick", model="tiny-llama", head_units=2, mlp_units=3,
                     calib_min_units=1, hutch_samples=2, hutch_probes=1, batch_size=4,
                     timing_nsamples=4, timing_seqlen=64, timing_bits=(2, 4, 8),
                     timing_target_nsamples=8)
+
 
 
 # ---- setup ---------------------------------------------------------------------------------
@@ -230,15 +236,16 @@ def machine() -> dict[str, Any]:
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
+
 # ---- pieces --------------------------------------------------------------------------------
-def _context(cfg: BenchConfig, s: Setup, progress: bool, **opts):
+def _context(cfg: BenchConfig, s: Setup, progress: bool, n: int | None = None):
     from bitsack.profiling.capture import ResourceMeter
     from bitsack.profiling.estimators import Context, EstimatorOptions
 
     s.model.eval()
-    return Context(model=s.model, layout=s.layout, tokens=s.grad_tokens[:cfg.n_grad],
-                   group_size=cfg.group_size, options=EstimatorOptions(
-                       batch_size=cfg.batch_size, **opts),
+    return Context(model=s.model, layout=s.layout, tokens=s.grad_tokens[:n or cfg.n_grad],
+                   group_size=cfg.group_size,
+                   options=EstimatorOptions(batch_size=cfg.batch_size),
                    seed=cfg.seed, progress=progress, meter=ResourceMeter().start())
 
 
@@ -251,61 +258,56 @@ def run_measured(cfg: BenchConfig, s: Setup, cache: Cache, progress: bool, log,
     """
     from tqdm.auto import tqdm
 
-    from bitsack.profiling.estimators import Measurer
+    from bitsack.profiling.measure import Measurer
+    from bitsack.profiling.validate import measure_singles, pair_key
 
-    ctx = _context(cfg, s, progress)
     t0 = time.perf_counter()
     holdout, options = s.holdout, EVAL_OPTIONS
     if piece == "measured_retest":
         holdout = tokens(cfg, s.tokenizer, cfg.n_holdout, cfg.seqlen,
                          cfg.seed + 2 * cfg.holdout_seed)
         options = QUANT_OPTIONS
-    meas = Measurer(ctx, holdout)
+    meas = Measurer(_context(cfg, s, progress), holdout)
     state = cache.partial(piece)
-    done: dict[str, float] = dict(state.get("values", {}))
-    todo = [(ui, oid) for ui, oid in s.layout.flat if oid in options
-            and f"{s.layout.units[ui].id}|{oid}" not in done]
-    last = time.perf_counter()
-    for ui, oid in tqdm(todo, desc=piece, disable=not progress, leave=False):
-        unit = s.layout.units[ui]
-        done[f"{unit.id}|{oid}"] = float(meas.delta_loss([(unit, oid)]))
-        if time.perf_counter() - last > 30:
-            cache.save_partial(piece, {"values": done, "wall_s": state.get("wall_s", 0.0)
-                                       + time.perf_counter() - t0})
-            last = time.perf_counter()
-            log(f"{piece} {len(done)} options")
-    return {"values": done, "base_loss": float(meas.base_loss), "tokens": meas.n_tokens,
+    done = state.get("values", {})
+    todo = sum(1 for ui, oid in s.layout.flat
+               if oid in options and pair_key(s.layout.units[ui].id, oid) not in done)
+    last = [time.perf_counter()]
+    with tqdm(total=todo, desc=piece, disable=not progress, leave=False) as bar:
+
+        def on_value(values: dict[str, float]) -> None:
+            bar.update()
+            if time.perf_counter() - last[0] > 30:
+                cache.save_partial(piece, {"values": values, "wall_s": state.get("wall_s", 0.0)
+                                           + time.perf_counter() - t0})
+                last[0] = time.perf_counter()
+                log(f"{piece} {len(values)} options")
+
+        values = measure_singles(meas, s.layout, options, done, on_value)
+    return {"values": values, "base_loss": float(meas.base_loss), "tokens": meas.n_tokens,
             "wall_s": round(time.perf_counter() - t0 + state.get("wall_s", 0.0), 2)}
 
 
 def _grad_pass(cfg: BenchConfig, s: Setup, progress: bool, n: int, source: str, chunks: int,
                diag: bool) -> dict:
-    from bitsack.profiling.estimators import gradient_stats
+    from bitsack.profiling.fisher import gradient_stats
 
-    ctx = _context(cfg, s, progress)
-    ctx.tokens = s.grad_tokens[:n]
+    ctx = _context(cfg, s, progress, n)
     t0 = time.perf_counter()
     st = gradient_stats(ctx, sources=(source,), chunks=chunks, diag=diag)
-    return {"V": st.V.tolist(), "D": None if st.D is None else st.D.tolist(),
-            "T": st.T.tolist(), "source": st.source.tolist(), "seq": st.seq.tolist(),
-            "wall_s": round(time.perf_counter() - t0, 2),
+    return {**st.to_dict(), "wall_s": round(time.perf_counter() - t0, 2),
             "timings_s": ctx.meter.describe()["timings_s"], "rows": int(st.V.shape[0])}
 
 
 def run_plans(cfg: BenchConfig, s: Setup, cache: Cache, progress: bool, log) -> dict:
     """Random multi-unit plans, each measured jointly on the held-out tokens."""
-    from bitsack.profiling.estimators import Measurer
+    from bitsack.profiling.measure import Measurer
+    from bitsack.profiling.validate import sample_plans
 
-    rng = np.random.default_rng(cfg.seed + 7)
-    n_units = len(s.layout.units)
-    plans = []
-    for p in range(cfg.n_plans_mixed + cfg.n_plans_quant):
-        k = int(rng.integers(cfg.plan_min, cfg.plan_max + 1))
-        idx = sorted(rng.choice(n_units, size=min(k, n_units), replace=False).tolist())
-        choices = EVAL_OPTIONS if p < cfg.n_plans_mixed else QUANT_OPTIONS
-        plans.append([[s.layout.units[i].id, str(rng.choice(choices))] for i in idx])
-    ctx = _context(cfg, s, progress)
-    meas = Measurer(ctx, s.holdout)
+    choices = [EVAL_OPTIONS] * cfg.n_plans_mixed + [QUANT_OPTIONS] * cfg.n_plans_quant
+    plans = sample_plans([u.id for u in s.layout.units], choices, cfg.plan_min, cfg.plan_max,
+                         seed=cfg.seed + 7)
+    meas = Measurer(_context(cfg, s, progress), s.holdout)
     by_id = {u.id: u for u in s.layout.units}
     out = []
     t0 = time.perf_counter()
@@ -318,24 +320,13 @@ def run_plans(cfg: BenchConfig, s: Setup, cache: Cache, progress: bool, log) -> 
 
 
 def _via_profile(cfg: BenchConfig, s: Setup, progress: bool, estimator: str, **opts) -> dict:
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from bitsack.profiling import EstimatorOptions, profile
 
-    # hutchinson differentiates twice; PyTorch's fused CPU attention kernels have no double
-    # backward ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
-    # not implemented" on SmolLM2 loaded with sdpa), the math kernel has
-    guard = sdpa_kernel([SDPBackend.MATH]) if estimator == "hutchinson" \
-        else contextlib.nullcontext()
-    with guard:
-        res = profile(s.model, s.units, s.grad_tokens[:cfg.n_grad], estimator=estimator,
-                      bits=cfg.bits, group_size=cfg.group_size, cost_models=("memory",),
-                      seed=cfg.seed, progress=progress,
-                      options=EstimatorOptions(batch_size=cfg.batch_size, **opts))
-    pr = res.problem
-    loss = {f"{u.id}|{o.id}": float(o.loss) for u in pr.units for o in u.options}
+    res = profile(s.model, s.units, s.grad_tokens[:cfg.n_grad], estimator=estimator,
+                  bits=cfg.bits, group_size=cfg.group_size, cost_models=("memory",),
+                  seed=cfg.seed, progress=progress,
+                  options=EstimatorOptions(batch_size=cfg.batch_size, **opts))
+    loss = {f"{u.id}|{o.id}": float(o.loss) for u in res.problem.units for o in u.options}
     return {"loss": loss, "wall_s": res.report["resources"]["wall_s"],
             "resources": res.report["resources"], "estimate": res.report["estimate"]}
 
@@ -401,163 +392,68 @@ def run_piece(piece: str, cfg: BenchConfig, s: Setup | None, cache: Cache, progr
     raise ValueError(piece)
 
 
+
 # ---- analysis ------------------------------------------------------------------------------
-@dataclass
-class Est:
-    """One estimator's predictions over the layout (flat order) and its interaction factor."""
-
-    name: str
-    loss: np.ndarray
-    U: np.ndarray | None = None
-    eval_units: set[str] | None = None  # None: all units
-    note: str = ""
-
-
-def _stats(d: dict):
-    from bitsack.profiling.estimators import GradientStats
-
-    return GradientStats(np.asarray(d["V"], dtype=np.float64),
-                         None if d["D"] is None else np.asarray(d["D"], dtype=np.float64),
-                         np.asarray(d["T"], dtype=np.float64), np.asarray(d["source"]),
-                         np.asarray(d["seq"], dtype=np.int64))
-
-
-def collapse_chunks(st) -> Any:
-    """Per-sequence rows from chunk rows: ``v_seq = Σ_c T_c v_c / Σ_c T_c`` (g is linear)."""
-    from bitsack.profiling.estimators import GradientStats
-
-    seqs = sorted(set(st.seq.tolist()))
-    V, T = [], []
-    for q in seqs:
-        m = st.seq == q
-        T.append(st.T[m].sum())
-        V.append((st.T[m][:, None] * st.V[m]).sum(0) / T[-1])
-    return GradientStats(np.array(V), None, np.array(T), np.array(["sampled"] * len(seqs)),
-                         np.array(seqs))
-
-
-def estimators(cfg: BenchConfig, layout, res: dict[str, dict]) -> tuple[list[Est], dict]:
+def predictions(cfg: BenchConfig, layout, res: dict[str, dict]) -> tuple[list, dict]:
     """Every estimator variant computable from the finished pieces, and consistency facts."""
-    from bitsack.profiling.calibrate import fit_calibration
-    from bitsack.profiling.estimators import (
-        calibration_units,
-        diag_from_stats,
-        fisher_from_stats,
-    )
+    from bitsack.profiling.calibrate import calibration_units, fit_calibration
+    from bitsack.profiling.fisher import GradientStats, diag_from_stats, fisher_from_stats
+    from bitsack.profiling.validate import Prediction, pair_keys
 
-    out: list[Est] = []
+    out: list[Prediction] = []
     facts: dict[str, Any] = {}
     n = cfg.n_grad
-    flat_keys = [f"{layout.units[ui].id}|{oid}" for ui, oid in layout.flat]
-    S = _stats(res["grad_sampled"]) if "grad_sampled" in res else None
+    keys = pair_keys(layout)
+    S = GradientStats.from_dict(res["grad_sampled"]) if "grad_sampled" in res else None
     if S is not None:
         S16 = S.select(S.seq < n)
         f16 = fisher_from_stats(layout, S16)
-        out.append(Est(f"fisher (sampled, {n} seq)", f16.loss, f16.U, note="default"))
+        out.append(Prediction(f"fisher (sampled, {n} seq)", f16.loss, f16.U, note="default"))
         f32 = fisher_from_stats(layout, S)
-        out.append(Est(f"fisher (sampled, {cfg.n_grad_more} seq)", f32.loss, f32.U))
-        out.append(Est(f"fisher-diag (sampled, {n} seq)", diag_from_stats(layout, S16).loss))
+        out.append(Prediction(f"fisher (sampled, {cfg.n_grad_more} seq)", f32.loss, f32.U))
+        out.append(Prediction(f"fisher-diag (sampled, {n} seq)",
+                              diag_from_stats(layout, S16).loss))
         if "measured" in res:
             m = res["measured"]["values"]
             ids = calibration_units(layout, 0.1, cfg.calib_min_units, cfg.seed)
             _, cols = layout.subset(ids)
             cols = [j for j in cols if layout.flat[j][1] in EVAL_OPTIONS]
-            cal = fit_calibration(layout, f16.loss, np.array([m[flat_keys[j]] for j in cols]),
-                                  cols, seed=cfg.seed)
-            scale = cal.scales(layout)
-            rest = {u.id for u in layout.units} - set(ids)
-            out.append(Est(f"calibrated (fisher {n} seq)", f16.loss * scale,
-                           f16.U * np.sqrt(scale)[None, :], eval_units=rest,
-                           note=f"fit on {len(ids)} units, scored on the other {len(rest)}"))
+            cal = fit_calibration(layout, f16.loss, np.array([m[keys[j]] for j in cols]), cols,
+                                  seed=cfg.seed)
+            loss, U = cal.apply(layout, f16.loss, f16.U)
+            rest = frozenset(u.id for u in layout.units) - set(ids)
+            out.append(Prediction(f"calibrated (fisher {n} seq)", loss, U, eval_units=rest,
+                                  note=f"fit on {len(ids)} units, scored on the other "
+                                  f"{len(rest)}"))
             # the uncalibrated default on the same units, for a like-for-like comparison
-            out.append(Est(f"fisher (sampled, {n} seq) on calibrated's units", f16.loss, None,
-                           eval_units=rest, note=f"the same {len(rest)} units"))
+            out.append(Prediction(f"fisher (sampled, {n} seq) on calibrated's units", f16.loss,
+                                  None, eval_units=rest, note=f"the same {len(rest)} units"))
             facts["calibration"] = {"fit_units": ids, **cal.to_dict()}
     if "grad_chunks" in res:
-        C = _stats(res["grad_chunks"])
+        C = GradientStats.from_dict(res["grad_chunks"])
         fc = fisher_from_stats(layout, C)
-        out.append(Est(f"fisher (sampled, {n} seq × {cfg.chunks} chunks)", fc.loss, fc.U))
+        out.append(Prediction(f"fisher (sampled, {n} seq × {cfg.chunks} chunks)", fc.loss, fc.U))
         if S is not None:
             # the chunk rows must collapse to the per-sequence rows (same labels, linear g)
-            Vc = collapse_chunks(C).V
+            Vc = C.per_sequence().V
             Vs = S.select(S.seq < n).V
             facts["chunk_collapse_max_rel_diff"] = float(
                 np.abs(Vc - Vs).max() / max(np.abs(Vs).max(), 1e-300))
     if "grad_data" in res:
-        Dd = _stats(res["grad_data"])
+        Dd = GradientStats.from_dict(res["grad_data"])
         for fo in ("off", "significant", "on"):
             e = fisher_from_stats(layout, Dd, fo)
             label = "" if fo == "off" else f", first-order {fo}"
-            out.append(Est(f"fisher (data labels, {n} seq{label})", e.loss, e.U))
-        out.append(Est(f"fisher-diag (data labels, {n} seq)", diag_from_stats(layout, Dd).loss))
+            out.append(Prediction(f"fisher (data labels, {n} seq{label})", e.loss, e.U))
+        out.append(Prediction(f"fisher-diag (data labels, {n} seq)",
+                              diag_from_stats(layout, Dd).loss))
     for name, label in (("layerwise", "layerwise (‖δX‖², not nats)"),
                         ("hutchinson", f"hutchinson ({cfg.hutch_samples} seq × "
                                        f"{cfg.hutch_probes} probes)")):
         if name in res:
             lv = res[name]["loss"]
-            out.append(Est(label, np.array([lv[k] for k in flat_keys])))
+            out.append(Prediction(label, np.array([lv[k] for k in keys])))
     return out, facts
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    r = float(spearmanr(a, b).statistic)
-    return r if math.isfinite(r) else None
-
-
-def score(layout, est: Est, measured: dict[str, float]) -> dict[str, Any]:
-    """Spearman ρ and the median predicted/measured ratio per option (and pooled)."""
-    out: dict[str, Any] = {}
-    allp, allm = [], []
-    for opt in EVAL_OPTIONS:
-        p, m = [], []
-        for j, (ui, oid) in enumerate(layout.flat):
-            uid = layout.units[ui].id
-            if oid != opt or (est.eval_units is not None and uid not in est.eval_units):
-                continue
-            p.append(est.loss[j])
-            m.append(measured[f"{uid}|{oid}"])
-        p, m = np.array(p), np.array(m)
-        fin = np.isfinite(p)  # the retest row has no prune values
-        if not fin.any():
-            continue
-        p, m = p[fin], m[fin]
-        allp.extend(p)
-        allm.extend(m)
-        pos = m > 0
-        ratio = float(np.median(p[pos] / m[pos])) if pos.any() else None
-        out[opt] = {"rho": spearman(p, m), "n": int(len(p)), "median_ratio": ratio}
-    out["pooled"] = {"rho": spearman(np.array(allp), np.array(allm)), "n": len(allp)}
-    return out
-
-
-def plan_predictions(layout, ests: list[Est], plans: list[dict],
-                     measured: dict[str, float] | None) -> list[dict]:
-    """Per plan: measured joint ΔL, Σ measured singles, and per estimator Σ loss (± U)."""
-    index = {f"{layout.units[ui].id}|{oid}": j for j, (ui, oid) in enumerate(layout.flat)}
-    rows = []
-    for p in plans:
-        cols = [index[f"{uid}|{oid}"] for uid, oid in p["plan"]]
-        row: dict[str, Any] = {"plan": p["plan"], "kind": p["kind"], "measured": p["measured"],
-                               "pred": {}}
-        if measured is not None:
-            row["sum_measured_singles"] = float(sum(measured[f"{u}|{o}"] for u, o in p["plan"]))
-        for e in ests:
-            if e.name.startswith("layerwise") or "on calibrated's units" in e.name:
-                continue
-            add = float(e.loss[cols].sum())
-            pr = {"additive": add}
-            if e.U is not None:
-                Ut = e.U[:, cols]
-                tot = Ut.sum(1)
-                # Σ_{i<j} U_i·U_j = ½ (‖Σ U_i‖² − Σ ‖U_i‖²)
-                pr["with_U"] = add + 0.5 * float(tot @ tot - (Ut * Ut).sum())
-            row["pred"][e.name] = pr
-        rows.append(row)
-    return rows
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -569,78 +465,54 @@ def _g(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
 
 
-def _err(pred: float, meas: float) -> float:
-    return (pred - meas) / abs(meas) if meas != 0 else float("nan")
-
 
 def build_report(cfg: BenchConfig, res: dict[str, dict], layout, units_info: list[dict],
                  out_dir: Path, commands: Sequence[str], old_notes: str) -> dict:
     """Write profiling.md, profiling.json and the plots from whatever pieces are finished."""
     from bitsack.io import atomic_write, write_json
+    from bitsack.profiling.build import jsonable
+    from bitsack.profiling.validate import (
+        Prediction,
+        measurement_noise,
+        pair_keys,
+        plan_errors,
+        predict_plans,
+        score,
+    )
 
-    ests, facts = estimators(cfg, layout, res) if layout is not None else ([], {})
+    ests, facts = predictions(cfg, layout, res) if layout is not None else ([], {})
     measured = res.get("measured", {}).get("values")
     rows = list(ests)
     if measured and "measured_retest" in res and layout is not None:
         rt = res["measured_retest"]["values"]
-        keys = [f"{layout.units[ui].id}|{oid}" for ui, oid in layout.flat]
-        rows.insert(0, Est(RETEST_NAME.format(n=cfg.n_holdout, L=cfg.seqlen),
-                           np.array([rt.get(k, np.nan) for k in keys]),
-                           note="ceiling: the ground truth against itself"))
-    scores = {e.name: score(layout, e, measured) for e in rows} if measured else {}
-    noise = _noise(cfg, layout, res) if measured and "grad_data" in res else {}
-    plans = (plan_predictions(layout, ests, res["plans"]["plans"], measured)
+        rows.insert(0, Prediction(RETEST_NAME.format(n=cfg.n_holdout, L=cfg.seqlen),
+                                  np.array([rt.get(k, np.nan) for k in pair_keys(layout)]),
+                                  note="ceiling: the ground truth against itself"))
+    scores = {e.name: score(layout, e, measured, EVAL_OPTIONS) for e in rows} if measured \
+        else {}
+    noise = (measurement_noise(layout, res["grad_data"]["V"], cfg.n_holdout, measured,
+                               EVAL_OPTIONS) if measured and "grad_data" in res else {})
+    # layerwise is not in nats; the like-for-like row repeats the default
+    summed = [e for e in ests if not e.name.startswith("layerwise")
+              and "on calibrated's units" not in e.name]
+    plans = (predict_plans(layout, summed, res["plans"]["plans"], measured)
              if "plans" in res else [])
-    timing = _timing(cfg, res)
     summary = {"schema": RESULT_SCHEMA, "config": dataclasses.asdict(cfg),
                "pieces_done": sorted(res), "units": units_info, "scores": scores,
-               "plans": plans, "timing": timing, "facts": facts, "noise": noise,
+               "plans": plans, "timing": _timing(cfg, res), "facts": facts, "noise": noise,
                "walls_s": {k: v.get("wall_s") for k, v in res.items()},
                "machine": res.get("measured", {}).get("machine") or machine(),
                "measured_base_loss": res.get("measured", {}).get("base_loss")}
+    if plans:
+        summary["plan_errors"] = plan_errors(plans)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = _plots(layout, ests + rows[:len(rows) - len(ests)], measured, plans, out_dir) \
         if measured else []
     md = _markdown(cfg, res, summary, rows, figs, commands, old_notes)
-    write_json(out_dir / "profiling.json", _clean(summary))  # after: md adds plan_errors
+    write_json(out_dir / "profiling.json", jsonable(summary))
     with atomic_write(out_dir / "profiling.md", "w", encoding="utf-8") as fh:
         fh.write(md)
     return summary
-
-
-def _noise(cfg: BenchConfig, layout, res: dict[str, dict]) -> dict[str, Any]:
-    """How big the sampling noise of ``measured`` is, per option.
-
-    On a finite held-out set the first-order term ``ḡ_holdout·δ`` does not vanish (it only
-    has zero mean over data), so a measured ΔL carries noise of standard deviation about
-    ``sd_r(g_r·δ) / sqrt(n_holdout)`` with ``g_r`` per-sequence data-label gradients; the
-    empirical-Fisher pass gives exactly these projections.
-    """
-    V = np.asarray(res["grad_data"]["V"], dtype=np.float64)
-    sd = V.std(0, ddof=1) / math.sqrt(cfg.n_holdout)
-    meas = res["measured"]["values"]
-    out = {}
-    for opt in EVAL_OPTIONS:
-        js = [j for j, (_, oid) in enumerate(layout.flat) if oid == opt]
-        m = np.array([abs(meas[f"{layout.units[layout.flat[j][0]].id}|{opt}"]) for j in js])
-        n = sd[js]
-        out[opt] = {"median_noise_sd": float(np.median(n)), "median_abs_measured":
-                    float(np.median(m)), "frac_within_2sd": float(np.mean(m < 2 * n)),
-                    "n_nonpositive": int(sum(meas[f"{layout.units[layout.flat[j][0]].id}|{opt}"]
-                                             <= 0 for j in js)), "n": len(js)}
-    return out
-
-
-def _clean(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _clean(obj.item())
-    return obj
 
 
 def _timing(cfg: BenchConfig, res: dict[str, dict]) -> dict[str, Any]:
@@ -667,7 +539,8 @@ def _timing(cfg: BenchConfig, res: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def _plots(layout, ests: list[Est], measured: dict[str, float], plans: list[dict],
+
+def _plots(layout, ests: list, measured: dict[str, float], plans: list[dict],
            out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -738,12 +611,15 @@ def _plots(layout, ests: list[Est], measured: dict[str, float], plans: list[dict
     return figs
 
 
+
 def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -> str:
+    from bitsack.profiling.validate import relative_error
+
     mach = summary["machine"]
     L = ["# Profiling validation (issue 3)", ""]
     L += [f"Mode `{cfg.mode}`, model `{cfg.model}` "
           f"({'SmolLM2-135M, the embedded GGUF, float32' if cfg.model == 'default' else 'random'}"
-          f"). Generated by `bench/profiling.py`; pieces finished: "
+          f"). Generated by `bench/profiling_bench.py`; pieces finished: "
           f"{', '.join(summary['pieces_done']) or 'none'}.", ""]
     L += ["## How it was run", "", "```"] + list(commands) + ["```", ""]
     L += [f"Machine: {mach.get('cpus')} CPUs shared with other helpers' long benchmark processes "
@@ -815,25 +691,16 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
             head += [f"{n} additive", f"{n} +U"]
         head += ["measured interaction (joint − Σ singles)", f"U term of {names[0]}"]
         L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        errs: dict[str, list[float]] = {}
-        abs_errs: dict[str, list[float]] = {}
         for i, p in enumerate(summary["plans"]):
             cells = [f"{i} ({p['kind']})", " ".join(f"{u}:{o}" for u, o in p["plan"]),
                      _g(p["measured"])]
             sm = p.get("sum_measured_singles")
-            cells.append("—" if sm is None else f"{_g(sm)} ({_err(sm, p['measured']):+.0%})")
-            if sm is not None:
-                errs.setdefault("Σ measured singles", []).append(abs(_err(sm, p["measured"])))
-                abs_errs.setdefault("Σ measured singles", []).append(abs(sm - p["measured"]))
-            for n, pr in p["pred"].items():
+            cells.append("—" if sm is None else
+                         f"{_g(sm)} ({relative_error(sm, p['measured']):+.0%})")
+            for n in names:
                 for k in ("additive", "with_U"):
-                    if k not in pr:
-                        continue
-                    e = _err(pr[k], p["measured"])
-                    errs.setdefault(f"{n} {k}", []).append(abs(e))
-                    abs_errs.setdefault(f"{n} {k}", []).append(abs(pr[k] - p["measured"]))
-                    if n in names:
-                        cells.append(f"{_g(pr[k])} ({e:+.0%})")
+                    v = p["pred"][n][k]
+                    cells.append(f"{_g(v)} ({relative_error(v, p['measured']):+.0%})")
             pr0 = p["pred"][names[0]]
             cells += ["—" if sm is None else f"{p['measured'] - sm:+.4f}",
                       f"{pr0['with_U'] - pr0['additive']:+.4f}"]
@@ -842,13 +709,9 @@ def _markdown(cfg: BenchConfig, res, summary, ests, figs, commands, old_notes) -
               "explode; the absolute error in nats/token does not):", "",
               "| prediction | median abs rel error | mean abs rel error | mean abs error "
               "(nats/token) |", "|---|---|---|---|"]
-        for k, v in errs.items():
-            L.append(f"| {k} | {np.nanmedian(v):.0%} | {np.nanmean(v):.0%} | "
-                     f"{np.mean(abs_errs[k]):.4f} |")
-        summary["plan_errors"] = {k: {"median_rel": float(np.nanmedian(v)),
-                                      "mean_rel": float(np.nanmean(v)),
-                                      "mean_abs": float(np.mean(abs_errs[k]))}
-                                  for k, v in errs.items()}
+        for k, v in summary["plan_errors"].items():
+            L.append(f"| {k} | {v['median_rel']:.0%} | {v['mean_rel']:.0%} | "
+                     f"{v['mean_abs']:.4f} |")
     else:
         L += ["not run (time)."]
     L.append("")
@@ -921,6 +784,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", default=None,
                     help="cache directory (default runs/profiling-bench/<mode>)")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
+    # a timing piece in this process: the parent launched a fresh one for it
+    ap.add_argument("--_inproc", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     import torch
@@ -947,6 +812,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pieces = [p for p in PIECES if not p.startswith("timing")]
         if args.quick:
             pieces = list(PIECES)
+    if args._inproc:
+        for piece in pieces:
+            data = run_timing(cfg, piece, progress, log)
+            cache.put(piece, data)
+            log(f"{piece}: done in {data['wall_s']} s")
+        return 0
     if args.report:
         pieces = []
     setup: Setup | None = None
@@ -984,39 +855,18 @@ def _report(cfg: BenchConfig, cache: Cache, setup: Setup | None, out: Path,
     res = {p: d for p in PIECES if (d := cache.get(p)) is not None}
     units_info = [] if setup is None else [{"id": u.id, "kind": u.kind, "layer": u.layer}
                                            for u in setup.units]
-    cmds = (["python bench/profiling.py --quick"] if cfg.mode == "quick" else
-            ["# what `python bench/profiling.py` does in one process, run here as three",
+    run = "python bench/profiling_bench.py"
+    cmds = ([f"{run} --quick"] if cfg.mode == "quick" else
+            [f"# what `{run}` does in one process, run here as three",
              "# concurrent processes to get more of the shared CPUs:",
-             "python bench/profiling.py --pieces measured,plans",
-             "python bench/profiling.py --pieces grad_sampled,grad_chunks,grad_data,layerwise,"
-             "hutchinson",
-             "python bench/profiling.py --pieces timing_plain,timing_fisher  # 1 process each",
-             "python bench/profiling.py --report"])
+             f"{run} --pieces measured,plans",
+             f"{run} --pieces grad_sampled,grad_chunks,grad_data,layerwise,hutchinson",
+             f"{run} --pieces timing_plain,timing_fisher  # 1 process each",
+             f"{run} --report"])
     build_report(cfg, res, None if setup is None else setup.layout, units_info, out, cmds,
                  read_notes(out / "profiling.md"))
     log(f"report written to {out / 'profiling.md'}")
 
 
-def _inproc_main(argv: Sequence[str]) -> int:
-    """A timing piece in this process (the parent launched a fresh one for it)."""
-    import torch
-
-    torch.set_num_threads(1)
-    piece = argv[argv.index("--pieces") + 1]
-    quiet = "--quiet" in argv
-    cache = Cache(REAL, Path(argv[argv.index("--work") + 1]))
-
-    def log(msg: str) -> None:
-        if not quiet:
-            print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-    data = run_timing(REAL, piece, not quiet and sys.stderr.isatty(), log)
-    cache.put(piece, data)
-    log(f"{piece}: done in {data['wall_s']} s")
-    return 0
-
-
 if __name__ == "__main__":
-    if "--_inproc" in sys.argv:
-        sys.exit(_inproc_main(sys.argv[1:]))
     sys.exit(main())
