@@ -80,7 +80,10 @@ def main() -> int:
          "hidden states + one stage's Hessians the engine recorded while it ran. *Plan*: "
          "`memory_plan` for the same config; its layer, cache and Hessian terms are what the "
          "engine counts, and it adds GPTQ's float64 working copies and one batch's "
-         "activations.", "",
+         "activations. The engine's figure stays below the plan's same three terms: the "
+         "resident layer shrinks as its matrices are packed stage by stage, which the plan "
+         "(full-precision layer, the widest Hessian) does not count, so the plan is an upper "
+         "bound of what the engine holds.", "",
          "| hidden × MLP | engine peak (MiB) | plan: layer + cache + Hessians (MiB) | "
          "plan total (MiB) |", "|---|---|---|---|"]
     for h, i, _, peak, plan in rows:

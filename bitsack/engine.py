@@ -222,11 +222,12 @@ class LayerEngine:
                     this_batch.clear()
                     with contextlib.suppress(_Stop):
                         self._run(self.layer, batch)
+                # the layer stays resident while its Hessians are used (GPTQ)
+                self._account(sum(_tensor_bytes(h.S) for h in {id(h): h for h in
+                                                                hessians.values()}.values()))
         finally:
             for h in handles:
                 h.remove()
-        self._account(sum(_tensor_bytes(h.S) for h in {id(h): h for h in
-                                                        hessians.values()}.values()))
         missing = [n for n in modules if n not in hessians]
         if missing:
             raise ValidationError("modules", f"{missing[:3]} never ran in layer {self.layer}")
@@ -286,7 +287,9 @@ class LayerEngine:
             raise ValidationError("layer", f"{self.layer}: the walk is past the last layer")
         with self.onload_layer():
             for batch in self.batches:
-                batch.hidden = self._run(self.layer, batch).to(self.cache_device)
+                out = self._run(self.layer, batch)
+                self._account(_tensor_bytes(out))  # one batch's output beside the cache
+                batch.hidden = out.to(self.cache_device)
         self.layer += 1
 
     @torch.no_grad()
