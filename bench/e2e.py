@@ -54,6 +54,9 @@ def cell_config(cell: str, args) -> dict[str, Any]:
     if budget == "lat":
         return {**common, "method": method, "avg_bits": LATENCY_AVG_BITS,
                 "budgets": {"prefill_latency_us": args.latency_limit}}
+    if method == "search-wide":  # the search deciding on 3x the tokens, screening on 2x
+        return {**common, "method": "search", "avg_bits": float(budget),
+                "screen": [16, 256], "select": [48, 256]}
     return {**common, "method": method, "avg_bits": float(budget)}
 
 
@@ -226,6 +229,23 @@ def write_report(args) -> Path:
         ratio = (f"{s['wikitext2'] / u['wikitext2']:.3f}, {s['c4'] / u['c4']:.3f}"
                  if s and u else "—")
         L.append("| " + " | ".join(row) + f" | {ratio} |")
+    wide = sorted((c for c in res if c.startswith("search-wide@")),
+                  key=lambda c: float(c.split("@")[1]))
+    if wide:
+        L += ["", "## Search deciding on more tokens (`search-wide`)", "",
+              "Screen 16 × 256 tokens, select 48 × 256 (default: 8 × 256, 16 × 256); the rest "
+              "as the default search.", "",
+              "| budget | bits | WikiText-2 | C4 | vs best uniform (Wiki, C4) | "
+              "vs default search (Wiki, C4) |", "|---|---|---|---|---|---|"]
+        for c in wide:
+            b, r = c.split("@")[1], res[c]
+            u, s = best_uniform(res, float(b)), res.get(f"search@{c.split('@')[1]}")
+            L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
+                     f"{_f(r['c4'])} | "
+                     + (f"{r['wikitext2'] / u['wikitext2']:.3f}, {r['c4'] / u['c4']:.3f}"
+                        if u else "—") + " | "
+                     + (f"{r['wikitext2'] / s['wikitext2']:.3f}, {r['c4'] / s['c4']:.3f}"
+                        if s else "—") + " |")
     lat = {c: r for c, r in res.items() if c.endswith("@lat")}
     if lat:
         L += ["", "## Latency-bound case", "",
@@ -238,8 +258,12 @@ def write_report(args) -> Path:
             L.append(f"| {c} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
                      f"{_f(r['c4'])} | {pruned} |")
     L += ["", "## Search cost", "",
+          "Sequence-forwards count one calibration sequence through the whole model (a "
+          "forward from layer l counts its share of the layers). CPU-minutes are wall time × "
+          "torch threads of the cell (an upper bound on the machine's shared cores).", "",
           "| cell | sequence-forwards | linearisations | steps (accepted) | stages, seconds | "
-          "kept (stitched / sequential holdout KL) |", "|---|---|---|---|---|---|"]
+          "CPU-minutes (whole run) | kept (stitched / sequential holdout KL) |",
+          "|---|---|---|---|---|---|---|"]
     for c, r in sorted(res.items()):
         srch = r["summary"].get("search")
         if not srch:
@@ -248,7 +272,8 @@ def write_report(args) -> Path:
         fin = srch.get("final", {})
         st = ", ".join(f"{k} {v:.0f}" for k, v in r["summary"]["stage_seconds"].items())
         L.append(f"| {c} | {srch['forwards']:.0f} | {srch['linearisations']} | "
-                 f"{len(srch['steps'])} ({acc}) | {st} | {fin.get('kept')} "
+                 f"{len(srch['steps'])} ({acc}) | {st} | "
+                 f"{r['wall_s'] * r['machine']['threads'] / 60:.0f} | {fin.get('kept')} "
                  f"({_f(fin.get('stitched_holdout_kl'))} / "
                  f"{_f(fin.get('sequential_holdout_kl'))}) |")
     png = plot(res, results / "e2e_ppl.png")
@@ -283,7 +308,7 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
                      if c.startswith("uniform:") and c.endswith(f"g{g}"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
-    for method, style in (("oneshot", "x--"), ("search", "*-")):
+    for method, style in (("oneshot", "x--"), ("search", "*-"), ("search-wide", "P:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
                      if c.startswith(method + "@") and not c.endswith("@lat"))
         if pts:
@@ -309,7 +334,8 @@ def _f(v) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cells", default="uniform,oneshot,search",
-                   help="cell kinds: uniform, oneshot, search (comma-separated)")
+                   help="cell kinds: uniform, oneshot, search, or single cells such as "
+                        "uniform:b2g64 or search@3.25 (comma-separated)")
     p.add_argument("--budgets", default=",".join(BUDGETS), help="bits per weight")
     p.add_argument("--latency", action="store_true", help="add the latency-bound case")
     p.add_argument("--report", action="store_true", help="only rebuild e2e.md and the plot")
@@ -326,6 +352,7 @@ def main(argv=None) -> int:
         base_perplexity(args, base_dir)
         kinds = [k.strip() for k in args.cells.split(",") if k.strip()]
         cells = [f"uniform:{u}" for u in UNIFORM] if "uniform" in kinds else []
+        cells += [k for k in kinds if ":" in k or "@" in k]  # cells named one by one
         for b in [b.strip() for b in args.budgets.split(",") if b.strip()]:
             cells += [f"{k}@{b}" for k in ("oneshot", "search") if k in kinds]
         if args.latency:
