@@ -6,9 +6,11 @@ import argparse
 
 #: The demo's settings (everything else is ``bitsack run``'s default): the measured search
 #: from the uniform start (no one-shot profile) with a store of the 5 options around it and a
-#: smaller forward budget, GPTQ calibration of 16 × 512 tokens, four evaluation windows.
+#: smaller forward budget and smaller screen / select splits, GPTQ calibration of 16 × 512
+#: tokens, four evaluation windows.
 DEMO = {"avg_bits": 3.5, "calib": "c4", "eval": "wikitext2", "search_start": "uniform",
-        "search_window": 2, "search_budget": 800.0, "compress_nsamples": 16,
+        "search_window": 2, "search_budget": 800.0, "screen": (8, 256), "select": (16, 256),
+        "compress_nsamples": 16,
         "compress_seqlen": 512, "eval_windows": 4, "time_limit_s": 30.0}
 
 
