@@ -311,11 +311,12 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
                      if c.startswith("uniform:") and c.endswith(f"g{g}"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
-    for method, style in (("oneshot", "x--"), ("search", "*-"), ("search-narrow", "P:")):
+    for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search", "*-")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
                      if c.startswith(method + "@") and not c.endswith("@lat"))
         if pts:
-            ax.plot(*zip(*pts, strict=True), style, markersize=10, label=f"bitsack {method}")
+            size = 7 if method == "search-narrow" else 12
+            ax.plot(*zip(*pts, strict=True), style, markersize=size, label=f"bitsack {method}")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (achieved, overhead included)")
     ax.set_ylabel("WikiText-2 perplexity")
