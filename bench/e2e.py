@@ -135,18 +135,11 @@ def base_perplexity(args, base_dir: Path) -> dict[str, float]:
     from bitsack.data import eval_tokens
     from bitsack.evaluate import perplexity
     from bitsack.io import write_json
-    from bitsack.models.loading import load_model
-    from bitsack.pipeline import Context, RunConfig, Stages
-    from bitsack.stages import evaluate_stage
+    from bitsack.pipeline import RunConfig, evaluate_base
 
-    lm = load_model(args.model, progress=False)
-    cfg = RunConfig(model=args.model, out=str(base_dir), avg_bits=16.0,
-                    eval_windows=args.eval_windows)
-    base_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(cfg, base_dir, Stages(base_dir, print), print, False,
-                  {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file",
-                                                  "sha256")})
-    wiki = evaluate_stage(ctx, "eval_base", lm.model, lm.tokenizer, None)["ppl"]
+    lm, record = evaluate_base(RunConfig(model=args.model, out=str(base_dir), avg_bits=16.0,
+                                         eval_windows=args.eval_windows), print)
+    wiki = record["ppl"]
     c4 = perplexity(lm.model, eval_tokens("c4", lm.tokenizer), 2048,
                     windows=args.eval_windows).ppl
     out = {"eval_windows": args.eval_windows, "wikitext2": wiki, "c4": c4}

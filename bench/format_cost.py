@@ -164,21 +164,13 @@ def export_check(run_dir: Path, fmt: str, usage: float | None,
 
 def base_eval(args) -> None:
     """Evaluate the base model once; every run directory gets its record."""
-    from bitsack.models.loading import load_model
-    from bitsack.pipeline import Context, RunConfig, Stages
-    from bitsack.stages import evaluate_stage
+    from bitsack.pipeline import RunConfig, evaluate_base
 
     base_dir = Path(args.runs) / "base"
     if (base_dir / "eval_base.json").is_file():
         return
-    lm = load_model(args.model, progress=False)
-    cfg = RunConfig(model=args.model, out=str(base_dir), avg_bits=16.0,
-                    eval_windows=args.eval_windows)
-    base_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(cfg, base_dir, Stages(base_dir, print), print, False,
-                  {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file",
-                                                  "sha256")})
-    evaluate_stage(ctx, "eval_base", lm.model, lm.tokenizer, None)
+    evaluate_base(RunConfig(model=args.model, out=str(base_dir), avg_bits=16.0,
+                            eval_windows=args.eval_windows), print)
 
 
 def machine() -> dict[str, Any]:

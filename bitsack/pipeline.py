@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from bitsack.config import (
@@ -47,7 +48,7 @@ from bitsack.config import (
 from bitsack.io import write_json
 
 __all__ = ["METHODS", "RUN_SCHEMA", "UNIT_KINDS", "Context", "RunConfig", "RunSummary",
-           "Stages", "is_run_dir", "plan_counts", "run"]
+           "Stages", "evaluate_base", "is_run_dir", "plan_counts", "run"]
 
 def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
         bars: bool = False, force: bool = False, loaded: Any = None) -> RunSummary:
@@ -79,9 +80,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
         lm = load_model(cfg.model, progress=bars)
     else:
         lm = loaded
-    ctx = Context(cfg, out, Stages(out, say), say, bars,
-                  {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file",
-                                                  "sha256")})
+    ctx = _context(cfg, out, lm, say, bars)
     units = run_units(lm.model, cfg)
     memory_before = tensor_bytes(lm.model)
     base = evaluate_stage(ctx, "eval_base", lm.model, lm.tokenizer, None)
@@ -105,6 +104,30 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
 
     write_report(out, cfg, units, planned, summary)
     return summary
+
+
+def evaluate_base(cfg: RunConfig, progress: Callable[[str], None] | None = None
+                  ) -> tuple[Any, dict[str, Any]]:
+    """Only ``run``'s ``eval_base`` stage, in ``cfg.out`` (reused when its inputs match):
+    the loaded model and the stage's record (``ppl`` …). Benchmarks evaluate the base model
+    once this way and copy the record into each run directory."""
+    from bitsack.models.loading import load_model
+    from bitsack.stages import evaluate_stage
+
+    say = progress or (lambda msg: None)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(cfg.model, progress=False)
+    record = evaluate_stage(_context(cfg, out, lm, say, False), "eval_base", lm.model,
+                            lm.tokenizer, None)
+    return lm, record
+
+
+def _context(cfg: RunConfig, out: Path, lm: Any, say: Callable[[str], None],
+             bars: bool) -> Context:
+    return Context(cfg, out, Stages(out, say), say, bars,
+                   {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file",
+                                                   "sha256")})
 
 
 def _config_dict(cfg: RunConfig) -> dict[str, Any]:
