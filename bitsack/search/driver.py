@@ -69,6 +69,43 @@ def store_incumbent(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[st
                           "with smaller options")
 
 
+def store_walk(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
+               limits: Mapping[str, float]) -> Choice:
+    """The uniform menu choice whose sequential walk makes the store's Hessians: the largest
+    that fits ``limits``, unless the next one up is nearer the memory budget (a budget just
+    below a uniform level, e.g. 3.25 bits/weight under 3g128's 3.276, where the search starts
+    from that level descended to fit: its variants then take their Hessians from a model
+    quantized like the plans the search measures, not from a collapsed 2-bit one).
+
+    Raises:
+        ValidationError: no uniform menu choice fits (memory alone, when a latency budget
+            needs pruning).
+    """
+    try:
+        fit = store_incumbent(menu, unit_costs, limits)
+    except ValidationError:
+        return store_incumbent(menu, unit_costs, {k: v for k, v in limits.items()
+                                                  if k == "memory_bytes"})
+    above = next_above(menu, fit)
+    if above is None or "memory_bytes" not in limits:
+        return fit
+    lim = limits["memory_bytes"]
+    over = _total(unit_costs, above, "memory_bytes") / lim - 1.0
+    under = 1.0 - _total(unit_costs, fit, "memory_bytes") / lim
+    return above if over < under else fit
+
+
+def next_above(menu: Menu, choice: Choice) -> Choice | None:
+    """The menu choice with the next more nominal bits than ``choice`` (None: the top)."""
+    above = [c for c in menu.steps if nominal_bits(c) > nominal_bits(choice)]
+    return min(above, key=nominal_bits) if above else None
+
+
+def _total(unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]], choice: Choice,
+           resource: str) -> float:
+    return sum(per[choice.option_id].get(resource, 0.0) for per in unit_costs.values())
+
+
 def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
                     unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
                     limits: Mapping[str, float], splits: Mapping[str, torch.Tensor],
@@ -94,13 +131,7 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in splits.items())
     say(f"search: base distributions on {shapes}")
     meter = KLMeter(model, splits, batch_size=batch_size, head_layers=head_layers)
-    # the store's walk: the largest uniform that fits (memory alone, when a latency budget
-    # needs pruning and no uniform plan fits it)
-    try:
-        incumbent = store_incumbent(menu, unit_costs, limits)
-    except ValidationError:
-        incumbent = store_incumbent(menu, unit_costs, {k: v for k, v in limits.items()
-                                                       if k == "memory_bytes"})
+    incumbent = store_walk(menu, unit_costs, limits)
     if window is not None:
         menu = menu.window(incumbent, window)
     allowed = set(menu.steps)

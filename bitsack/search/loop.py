@@ -5,7 +5,9 @@ split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candida
 ``select`` (decide) and ``holdout`` (accept), disjoint from each other and from evaluation data.
 
 1. Start: the incumbent x* is the best, measured on ``select``, of the uniform configurations
-   that fit the budgets and (if given) a one-shot plan of the Fisher objective.
+   that fit the budgets, the smallest one that does not fit *descended* to fit (its down
+   moves measured, one knapsack: a budget between two uniform levels starts just under the
+   upper one) and (if given) a one-shot plan of the Fisher objective.
 2. Linearise around x*, in context (ExLlamaV3's in-context ΔKL): for every *group* (one unit
    kind in one layer, or an embedding) and direction d ∈ {one menu step up, one step down},
    ``Δ(g, d) = KL_screen(x* with g's units moved by d) − KL_screen(x*)``, paired over the
@@ -43,7 +45,7 @@ from torch import nn
 
 from bitsack.errors import ValidationError
 from bitsack.plan import Choice, module_name
-from bitsack.search.menu import Menu, nominal_bits
+from bitsack.search.menu import Menu
 from bitsack.search.meter import KLMeter, Paired
 from bitsack.search.store import VariantStore
 
@@ -71,6 +73,8 @@ class SearchConfig:
         solver: the bitsack solver backend of the proposals.
         time_limit_s: per proposal solve.
         seed: seeds the resampled proposals.
+        descend: also start from the smallest uniform plan over budget, moved down until it
+            fits by one knapsack over measured down moves (``Search.descend``).
     """
 
     budget_forwards: float = 3000.0
@@ -85,6 +89,7 @@ class SearchConfig:
     solver: str = "highs"
     time_limit_s: float = 20.0
     seed: int = 0
+    descend: bool = True
 
     def __post_init__(self) -> None:
         if not (self.budget_forwards >= 0 and math.isfinite(self.budget_forwards)):
@@ -261,15 +266,24 @@ class Search:
 
     # ---- 1. start -----------------------------------------------------------------------
     def start(self, extra: Mapping[str, Mapping[str, Choice]] | None = None) -> dict[str, Any]:
-        """Choose the incumbent: the best on ``select`` of the fitting uniform plans and
+        """Choose the incumbent: the best on ``select`` of the fitting uniform plans, the
+        smallest uniform plan that does not fit descended until it fits (``descend``), and
         ``extra`` named plans (e.g. ``{"oneshot": plan}``)."""
         cands: dict[str, dict[str, Choice]] = {}
-        for c in sorted(self.menu.steps, key=lambda c: -nominal_bits(c)):
+        above = None
+        for c in reversed(self.menu.steps):  # most bytes first
             plan = self.uniform(c)
             if self.fits(plan):
                 cands[f"uniform {c.option_id}"] = plan
                 if len(cands) >= 2:
                     break
+            else:
+                above = c
+        info: dict[str, Any] = {}
+        if self.cfg.descend and above is not None and (cands or self.menu.prune):
+            plan, info["descend"] = self.descend(above)
+            if plan is not None:
+                cands[f"uniform {above.option_id} descended"] = plan
         for name, plan in (extra or {}).items():
             if plan and self.fits(plan):
                 cands[name] = dict(plan)
@@ -287,16 +301,41 @@ class Search:
         self.say(f"search start: {best} (select KL {scores[best]:.5f}; "
                  + ", ".join(f"{n} {v:.5f}" for n, v in scores.items()) + ")")
         return {"incumbent": best, "select_kl": scores,
-                "kl": {s: self._mean(s) for s in SPLITS}}
+                "kl": {s: self._mean(s) for s in SPLITS}, **info}
+
+    def descend(self, above: Choice) -> tuple[dict[str, Choice] | None, dict[str, Any]]:
+        """``above`` on every unit (over budget) moved down until it fits: Δ(g, −1) (and the
+        pruning moves when the menu prunes) measured around it, then one knapsack with no
+        trust region — the cheapest measured way down to the budget. A budget just under a
+        uniform level (3.25 under 3g128's 3.276) then starts a few units below that level
+        rather than at the collapsed level under it. Returns the plan (None: the knapsack
+        found none) and its record."""
+        self._set(self.uniform(above))
+        self.linearise(directions=(-1, 0))
+        p = self.propose(2 * len(self.units))
+        self.deltas.clear()
+        record: dict[str, Any] = {"from": above.option_id, "forwards": self.meter.forwards}
+        if p is None or not self.fits({**self.plan, **p[0]}):
+            self.say(f"search start: uniform {above.option_id} cannot be descended to fit")
+            return None, record
+        changes, predicted, cert = p
+        self.say(f"search start: uniform {above.option_id} descended ({len(changes)} units "
+                 f"down, predicted screen KL {self._mean('screen') + predicted:+.5f})")
+        record.update(changed=len(changes), predicted=predicted, certificate=cert)
+        return {**self.plan, **changes}, record
 
     # ---- 2. linearise -------------------------------------------------------------------
-    def linearise(self, groups: Sequence[str] | None = None) -> None:
-        """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all): d = ±1, the group's
-        units one menu step up / down; d = 0 (menu with prune), its one prunable kept unit
-        whose weights are smallest (``VariantStore.error`` of pruning) pruned."""
+    def linearise(self, groups: Sequence[str] | None = None,
+                  directions: Sequence[int] = (+1, -1, 0)) -> None:
+        """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all) and ``directions``:
+        d = ±1, the group's units one menu step up / down; d = 0 (menu with prune), its one
+        prunable kept unit whose weights are smallest (``VariantStore.error`` of pruning)
+        pruned."""
         base = self.kl["screen"]
         for g in (groups if groups is not None else self.groups):
-            for d in (+1, -1, 0) if self.menu.prune else (+1, -1):
+            for d in directions:
+                if d == 0 and not self.menu.prune:
+                    continue
                 moved = self._move(g, d)
                 if not moved:
                     self.deltas.pop((g, d), None)

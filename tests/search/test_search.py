@@ -209,13 +209,19 @@ def test_pruning_enters_as_measured_moves_when_bits_cannot_meet_the_budget(setup
     store.menu = menu
     costs = unit_costs(_shapes(units), menu, make_cost_models(["memory"]))
     limits = _limit(units, 2.9)  # below the smallest uniform choice (b2g32: 3.0 bits)
-    s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=300, k=4))
     # a feasible start that prunes (a one-shot plan would give one): every other MLP block
     start = {u.id: (PRUNE if u.kind == "mlp_group" and u.id.endswith(("c0", "c2"))
                     else parse_choice("b2g32", 16)) for u in units}
+    # without descend, the one-shot plan is the only start that fits
+    s = Search(model, units, store, meter, costs, limits,
+               SearchConfig(budget_forwards=0, descend=False))
     assert s.fits(start) and not s.fits({u.id: parse_choice("b2g32", 16) for u in units})
+    assert s.start({"oneshot": start})["incumbent"] == "oneshot"
+    # with it, uniform b2g32 descended by measured prune moves is a start too
+    s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=300, k=4))
     res = s.run(extra_starts={"oneshot": start})
-    assert res.start["incumbent"] == "oneshot"
+    assert "uniform b2g32 descended" in res.start["select_kl"]
+    assert res.start["incumbent"] in res.start["select_kl"]
     assert s.fits(res.plan)
     assert any(c.pruned for c in res.plan.values())
     assert any((g, 0) in s.deltas for g in s.groups)  # prune moves were measured
@@ -247,3 +253,33 @@ def test_proposals_keep_one_option_per_matrix_under_format_constraints(setup):
                 moved = [u for u in g if u in changes]
                 splits[name] += bool(moved) and len(moved) < len(g)
     assert splits["constrained"] == 0 and splits["free"] > 0
+
+
+def test_a_budget_just_under_a_uniform_level_starts_from_that_level_descended(setup):
+    """3.9 bits/weight: the fitting uniform plan is b2g32 (3.0); b2g16 (4.0) does not fit.
+    The search also starts from b2g16 moved down by one knapsack over its measured down
+    moves: that plan fits, uses most of the budget, and is a start candidate measured like
+    the uniform ones; ``descend=False`` leaves it out."""
+    from bitsack.search.driver import store_walk
+
+    _, model, units, meter, store, costs = setup()
+    limits = _limit(units, 3.9)
+    b2g32, b2g16 = parse_choice("b2g32", 16), parse_choice("b2g16", 16)
+    assert store_walk(store.menu, costs, limits) == b2g16  # nearer the budget than b2g32
+    assert store_walk(store.menu, costs, _limit(units, 3.2)) == b2g32
+    s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=0))
+    info = s.start()
+    assert info["descend"]["from"] == "b2g16" and info["descend"]["changed"] > 0
+    name = "uniform b2g16 descended"
+    assert name in info["select_kl"] and "uniform b2g32" in info["select_kl"]
+    plan, _ = s.descend(b2g16)
+    assert s.fits(plan)
+    assert {c for c in plan.values()} <= {b2g16, b2g32}
+    used = s.usage(plan)["memory_bytes"]
+    assert s.usage(s.uniform(b2g32))["memory_bytes"] < used <= limits["memory_bytes"]
+    # the candidate's score is its measured select KL
+    s._set(plan)
+    assert s._mean("select") == pytest.approx(info["select_kl"][name], rel=1e-9)
+    off = Search(model, units, store, meter, costs, limits,
+                 SearchConfig(budget_forwards=0, descend=False)).start()
+    assert "descend" not in off and name not in off["select_kl"]
