@@ -337,13 +337,7 @@ def _search(ctx: Context, lm, units) -> Planned:
 
         problem = profile_problem(ctx, lm.model, lm.tokenizer, units)
         sol = solve_problem(ctx, problem)
-        oneshot = plan_from_solution(problem, sol)
-        on_menu = set(menu.steps)
-        if all(c in on_menu for c in oneshot.values()):
-            starts["oneshot"] = oneshot
-        else:
-            ctx.say("search: the one-shot plan uses options off the menu (pruning); "
-                    "starting from uniform only")
+        starts["oneshot"] = plan_from_solution(problem, sol)
     splits = calibration_splits(cfg.calib, lm.tokenizer,
                                 {"screen": tuple(cfg.screen), "select": tuple(cfg.select),
                                  "holdout": tuple(cfg.holdout)}, seed=cfg.seed)
@@ -362,7 +356,8 @@ def _search(ctx: Context, lm, units) -> Planned:
         lm.model, units, menu=menu, unit_costs=costs, limits=limits, splits=splits,
         calib_tokens=calibration(cfg, lm.tokenizer), apply=apply_config(cfg), config=config,
         run_dir=ctx.out, store_key=store_key, starts=starts, window=cfg.search_window,
-        progress=ctx.say, constraints=format_constraints(cfg, lm.model, units, menu))
+        progress=ctx.say, constraints=format_constraints(cfg, lm.model, units, menu),
+        prune_starts=cfg.prune and stores_pruned(cfg.format))
     record = {**outcome.result.to_dict(), "final": outcome.final}
     accepted = [s for s in outcome.result.steps if s.accepted and s.certificate]
     cert = {**_usage_certificate(costs, outcome.result.plan, limits),

@@ -114,7 +114,8 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
                     starts: Mapping[str, Mapping[str, Choice]] | None = None,
                     batch_size: int = 4, window: int | None = 3,
                     progress: Callable[[str], None] | None = None,
-                    constraints: Sequence[Any] = ()) -> SearchOutcome:
+                    constraints: Sequence[Any] = (),
+                    prune_starts: bool = False) -> SearchOutcome:
     """Search ``model``'s plan under ``limits`` and pack the result (see module docstring).
 
     ``model`` is consumed (its weights are rewritten, then it becomes the packed model).
@@ -123,7 +124,9 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     keep the menu choices within that many steps of the store's uniform walk (None: all) —
     choices farther away need more accepted moves than a search makes, and each costs a GPTQ
     run per matrix. ``constraints`` (``bitsack.solver.problem.Constraint``) bind every
-    proposal (e.g. one option per matrix for a target file format).
+    proposal (e.g. one option per matrix for a target file format). ``starts`` are projected
+    onto the (windowed) menu (``project``); one that prunes is kept when the menu prunes or
+    ``prune_starts`` (the search then measures pruning moves if it starts there).
     """
     say = progress or (lambda msg: None)
     base = copy.deepcopy(model)
@@ -134,15 +137,14 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     incumbent = store_walk(menu, unit_costs, limits)
     if window is not None:
         menu = menu.window(incumbent, window)
-    allowed = set(menu.steps)
     kept_starts = {}
     for name, plan in (starts or {}).items():
-        off = sorted({str(c) for c in plan.values() if c not in allowed
-                      and not (c.pruned and menu.prune)})
-        if off:
-            say(f"search: start {name!r} left out: it uses {', '.join(off)}, off the menu")
-        else:
-            kept_starts[name] = plan
+        if any(c.pruned for c in plan.values()) and not (menu.prune or prune_starts):
+            say(f"search: start {name!r} left out: it prunes, and pruning is off")
+            continue
+        kept_starts[name], moved = project(plan, menu)
+        if moved:
+            say(f"search: start {name!r}: {moved} units moved to the nearest menu choice")
     starts = kept_starts
     say(f"search: variant store ({', '.join(menu.option_ids)}; walk at uniform "
         f"{incumbent.option_id})")
@@ -194,6 +196,22 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     say(f"search: kept the {x['kept']} model (holdout KL stitched "
         f"{x['stitched_holdout_kl']:.5f}, sequential {x['sequential_holdout_kl']:.5f})")
     return SearchOutcome(result=result, compressed=compressed, final=x)
+
+
+def project(plan: Mapping[str, Choice], menu: Menu) -> tuple[dict[str, Choice], int]:
+    """``plan`` with every choice off ``menu`` replaced by the menu choice nearest in nominal
+    bits (a one-shot plan's 8-bit units become the window's top); pruned units stay pruned.
+    Returns the plan and how many units moved (a plan over budget afterwards is descended
+    by the search's start)."""
+    out, moved = {}, 0
+    for uid, c in plan.items():
+        if c.pruned or c in menu.steps:
+            out[uid] = c
+            continue
+        out[uid] = min(menu.steps, key=lambda m: (abs(nominal_bits(m) - nominal_bits(c)),
+                                                   -m.bits))
+        moved += 1
+    return out, moved
 
 
 def _head_layers(model: nn.Module, units: Sequence[Any]) -> float:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -285,8 +285,14 @@ class Search:
             if plan is not None:
                 cands[f"uniform {above.option_id} descended"] = plan
         for name, plan in (extra or {}).items():
-            if plan and self.fits(plan):
+            if not plan:
+                continue
+            if self.fits(plan):
                 cands[name] = dict(plan)
+            elif self.cfg.descend:
+                plan, info[f"descend {name}"] = self.descend(plan, name)
+                if plan is not None:
+                    cands[f"{name} descended"] = plan
         if not cands:
             raise ValidationError("budget", f"no uniform menu choice fits {self.limits}; "
                                   "valid: a budget at least the smallest menu choice's bytes")
@@ -298,29 +304,40 @@ class Search:
             if best is None or scores[name] < scores[best]:
                 best = name
         self._set(cands[best])
+        self._prune_if_pruned()
         self.say(f"search start: {best} (select KL {scores[best]:.5f}; "
                  + ", ".join(f"{n} {v:.5f}" for n, v in scores.items()) + ")")
         return {"incumbent": best, "select_kl": scores,
                 "kl": {s: self._mean(s) for s in SPLITS}, **info}
 
-    def descend(self, above: Choice) -> tuple[dict[str, Choice] | None, dict[str, Any]]:
-        """``above`` on every unit (over budget) moved down until it fits: Δ(g, −1) (and the
-        pruning moves when the menu prunes) measured around it, then one knapsack with no
-        trust region — the cheapest measured way down to the budget. A budget just under a
-        uniform level (3.25 under 3g128's 3.276) then starts a few units below that level
-        rather than at the collapsed level under it. Returns the plan (None: the knapsack
-        found none) and its record."""
-        self._set(self.uniform(above))
+    def _prune_if_pruned(self) -> None:
+        """A start that prunes (a one-shot plan): its pruning is measured like the rest."""
+        if not self.menu.prune and any(c.pruned for c in self.plan.values()):
+            self.menu = replace(self.menu, prune=True)
+
+    def descend(self, above: Choice | Mapping[str, Choice], name: str = "plan"
+                ) -> tuple[dict[str, Choice] | None, dict[str, Any]]:
+        """A plan over budget (a uniform choice, or a plan) moved down until it fits:
+        Δ(g, −1) (and the pruning moves when the menu prunes) measured around it, then one
+        knapsack with no trust region — the cheapest measured way down to the budget. A budget
+        just under a uniform level (3.25 under 3g128's 3.276) then starts a few units below
+        that level rather than at the collapsed level under it. Returns the plan (None: the
+        knapsack found none) and its record."""
+        if isinstance(above, Choice):
+            name, plan = f"uniform {above.option_id}", self.uniform(above)
+        else:
+            plan = dict(above)
+        self._set(plan)
         self.linearise(directions=(-1, 0))
         p = self.propose(2 * len(self.units))
         self.deltas.clear()
-        record: dict[str, Any] = {"from": above.option_id, "forwards": self.meter.forwards}
+        record: dict[str, Any] = {"from": name, "forwards": self.meter.forwards}
         if p is None or not self.fits({**self.plan, **p[0]}):
-            self.say(f"search start: uniform {above.option_id} cannot be descended to fit")
+            self.say(f"search start: {name} cannot be descended to fit")
             return None, record
         changes, predicted, cert = p
-        self.say(f"search start: uniform {above.option_id} descended ({len(changes)} units "
-                 f"down, predicted screen KL {self._mean('screen') + predicted:+.5f})")
+        self.say(f"search start: {name} descended ({len(changes)} units down, predicted "
+                 f"screen KL {self._mean('screen') + predicted:.5f})")
         record.update(changed=len(changes), predicted=predicted, certificate=cert)
         return {**self.plan, **changes}, record
 
@@ -566,6 +583,7 @@ class Search:
         result.steps = [Step(**s) for s in r["steps"]]
         self.plan = {}
         self._set(result.plan)
+        self._prune_if_pruned()
         self.meter.forwards = float(ck["forwards"])
         self.deltas = {(d["group"], int(d["d"])): (Paired(d["delta"], d["se"], d["n"]),
                                                    {u: self._choice(o)

@@ -105,7 +105,8 @@ def test_uniform_is_the_largest_menu_option_that_fits(tiny, tmp_path):
 
 def test_search_run_records_its_trail_and_resumes(tiny, tmp_path):
     out = tmp_path / "s"
-    s = run(_cfg(tiny, out, method="search", search_start="both", avg_bits=3.5))
+    s = run(_cfg(tiny, out, method="search", search_start="both", avg_bits=3.5,
+                 search_budget=400.0))
     assert s.search is not None and s.search["steps"]
     assert s.search["final"]["kept"] in ("stitched", "sequential")
     assert s.bits_per_weight <= 3.5 + 1e-9
@@ -114,7 +115,8 @@ def test_search_run_records_its_trail_and_resumes(tiny, tmp_path):
     assert "## Search" in report and (out / "search.png").is_file()
     sol = json.loads((out / "solution.json").read_text())
     assert sol["search"]["kl"]["holdout"] <= sol["search"]["start"]["kl"]["holdout"] + 1e-12
-    again = run(_cfg(tiny, out, method="search", search_start="both", avg_bits=3.5))
+    again = run(_cfg(tiny, out, method="search", search_start="both", avg_bits=3.5,
+                     search_budget=400.0))
     assert "compress" in again.reused and again.ppl_after == s.ppl_after
 
 

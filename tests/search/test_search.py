@@ -269,7 +269,7 @@ def test_a_budget_just_under_a_uniform_level_starts_from_that_level_descended(se
     assert store_walk(store.menu, costs, _limit(units, 3.2)) == b2g32
     s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=0))
     info = s.start()
-    assert info["descend"]["from"] == "b2g16" and info["descend"]["changed"] > 0
+    assert info["descend"]["from"] == "uniform b2g16" and info["descend"]["changed"] > 0
     name = "uniform b2g16 descended"
     assert name in info["select_kl"] and "uniform b2g32" in info["select_kl"]
     plan, _ = s.descend(b2g16)
@@ -283,3 +283,36 @@ def test_a_budget_just_under_a_uniform_level_starts_from_that_level_descended(se
     off = Search(model, units, store, meter, costs, limits,
                  SearchConfig(budget_forwards=0, descend=False)).start()
     assert "descend" not in off and name not in off["select_kl"]
+
+
+def test_start_plans_are_projected_onto_the_menu_and_a_pruned_start_measures_pruning(setup):
+    """A one-shot plan (8-bit units, pruned units) is projected onto the store's menu window:
+    off-menu choices move to the nearest by nominal bits, pruned units stay pruned; a pruned
+    start that wins the start turns on the measured pruning moves."""
+    from bitsack.plan import PRUNE
+    from bitsack.search.driver import project
+
+    _, model, units, meter, store, costs = setup()
+    window = store.menu.window(parse_choice("b2g32", 16), 2)  # b2g32 … b3g32
+    assert [c.option_id for c in window.steps] == ["b2g32", "b2g16", "b3g32"]
+    b8, b2 = parse_choice("b8g16", 16), parse_choice("b2g32", 16)
+    plan = {u.id: (PRUNE if u.kind == "mlp_group" and u.id.endswith("c0") else
+                   b8 if u.layer == 0 else b2) for u in units}
+    projected, moved = project(plan, window)
+    assert moved == sum(1 for u in units if plan[u.id] == b8)
+    assert {projected[u.id] for u in units if plan[u.id] == b8} == {parse_choice("b3g32", 16)}
+    assert all(projected[u] == c for u, c in plan.items() if c != b8)
+    # a start that prunes every MLP block but one per layer at 3 bits beats uniform 2 bits
+    start = {u.id: (PRUNE if u.kind == "mlp_group" and not u.id.endswith("c0")
+                    else parse_choice("b4g32", 16)) for u in units}
+    from dataclasses import replace
+
+    costs = unit_costs(_shapes(units), replace(store.menu, prune=True),
+                       make_cost_models(["memory"]))  # as run prices them: prune included
+    s = Search(model, units, store, meter, costs, _limit(units, 3.6),
+               SearchConfig(budget_forwards=300, k=4, descend=False))
+    assert not s.menu.prune and s.fits(start)
+    res = s.run(extra_starts={"oneshot": start})
+    assert res.start["incumbent"] == "oneshot"
+    assert s.menu.prune and any((g, 0) in s.deltas for g in s.groups)
+    assert s.fits(res.plan)
