@@ -228,8 +228,14 @@ def _search_lines(out: Path, search: dict[str, Any]) -> list[str]:
              + ", ".join(f"{k} {v:.5f}" for k, v in (start.get("select_kl") or {}).items())
              + f"). Stopped: {search.get('stopped')}; {search.get('forwards', 0):.0f} "
              f"sequence-forwards, {search.get('linearisations')} linearisations.",
-             "",
-             "| split | start KL | final KL |", "|---|---|---|"]
+             ""]
+    for key, d in start.items():
+        if key.startswith("descend") and isinstance(d, dict):
+            lines.append(f"- {d.get('from')} descended to fit: "
+                         + (f"{d['changed']} units down, predicted Δ screen KL "
+                            f"{d['predicted']:+.5f}" if "changed" in d else "no plan fits")
+                         + f" ({d.get('forwards', 0):.0f} forwards spent by then).")
+    lines += ["", "| split | start KL | final KL |", "|---|---|---|"]
     for split, v in (search.get("kl") or {}).items():
         lines.append(f"| {split} | {_fmt((start.get('kl') or {}).get(split))} | {_fmt(v)} |")
     if final:
