@@ -349,7 +349,11 @@ class Search:
         prunable kept unit whose weights are smallest (``VariantStore.error`` of pruning)
         pruned."""
         base = self.kl["screen"]
-        for g in (groups if groups is not None else self.groups):
+        todo = list(groups if groups is not None else self.groups)
+        for i, g in enumerate(todo):
+            if i and i % max(1, len(todo) // 4) == 0:
+                self.say(f"search: linearising, {i}/{len(todo)} groups measured "
+                         f"({self.meter.forwards:.0f} forwards)")
             for d in directions:
                 if d == 0 and not self.menu.prune:
                     continue
