@@ -167,7 +167,21 @@ def machine() -> dict[str, Any]:
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "load": os.getloadavg()}
+            "load": os.getloadavg(), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The git commit of the bitsack checkout that ran the cell (None outside git)."""
+    import subprocess
+
+    import bitsack
+
+    try:
+        out = subprocess.run(["git", "-C", str(Path(bitsack.__file__).parent), "rev-parse",
+                              "HEAD"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 # ---- report -------------------------------------------------------------------------------
