@@ -46,11 +46,7 @@ class SearchOutcome:
 def uniform_fits(choice: Choice, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
                  limits: Mapping[str, float]) -> bool:
     """Whether ``choice`` on every unit meets ``limits``."""
-    use: dict[str, float] = {}
-    for per in unit_costs.values():
-        for res, v in per[choice.option_id].items():
-            use[res] = use.get(res, 0.0) + v
-    return all(use.get(r, 0.0) <= lim * (1 + 1e-12) for r, lim in limits.items())
+    return all(_total(unit_costs, choice, r) <= lim * (1 + 1e-12) for r, lim in limits.items())
 
 
 def store_incumbent(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -86,19 +82,13 @@ def store_walk(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[str, fl
     except ValidationError:
         return store_incumbent(menu, unit_costs, {k: v for k, v in limits.items()
                                                   if k == "memory_bytes"})
-    above = next_above(menu, fit)
+    above = menu.step(fit, +1)
     if above is None or "memory_bytes" not in limits:
         return fit
     lim = limits["memory_bytes"]
     over = _total(unit_costs, above, "memory_bytes") / lim - 1.0
     under = 1.0 - _total(unit_costs, fit, "memory_bytes") / lim
     return above if over < under else fit
-
-
-def next_above(menu: Menu, choice: Choice) -> Choice | None:
-    """The menu choice with the next more nominal bits than ``choice`` (None: the top)."""
-    above = [c for c in menu.steps if nominal_bits(c) > nominal_bits(choice)]
-    return min(above, key=nominal_bits) if above else None
 
 
 def _total(unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]], choice: Choice,
