@@ -242,12 +242,13 @@ def _search_lines(out: Path, search: dict[str, Any]) -> list[str]:
         lines += ["", f"Final model: **{final.get('kept')}** (holdout KL stitched from the "
                   f"variant store {_fmt(final.get('stitched_holdout_kl'))}, sequential GPTQ "
                   f"apply {_fmt(final.get('sequential_holdout_kl'))})."]
-    lines += ["", "| step | k | units changed | predicted Δ | screen Δ | select Δ ± SE | "
-              "holdout Δ | decision |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| step | k | reach | units changed | predicted Δ | screen Δ | "
+              "select Δ ± SE | holdout Δ | decision |", "|---|---|---|---|---|---|---|---|---|"]
     for st in search.get("steps", []):
         sel = st.get("select") or {}
         hold = st.get("holdout") or {}
-        lines.append(f"| {st['iteration']} | {st['k']} | {len(st['changed'])} | "
+        lines.append(f"| {st['iteration']} | {st['k']} | {_fmt(st.get('reach'))} | "
+                     f"{len(st['changed'])} | "
                      f"{_fmt(st['predicted'])} | {_fmt((st.get('screen') or {}).get('delta'))}"
                      f" | {_fmt(sel.get('delta'))} ± {_fmt(sel.get('se'))} | "
                      f"{_fmt(hold.get('delta'))} | "

@@ -316,3 +316,22 @@ def test_start_plans_are_projected_onto_the_menu_and_a_pruned_start_measures_pru
     assert res.start["incumbent"] == "oneshot"
     assert s.menu.prune and any((g, 0) in s.deltas for g in s.groups)
     assert s.fits(res.plan)
+
+
+def test_after_a_rejection_units_move_one_step_until_the_next_accept(setup):
+    _, model, units, meter, store, costs = setup()
+    menu = Menu.parse(MENU)
+    # z large: nothing is accepted, so every step after the first follows a rejection
+    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+               SearchConfig(budget_forwards=400, k=8, k_min=1, z=1e9, descend=False))
+    res = s.run()
+    assert [st.accepted for st in res.steps] == [False] * len(res.steps)
+    assert res.steps[0].reach == 2 and len(res.steps) >= 2
+
+    def distance(frm, to):
+        return abs(menu.index(parse_choice(to, 64)) - menu.index(parse_choice(frm, 64)))
+
+    assert any(distance(*v) == 2 for v in res.steps[0].changed.values())  # reach 2 was used
+    for st in res.steps[1:]:
+        assert st.reach == 1
+        assert all(distance(*v) == 1 for v in st.changed.values()), st.changed
