@@ -155,7 +155,7 @@ def test_planted_sensitive_unit_ends_at_high_precision(setup):
     store = VariantStore.build(model, units, menu, parse_choice("b2g32", 16), _tokens(8, 4),
                                StoreConfig(batch_size=4))
     s = Search(model, units, store, meter, costs, _limit(units, 3.5),
-               SearchConfig(budget_forwards=600, k=4, k_min=1))
+               SearchConfig(budget_forwards=1000, k=4, k_min=1))  # 6 groups: far moves of all
     res = s.run()
     planted = res.plan["L1.mlp.c0"]
     others = [nominal_bits(c) for u, c in res.plan.items() if u.startswith("L1.mlp")
@@ -335,3 +335,30 @@ def test_after_a_rejection_units_move_one_step_until_the_next_accept(setup):
     for st in res.steps[1:]:
         assert st.reach == 1
         assert all(distance(*v) == 1 for v in st.changed.values()), st.changed
+
+
+def test_two_step_moves_are_measured_for_the_best_groups_and_priced_as_measured(setup):
+    from bitsack.search.meter import Paired
+
+    _, model, units, meter, store, costs = setup(incumbent="b4g16")
+    s = Search(model, units, store, meter, costs, _limit(units, 8.0),  # room for b16 there
+               SearchConfig(far=2, descend=False))
+    s._set(s.uniform(parse_choice("b4g16", 16)))  # one step: b4g32 / b8g16, two: b3g16 / b16
+    s.linearise()
+    for d in (+1, -1):
+        far = [g for (g, dd) in s.deltas if dd == 2 * d]
+        assert far == s._far_groups(list(s.groups), d) and 1 <= len(far) <= 2
+    # a far move measured as a large gain is proposed as measured (two steps at once), where
+    # extrapolating its one step would not pay for it
+    g = "L0.mlp_group"
+    one, moved1 = s.deltas[(g, +1)]
+    s.deltas[(g, +1)] = (Paired(0.0, 0.0, one.n), moved1)
+    moved2 = s._move(g, +2)
+    s.deltas[(g, +2)] = (Paired(-10.0, 0.0, one.n), moved2)
+    for other in [k for k in s.deltas if k[0] != g]:
+        paired, moved = s.deltas[other]
+        s.deltas[other] = (Paired(abs(paired.mean) + 1e-3, 0.0, paired.n), moved)
+    changes, predicted, _ = s.propose(k=len(s.units) * 2)
+    assert {u: c.option_id for u, c in changes.items() if u in moved2} == \
+        {u: c.option_id for u, c in moved2.items()}
+    assert predicted < -1.0
