@@ -356,8 +356,10 @@ class VariantStore:
         assert self.root is not None
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.root / "store.json"
-        want = {"schema": STORE_SCHEMA, "key": key,
-                "menu": list(self.menu.option_ids), "incumbent": self.incumbent.option_id}
+        # as JSON reads it back (a tuple in the key is a list there): else no key would match
+        want = json.loads(json.dumps({"schema": STORE_SCHEMA, "key": key,
+                                      "menu": list(self.menu.option_ids),
+                                      "incumbent": self.incumbent.option_id}))
         if manifest.is_file():
             try:
                 have = json.loads(manifest.read_text())

@@ -108,13 +108,17 @@ def test_store_persists_and_resumes(setup, tmp_path, one_thread):
     units = model_units(model, mlp_group=MLP)
     menu = Menu.parse(MENU)
     inc = parse_choice("b3g16", 16)
+    key = {"k": 1, "splits": [(16, 256)]}  # a tuple: JSON gives it back as a list
     a = VariantStore.build(copy.deepcopy(model), units, menu, inc, _tokens(8, 4),
-                           StoreConfig(batch_size=4), root=tmp_path / "s", key={"k": 1})
+                           StoreConfig(batch_size=4), root=tmp_path / "s", key=key)
     files = sorted(p.name for p in (tmp_path / "s").glob("layer_*"))
     assert len(files) == 3  # two layers and the head
     (tmp_path / "s" / files[1]).unlink()  # as if killed before the last layer
+    kept = {f: (tmp_path / "s" / f).stat().st_mtime_ns for f in (files[0], files[2])}
     b = VariantStore.build(copy.deepcopy(model), units, menu, inc, _tokens(8, 4),
-                           StoreConfig(batch_size=4), root=tmp_path / "s", key={"k": 1})
+                           StoreConfig(batch_size=4), root=tmp_path / "s", key=key)
+    # the layers already built were read, not rebuilt
+    assert {f: (tmp_path / "s" / f).stat().st_mtime_ns for f in kept} == kept
     for name, per in a.variants.items():
         for c in per:
             assert torch.equal(a.dense(name, c), b.dense(name, c)), (name, c)
