@@ -50,10 +50,10 @@ import numpy as np
 from torch import nn
 
 from bitsack.errors import ValidationError
-from bitsack.plan import Choice, module_name
+from bitsack.plan import Choice
 from bitsack.search.menu import Menu
 from bitsack.search.meter import KLMeter, Paired
-from bitsack.search.store import VariantStore
+from bitsack.search.store import Stitcher, VariantStore
 
 SPLITS = ("screen", "select", "holdout")
 
@@ -150,43 +150,6 @@ class SearchResult:
                 "linearisations": self.linearisations, "stopped": self.stopped,
                 "plan": {u: c.option_id for u, c in self.plan.items()},
                 "steps": [asdict(s) for s in self.steps]}
-
-
-class Stitcher:
-    """Writes units' choices from a ``VariantStore`` into a dense model's weights."""
-
-    def __init__(self, model: nn.Module, units: Sequence[Any], store: VariantStore):
-        self.model = model
-        self.units = {u.id: u for u in units}
-        self.store = store
-        self.params = dict(model.named_parameters())
-        # a tied head's slices name the embedding's parameter; the store keys the embedding
-        self.n_layers = max((u.layer for u in units if u.layer is not None), default=-1) + 1
-
-    def write(self, changes: Mapping[str, Choice]) -> int | None:
-        """Write ``changes`` (unit -> choice); returns the first changed layer (None: an
-        embedding; ``n_layers``: only the head)."""
-        first: int | None = self.n_layers
-        for uid, choice in changes.items():
-            unit = self.units[uid]
-            for s in unit.slices:
-                name = module_name(s.param)
-                src = self.store.dense(self.store.stored_name(name), choice)
-                dst = self.params[s.param]
-                view = dst.data.T if s.transposed else dst.data
-                idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
-                    (slice(None), slice(s.start, s.stop))
-                view[idx] = src[idx].to(view.dtype)
-            if unit.layer is None:
-                first = None if self._is_input(unit) else (first if first is None
-                                                           else min(first, self.n_layers))
-            elif first is not None:
-                first = min(first, unit.layer)
-        return first
-
-    def _is_input(self, unit) -> bool:
-        emb = self.model.get_input_embeddings()
-        return any(self.params[s.param] is emb.weight for s in unit.slices)
 
 
 def groups_of(units: Sequence[Any]) -> dict[str, list[str]]:

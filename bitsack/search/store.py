@@ -1,7 +1,7 @@
 """A variant store: every weight matrix of a model quantized once at every option of a menu.
 
-A plan is then *stitched* — each unit's rows or columns copied from the variant of its choice —
-and measured, without running GPTQ inside the search (EvoPress keeps such a database of
+A plan is then *stitched* (``Stitcher``) — each unit's rows or columns copied from the variant
+of its choice — and measured, without running GPTQ inside the search (EvoPress keeps such a database of
 compressed layers; Sieberling et al. 2025).
 
 How the variants are made: one sequential GPTQ walk of the model on the layer engine
@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -433,3 +433,40 @@ class VariantStore:
         for name, per in found.items():
             self._add(name, {c: tuple(p) for c, p in per.items()})
         return True
+
+
+class Stitcher:
+    """Writes units' choices from a ``VariantStore`` into a dense model's weights."""
+
+    def __init__(self, model: nn.Module, units: Sequence[Any], store: VariantStore):
+        self.model = model
+        self.units = {u.id: u for u in units}
+        self.store = store
+        self.params = dict(model.named_parameters())
+        # a tied head's slices name the embedding's parameter; the store keys the embedding
+        self.n_layers = max((u.layer for u in units if u.layer is not None), default=-1) + 1
+
+    def write(self, changes: Mapping[str, Choice]) -> int | None:
+        """Write ``changes`` (unit -> choice); returns the first changed layer (None: an
+        embedding; ``n_layers``: only the head)."""
+        first: int | None = self.n_layers
+        for uid, choice in changes.items():
+            unit = self.units[uid]
+            for s in unit.slices:
+                name = module_name(s.param)
+                src = self.store.dense(self.store.stored_name(name), choice)
+                dst = self.params[s.param]
+                view = dst.data.T if s.transposed else dst.data
+                idx = (slice(s.start, s.stop), slice(None)) if s.dim == 0 else \
+                    (slice(None), slice(s.start, s.stop))
+                view[idx] = src[idx].to(view.dtype)
+            if unit.layer is None:
+                first = None if self._is_input(unit) else (first if first is None
+                                                           else min(first, self.n_layers))
+            elif first is not None:
+                first = min(first, unit.layer)
+        return first
+
+    def _is_input(self, unit) -> bool:
+        emb = self.model.get_input_embeddings()
+        return any(self.params[s.param] is emb.weight for s in unit.slices)

@@ -83,7 +83,7 @@ def test_stitched_uniform_is_compress_and_assemble_packs_any_plan(setup, arch):
     mixed = {u.id: ("prune" if u.prunable and rng.random() < 0.2 else
                     str(rng.choice(MENU))) for u in units}
     mixed = {u: parse_choice(o, 16) for u, o in mixed.items()}
-    from bitsack.search.loop import Stitcher
+    from bitsack.search.store import Stitcher
 
     Stitcher(model, units, store).write(mixed)
     packed = copy.deepcopy(base)
