@@ -231,6 +231,9 @@ def _search_lines(out: Path, search: dict[str, Any]) -> list[str]:
              ""]
     for key, d in start.items():
         if key.startswith("descend") and isinstance(d, dict):
+            if "skipped" in d:
+                lines.append(f"- {d.get('from')} not descended: {d['skipped']}.")
+                continue
             lines.append(f"- {d.get('from')} descended to fit: "
                          + (f"{d['changed']} units down, predicted Δ screen KL "
                             f"{d['predicted']:+.5f}" if "changed" in d else "no plan fits")

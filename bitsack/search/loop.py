@@ -7,17 +7,20 @@ split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candida
 1. Start: the incumbent x* is the best, measured on ``select``, of the uniform configurations
    that fit the budgets, the smallest one that does not fit *descended* to fit (its down
    moves measured, one knapsack: a budget between two uniform levels starts just under the
-   upper one) and (if given) a one-shot plan of the Fisher objective.
+   upper one; skipped when a fitting uniform plan already spends the budget, where the
+   descent only rearranges it at the price of a linearisation) and (if given) a one-shot
+   plan of the Fisher objective.
 2. Linearise around x*, in context (ExLlamaV3's in-context ΔKL): for every *group* (one unit
    kind in one layer, or an embedding) and direction d ∈ {one menu step up, one step down},
    ``Δ(g, d) = KL_screen(x* with g's units moved by d) − KL_screen(x*)``, paired over the
    same sequences, re-running only the layers from g's on. Single-unit 3↔4-bit effects lie
    below measurement noise on a small model; a group moves enough weight to be measured.
-   Then Δ(g, ±2), two steps, for the ``far`` groups whose one step buys the most per byte
-   (returns of a second step are not the first's: on SmolLM2, 3g32 → 4g128 gains far more
-   than 3g64 → 3g32).
+   Then Δ(g, ±2), two steps, for the ``far`` groups whose one step buys the most per unit of
+   budget (returns of a second step are not the first's: on SmolLM2, 3g32 → 4g128 gains far
+   more than 3g64 → 3g32).
 3. Propose: a multiple-choice knapsack over units (OR-Tools through ``bitsack.solver``), each
-   unit offered {its incumbent choice (0), one step up, one step down} with loss
+   unit offered {its incumbent choice (0), one or two steps up, one or two steps down (two:
+   as measured, else extrapolated from the one step), pruned} with loss
    ``Δ(g, d)·(params_u / params of g's movers)`` and its exact costs, under the budgets and a
    **trust region**: a resource ``changes`` (1 per moved unit) limited to k. The solver's
    certificate is kept for every proposal. Alternatives: k/2, and costs resampled within
@@ -27,9 +30,9 @@ split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candida
    than ``z`` paired standard errors **and** is not worse on ``holdout``. Accept: x* moves,
    k doubles (to ``k_max``), the groups of the changed layers are re-measured (all groups
    every ``refresh`` accepted steps), and the reach is back to ``reach``. Reject: k halves
-   and the reach drops to one step (a two-step move is extrapolated, never measured: at 3.25
-   bits/weight on SmolLM2 both rejected proposals moved units two steps down, predicted
-   −0.02 / −0.03, measured +0.12 / +0.13); below ``k_min`` the search stops.
+   and the reach drops to one step (most two-step moves are extrapolated: at 3.25 bits/weight
+   on SmolLM2, before any was measured, both rejected proposals moved units two steps down,
+   predicted −0.02 / −0.03, measured +0.12 / +0.13); below ``k_min`` the search stops.
 5. Stop when the forward budget (sequence-forwards: one full forward of one sequence = 1) is
    spent, or k < k_min.
 
@@ -78,9 +81,13 @@ class SearchConfig:
             the ``far`` most promising groups per direction, else extrapolated from the
             measured first); the trust region counts steps. After a rejected step the reach
             is one step until the next accepted one.
-        far: groups per direction whose two-step move is measured after each linearisation
-            (the ones whose one-step move buys the most: the largest gain per byte up, the
-            smallest loss per byte saved down); 0 extrapolates every two-step move.
+        far: groups per direction whose two-step move is measured (the ones whose one-step
+            move buys the most per unit of budget — Σ over the limits of |Δcost| / limit —:
+            the largest gain up, the smallest loss down); 0 extrapolates every two-step move.
+        descend_until: the descended start is tried only while the best fitting uniform
+            plan uses less than this fraction of its binding budget (at 3.5 bits/weight
+            uniform 3g64 spends all of it, and the descended 3g32 was worse: 0.909 vs 0.884
+            select KL, for ~850 of the 3000 forwards).
         solver: the bitsack solver backend of the proposals.
         time_limit_s: per proposal solve.
         seed: seeds the resampled proposals.
@@ -98,6 +105,7 @@ class SearchConfig:
     caution: float = 1.0
     reach: int = 2
     far: int = 8
+    descend_until: float = 0.99
     solver: str = "highs"
     time_limit_s: float = 20.0
     seed: int = 0
@@ -112,6 +120,10 @@ class SearchConfig:
                                   "valid: 1 ≤ k_min ≤ k ≤ k_max")
         if not self.z >= 0:
             raise ValidationError("z", f"{self.z!r}; valid: ≥ 0")
+        if not (isinstance(self.far, int) and self.far >= 0):
+            raise ValidationError("far", f"{self.far!r}; valid: an integer ≥ 0")
+        if self.reach not in (1, 2):
+            raise ValidationError("reach", f"{self.reach!r}; valid: 1 or 2")
 
 
 @dataclass
@@ -256,7 +268,13 @@ class Search:
             else:
                 above = c
         info: dict[str, Any] = {}
-        if self.cfg.descend and above is not None and (cands or self.menu.prune):
+        spent = max((self.usage(p).get(r, 0.0) / lim for p in cands.values()
+                     for r, lim in self.limits.items() if lim > 0), default=0.0)
+        if above is not None and cands and spent >= self.cfg.descend_until:
+            info["descend"] = {"from": f"uniform {above.option_id}",
+                               "skipped": f"a fitting uniform plan spends {spent:.1%} of the "
+                                          "binding budget"}
+        elif self.cfg.descend and above is not None and (cands or self.menu.prune):
             plan, info["descend"] = self.descend(above)
             if plan is not None:
                 cands[f"uniform {above.option_id} descended"] = plan
@@ -323,7 +341,10 @@ class Search:
         """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all) and ``directions``:
         d = ±1, the group's units one menu step up / down; d = 0 (menu with prune), its one
         prunable kept unit whose weights are smallest (``VariantStore.error`` of pruning)
-        pruned."""
+        pruned. Then d = ±2 (for each ±1 in ``directions``, with ``cfg.reach`` 2) for the
+        ``cfg.far`` groups ranked best over all groups (``_far_groups``): measured where the
+        group was re-measured now or has no two-step Δ yet; dropped for groups out of the
+        top."""
         base = self.kl["screen"]
         todo = list(groups if groups is not None else self.groups)
         for g in todo:
@@ -342,14 +363,21 @@ class Search:
                     continue
                 kl = self._measure(moved, "screen")
                 self.deltas[(g, d)] = (Paired.of(kl, base), moved)
-        if self.cfg.reach > 1:
-            for d in (+1, -1):
-                if d in directions:
-                    for g in self._far_groups(todo, d):
-                        moved = self._move(g, 2 * d)
-                        if moved:
-                            kl = self._measure(moved, "screen")
-                            self.deltas[(g, 2 * d)] = (Paired.of(kl, base), moved)
+        if self.cfg.reach < 2:
+            return
+        fresh = set(todo)
+        for d in (+1, -1):
+            if d not in directions:
+                continue
+            top = set(self._far_groups(list(self.groups), d))
+            for g in self.groups:  # in the groups' order: deterministic
+                if g not in top:
+                    self.deltas.pop((g, 2 * d), None)
+                elif g in fresh or (g, 2 * d) not in self.deltas:
+                    moved = self._move(g, 2 * d)
+                    if moved:
+                        kl = self._measure(moved, "screen")
+                        self.deltas[(g, 2 * d)] = (Paired.of(kl, base), moved)
 
     def _far_groups(self, groups: Sequence[str], d: int) -> list[str]:
         """The ``cfg.far`` groups whose one-step move in direction d buys the most: up, the
@@ -381,6 +409,8 @@ class Search:
             return {pick: PRUNE}
         moved = {}
         for uid in self.groups[g]:
+            if abs(d) == 2 and self.plan[uid].pruned:
+                continue  # a pruned unit's only way up is one step (never offered two)
             to = self.menu.step(self.plan[uid], d)
             if to is not None:
                 moved[uid] = to

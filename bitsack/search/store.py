@@ -1,8 +1,8 @@
 """A variant store: every weight matrix of a model quantized once at every option of a menu.
 
-A plan is then *stitched* (``Stitcher``) — each unit's rows or columns copied from the variant
-of its choice — and measured, without running GPTQ inside the search (EvoPress keeps such a database of
-compressed layers; Sieberling et al. 2025).
+A plan is then *stitched* (``Stitcher``): each unit's rows or columns copied from the
+variant of its choice, and measured, without running GPTQ inside the search (EvoPress keeps
+such a database of compressed layers; Sieberling et al. 2025).
 
 How the variants are made: one sequential GPTQ walk of the model on the layer engine
 (``bitsack.engine``), exactly as ``bitsack.apply`` applies a *uniform* plan (the

@@ -3,6 +3,7 @@ resumption), and the packed model it produces."""
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -136,6 +137,9 @@ def test_search_never_accepts_a_worse_holdout_and_fits(setup):
     assert s.fits(res.plan)
     assert res.kl["holdout"] <= res.start["kl"]["holdout"] + 1e-12
     assert any(st.accepted for st in res.steps)
+    # two steps at once only right after an accepted step (or at the start)
+    assert [st.reach for st in res.steps] == \
+        [2 if i == 0 or res.steps[i - 1].accepted else 1 for i in range(len(res.steps))]
     for st in res.steps:
         if st.accepted:
             assert st.holdout["delta"] <= 0.0
@@ -342,8 +346,6 @@ def test_after_a_rejection_units_move_one_step_until_the_next_accept(setup):
 
 
 def test_two_step_moves_are_measured_for_the_best_groups_and_priced_as_measured(setup):
-    from bitsack.search.meter import Paired
-
     _, model, units, meter, store, costs = setup(incumbent="b4g16")
     s = Search(model, units, store, meter, costs, _limit(units, 8.0),  # room for b16 there
                SearchConfig(far=2, descend=False))
@@ -351,7 +353,21 @@ def test_two_step_moves_are_measured_for_the_best_groups_and_priced_as_measured(
     s.linearise()
     for d in (+1, -1):
         far = [g for (g, dd) in s.deltas if dd == 2 * d]
-        assert far == s._far_groups(list(s.groups), d) and 1 <= len(far) <= 2
+        assert far and set(far) == set(s._far_groups(list(s.groups), d)) and len(far) <= 2
+    # the ranking, planted: up, the largest gain per budget spent (a step up that does not
+    # help is never extended); down, the smallest loss per budget saved
+    groups = list(s.groups)
+    for d, planted in ((+1, [-1.0, -3.0, 0.5, -2.0, -0.1, 0.0]),
+                       (-1, [0.4, 0.1, 2.0, 0.3, 5.0, 0.05])):
+        for g, m in zip(groups, planted, strict=True):
+            s.deltas[(g, d)] = (Paired(m, 0.0, 8), s._move(g, d))
+        sizes = [sum(abs(costs[u][c.option_id]["memory_bytes"]
+                         - costs[u][s.plan[u].option_id]["memory_bytes"])
+                     for u, c in s._move(g, d).items()) for g in groups]
+        per = sorted((m / z, i) for i, (m, z) in enumerate(zip(planted, sizes, strict=True))
+                     if d < 0 or m < 0)
+        assert s._far_groups(groups, d) == [groups[i] for _, i in per[:2]]
+        assert d < 0 or len(per) == 4  # up: the groups whose step does not help are out
     # a far move measured as a large gain is proposed as measured (two steps at once), where
     # extrapolating its one step would not pay for it
     g = "L0.mlp_group"
@@ -366,3 +382,24 @@ def test_two_step_moves_are_measured_for_the_best_groups_and_priced_as_measured(
     assert {u: c.option_id for u, c in changes.items() if u in moved2} == \
         {u: c.option_id for u, c in moved2.items()}
     assert predicted < -1.0
+
+
+def test_a_pruned_unit_never_moves_two_steps_and_a_spent_budget_is_not_descended(setup):
+    from bitsack.plan import PRUNE
+
+    _, model, units, meter, store, costs = setup()
+    menu = replace(Menu.parse(MENU), prune=True)
+    store.menu = menu
+    b3 = parse_choice("b3g32", 16)
+    s = Search(model, units, store, meter, costs, _limit(units, 6.0), SearchConfig())
+    plan = {**s.uniform(b3), "L1.mlp.c0": PRUNE}
+    s._set(plan)
+    assert "L1.mlp.c0" in s._move("L1.mlp_group", +1)
+    assert "L1.mlp.c0" not in s._move("L1.mlp_group", +2)
+    assert set(s._move("L1.mlp_group", +2)) == {"L1.mlp.c1", "L1.mlp.c2"}
+    # a budget that uniform b3g32 spends exactly: the descent from the level above is skipped
+    exact = {"memory_bytes": s.usage(s.uniform(b3))["memory_bytes"]}
+    s = Search(model, units, store, meter, costs, exact, SearchConfig(budget_forwards=0))
+    info = s.start()
+    assert "skipped" in info["descend"] and info["incumbent"] == "uniform b3g32"
+    assert meter.forwards < 200  # no linearisation: the starts' traces only
