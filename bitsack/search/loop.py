@@ -388,9 +388,9 @@ class Search:
             if (g, d) not in self.deltas:
                 continue
             paired, moved = self.deltas[(g, d)]
-            size = sum(abs(self.unit_costs[u][c.option_id].get(r, 0.0)
-                           - self.unit_costs[u][self.plan[u].option_id].get(r, 0.0)) / lim
-                       for u, c in moved.items() for r, lim in self.limits.items() if lim > 0)
+            new, old = self.usage(moved), self.usage({u: self.plan[u] for u in moved})
+            size = sum(abs(new.get(r, 0.0) - old.get(r, 0.0)) / lim
+                       for r, lim in self.limits.items() if lim > 0)
             if not size > 0 or (d > 0 and not paired.mean < 0):
                 continue  # nothing saved or spent, or a step up that does not help
             # up: −gain per budget spent; down: loss per budget saved — smallest first
@@ -452,7 +452,7 @@ class Search:
                     targets = [(moved[uid], delta * share[uid], 1)]
                     far = self.menu.step(cur, 2 * d) if d != 0 and not cur.pruned else None
                     if far is not None and reach > 1:
-                        if uid in moves.get(2 * d, (0.0, {}, {}))[1]:  # measured
+                        if 2 * d in moves and uid in moves[2 * d][1]:  # measured
                             far_delta, _, far_share = moves[2 * d]
                             targets.append((far, far_delta * far_share[uid], 2))
                         else:
