@@ -110,7 +110,8 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
 
     ``model`` is consumed (its weights are rewritten, then it becomes the packed model).
     ``run_dir/store`` holds the variant store, ``run_dir/search.json`` the search's
-    checkpoint: an interrupted call resumes from both. ``window``: the store (and the search)
+    checkpoint: an interrupted call resumes from both, and a call with a larger forward
+    budget continues a finished search (``resumable``). ``window``: the store (and the search)
     keep the menu choices within that many steps of the store's uniform walk (None: all) —
     choices farther away need more accepted moves than a search makes, and each costs a GPTQ
     run per matrix. ``constraints`` (``bitsack.solver.problem.Constraint``) bind every
@@ -149,9 +150,13 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     resume = None
     if ck_file.is_file():
         saved = json.loads(ck_file.read_text())
-        if saved.get("key") == _jsonable(store_key) and saved.get("config") == _cfg(config):
+        if saved.get("key") == _jsonable(store_key) and resumable(saved.get("config"),
+                                                                   config):
             resume = saved["checkpoint"]
-            say(f"search: resuming after step {len(resume['result']['steps'])}")
+            was = saved["config"]["budget_forwards"]
+            say(f"search: resuming after step {len(resume['result']['steps'])}"
+                + (f" (forward budget {was:g} → {config.budget_forwards:g})"
+                   if was != config.budget_forwards else ""))
 
     def checkpoint(ck: dict) -> None:
         from bitsack.io import write_json
@@ -213,6 +218,16 @@ def _head_layers(model: nn.Module, units: Sequence[Any]) -> float:
     if head is None or per_layer == 0:
         return 1.0
     return float(head.weight.numel()) / per_layer
+
+
+def resumable(saved: Any, config: SearchConfig) -> bool:
+    """Whether a checkpoint written under the search config ``saved`` (JSON) continues under
+    ``config``: every knob equal but the forward budget. The budget is only read at the top of
+    the loop, so a search stopped by its budget and resumed with a larger one ends exactly as
+    one run with the larger budget from the start (a smaller one stops at once)."""
+    if not isinstance(saved, dict):
+        return False
+    return {**saved, "budget_forwards": None} == {**_cfg(config), "budget_forwards": None}
 
 
 def _cfg(config: SearchConfig) -> dict:

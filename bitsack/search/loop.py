@@ -509,7 +509,8 @@ class Search:
         """Search until the forward budget is spent or the trust region collapses.
 
         ``resume`` is a checkpoint (``checkpoint_dict``) of an interrupted search: the search
-        continues from its last finished step and ends exactly as an uninterrupted one.
+        continues from its last finished step and ends exactly as an uninterrupted one — also
+        when it had stopped on its forward budget and ``config`` now grants a larger one.
         """
         cfg = self.cfg
         if resume:

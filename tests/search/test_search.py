@@ -199,6 +199,32 @@ def test_interrupted_search_resumes_to_the_identical_result(setup):
     assert resumed == full
 
 
+def test_a_larger_budget_continues_a_finished_search_to_the_identical_result(setup):
+    from dataclasses import asdict
+
+    from bitsack.search.driver import resumable
+
+    def run(budget, resume=None):
+        _, model, units, meter, store, costs = setup()
+        saved = []
+        s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+                   SearchConfig(budget_forwards=budget, k=4),
+                   checkpoint=lambda ck: saved.append(json.loads(json.dumps(ck))))
+        return s.run(resume=resume).to_dict(), saved
+
+    short, saved = run(200)
+    assert short["stopped"] == "forward budget spent"
+    full, _ = run(500)
+    assert len(full["steps"]) > len(short["steps"])
+    continued, _ = run(500, resume=saved[-1])
+    assert continued == full
+    # only the budget may differ between the checkpoint's config and the new one
+    was = json.loads(json.dumps(asdict(SearchConfig(budget_forwards=200, k=4))))
+    assert resumable(was, SearchConfig(budget_forwards=500, k=4))
+    assert not resumable(was, SearchConfig(budget_forwards=500, k=8))
+    assert not resumable(None, SearchConfig())
+
+
 def test_groups_are_layer_kinds_and_embeddings():
     units = model_units(tiny_model("llama"), mlp_group=MLP)
     groups = groups_of(units)
