@@ -294,13 +294,8 @@ class VariantStore:
 
         # embeddings (and projections) outside the layers, but the head: RTN first, as
         # compress does, so layer 0's calibration inputs are what the model computes
-        outside = sorted({module_name(s.param) for u in units if u.layer is None
-                          for s in u.slices} - set(tied) - {head})
-        for name in outside:
-            mod = model.get_submodule(name)
-            store._add(name, quantize_choices(dense_weight(mod), None, choices,
-                                              StoreConfig(quantizer="rtn")))
-            write_weight(mod, store.dense(name, incumbent))
+        for name in store._add_outside(model, units):
+            write_weight(model.get_submodule(name), store.dense(name, incumbent))
         engine = None
         if cfg.quantizer == "gptq":
             engine = LayerEngine(model, calib_tokens, batch_size=cfg.batch_size)
@@ -345,6 +340,45 @@ class VariantStore:
                 mod.weight.data.copy_(store.dense(name, incumbent).to(mod.weight.dtype))
         tick(n_layers + 1, n_layers + 1)
         return store
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, model: nn.Module, units) -> VariantStore:
+        """A store ``build`` persisted under ``root``, read back whole for ``model`` (its
+        unquantized weights) without a calibration walk — to inspect or re-measure variants
+        (``bench/in_context.py``). The few matrices outside the layers that ``build`` does not
+        persist (an untied input embedding: RTN) are quantized again from ``model``.
+
+        Raises:
+            FormatError: no ``store.json`` under ``root``, or a layer it needs is missing.
+        """
+        from bitsack.plan import parse_choice
+
+        root = Path(root)
+        try:
+            manifest = json.loads((root / "store.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{root}: not a variant store ({exc})") from None
+        menu = Menu.parse(manifest["menu"])
+        store = cls(menu, parse_choice(manifest["incumbent"], 64, "store.incumbent"), root)
+        store.tied = dict(tied_pairs(model))
+        n_layers = len(get_adapter(model).layers())
+        for i in range(n_layers + 1):
+            if not store._load_layer(i):
+                raise FormatError(f"{root}: layer {i} of {n_layers} (+ head) is missing; "
+                                  "finish the store with VariantStore.build")
+        store._add_outside(model, units)
+        return store
+
+    def _add_outside(self, model: nn.Module, units) -> list[str]:
+        """Quantize (RTN) the units' matrices outside the layers, but the head and tied
+        embeddings, at every choice; returns their names."""
+        choices = tuple(dict.fromkeys((*self.menu.steps, FP16)))
+        outside = sorted({module_name(s.param) for u in units if u.layer is None
+                          for s in u.slices} - set(tied_pairs(model)) - {output_name(model)})
+        for name in outside:
+            self._add(name, quantize_choices(dense_weight(model.get_submodule(name)), None,
+                                             choices, StoreConfig(quantizer="rtn")))
+        return outside
 
     def _add(self, name: str, per_choice: dict[Choice, tuple[Piece, ...]]) -> None:
         self.variants[name] = per_choice

@@ -129,6 +129,28 @@ def test_store_persists_and_resumes(setup, tmp_path, one_thread):
     assert json.loads((tmp_path / "s" / "store.json").read_text())["key"] == {"k": 2}
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_a_persisted_store_opens_without_a_walk(tmp_path, arch, one_thread):
+    from bitsack.errors import FormatError
+
+    model = tiny_model(arch, seed=0)
+    units = model_units(model, mlp_group=MLP)
+    built = VariantStore.build(copy.deepcopy(model), units, Menu.parse(MENU),
+                               parse_choice("b3g16", 16), _tokens(8, 4),
+                               StoreConfig(batch_size=4), root=tmp_path / "s", key={"k": 1})
+    opened = VariantStore.open(tmp_path / "s", model, units)
+    assert opened.menu == built.menu and opened.incumbent == built.incumbent
+    assert set(opened.variants) == set(built.variants)
+    for name, per in built.variants.items():
+        for c in per:
+            assert torch.equal(opened.dense(name, c), built.dense(name, c)), (name, c)
+    next((tmp_path / "s").glob("layer_0001*")).unlink()
+    with pytest.raises(FormatError, match="layer 1 of"):
+        VariantStore.open(tmp_path / "s", model, units)
+    with pytest.raises(FormatError, match="not a variant store"):
+        VariantStore.open(tmp_path / "nothing", model, units)
+
+
 def test_search_never_accepts_a_worse_holdout_and_fits(setup):
     _, model, units, meter, store, costs = setup()
     limits = _limit(units, 3.5)
