@@ -140,3 +140,14 @@ def test_bad_arguments_are_refused():
         Progress("x", mode="loud")
     with pytest.raises(ValueError, match="interval"):
         Progress("x", interval=0)
+
+
+def test_run_heartbeat_clips_a_stage_message_at_a_word():
+    from bitsack.commands.run import clip
+
+    msg = "search: the plan applied for real (sequential GPTQ) to compare"
+    out = clip(msg, 60)
+    assert len(out) <= 60 and out.endswith("…")
+    assert out == "search: the plan applied for real (sequential GPTQ) to…"
+    assert clip("short", 60) == "short"
+    assert len(clip("x" * 100, 60)) == 60  # no space to cut at: cut in the word

@@ -186,7 +186,7 @@ def execute(cfg, args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         if not quiet:
             print(f"[{time.monotonic() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
-            beat.stage(msg[:60])
+            beat.stage(clip(msg, 60))
 
     with beat:
         summary = run_pipeline(cfg, progress=say, bars=mode == "bar", force=args.force)
@@ -195,6 +195,16 @@ def execute(cfg, args: argparse.Namespace) -> int:
         return 0
     print(format_summary(summary))
     return 0
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` characters at a word boundary, ``…`` marking the cut
+    (the heartbeat line repeats a stage's message; a mid-word cut read as a typo)."""
+    if len(text) <= width:
+        return text
+    head = text[:width - 1]
+    cut = head.rfind(" ")
+    return (head[:cut] if cut > width // 2 else head).rstrip(" ,;:(") + "…"
 
 
 def format_summary(s) -> str:
