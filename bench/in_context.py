@@ -50,7 +50,6 @@ def main(argv=None) -> int:
     t0 = time.time()
     lm = load_model("default", progress=False)
     model = lm.model
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
     units = model_units(model, mlp_group=128)
     store = VariantStore.open(Path(args.run_dir) / "store", model, units)
     # the search's splits, drawn exactly as `bitsack run` draws them (sizes and seed)
@@ -100,7 +99,6 @@ def main(argv=None) -> int:
         for oid in ("b16", "b4g64"):
             matrices(layers[-1], (mat,), oid, "uniform b3g64", base)
     errors = _errors(model, store, meter, layers[-1], choice)
-    model.load_state_dict(dense)
     _write(Path(args.out), rows, errors, uniform_kl, args, time.time() - t0)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

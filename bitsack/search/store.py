@@ -284,7 +284,7 @@ class VariantStore:
         if store.root is not None:
             store._open(key)
         adapter = get_adapter(model)
-        choices = tuple(dict.fromkeys((*menu.steps, FP16)))  # fp16: the reference weights
+        choices = store.choices
         cols = column_bounds(units)
         tied = tied_pairs(model)
         store.tied = dict(tied)
@@ -372,13 +372,18 @@ class VariantStore:
     def _add_outside(self, model: nn.Module, units) -> list[str]:
         """Quantize (RTN) the units' matrices outside the layers, but the head and tied
         embeddings, at every choice; returns their names."""
-        choices = tuple(dict.fromkeys((*self.menu.steps, FP16)))
+        choices = self.choices
         outside = sorted({module_name(s.param) for u in units if u.layer is None
                           for s in u.slices} - set(tied_pairs(model)) - {output_name(model)})
         for name in outside:
             self._add(name, quantize_choices(dense_weight(model.get_submodule(name)), None,
                                              choices, StoreConfig(quantizer="rtn")))
         return outside
+
+    @property
+    def choices(self) -> tuple[Choice, ...]:
+        """Every choice a matrix is stored at: the menu's, and fp16 (the reference weights)."""
+        return tuple(dict.fromkeys((*self.menu.steps, FP16)))
 
     def _add(self, name: str, per_choice: dict[Choice, tuple[Piece, ...]]) -> None:
         self.variants[name] = per_choice
