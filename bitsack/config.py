@@ -78,6 +78,7 @@ class RunConfig:
     search_budget: float = 3000.0
     search_k: int = 48
     search_window: int = 3
+    search_rewalks: int = 0
     # screen 16 x 256 / select 48 x 256: on SmolLM2 at 3.5 bits/weight the search moved
     # nothing with 8 x 256 / 16 x 256 (noise as large as the effects) and beat uniform with
     # these (bench/results/e2e.md, "search-narrow" vs "search")
@@ -130,6 +131,10 @@ class RunConfig:
                                   "gptq, rtn, or None (the apply quantizer)")
         if self.quantizer not in ("gptq", "rtn"):
             raise ValidationError("quantizer", f"{self.quantizer!r}; valid: gptq, rtn")
+        if isinstance(self.search_rewalks, bool) or not isinstance(self.search_rewalks, int) \
+                or self.search_rewalks < 0:
+            raise ValidationError("search_rewalks", f"{self.search_rewalks!r}; valid: an integer "
+                                  "≥ 0 (rounds after the first)")
         if not (math.isfinite(self.search_budget) and self.search_budget >= 0):
             raise ValidationError("search_budget", f"{self.search_budget!r}; valid: a finite "
                                   "number ≥ 0 (sequence-forwards)")

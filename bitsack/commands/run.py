@@ -91,6 +91,11 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     p.add_argument("--search-window", type=POSITIVE_INT, default=d["search_window"],
                    help="the variant store keeps the menu options within this many steps of "
                    f"the uniform start (default {d['search_window']}): fewer is a faster store")
+    p.add_argument("--search-rewalks", type=NONNEG_INT, default=d["search_rewalks"],
+                   help="search rounds after the first: the variant store is quantized again "
+                   "along the searched plan (Hessians from its own layers) and the search goes "
+                   "on from there if that measures better, with --search-budget more forwards "
+                   f"each (default {d['search_rewalks']})")
     p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
                    help=f"units the first search step may change (default {d['search_k']})")
     for split in ("screen", "select", "holdout"):
@@ -164,6 +169,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
         search_start=args.search_start, search_budget=args.search_budget,
         search_k=args.trust_region, search_window=args.search_window,
+        search_rewalks=args.search_rewalks,
         screen=tuple(args.screen), select=tuple(args.select),
         holdout=tuple(args.holdout), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, solver=args.solver, time_limit_s=args.time_limit,

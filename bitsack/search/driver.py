@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from torch import nn
 from bitsack.apply import ApplyConfig, CompressResult, assemble, compress
 from bitsack.errors import ValidationError
 from bitsack.plan import Choice
-from bitsack.search.loop import Search, SearchConfig, SearchResult
+from bitsack.search.loop import Search, SearchConfig, SearchResult, Step
 from bitsack.search.menu import Menu, nominal_bits
-from bitsack.search.meter import KLMeter
+from bitsack.search.meter import KLMeter, Paired
 from bitsack.search.store import StoreConfig, VariantStore
 
 
@@ -139,34 +139,63 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     starts = kept_starts
     say(f"search: variant store ({', '.join(menu.option_ids)}; walk at uniform "
         f"{incumbent.option_id})")
-    store = VariantStore.build(
-        model, units, menu, incumbent, calib_tokens,
-        StoreConfig(quantizer=apply.quantizer, damp=apply.damp, act_order=apply.act_order,
-                    batch_size=apply.batch_size, true_sequential=apply.true_sequential),
-        root=run_dir / "store", key=store_key,
-        progress=lambda done, total: say(f"search: store {done}/{total}")
-        if done == total or done % max(1, total // 5) == 0 else None)
+    store_cfg = StoreConfig(quantizer=apply.quantizer, damp=apply.damp,
+                            act_order=apply.act_order, batch_size=apply.batch_size,
+                            true_sequential=apply.true_sequential)
+
+    def tick(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 5) == 0:
+            say(f"search: store {done}/{total}")
+
+    store = VariantStore.build(model, units, menu, incumbent, calib_tokens, store_cfg,
+                               root=run_dir / "store", key=store_key, progress=tick)
     ck_file = run_dir / "search.json"
-    resume = None
-    if ck_file.is_file():
-        saved = json.loads(ck_file.read_text())
-        if saved.get("key") == _jsonable(store_key) and resumable(saved.get("config"),
-                                                                   config):
-            resume = saved["checkpoint"]
-            was = saved["config"]["budget_forwards"]
-            say(f"search: resuming after step {len(resume['result']['steps'])}"
-                + (f" (forward budget {was:g} → {config.budget_forwards:g})"
-                   if was != config.budget_forwards else ""))
-
-    def checkpoint(ck: dict) -> None:
-        from bitsack.io import write_json
-
-        write_json(ck_file, {"key": _jsonable(store_key), "config": _cfg(config),
-                             "checkpoint": ck})
-
     search = Search(model, units, store, meter, unit_costs, limits, config, progress=say,
-                    checkpoint=checkpoint, constraints=constraints)
-    result = search.run(extra_starts=starts, resume=resume)
+                    checkpoint=_checkpointer(ck_file, store_key, config),
+                    constraints=constraints)
+    result = search.run(extra_starts=starts, resume=_resume(ck_file, store_key, config, say))
+    rounds = [result]
+    for r in range(1, config.rewalks + 1):
+        if config.budget_forwards <= 0:
+            break
+        # round r: a store walked along the incumbent, then the search from there
+        prev_kl = dict(search.kl)
+        say(f"search: round {r + 1}: the variant store walked along the incumbent")
+        _load_weights(model, base)
+        key = {"store": store_key, "round": r}
+        walked = VariantStore.build(model, units, menu, result.plan, calib_tokens, store_cfg,
+                                    root=run_dir / f"store_round{r + 1}", key=key,
+                                    progress=tick)
+        rcfg = replace(config, budget_forwards=config.budget_forwards * (r + 1))
+        ck_r = run_dir / f"search_round{r + 1}.json"
+        nxt = Search(model, units, walked, meter, unit_costs, limits, rcfg, progress=say,
+                     checkpoint=_checkpointer(ck_r, key, rcfg), constraints=constraints)
+        resume = _resume(ck_r, key, rcfg, say)
+        if resume is None:
+            new_kl = nxt.adopt(result.plan)
+            walk = {sp: Paired.of(new_kl[sp], prev_kl[sp]) for sp in ("select", "holdout")}
+            better = walk["select"].mean < 0 and walk["holdout"].mean <= 0
+            say(f"search: round {r + 1}: the re-walked incumbent, select "
+                f"{walk['select'].mean:+.5f} ± {walk['select'].se:.5f}, holdout "
+                f"{walk['holdout'].mean:+.5f}: "
+                + ("continuing from it" if better else "worse; the previous round stands"))
+            info = {"incumbent": f"round {r} plan re-walked", "forwards": meter.forwards,
+                    "rewalk": {
+                sp: {"delta": w.mean, "se": w.se, "n": w.n} for sp, w in walk.items()}}
+            if not better:
+                _load_weights(model, base)  # back to the previous store's plan
+                search.plan = {}
+                search.adopt(result.plan)
+                rounds.append(SearchResult(start={**info, "accepted": False},
+                                           plan=dict(result.plan), kl=dict(result.kl),
+                                           forwards=meter.forwards, stopped="re-walk worse"))
+                break
+            nxt_result = nxt.run(start_info={**info, "accepted": True}, round=r)
+        else:
+            nxt_result = nxt.run(resume=resume, round=r)
+        search, store, result = nxt, walked, nxt_result
+        rounds.append(result)
+    result = _merged(rounds)
     plan = dict(result.plan)
     x = {"stitched_holdout_kl": result.kl["holdout"]}
     say(f"search: done ({result.stopped}); final plan stitched holdout KL "
@@ -191,6 +220,65 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     say(f"search: kept the {x['kept']} model (holdout KL stitched "
         f"{x['stitched_holdout_kl']:.5f}, sequential {x['sequential_holdout_kl']:.5f})")
     return SearchOutcome(result=result, compressed=compressed, final=x)
+
+
+def _checkpointer(path: Path, key: Any, config: SearchConfig) -> Callable[[dict], None]:
+    def checkpoint(ck: dict) -> None:
+        from bitsack.io import write_json
+
+        write_json(path, {"key": _jsonable(key), "config": _cfg(config), "checkpoint": ck})
+
+    return checkpoint
+
+
+def _resume(path: Path, key: Any, config: SearchConfig,
+            say: Callable[[str], None]) -> dict | None:
+    """The checkpoint at ``path`` if it was written for ``key`` under a config that
+    continues under ``config`` (``resumable``)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("key") != _jsonable(key) or not resumable(saved.get("config"), config):
+        return None
+    was = saved["config"]["budget_forwards"]
+    say(f"search: resuming after step {len(saved['checkpoint']['result']['steps'])}"
+        + (f" (forward budget {was:g} → {config.budget_forwards:g})"
+           if was != config.budget_forwards else ""))
+    return saved["checkpoint"]
+
+
+def _load_weights(model: nn.Module, base: nn.Module) -> None:
+    """Copy ``base``'s parameters into ``model`` (same architecture, unpruned)."""
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), base.parameters(), strict=True):
+            p.copy_(q)
+
+
+def _merged(rounds: Sequence[SearchResult]) -> SearchResult:
+    """One record of every round: the first round's start, the steps in order (a re-walk
+    between rounds as a step of its own, changing no unit), the last round's plan."""
+    first, last = rounds[0], rounds[-1]
+    if len(rounds) == 1:
+        return first
+    steps = list(first.steps)
+    records = []
+    for r, res in enumerate(rounds[1:], start=1):
+        walk = res.start.get("rewalk", {})
+        accepted = bool(res.start.get("accepted"))
+        sel, hold = walk.get("select"), walk.get("holdout")
+        steps.append(Step(len(steps) + 1, 0, {}, 0.0, {}, sel, hold, accepted,
+                          f"store re-walked along the incumbent (round {r + 1})", 0,
+                          res.start.get("forwards", 0.0), round=r))
+        for st in res.steps:
+            steps.append(replace(st, iteration=len(steps) + 1))
+        records.append({"round": r + 1, "accepted": accepted, "select": sel, "holdout": hold,
+                        "kl": res.kl, "stopped": res.stopped})
+    out = SearchResult(start=first.start, plan=dict(last.plan), kl=dict(last.kl),
+                       steps=steps, forwards=last.forwards,
+                       linearisations=sum(r.linearisations for r in rounds),
+                       stopped=last.stopped)
+    out.start = {**first.start, "rounds": records}
+    return out
 
 
 def project(plan: Mapping[str, Choice], menu: Menu) -> tuple[dict[str, Choice], int]:
@@ -222,12 +310,14 @@ def _head_layers(model: nn.Module, units: Sequence[Any]) -> float:
 
 def resumable(saved: Any, config: SearchConfig) -> bool:
     """Whether a checkpoint written under the search config ``saved`` (JSON) continues under
-    ``config``: every knob equal but the forward budget. The budget is only read at the top of
-    the loop, so a search stopped by its budget and resumed with a larger one ends exactly as
-    one run with the larger budget from the start (a smaller one stops at once)."""
+    ``config``: every knob equal but the forward budget and the number of rounds. The budget
+    is only read at the top of the loop, so a search stopped by its budget and resumed with a
+    larger one ends exactly as one run with the larger budget from the start (a smaller one
+    stops at once)."""
     if not isinstance(saved, dict):
         return False
-    return {**saved, "budget_forwards": None} == {**_cfg(config), "budget_forwards": None}
+    free = {"budget_forwards": None, "rewalks": None}  # neither changes a round's course
+    return {**saved, **free} == {**_cfg(config), **free}
 
 
 def _cfg(config: SearchConfig) -> dict:

@@ -93,6 +93,11 @@ class SearchConfig:
         seed: seeds the resampled proposals.
         descend: also start from the smallest uniform plan over budget, moved down until it
             fits by one knapsack over measured down moves (``Search.descend``).
+        rewalks: rounds after the first: the variant store is walked again along the
+            incumbent (``VariantStore.build(walk=plan)``: Hessians from the plan's own
+            layers, as its sequential apply takes them) and, if that measures better on
+            ``select`` and no worse on ``holdout``, the search continues from there with
+            ``budget_forwards`` more (``bitsack.search.driver``). 0: one round.
     """
 
     budget_forwards: float = 3000.0
@@ -110,6 +115,7 @@ class SearchConfig:
     time_limit_s: float = 20.0
     seed: int = 0
     descend: bool = True
+    rewalks: int = 0
 
     def __post_init__(self) -> None:
         if not (self.budget_forwards >= 0 and math.isfinite(self.budget_forwards)):
@@ -124,6 +130,8 @@ class SearchConfig:
             raise ValidationError("far", f"{self.far!r}; valid: an integer ≥ 0")
         if self.reach not in (1, 2):
             raise ValidationError("reach", f"{self.reach!r}; valid: 1 or 2")
+        if not (isinstance(self.rewalks, int) and self.rewalks >= 0):
+            raise ValidationError("rewalks", f"{self.rewalks!r}; valid: an integer ≥ 0")
 
 
 @dataclass
@@ -143,6 +151,7 @@ class Step:
     forwards: float
     certificate: dict[str, Any] | None = None
     reach: int | None = None  # menu steps a unit could move in this step's proposals
+    round: int = 0  # the search round (a re-walk starts the next: ``SearchConfig.rewalks``)
 
 
 @dataclass
@@ -504,17 +513,32 @@ class Search:
         return parse_choice(oid, 64, "search")
 
     # ---- the loop -----------------------------------------------------------------------
+    def adopt(self, plan: Mapping[str, Choice]) -> dict[str, np.ndarray]:
+        """Make ``plan`` the incumbent without choosing among starts (a later round's
+        start); returns its per-sequence KL on every split."""
+        self._set(plan)
+        self._prune_if_pruned()
+        return dict(self.kl)
+
     def run(self, extra_starts: Mapping[str, Mapping[str, Choice]] | None = None,
-            resume: Mapping[str, Any] | None = None) -> SearchResult:
+            resume: Mapping[str, Any] | None = None,
+            start_info: Mapping[str, Any] | None = None, round: int = 0) -> SearchResult:
         """Search until the forward budget is spent or the trust region collapses.
 
         ``resume`` is a checkpoint (``checkpoint_dict``) of an interrupted search: the search
         continues from its last finished step and ends exactly as an uninterrupted one — also
         when it had stopped on its forward budget and ``config`` now grants a larger one.
+        ``start_info``: the incumbent was set by ``adopt`` (a later round); no start is chosen
+        and this is its record. ``round`` numbers the steps' round.
         """
         cfg = self.cfg
         if resume:
             result, state = self._restore(resume)
+        elif start_info is not None:
+            result = SearchResult(start={**start_info, "kl": {s: self._mean(s)
+                                                              for s in SPLITS}},
+                                  plan=dict(self.plan), kl={s: self._mean(s) for s in SPLITS})
+            state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach}
         else:
             info = self.start(extra_starts)
             result = SearchResult(start=info, plan=dict(self.plan),
@@ -533,6 +557,7 @@ class Search:
                 result.linearisations += 1
             step = self._step(len(result.steps) + 1, state["k"],
                               state.get("reach", cfg.reach))
+            step.round = round
             result.steps.append(step)
             if step.accepted:
                 self.rejected.clear()

@@ -120,6 +120,36 @@ def test_search_run_records_its_trail_and_resumes(tiny, tmp_path):
     assert "compress" in again.reused and again.ppl_after == s.ppl_after
 
 
+def test_a_rewalk_round_continues_a_finished_search_and_never_ends_worse(tiny, tmp_path):
+    import shutil
+
+    kw = dict(method="search", search_start="uniform", avg_bits=3.5, search_budget=250.0)
+    one = tmp_path / "one"
+    first = run(_cfg(tiny, one, **kw))
+    # the same folder, one round more: round 1 is resumed from its checkpoint, not redone
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    s = run(_cfg(tiny, two, search_rewalks=1, **kw))
+    srch = s.search
+    (rec,) = srch["start"]["rounds"]
+    assert rec["round"] == 2
+    walk = next(st for st in srch["steps"] if st["reason"].startswith("store re-walked"))
+    assert walk["changed"] == {} and walk["accepted"] == rec["accepted"]
+    n1 = len(first.search["steps"])
+    assert srch["steps"][:n1] == first.search["steps"]
+    sol = json.loads((two / "solution.json").read_text())
+    assert sol["search"]["kl"]["holdout"] <= first.search["kl"]["holdout"] + 1e-12
+    if rec["accepted"]:
+        assert (two / "store_round2" / "store.json").is_file()
+        assert srch["forwards"] > first.search["forwards"]
+        assert json.loads((two / "store_round2" / "store.json").read_text())["walk"] == \
+            first.search["plan"]
+    assert s.bits_per_weight <= 3.5 + 1e-9
+    # resumed whole: the identical record
+    again = run(_cfg(tiny, two, search_rewalks=1, **kw))
+    assert again.search == srch or "compress" in again.reused
+
+
 def test_run_cli_json(tiny, tmp_path, capsys):
     calib, ev = tiny
     out = tmp_path / "cli"

@@ -151,6 +151,54 @@ def test_a_persisted_store_opens_without_a_walk(tmp_path, arch, one_thread):
         VariantStore.open(tmp_path / "nothing", model, units)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_store_walked_along_a_plan_holds_that_plans_sequential_apply(setup, arch):
+    from bitsack.search.store import Stitcher
+
+    base, _, units, _, uniform, _ = setup(arch, incumbent="b3g16")
+    # one choice per (layer, kind) group: every matrix has one choice, so the plan's own
+    # variants of a walk along it are exactly its sequential apply
+    rng = np.random.default_rng(1)
+    plan = {}
+    for members in groups_of(units).values():
+        c = parse_choice(str(rng.choice(MENU[:-2])), 16)
+        plan.update({u: c for u in members})
+    assert len(set(plan.values())) > 2
+    walked = copy.deepcopy(base)
+    store = VariantStore.build(walked, units, Menu.parse(MENU), plan, _tokens(8, 4),
+                               StoreConfig(batch_size=4))
+    assert store.walk == plan
+    real = copy.deepcopy(base)
+    compress(real, plan, _tokens(8, 4), ApplyConfig(group_size=16, mlp_group=MLP, batch_size=4,
+                                                    backend="torch"))
+    x = _tokens(2, 9, 20)
+    with torch.no_grad():
+        assert torch.equal(walked(x).logits, real(x).logits)
+    # the walk left the model stitched at the plan, and the other variants differ from the
+    # uniform walk's past the first layer (their Hessians came from the plan's layers)
+    restitched = copy.deepcopy(base)
+    Stitcher(restitched, units, store).write(plan)
+    with torch.no_grad():
+        assert torch.equal(restitched(x).logits, walked(x).logits)
+    last = max(u.layer for u in units if u.layer is not None)
+    name = next(n for n in store.variants if f".{last}." in n)
+    assert not torch.equal(store.dense(name, MENU_C[0]), uniform.dense(name, MENU_C[0]))
+    # a uniform plan walked unit by unit is the uniform walk
+    same = VariantStore.build(copy.deepcopy(base), units, Menu.parse(MENU),
+                              {u.id: uniform.incumbent for u in units}, _tokens(8, 4),
+                              StoreConfig(batch_size=4))
+    for n, per in uniform.variants.items():
+        for c in per:
+            assert torch.equal(same.dense(n, c), uniform.dense(n, c)), (n, c)
+    with pytest.raises(Exception, match="walk"):
+        VariantStore.build(copy.deepcopy(base), units, Menu.parse(MENU),
+                           {units[0].id: uniform.incumbent}, _tokens(8, 4),
+                           StoreConfig(batch_size=4))
+
+
+MENU_C = [parse_choice(o, 16) for o in MENU]
+
+
 def test_search_never_accepts_a_worse_holdout_and_fits(setup):
     _, model, units, meter, store, costs = setup()
     limits = _limit(units, 3.5)
