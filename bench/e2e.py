@@ -57,6 +57,9 @@ def cell_config(cell: str, args) -> dict[str, Any]:
     if method == "search":  # the default splits, stated (they are hashed into the key)
         return {**common, "method": "search", "avg_bits": float(budget),
                 "screen": [16, 256], "select": [48, 256]}
+    if method == "search-rewalk":  # one round more: the store re-walked along the plan
+        return {**common, "method": "search", "avg_bits": float(budget),
+                "screen": [16, 256], "select": [48, 256], "search_rewalks": 1}
     if method == "search-narrow":  # the splits before 2026-12-02: a third of the tokens
         return {**common, "method": "search", "avg_bits": float(budget),
                 "screen": [8, 256], "select": [16, 256]}
@@ -82,6 +85,8 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     for f in ("eval_base.json", "eval_base.stage.json"):  # the base model is evaluated once
         if (base_dir / f).is_file() and not (run_dir / f).is_file():
             shutil.copy(base_dir / f, run_dir / f)
+    if cell.startswith("search-rewalk@"):  # round 1 is the search@B cell's: continue it
+        _seed_round_one(Path(args.runs) / f"search_{cell.split('@')[1]}", run_dir)
     # one profile serves every budget (its record holds no budget): seed it, then share it
     shared = base_dir.parent / "profile"
     _share_profile(shared, run_dir)
@@ -101,6 +106,17 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
               "summary": asdict(summary), "wall_s": time.time() - t, "machine": machine()}
     write_json(path, result)
     return result
+
+
+def _seed_round_one(src: Path, dst: Path) -> None:
+    """Hard-link a search cell's variant store and checkpoint into ``dst`` (files are
+    replaced, never rewritten in place), so a re-walk cell resumes its first round there."""
+    import os
+
+    if (src / "search.json").is_file() and not (dst / "search.json").is_file():
+        shutil.copytree(src / "store", dst / "store", copy_function=os.link,
+                        dirs_exist_ok=True)
+        shutil.copy(src / "search.json", dst / "search.json")
 
 
 def _share_profile(src: Path, dst: Path) -> None:
@@ -256,6 +272,31 @@ def write_report(args) -> Path:
                         if u else "—") + " | "
                      + (f"{r['wikitext2'] / s['wikitext2']:.3f}, {r['c4'] / s['c4']:.3f}"
                         if s else "—") + " |")
+    rewalk = sorted((c for c in res if c.startswith("search-rewalk@")),
+                    key=lambda c: float(c.split("@")[1]))
+    if rewalk:
+        L += ["", "## A second round on a re-walked store (`search-rewalk`)", "",
+              "The `search@B` cell's finished search continued: the variant store quantized "
+              "again along its plan (Hessians from the plan's own layers), kept if that "
+              "measures better on select and no worse on holdout, then the search again with "
+              "as many forwards (`--search-rewalks 1`).", "",
+              "| budget | bits | WikiText-2 | C4 | re-walk Δ select KL ± SE (kept?) | "
+              "forwards | vs search (Wiki, C4) | vs best uniform (Wiki, C4) |",
+              "|---|---|---|---|---|---|---|---|"]
+        for c in rewalk:
+            b, r = c.split("@")[1], res[c]
+            u, s1 = best_uniform(res, float(b)), res.get(f"search@{b}")
+            srch = r["summary"].get("search") or {}
+            rounds = srch.get("start", {}).get("rounds") or [{}]
+            sel = rounds[0].get("select") or {}
+            walk = (f"{sel['delta']:+.4f} ± {sel['se']:.4f} "
+                    f"({'yes' if rounds[0].get('accepted') else 'no'})" if sel else "—")
+            L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
+                     f"{_f(r['c4'])} | {walk} | {srch.get('forwards', 0):.0f} | "
+                     + (f"{r['wikitext2'] / s1['wikitext2']:.3f}, {r['c4'] / s1['c4']:.3f}"
+                        if s1 else "—") + " | "
+                     + (f"{r['wikitext2'] / u['wikitext2']:.3f}, {r['c4'] / u['c4']:.3f}"
+                        if u else "—") + " |")
     lat = {c: r for c, r in res.items() if c.endswith("@lat")}
     if lat:
         L += ["", "## Latency-bound case", "",
@@ -318,7 +359,8 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
                      if c.startswith("uniform:") and c.endswith(f"g{g}"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
-    for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search", "*-")):
+    for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search", "*-"),
+                          ("search-rewalk", "D:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
                      if c.startswith(method + "@") and not c.endswith("@lat"))
         if pts:

@@ -47,3 +47,15 @@ def test_cells_report_and_cache(e2e, tmp_path, capsys):
     capsys.readouterr()
     assert e2e.main(args) == 0
     assert capsys.readouterr().err.count("cached") == 4
+    # a re-walk cell continues the search cell's finished first round in its own folder
+    args_rw = [a if a != "uniform,search" else "search-rewalk@4.5" for a in args]
+    assert e2e.main(args_rw) == 0
+    rw = json.loads((tmp_path / "res" / "e2e" / "search-rewalk@4.5.json").read_text())
+    srch = rw["summary"]["search"]
+    assert srch["steps"][:len(search["summary"]["search"]["steps"])] == \
+        search["summary"]["search"]["steps"]
+    assert srch["start"]["rounds"][0]["round"] == 2
+    assert (tmp_path / "runs" / "search-rewalk_4.5" / "store_round2").is_dir() or \
+        not srch["start"]["rounds"][0]["accepted"]
+    md = (tmp_path / "res" / "e2e.md").read_text()
+    assert "## A second round on a re-walked store" in md and "| 4.5 |" in md
