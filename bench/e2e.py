@@ -267,11 +267,7 @@ def write_report(args) -> Path:
             b, r = c.split("@")[1], res[c]
             u, s = best_uniform(res, float(b)), res.get(f"search@{b}")
             L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
-                     f"{_f(r['c4'])} | "
-                     + (f"{r['wikitext2'] / u['wikitext2']:.3f}, {r['c4'] / u['c4']:.3f}"
-                        if u else "—") + " | "
-                     + (f"{r['wikitext2'] / s['wikitext2']:.3f}, {r['c4'] / s['c4']:.3f}"
-                        if s else "—") + " |")
+                     f"{_f(r['c4'])} | {_ratios(r, u)} | {_ratios(r, s)} |")
     rewalk = sorted((c for c in res if c.startswith("search-rewalk@")),
                     key=lambda c: float(c.split("@")[1]))
     if rewalk:
@@ -293,10 +289,7 @@ def write_report(args) -> Path:
                     f"({'yes' if rounds[0].get('accepted') else 'no'})" if sel else "—")
             L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
                      f"{_f(r['c4'])} | {walk} | {srch.get('forwards', 0):.0f} | "
-                     + (f"{r['wikitext2'] / s1['wikitext2']:.3f}, {r['c4'] / s1['c4']:.3f}"
-                        if s1 else "—") + " | "
-                     + (f"{r['wikitext2'] / u['wikitext2']:.3f}, {r['c4'] / u['c4']:.3f}"
-                        if u else "—") + " |")
+                     f"{_ratios(r, s1)} | {_ratios(r, u)} |")
     lat = {c: r for c, r in res.items() if c.endswith("@lat")}
     if lat:
         L += ["", "## Latency-bound case", "",
@@ -376,6 +369,13 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _ratios(r: dict, ref: dict | None) -> str:
+    """``r``'s perplexities over ``ref``'s, WikiText-2 then C4 (— without ``ref``)."""
+    if not ref:
+        return "—"
+    return f"{r['wikitext2'] / ref['wikitext2']:.3f}, {r['c4'] / ref['c4']:.3f}"
 
 
 def _f(v) -> str:
