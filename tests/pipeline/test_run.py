@@ -150,6 +150,31 @@ def test_a_rewalk_round_continues_a_finished_search_and_never_ends_worse(tiny, t
     assert again.search == srch or "compress" in again.reused
 
 
+def test_a_rewalk_that_measures_worse_leaves_the_first_round_standing(tiny, tmp_path,
+                                                                        monkeypatch):
+    from bitsack.search import driver
+    from bitsack.search.meter import Paired
+
+    kw = dict(method="search", search_start="uniform", avg_bits=3.5, search_budget=250.0)
+    first = run(_cfg(tiny, tmp_path / "one", **kw))
+
+    class Worse(Paired):  # every re-walk measures worse
+        @classmethod
+        def of(cls, a, b):
+            return Paired(1.0, 0.01, len(a))
+
+    monkeypatch.setattr(driver, "Paired", Worse)
+    s = run(_cfg(tiny, tmp_path / "two", search_rewalks=1, **kw))
+    (rec,) = s.search["start"]["rounds"]
+    assert rec["accepted"] is False and s.search["stopped"] == "re-walk worse"
+    assert s.search["plan"] == first.search["plan"]
+    assert s.search["kl"] == pytest.approx(first.search["kl"])
+    assert s.search["final"]["kept"] == first.search["final"]["kept"]
+    assert s.search["final"]["stitched_holdout_kl"] == \
+        pytest.approx(first.search["final"]["stitched_holdout_kl"])
+    assert s.ppl_after == pytest.approx(first.ppl_after, rel=1e-6)
+
+
 def test_run_cli_json(tiny, tmp_path, capsys):
     calib, ev = tiny
     out = tmp_path / "cli"
