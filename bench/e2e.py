@@ -57,9 +57,9 @@ def cell_config(cell: str, args) -> dict[str, Any]:
     if method == "search":  # the default splits, stated (they are hashed into the key)
         return {**common, "method": "search", "avg_bits": float(budget),
                 "screen": [16, 256], "select": [48, 256]}
-    if method == "search-rewalk":  # one round more: the store re-walked along the plan
+    if method.startswith("search-rewalk"):  # N rounds more, the store re-walked each time
         return {**common, "method": "search", "avg_bits": float(budget),
-                "screen": [16, 256], "select": [48, 256], "search_rewalks": 1}
+                "screen": [16, 256], "select": [48, 256], "search_rewalks": _rewalks(method)}
     if method == "search-narrow":  # the splits before 2026-12-02: a third of the tokens
         return {**common, "method": "search", "avg_bits": float(budget),
                 "screen": [8, 256], "select": [16, 256]}
@@ -85,8 +85,11 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     for f in ("eval_base.json", "eval_base.stage.json"):  # the base model is evaluated once
         if (base_dir / f).is_file() and not (run_dir / f).is_file():
             shutil.copy(base_dir / f, run_dir / f)
-    if cell.startswith("search-rewalk@"):  # round 1 is the search@B cell's: continue it
-        _seed_round_one(Path(args.runs) / f"search_{cell.split('@')[1]}", run_dir)
+    if cell.startswith("search-rewalk"):  # the rounds before are the cell's before: go on
+        method, b = cell.split("@")
+        n = _rewalks(method)
+        before = "search" if n == 1 else "search-rewalk" + ("" if n == 2 else str(n - 1))
+        _seed_rounds(Path(args.runs) / f"{before}_{b}", run_dir)
     # one profile serves every budget (its record holds no budget): seed it, then share it
     shared = base_dir.parent / "profile"
     _share_profile(shared, run_dir)
@@ -108,15 +111,24 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _seed_round_one(src: Path, dst: Path) -> None:
-    """Hard-link a search cell's variant store and checkpoint into ``dst`` (files are
-    replaced, never rewritten in place), so a re-walk cell resumes its first round there."""
+def _rewalks(method: str) -> int:
+    """``search-rewalk`` -> 1, ``search-rewalk2`` -> 2, …"""
+    tail = method[len("search-rewalk"):]
+    return int(tail) if tail else 1
+
+
+def _seed_rounds(src: Path, dst: Path) -> None:
+    """Hard-link a search cell's variant stores and copy its checkpoints into ``dst`` (store
+    files are replaced, never rewritten in place), so a cell with one round more resumes the
+    rounds before it there."""
     import os
 
-    if (src / "search.json").is_file() and not (dst / "search.json").is_file():
-        shutil.copytree(src / "store", dst / "store", copy_function=os.link,
-                        dirs_exist_ok=True)
-        shutil.copy(src / "search.json", dst / "search.json")
+    if not (src / "search.json").is_file() or (dst / "search.json").is_file():
+        return
+    for store in sorted(src.glob("store*")):
+        shutil.copytree(store, dst / store.name, copy_function=os.link, dirs_exist_ok=True)
+    for ck in sorted(src.glob("search*.json")):
+        shutil.copy(ck, dst / ck.name)
 
 
 def _share_profile(src: Path, dst: Path) -> None:
@@ -268,27 +280,30 @@ def write_report(args) -> Path:
             u, s = best_uniform(res, float(b)), res.get(f"search@{b}")
             L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
                      f"{_f(r['c4'])} | {_ratios(r, u)} | {_ratios(r, s)} |")
-    rewalk = sorted((c for c in res if c.startswith("search-rewalk@")),
-                    key=lambda c: float(c.split("@")[1]))
+    rewalk = sorted((c for c in res if c.startswith("search-rewalk")),
+                    key=lambda c: (float(c.split("@")[1]), c))
     if rewalk:
-        L += ["", "## A second round on a re-walked store (`search-rewalk`)", "",
-              "The `search@B` cell's finished search continued: the variant store quantized "
-              "again along its plan (Hessians from the plan's own layers), kept if that "
-              "measures better on select and no worse on holdout, then the search again with "
-              "as many forwards (`--search-rewalks 1`).", "",
-              "| budget | bits | WikiText-2 | C4 | re-walk Δ select KL ± SE (kept?) | "
-              "forwards | vs search (Wiki, C4) | vs best uniform (Wiki, C4) |",
+        L += ["", "## Rounds on a re-walked store (`search-rewalk`, `search-rewalkN`)", "",
+              "The `search@B` cell's finished search continued: before each further round the "
+              "variant store is quantized again along the plan (Hessians from the plan's own "
+              "layers), kept if that measures better on select and no worse on holdout, then "
+              "the search goes on with the cell's forward budget more (`--search-rewalks N`; "
+              "each cell resumes the rounds of the one before it).", "",
+              "| cell | bits | WikiText-2 | C4 | re-walk Δ select KL ± SE (kept?), per round | "
+              "forwards (budget per round) | vs search (Wiki, C4) | vs best uniform (Wiki, C4) |",
               "|---|---|---|---|---|---|---|---|"]
         for c in rewalk:
             b, r = c.split("@")[1], res[c]
             u, s1 = best_uniform(res, float(b)), res.get(f"search@{b}")
             srch = r["summary"].get("search") or {}
-            rounds = srch.get("start", {}).get("rounds") or [{}]
-            sel = rounds[0].get("select") or {}
-            walk = (f"{sel['delta']:+.4f} ± {sel['se']:.4f} "
-                    f"({'yes' if rounds[0].get('accepted') else 'no'})" if sel else "—")
-            L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
-                     f"{_f(r['c4'])} | {walk} | {srch.get('forwards', 0):.0f} | "
+            walks = []
+            for rd in srch.get("start", {}).get("rounds") or []:
+                sel = rd.get("select") or {}
+                walks.append(f"{sel['delta']:+.4f} ± {sel['se']:.4f} "
+                             f"({'yes' if rd.get('accepted') else 'no'})" if sel else "—")
+            L.append(f"| {c} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
+                     f"{_f(r['c4'])} | {'; '.join(walks) or '—'} | "
+                     f"{srch.get('forwards', 0):.0f} ({r['config']['search_budget']:g}) | "
                      f"{_ratios(r, s1)} | {_ratios(r, u)} |")
     lat = {c: r for c, r in res.items() if c.endswith("@lat")}
     if lat:

@@ -58,4 +58,12 @@ def test_cells_report_and_cache(e2e, tmp_path, capsys):
     assert (tmp_path / "runs" / "search-rewalk_4.5" / "store_round2").is_dir() or \
         not srch["start"]["rounds"][0]["accepted"]
     md = (tmp_path / "res" / "e2e.md").read_text()
-    assert "## A second round on a re-walked store" in md and "| 4.5 |" in md
+    assert "## Rounds on a re-walked store" in md and "| search-rewalk@4.5 |" in md
+    # search-rewalk2 resumes search-rewalk's two rounds and adds a third
+    assert e2e.main([a if a != "search-rewalk@4.5" else "search-rewalk2@4.5"
+                     for a in args_rw]) == 0
+    rw2 = json.loads((tmp_path / "res" / "e2e" / "search-rewalk2@4.5.json").read_text())
+    s2 = rw2["summary"]["search"]
+    if srch["start"]["rounds"][0]["accepted"]:
+        assert [r["round"] for r in s2["start"]["rounds"]] == [2, 3]
+        assert s2["steps"][:len(srch["steps"])] == srch["steps"]
