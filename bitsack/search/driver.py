@@ -180,8 +180,7 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
                 f"{walk['holdout'].mean:+.5f}: "
                 + ("continuing from it" if better else "worse; the previous round stands"))
             info = {"incumbent": f"round {r} plan re-walked", "forwards": meter.forwards,
-                    "rewalk": {
-                sp: {"delta": w.mean, "se": w.se, "n": w.n} for sp, w in walk.items()}}
+                    "rewalk": {sp: w.as_dict() for sp, w in walk.items()}}
             if not better:
                 _load_weights(model, base)  # back to the previous store's plan
                 search.plan = {}
@@ -273,12 +272,10 @@ def _merged(rounds: Sequence[SearchResult]) -> SearchResult:
             steps.append(replace(st, iteration=len(steps) + 1))
         records.append({"round": r + 1, "accepted": accepted, "select": sel, "holdout": hold,
                         "kl": res.kl, "stopped": res.stopped})
-    out = SearchResult(start=first.start, plan=dict(last.plan), kl=dict(last.kl),
-                       steps=steps, forwards=last.forwards,
-                       linearisations=sum(r.linearisations for r in rounds),
-                       stopped=last.stopped)
-    out.start = {**first.start, "rounds": records}
-    return out
+    return SearchResult(start={**first.start, "rounds": records}, plan=dict(last.plan),
+                        kl=dict(last.kl), steps=steps, forwards=last.forwards,
+                        linearisations=sum(r.linearisations for r in rounds),
+                        stopped=last.stopped)
 
 
 def project(plan: Mapping[str, Choice], menu: Menu) -> tuple[dict[str, Choice], int]:

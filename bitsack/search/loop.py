@@ -535,9 +535,9 @@ class Search:
         if resume:
             result, state = self._restore(resume)
         elif start_info is not None:
-            result = SearchResult(start={**start_info, "kl": {s: self._mean(s)
-                                                              for s in SPLITS}},
-                                  plan=dict(self.plan), kl={s: self._mean(s) for s in SPLITS})
+            kl = {s: self._mean(s) for s in SPLITS}
+            result = SearchResult(start={**start_info, "kl": kl}, plan=dict(self.plan),
+                                  kl=dict(kl))
             state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach}
         else:
             info = self.start(extra_starts)
@@ -636,13 +636,14 @@ class Search:
             reason += f" not below -{cfg.z:g} SE"
         return Step(it, k, {u: [self.plan[u].option_id, c.option_id]
                             for u, c in sorted(changes.items())},
-                    pred, _p(s_paired), _p(sel), _p(hold) if hold else None, accept, reason,
+                    pred, s_paired.as_dict(), sel.as_dict(), hold.as_dict() if hold else None,
+                    accept, reason,
                     len(cands), self.meter.forwards, cert, reach)
 
     # ---- resumption ---------------------------------------------------------------------
     def checkpoint_dict(self, result: SearchResult, state: Mapping[str, Any]) -> dict:
         """Everything an interrupted search needs to continue identically (JSON-able)."""
-        deltas = [{"group": g, "d": d, **_p(paired),
+        deltas = [{"group": g, "d": d, **paired.as_dict(),
                    "moved": {u: c.option_id for u, c in moved.items()}}
                   for (g, d), (paired, moved) in sorted(self.deltas.items())]
         return {"result": result.to_dict(), "state": dict(state), "deltas": deltas,
@@ -670,10 +671,6 @@ class Search:
             elif st.changed:
                 self.rejected.add(tuple(sorted((u, v[1]) for u, v in st.changed.items())))
         return result, dict(ck["state"])
-
-
-def _p(paired: Paired) -> dict[str, float]:
-    return {"delta": paired.mean, "se": paired.se, "n": paired.n}
 
 
 def _cert(sol) -> dict[str, Any]:

@@ -44,6 +44,10 @@ class Paired:
         se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
         return cls(float(d.mean()), se, n)
 
+    def as_dict(self) -> dict[str, float]:
+        """The record's form: ``{"delta", "se", "n"}``."""
+        return {"delta": self.mean, "se": self.se, "n": self.n}
+
 
 class _Split:
     """One token split: its engine (cached layer inputs) and the base distributions."""
