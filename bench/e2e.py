@@ -40,6 +40,16 @@ BUDGETS = ("2.5", "3", "3.25", "3.5", "4", "4.25")
 UNIFORM = ("b3g64", "b3g128", "b3g32", "b4g128", "b2g32", "b2g64", "b4g64", "b4g32", "b2g128")
 LATENCY_AVG_BITS = 3.5
 LATENCY_FRACTION = 0.85
+#: cells that change one thing of the default search: method -> (heading, what changed)
+VARIANTS = {
+    "search-narrow": ("The search on fewer tokens, the default before",
+                      "Screen 8 × 256 tokens, select 16 × 256 (default: 16 × 256, 48 × 256); "
+                      "the rest as the default search."),
+    "search-moved": ("Re-measuring only the groups that moved",
+                     "After an accepted step only the groups whose units moved are "
+                     "linearised again (`--search-relinearise moved`; default: every group of "
+                     "a changed layer); the rest as the default search."),
+}
 
 
 def cell_config(cell: str, args) -> dict[str, Any]:
@@ -63,6 +73,9 @@ def cell_config(cell: str, args) -> dict[str, Any]:
     if method == "search-narrow":  # the splits before 2026-12-02: a third of the tokens
         return {**common, "method": "search", "avg_bits": float(budget),
                 "screen": [8, 256], "select": [16, 256]}
+    if method == "search-moved":  # after a step, only the groups that moved are re-measured
+        return {**common, "method": "search", "avg_bits": float(budget),
+                "screen": [16, 256], "select": [48, 256], "search_relinearise": "moved"}
     return {**common, "method": method, "avg_bits": float(budget)}
 
 
@@ -267,19 +280,25 @@ def write_report(args) -> Path:
         ratio = (f"{s['wikitext2'] / u['wikitext2']:.3f}, {s['c4'] / u['c4']:.3f}"
                  if s and u else "—")
         L.append("| " + " | ".join(row) + f" | {ratio} |")
-    narrow = sorted((c for c in res if c.startswith("search-narrow@")),
-                    key=lambda c: float(c.split("@")[1]))
-    if narrow:
-        L += ["", "## The search on fewer tokens (`search-narrow`, the default before)", "",
-              "Screen 8 × 256 tokens, select 16 × 256 (default: 16 × 256, 48 × 256); the rest "
-              "as the default search.", "",
-              "| budget | bits | WikiText-2 | C4 | vs best uniform (Wiki, C4) | "
-              "vs default search (Wiki, C4) |", "|---|---|---|---|---|---|"]
-        for c in narrow:
+    for method, (title, what) in VARIANTS.items():
+        cells = sorted((c for c in res if c.startswith(method + "@")),
+                       key=lambda c: float(c.split("@")[1]))
+        if not cells:
+            continue
+        L += ["", f"## {title} (`{method}`)", "", what, "",
+              "| budget | bits | WikiText-2 | C4 | forwards | linearisations | steps (accepted) "
+              "| vs best uniform (Wiki, C4) | vs default search (Wiki, C4) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for c in cells:
             b, r = c.split("@")[1], res[c]
             u, s = best_uniform(res, float(b)), res.get(f"search@{b}")
+            srch = r["summary"].get("search") or {}
+            steps = srch.get("steps", [])
             L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
-                     f"{_f(r['c4'])} | {_ratios(r, u)} | {_ratios(r, s)} |")
+                     f"{_f(r['c4'])} | {srch.get('forwards', 0):.0f} | "
+                     f"{srch.get('linearisations', 0)} | {len(steps)} "
+                     f"({sum(1 for st in steps if st['accepted'])}) | {_ratios(r, u)} | "
+                     f"{_ratios(r, s)} |")
     rewalk = sorted((c for c in res if c.startswith("search-rewalk")),
                     key=lambda c: (float(c.split("@")[1]), c))
     if rewalk:
@@ -367,7 +386,8 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
                      if c.startswith("uniform:") and c.endswith(f"g{g}"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
-    for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search", "*-"),
+    for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
+                          ("search", "*-"),
                           ("search-rewalk", "D:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
                      if c.startswith(method + "@") and not c.endswith("@lat"))

@@ -79,6 +79,7 @@ class RunConfig:
     search_k: int = 48
     search_window: int = 3
     search_rewalks: int = 0
+    search_relinearise: str = "layers"
     # screen 16 x 256 / select 48 x 256: on SmolLM2 at 3.5 bits/weight the search moved
     # nothing with 8 x 256 / 16 x 256 (noise as large as the effects) and beat uniform with
     # these (bench/results/e2e.md, "search-narrow" vs "search")
@@ -135,6 +136,11 @@ class RunConfig:
                 or self.search_rewalks < 0:
             raise ValidationError("search_rewalks", f"{self.search_rewalks!r}; valid: an integer "
                                   "≥ 0 (rounds after the first)")
+        from bitsack.search import RELINEARISE
+
+        if self.search_relinearise not in RELINEARISE:
+            raise ValidationError("search_relinearise", f"{self.search_relinearise!r}; valid: "
+                                  + ", ".join(RELINEARISE))
         if not (math.isfinite(self.search_budget) and self.search_budget >= 0):
             raise ValidationError("search_budget", f"{self.search_budget!r}; valid: a finite "
                                   "number ≥ 0 (sequence-forwards)")

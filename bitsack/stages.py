@@ -343,7 +343,7 @@ def _search(ctx: Context, lm, units) -> Planned:
                                  "holdout": tuple(cfg.holdout)}, seed=cfg.seed)
     config = SearchConfig(budget_forwards=cfg.search_budget, k=cfg.search_k, seed=cfg.seed,
                           time_limit_s=min(cfg.time_limit_s, 30.0),
-                          rewalks=cfg.search_rewalks)
+                          rewalks=cfg.search_rewalks, relinearise=cfg.search_relinearise)
     store_key = {"model": ctx.model_id, "menu": list(menu.option_ids),
                  "window": cfg.search_window, "calib": cfg.calib,
                  "quantizer": cfg.quantizer, "nsamples": cfg.compress_nsamples,

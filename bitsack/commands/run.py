@@ -96,6 +96,12 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    "along the searched plan (Hessians from its own layers) and the search goes "
                    "on from there if that measures better, with --search-budget more forwards "
                    f"each (default {d['search_rewalks']})")
+    p.add_argument("--search-relinearise", default=d["search_relinearise"],
+                   choices=("layers", "moved"),
+                   help="after an accepted search step, re-measure the groups of every layer it "
+                   "changed (layers) or only the groups that moved (moved: fewer forwards per "
+                   f"step, Δ's of the others from before the step; default "
+                   f"{d['search_relinearise']})")
     p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
                    help=f"units the first search step may change (default {d['search_k']})")
     for split in ("screen", "select", "holdout"):
@@ -169,7 +175,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
         search_start=args.search_start, search_budget=args.search_budget,
         search_k=args.trust_region, search_window=args.search_window,
-        search_rewalks=args.search_rewalks,
+        search_rewalks=args.search_rewalks, search_relinearise=args.search_relinearise,
         screen=tuple(args.screen), select=tuple(args.select),
         holdout=tuple(args.holdout), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, solver=args.solver, time_limit_s=args.time_limit,

@@ -5,3 +5,6 @@
 - ``meter``: KL(base ‖ model) per sequence on disjoint token splits, paired differences;
 - ``loop``: the trust-region loop around the OR-Tools knapsack.
 """
+
+#: what an accepted step makes stale (``loop.SearchConfig.relinearise``)
+RELINEARISE = ("layers", "moved")

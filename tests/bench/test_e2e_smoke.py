@@ -67,3 +67,13 @@ def test_cells_report_and_cache(e2e, tmp_path, capsys):
     if srch["start"]["rounds"][0]["accepted"]:
         assert [r["round"] for r in s2["start"]["rounds"]] == [2, 3]
         assert s2["steps"][:len(srch["steps"])] == srch["steps"]
+    # a variant cell: its own section, compared with the default search at its budget
+    assert e2e.main([a if a != "search-rewalk@4.5" else "search-moved@4.5"
+                     for a in args_rw]) == 0
+    moved = json.loads((tmp_path / "res" / "e2e" / "search-moved@4.5.json").read_text())
+    assert moved["config"]["search_relinearise"] == "moved"
+    md = (tmp_path / "res" / "e2e.md").read_text()
+    assert "(`search-moved`)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 4.5 |")
+               and "(`search-moved`)" in md.split(line)[0].rsplit("## ", 1)[-1])
+    assert row.count("|") == 10

@@ -14,6 +14,7 @@ from bitsack.models import model_units
 from bitsack.models.testing import tiny_model
 from bitsack.plan import parse_choice
 from bitsack.profiling.build import make_cost_models, unit_shapes
+from bitsack.search import RELINEARISE
 from bitsack.search.loop import Search, SearchConfig, groups_of, unit_costs
 from bitsack.search.menu import DEFAULT_MENU, Menu, nominal_bits
 from bitsack.search.meter import KLMeter, Paired
@@ -499,3 +500,31 @@ def test_a_pruned_unit_never_moves_two_steps_and_a_spent_budget_is_not_descended
     info = s.start()
     assert "skipped" in info["descend"] and info["incumbent"] == "uniform b3g32"
     assert meter.forwards < 200  # no linearisation: the starts' traces only
+
+
+@pytest.mark.parametrize("mode", RELINEARISE)
+def test_an_accepted_step_re_measures_the_groups_relinearise_names(setup, mode):
+    _, model, units, meter, store, costs = setup()
+    # k = 1 (z = 0: any measured gain is accepted): a step moves one unit, so "moved" (its
+    # group) and "layers" (its layer's groups) differ
+    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+               SearchConfig(budget_forwards=600, k=1, k_min=1, k_max=1, z=0.0, refresh=99,
+                            relinearise=mode, descend=False))
+    calls, linearise = [], s.linearise
+    s.linearise = lambda groups=None, **kw: (calls.append(groups), linearise(groups, **kw))
+    res = s.run()
+    assert calls[0] is None  # the first linearisation measures every group
+    rules = {"moved": lambda members, st, layers: any(u in st.changed for u in members),
+             "layers": lambda members, st, layers: s.stitch.units[members[0]].layer in layers}
+    expected, differ = [], False
+    for st in res.steps[:-1]:
+        layers = {s.stitch.units[u].layer for u in st.changed}
+        if st.accepted and None in layers or not st.accepted and not st.changed:
+            expected.append(None)
+        elif st.accepted:
+            stale = {m: [g for g, members in s.groups.items() if rule(members, st, layers)]
+                     for m, rule in rules.items()}
+            expected.append(stale[mode])
+            differ |= stale["moved"] != stale["layers"]
+    assert differ  # the case tells the two rules apart
+    assert calls[1:] == expected
