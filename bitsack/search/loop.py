@@ -29,10 +29,11 @@ split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candida
    two on ``select``; the best of those is accepted only if it beats x* on ``select`` by more
    than ``z`` paired standard errors **and** is not worse on ``holdout``. Accept: x* moves,
    k doubles (to ``k_max``), the groups of the changed layers are re-measured (or only the
-   groups that moved: ``relinearise``; all groups every ``refresh`` accepted steps), and the reach is back to ``reach``. Reject: k halves
-   and the reach drops to one step (most two-step moves are extrapolated: at 3.25 bits/weight
-   on SmolLM2, before any was measured, both rejected proposals moved units two steps down,
-   predicted −0.02 / −0.03, measured +0.12 / +0.13); below ``k_min`` the search stops.
+   groups that moved: ``relinearise``; all groups every ``refresh`` accepted steps), and the
+   reach is back to ``reach``. Reject: k halves and the reach drops to one step (most
+   two-step moves are extrapolated: at 3.25 bits/weight on SmolLM2, before any was measured,
+   both rejected proposals moved units two steps down, predicted −0.02 / −0.03, measured
+   +0.12 / +0.13); below ``k_min`` the search stops.
 5. Stop when the forward budget (sequence-forwards: one full forward of one sequence = 1) is
    spent, or k < k_min.
 
@@ -80,7 +81,9 @@ class SearchConfig:
             every group of a layer the step changed (attention and MLP alike), or ``moved``:
             only the groups whose own units moved — the others keep Δ's measured in the
             context before the step (about 60 % of ``layers``' groups at 2.5–4 bits/weight on
-            SmolLM2, so more steps per forward budget).
+            SmolLM2, so more steps per forward budget). With ``moved``, a descended start
+            also keeps its descent's down and prune Δ's of the groups the descent left, and
+            the first linearisation measures only the rest.
         caution: proposals price each measured Δ at ``mean + caution·SE`` (a gain only beyond
             its noise); the resampled alternatives draw around the mean instead.
         reach: menu steps a unit may move in one proposal (2: the second step measured for
@@ -235,6 +238,9 @@ class Search:
         self.kl: dict[str, np.ndarray] = {}
         self.deltas: dict[tuple[str, int], tuple[Paired, dict[str, Choice]]] = {}
         self.rejected: set[tuple] = set()  # candidates measured and refused at this incumbent
+        # relinearise "moved": per descended start, the Δ's its descent measured for groups
+        # it did not move (still Δ's of those groups' moves from the descended plan)
+        self._descents: dict[str, dict[tuple[str, int], tuple[Paired, dict[str, Choice]]]] = {}
 
     # ---- plans --------------------------------------------------------------------------
     def usage(self, plan: Mapping[str, Choice]) -> dict[str, float]:
@@ -318,6 +324,10 @@ class Search:
                 best = name
         self._set(cands[best])
         self._prune_if_pruned()
+        carried = self._descents.get(best, {}) if self.cfg.relinearise == "moved" else {}
+        if carried:
+            self.deltas = dict(carried)
+            info["carried"] = len(carried)
         self.say(f"search start: {best} (select KL {scores[best]:.5f}; "
                  + ", ".join(f"{n} {v:.5f}" for n, v in scores.items()) + ")")
         return {"incumbent": best, "select_kl": scores,
@@ -343,7 +353,7 @@ class Search:
         self._set(plan)
         self.linearise(directions=(-1, 0))
         p = self.propose(2 * len(self.units))
-        self.deltas.clear()
+        measured, self.deltas = self.deltas, {}
         record: dict[str, Any] = {"from": name, "forwards": self.meter.forwards}
         if p is None or not self.fits({**self.plan, **p[0]}):
             self.say(f"search start: {name} cannot be descended to fit")
@@ -352,29 +362,35 @@ class Search:
         self.say(f"search start: {name} descended ({len(changes)} units down, predicted "
                  f"screen KL {self._mean('screen') + predicted:.5f})")
         record.update(changed=len(changes), predicted=predicted, certificate=cert)
+        self._descents[f"{name} descended"] = {
+            (g, d): v for (g, d), v in measured.items()
+            if not any(u in changes for u in self.groups[g])}
         return {**self.plan, **changes}, record
 
     # ---- 2. linearise -------------------------------------------------------------------
     def linearise(self, groups: Sequence[str] | None = None,
-                  directions: Sequence[int] = (+1, -1, 0)) -> None:
+                  directions: Sequence[int] = (+1, -1, 0),
+                  keep: frozenset[tuple[str, int]] = frozenset()) -> None:
         """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all) and ``directions``:
         d = ±1, the group's units one menu step up / down; d = 0 (menu with prune), its one
         prunable kept unit whose weights are smallest (``VariantStore.error`` of pruning)
         pruned. Then d = ±2 (for each ±1 in ``directions``, with ``cfg.reach`` 2) for the
         ``cfg.far`` groups ranked best over all groups (``_far_groups``): measured where the
         group was re-measured now or has no two-step Δ yet; dropped for groups out of the
-        top."""
+        top. ``keep``: (group, ±1 or 0) Δ's still valid (carried from a descent): neither
+        they nor their two-step Δ's are measured again."""
         base = self.kl["screen"]
         todo = list(groups if groups is not None else self.groups)
         for g in todo:
-            for d in (+2, -2):
-                self.deltas.pop((g, d), None)
+            for d in (+1, -1):
+                if (g, d) not in keep:
+                    self.deltas.pop((g, 2 * d), None)
         for i, g in enumerate(todo):
             if i and i % max(1, len(todo) // 4) == 0:
                 self.say(f"search: linearising, {i}/{len(todo)} groups measured "
                          f"({self.meter.forwards:.0f} forwards)")
             for d in directions:
-                if d == 0 and not self.menu.prune:
+                if d == 0 and not self.menu.prune or (g, d) in keep:
                     continue
                 moved = self._move(g, d)
                 if not moved:
@@ -384,10 +400,10 @@ class Search:
                 self.deltas[(g, d)] = (Paired.of(kl, base), moved)
         if self.cfg.reach < 2:
             return
-        fresh = set(todo)
         for d in (+1, -1):
             if d not in directions:
                 continue
+            fresh = {g for g in todo if (g, d) not in keep}
             top = set(self._far_groups(list(self.groups), d))
             for g in self.groups:  # in the groups' order: deterministic
                 if g not in top:
@@ -553,7 +569,8 @@ class Search:
             info = self.start(extra_starts)
             result = SearchResult(start=info, plan=dict(self.plan),
                                   kl={s: self._mean(s) for s in SPLITS})
-            state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach}
+            state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach,
+                     "keep": sorted([g, d] for g, d in self.deltas if d in (+1, -1, 0))}
         while True:
             result.forwards = self.meter.forwards
             if self.meter.forwards >= cfg.budget_forwards:
@@ -563,7 +580,8 @@ class Search:
                 result.stopped = f"trust region below k_min={cfg.k_min}"
                 break
             if state["stale"] is None or state["stale"]:
-                self.linearise(state["stale"])
+                self.linearise(state["stale"],
+                               keep=frozenset((g, d) for g, d in state.pop("keep", [])))
                 result.linearisations += 1
             step = self._step(len(result.steps) + 1, state["k"],
                               state.get("reach", cfg.reach))

@@ -390,6 +390,33 @@ def test_a_budget_just_under_a_uniform_level_starts_from_that_level_descended(se
     assert "descend" not in off and name not in off["select_kl"]
 
 
+def test_a_descended_start_keeps_the_descents_deltas_of_the_groups_it_did_not_move(setup):
+    """relinearise "moved": the Δ's the descent measured for groups it did not move are Δ's of
+    those groups' moves from the descended plan too; the first linearisation keeps them and
+    measures the rest ("layers" measures everything again)."""
+    first, spent = {}, {}
+    for mode in RELINEARISE:
+        _, model, units, meter, store, costs = setup()
+        saved = []
+        s = Search(model, units, store, meter, costs, _limit(units, 3.9),
+                   SearchConfig(budget_forwards=1000, relinearise=mode),
+                   checkpoint=lambda ck, saved=saved: saved.append(json.loads(json.dumps(ck))))
+        res = s.run()
+        assert res.start["incumbent"] == "uniform b2g16 descended"
+        first[mode] = {(d["group"], d["d"]): d["delta"] for d in saved[0]["deltas"]}
+        spent[mode] = res.steps[0].forwards
+        carried = s._descents["uniform b2g16 descended"]
+        if mode == "moved":
+            assert res.start["carried"] == len(carried) > 0
+            assert {k: p.mean for k, (p, _) in carried.items()} == \
+                {k: first[mode][k] for k in carried}
+        else:
+            assert "carried" not in res.start
+    kept = [k for k, v in first["moved"].items() if v == first["layers"].get(k)]
+    assert kept and len(kept) < len(first["layers"])  # measured again only by "layers"
+    assert spent["moved"] < spent["layers"]
+
+
 def test_start_plans_are_projected_onto_the_menu_and_a_pruned_start_measures_pruning(setup):
     """A one-shot plan (8-bit units, pruned units) is projected onto the store's menu window:
     off-menu choices move to the nearest by nominal bits, pruned units stay pruned; a pruned
