@@ -40,6 +40,15 @@ BUDGETS = ("2.5", "3", "3.25", "3.5", "4", "4.25")
 UNIFORM = ("b3g64", "b3g128", "b3g32", "b4g128", "b2g32", "b2g64", "b4g64", "b4g32", "b2g128")
 LATENCY_AVG_BITS = 3.5
 LATENCY_FRACTION = 0.85
+#: the searches a cell can run: method -> its RunConfig fields besides the common ones (the
+#: default splits stated: they are hashed into the key); ``<method>-rewalk[N]`` adds N rounds
+SEARCHES = {
+    "search": {"screen": [16, 256], "select": [48, 256]},
+    # the splits before 2026-12-02: a third of the tokens
+    "search-narrow": {"screen": [8, 256], "select": [16, 256]},
+    # after a step, only the groups that moved are re-measured
+    "search-moved": {"screen": [16, 256], "select": [48, 256], "search_relinearise": "moved"},
+}
 #: cells that change one thing of the default search: method -> (heading, what changed)
 VARIANTS = {
     "search-narrow": ("The search on fewer tokens, the default before",
@@ -64,19 +73,13 @@ def cell_config(cell: str, args) -> dict[str, Any]:
     if budget == "lat":
         return {**common, "method": method, "avg_bits": LATENCY_AVG_BITS,
                 "budgets": {"prefill_latency_us": args.latency_limit}}
-    if method == "search":  # the default splits, stated (they are hashed into the key)
-        return {**common, "method": "search", "avg_bits": float(budget),
-                "screen": [16, 256], "select": [48, 256]}
-    if method.startswith("search-rewalk"):  # N rounds more, the store re-walked each time
-        return {**common, "method": "search", "avg_bits": float(budget),
-                "screen": [16, 256], "select": [48, 256], "search_rewalks": _rewalks(method)}
-    if method == "search-narrow":  # the splits before 2026-12-02: a third of the tokens
-        return {**common, "method": "search", "avg_bits": float(budget),
-                "screen": [8, 256], "select": [16, 256]}
-    if method == "search-moved":  # after a step, only the groups that moved are re-measured
-        return {**common, "method": "search", "avg_bits": float(budget),
-                "screen": [16, 256], "select": [48, 256], "search_relinearise": "moved"}
-    return {**common, "method": method, "avg_bits": float(budget)}
+    search, rewalks = _rounds(method)
+    if search not in SEARCHES:
+        return {**common, "method": method, "avg_bits": float(budget)}
+    out = {**common, "method": "search", "avg_bits": float(budget), **SEARCHES[search]}
+    if rewalks:  # N rounds more, the store re-walked each time
+        out["search_rewalks"] = rewalks
+    return out
 
 
 def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
@@ -98,10 +101,10 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     for f in ("eval_base.json", "eval_base.stage.json"):  # the base model is evaluated once
         if (base_dir / f).is_file() and not (run_dir / f).is_file():
             shutil.copy(base_dir / f, run_dir / f)
-    if cell.startswith("search-rewalk"):  # the rounds before are the cell's before: go on
-        method, b = cell.split("@")
-        n = _rewalks(method)
-        before = "search" if n == 1 else "search-rewalk" + ("" if n == 2 else str(n - 1))
+    method, _, b = cell.partition("@")
+    search, n = _rounds(method)
+    if n:  # the rounds before are the cell's before: go on
+        before = search if n == 1 else f"{search}-rewalk" + ("" if n == 2 else str(n - 1))
         _seed_rounds(Path(args.runs) / f"{before}_{b}", run_dir)
     # one profile serves every budget (its record holds no budget): seed it, then share it
     shared = base_dir.parent / "profile"
@@ -124,10 +127,11 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _rewalks(method: str) -> int:
-    """``search-rewalk`` -> 1, ``search-rewalk2`` -> 2, …"""
-    tail = method[len("search-rewalk"):]
-    return int(tail) if tail else 1
+def _rounds(method: str) -> tuple[str, int]:
+    """A cell's search and its re-walk rounds: ``search-rewalk`` -> (search, 1),
+    ``search-moved-rewalk2`` -> (search-moved, 2), ``search`` -> (search, 0)."""
+    search, sep, tail = method.partition("-rewalk")
+    return search, (int(tail) if tail else 1) if sep else 0
 
 
 def _seed_rounds(src: Path, dst: Path) -> None:
@@ -299,22 +303,24 @@ def write_report(args) -> Path:
                      f"{srch.get('linearisations', 0)} | {len(steps)} "
                      f"({sum(1 for st in steps if st['accepted'])}) | {_ratios(r, u)} | "
                      f"{_ratios(r, s)} |")
-    rewalk = sorted((c for c in res if c.startswith("search-rewalk")),
+    rewalk = sorted((c for c in res if _rounds(c.split("@")[0])[1]),
                     key=lambda c: (float(c.split("@")[1]), c))
     if rewalk:
         L += ["", "## Rounds on a re-walked store (`search-rewalk`, `search-rewalkN`)", "",
-              "The `search@B` cell's finished search continued: before each further round the "
+              "The `search@B` cell's (or `<search>-rewalk` the `<search>@B` cell's) finished "
+              "search continued: before each further round the "
               "variant store is quantized again along the plan (Hessians from the plan's own "
               "layers), kept if that measures better on select and no worse on holdout, then "
               "the search goes on with the cell's forward budget more (`--search-rewalks N`; "
               "each cell resumes the rounds of the one before it).", "",
               "| cell | bits | WikiText-2 | C4 | re-walk Δ select KL ± SE (kept?), per round | "
-              "forwards (budget per round) | vs search (Wiki, C4) | vs best uniform (Wiki, C4) |",
+              "forwards (budget per round) | vs its first round (Wiki, C4) | "
+              "vs best uniform (Wiki, C4) |",
               "|---|---|---|---|---|---|---|---|"]
         for c in rewalk:
             b, r = c.split("@")[1], res[c]
-            u, s1 = best_uniform(res, float(b)), res.get(f"search@{b}")
-            srch = r["summary"].get("search") or {}
+            first = res.get(f"{_rounds(c.split('@')[0])[0]}@{b}")
+            u, srch = best_uniform(res, float(b)), r["summary"].get("search") or {}
             walks = []
             for rd in srch.get("start", {}).get("rounds") or []:
                 sel = rd.get("select") or {}
@@ -323,7 +329,7 @@ def write_report(args) -> Path:
             L.append(f"| {c} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
                      f"{_f(r['c4'])} | {'; '.join(walks) or '—'} | "
                      f"{srch.get('forwards', 0):.0f} ({r['config']['search_budget']:g}) | "
-                     f"{_ratios(r, s1)} | {_ratios(r, u)} |")
+                     f"{_ratios(r, first)} | {_ratios(r, u)} |")
     lat = {c: r for c, r in res.items() if c.endswith("@lat")}
     if lat:
         L += ["", "## Latency-bound case", "",
@@ -388,7 +394,7 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
     for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
                           ("search", "*-"),
-                          ("search-rewalk", "D:")):
+                          ("search-rewalk", "D:"), ("search-moved-rewalk", "d:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
                      if c.startswith(method + "@") and not c.endswith("@lat"))
         if pts:

@@ -77,3 +77,12 @@ def test_cells_report_and_cache(e2e, tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| 4.5 |")
                and "(`search-moved`)" in md.split(line)[0].rsplit("## ", 1)[-1])
     assert row.count("|") == 10
+    # a variant's re-walk continues that variant's first round
+    assert e2e.main([a if a != "search-rewalk@4.5" else "search-moved-rewalk@4.5"
+                     for a in args_rw]) == 0
+    mrw = json.loads((tmp_path / "res" / "e2e" / "search-moved-rewalk@4.5.json").read_text())
+    assert mrw["config"]["search_relinearise"] == "moved"
+    assert mrw["config"]["search_rewalks"] == 1
+    steps = moved["summary"]["search"]["steps"]
+    assert mrw["summary"]["search"]["steps"][:len(steps)] == steps
+    assert "| search-moved-rewalk@4.5 |" in (tmp_path / "res" / "e2e.md").read_text()
