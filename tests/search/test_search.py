@@ -243,8 +243,11 @@ def test_planted_sensitive_unit_ends_at_high_precision(setup):
     assert nominal_bits(planted) >= max(others)
 
 
-def test_interrupted_search_resumes_to_the_identical_result(setup):
-    cfg = SearchConfig(budget_forwards=400, k=4)
+@pytest.mark.parametrize("bits, relinearise", [(3.5, "layers"), (3.9, "moved")])
+def test_interrupted_search_resumes_to_the_identical_result(setup, bits, relinearise):
+    # 3.9 with "moved": a descended start whose carried Δ's the first linearisation keeps
+    cfg = SearchConfig(budget_forwards=400 if bits == 3.5 else 1000, k=4,
+                       relinearise=relinearise)
 
     def run(stop_after=None, resume=None):
         _, model, units, meter, store, costs = setup()
@@ -255,7 +258,7 @@ def test_interrupted_search_resumes_to_the_identical_result(setup):
             if stop_after is not None and len(ck["result"]["steps"]) >= stop_after:
                 raise KeyboardInterrupt
 
-        s = Search(model, units, store, meter, costs, _limit(units, 3.5), cfg,
+        s = Search(model, units, store, meter, costs, _limit(units, bits), cfg,
                    checkpoint=checkpoint)
         try:
             return s.run(resume=resume).to_dict(), saved
@@ -264,6 +267,7 @@ def test_interrupted_search_resumes_to_the_identical_result(setup):
 
     full, _ = run()
     assert len(full["steps"]) >= 2
+    assert (full["start"].get("carried", 0) > 0) == (relinearise == "moved")
     part, saved = run(stop_after=1)
     assert part is None
     resumed, _ = run(resume=saved[-1])
