@@ -341,6 +341,17 @@ def write_report(args) -> Path:
             pruned = sum(v.get("prune", 0) for v in r["summary"]["plan_counts"].values())
             L.append(f"| {c} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
                      f"{_f(r['c4'])} | {pruned} |")
+    hosts: dict[str, list[str]] = {}
+    for c, r in sorted(res.items()):
+        hosts.setdefault(r.get("machine", {}).get("platform", "unknown"), []).append(c)
+    if len(hosts) > 1:
+        L += ["", "## Hosts", "",
+              "Cells ran on more than one machine. The same code and seed gave a different "
+              "GPTQ result on another host's CPU (float kernels round differently and GPTQ "
+              "amplifies it: `bench/results/gptq_noise.md`), so compare cells of one host.", "",
+              "| host | cells |", "|---|---|"]
+        for h, cells in sorted(hosts.items()):
+            L.append(f"| {h} | {', '.join(cells)} |")
     L += ["", "## Search cost", "",
           "Sequence-forwards count one calibration sequence through the whole model (a "
           "forward from layer l counts its share of the layers). CPU-minutes are wall time × "

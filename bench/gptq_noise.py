@@ -72,9 +72,12 @@ def report(results: Path) -> Path:
     from bitsack.io import atomic_write
 
     runs = [json.loads(f.read_text()) for f in sorted((results / "gptq_noise").glob("*.json"))]
+    seen = {(r["config"], host(r["machine"]), r["seed"]) for r in runs}
     for f in sorted((results / "e2e").glob("uniform-*.json")):  # e2e's cells are runs too
         r = json.loads(f.read_text())
         cfg = r["config"]
+        if (cfg["menu"][0], host(r["machine"]), cfg["seed"]) in seen:
+            continue  # the same run (a check of it: same host, same seed, same result)
         runs.append({"config": cfg["menu"][0], "seed": cfg["seed"], "wikitext2": r["wikitext2"],
                      "c4": r["c4"], "machine": r["machine"], "source": "e2e"})
     groups: dict[tuple[str, str], list[dict]] = {}
