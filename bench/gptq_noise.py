@@ -76,8 +76,9 @@ def report(results: Path) -> Path:
     for f in sorted((results / "e2e").glob("uniform-*.json")):  # e2e's cells are runs too
         r = json.loads(f.read_text())
         cfg = r["config"]
-        if (cfg["menu"][0], host(r["machine"]), cfg["seed"]) in seen:
-            continue  # the same run (a check of it: same host, same seed, same result)
+        if cfg["menu"][0] not in {c for c, _, _ in seen} \
+                or (cfg["menu"][0], host(r["machine"]), cfg["seed"]) in seen:
+            continue  # a config not studied here, or the same run again (same host and seed)
         runs.append({"config": cfg["menu"][0], "seed": cfg["seed"], "wikitext2": r["wikitext2"],
                      "c4": r["c4"], "machine": r["machine"], "source": "e2e"})
     groups: dict[tuple[str, str], list[dict]] = {}
