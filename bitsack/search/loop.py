@@ -569,8 +569,7 @@ class Search:
             info = self.start(extra_starts)
             result = SearchResult(start=info, plan=dict(self.plan),
                                   kl={s: self._mean(s) for s in SPLITS})
-            state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach,
-                     "keep": sorted([g, d] for g, d in self.deltas if d in (+1, -1, 0))}
+            state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach}
         while True:
             result.forwards = self.meter.forwards
             if self.meter.forwards >= cfg.budget_forwards:
@@ -580,8 +579,10 @@ class Search:
                 result.stopped = f"trust region below k_min={cfg.k_min}"
                 break
             if state["stale"] is None or state["stale"]:
-                self.linearise(state["stale"],
-                               keep=frozenset((g, d) for g, d in state.pop("keep", [])))
+                # before the first linearisation the only Δ's are a descent's carried ones
+                first = result.linearisations == 0
+                self.linearise(state["stale"], keep=frozenset(
+                    (g, d) for g, d in self.deltas if first and d in (+1, -1, 0)))
                 result.linearisations += 1
             step = self._step(len(result.steps) + 1, state["k"],
                               state.get("reach", cfg.reach))
