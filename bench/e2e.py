@@ -8,7 +8,9 @@ bitsack one-shot, bitsack searched — a thin driver over ``bitsack.pipeline.run
 
 Cells: ``uniform:b<k>g<G>`` (k 2/3/4, G 32/64/128: budget-free, measured once),
 ``oneshot@B`` and ``search@B`` for each budget B in bits per original weight (overhead
-included), ``<method>@lat`` for the latency-bound case. Each cell is one ``bitsack run`` into
+included), ``<method>@lat`` for the latency-bound case; a ``~s<N>`` tail (``search@3.5~s1``)
+runs the cell from calibration draw N instead of 0 (GPTQ's calibration, the search's splits:
+the method's side of a comparison against GPTQ's noise floor). Each cell is one ``bitsack run`` into
 ``--runs/<cell>`` (resumable: stage records, the search's checkpoint); its result is written
 to ``bench/results/e2e/<cell>.json`` with the hash of its configuration, and a cell whose file
 holds the same hash is not run again.
@@ -28,6 +30,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,11 +64,21 @@ VARIANTS = {
 }
 
 
+def split_cell(cell: str) -> tuple[str, str, int]:
+    """A cell's method, budget and calibration draw: ``search@3.5~s1`` -> (search, 3.5, 1),
+    ``uniform:b3g64`` -> (uniform:b3g64, "", 0)."""
+    head, _, draw = cell.partition("~s")
+    method, _, budget = head.partition("@")
+    if draw and not draw.isdigit():
+        raise ValueError(f"cell {cell!r}: the draw after '~s' must be an integer ≥ 0")
+    return method, budget, int(draw or 0)
+
+
 def cell_config(cell: str, args) -> dict[str, Any]:
     """The ``RunConfig`` fields of a cell (JSON-able; hashed into the cell's record)."""
-    method, _, budget = cell.partition("@")
+    method, budget, seed = split_cell(cell)
     common = {"model": args.model, "calib": "c4", "eval": "wikitext2", "eval_windows":
-              args.eval_windows, "compress_nsamples": args.compress_nsamples, "seed": 0,
+              args.eval_windows, "compress_nsamples": args.compress_nsamples, "seed": seed,
               "search_budget": args.search_budget}
     if method.startswith("uniform:"):
         return {**common, "method": "uniform", "menu": [method.split(":", 1)[1]],
@@ -101,11 +114,12 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     for f in ("eval_base.json", "eval_base.stage.json"):  # the base model is evaluated once
         if (base_dir / f).is_file() and not (run_dir / f).is_file():
             shutil.copy(base_dir / f, run_dir / f)
-    method, _, b = cell.partition("@")
+    method, b, seed = split_cell(cell)
     search, n = _rounds(method)
     if n:  # the rounds before are the cell's before: go on
         before = search if n == 1 else f"{search}-rewalk" + ("" if n == 2 else str(n - 1))
-        _seed_rounds(Path(args.runs) / f"{before}_{b}", run_dir)
+        _seed_rounds(Path(args.runs) / (f"{before}_{b}" + (f"~s{seed}" if seed else "")),
+                     run_dir)
     # one profile serves every budget (its record holds no budget): seed it, then share it
     shared = base_dir.parent / "profile"
     _share_profile(shared, run_dir)
@@ -249,7 +263,8 @@ def write_report(args) -> Path:
     from bitsack.io import atomic_write
 
     results = Path(args.results)
-    res = load_results(results)
+    every = load_results(results)
+    res = {c: r for c, r in every.items() if not split_cell(c)[2]}  # calibration draw 0
     base = json.loads((results / "e2e" / "base.json").read_text()) \
         if (results / "e2e" / "base.json").is_file() else {}
     L = ["# Head-to-head at equal bytes: uniform GPTQ vs bitsack one-shot vs bitsack search",
@@ -341,8 +356,9 @@ def write_report(args) -> Path:
             pruned = sum(v.get("prune", 0) for v in r["summary"]["plan_counts"].values())
             L.append(f"| {c} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
                      f"{_f(r['c4'])} | {pruned} |")
+    L += draws_section(every, results)
     hosts: dict[str, list[str]] = {}
-    for c, r in sorted(res.items()):
+    for c, r in sorted(every.items()):
         hosts.setdefault(r.get("machine", {}).get("platform", "unknown"), []).append(c)
     if len(hosts) > 1:
         L += ["", "## Hosts", "",
@@ -359,7 +375,7 @@ def write_report(args) -> Path:
           "| cell | sequence-forwards | linearisations | steps (accepted) | stages, seconds | "
           "CPU-minutes (whole run) | kept (stitched / sequential holdout KL) |",
           "|---|---|---|---|---|---|---|"]
-    for c, r in sorted(res.items()):
+    for c, r in sorted(every.items()):
         srch = r["summary"].get("search")
         if not srch:
             continue
@@ -379,6 +395,53 @@ def write_report(args) -> Path:
     with atomic_write(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(L) + "\n" + findings)
     return path
+
+
+def draws_section(every: dict[str, dict], results: Path) -> list[str]:
+    """Cells run from several calibration draws (``~s<N>``) beside the best uniform
+    configuration's runs from the same draws on the same host (its e2e cells
+    ``uniform:<cfg>[~sN]`` and ``bench/gptq_noise.py``'s runs): per draw and the mean ratio."""
+    seeded = {(m, b) for c in every for m, b, s in [split_cell(c)] if s and b}
+    if not seeded:
+        return []
+    uniform: dict[tuple[str, str, int], dict] = {}  # (config, host, draw) -> run
+    for f in sorted((results / "gptq_noise").glob("*.json")):
+        r = json.loads(f.read_text())
+        uniform[(r["config"], r["machine"]["platform"], r["seed"])] = r
+    for c, r in every.items():
+        m, _, s = split_cell(c)
+        if m.startswith("uniform:"):
+            uniform[(m[8:], r["machine"]["platform"], s)] = r
+    L = ["", "## Calibration draws", "",
+         "A cell run from calibration draws 0, 1, 2 … (`<cell>~s<N>`: GPTQ's calibration "
+         "sequences and the search's splits drawn with seed N) beside the best uniform "
+         "configuration at draw 0 quantized from the same draws on the same host. One GPTQ "
+         "result moves by ±5 % with its draw (`gptq_noise.md`): a claim at a budget is the "
+         "mean over draws.", "",
+         "| cell | host | draw | WikiText-2 | C4 | uniform | WikiText-2 | C4 | ratio (Wiki, C4) |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for m, b in sorted(seeded, key=lambda t: (float(t[1]) if t[1] != "lat" else 1e9, t[0])):
+        u0 = best_uniform({c: r for c, r in every.items() if not split_cell(c)[2]}, float(b)) \
+            if b != "lat" else None
+        config = u0["cell"][8:] if u0 else None
+        ratios = []
+        cells = sorted((c for c in every if split_cell(c)[:2] == (m, b)),
+                       key=lambda c: split_cell(c)[2])
+        for c in cells:
+            r, draw = every[c], split_cell(c)[2]
+            h = r["machine"]["platform"]
+            u = uniform.get((config, h, draw)) if config else None
+            if u:
+                ratios.append((r["wikitext2"] / u["wikitext2"], r["c4"] / u["c4"]))
+            L.append(f"| {m}@{b} | {h} | {draw} | {_f(r['wikitext2'])} | {_f(r['c4'])} | "
+                     f"{config or '—'} | {_f(u and u['wikitext2'])} | {_f(u and u['c4'])} | "
+                     f"{_ratios(r, u)} |")
+        if len(ratios) > 1:
+            w, c4 = zip(*ratios, strict=True)
+            L.append(f"| {m}@{b}: mean of {len(ratios)} draws | | | | | | | | "
+                     f"{statistics.mean(w):.3f} ± {statistics.stdev(w):.3f}, "
+                     f"{statistics.mean(c4):.3f} ± {statistics.stdev(c4):.3f} |")
+    return L
 
 
 def _findings(path: Path) -> str:

@@ -86,3 +86,34 @@ def test_cells_report_and_cache(e2e, tmp_path, capsys):
     steps = moved["summary"]["search"]["steps"]
     assert mrw["summary"]["search"]["steps"][:len(steps)] == steps
     assert "| search-moved-rewalk@4.5 |" in (tmp_path / "res" / "e2e.md").read_text()
+
+
+def test_calibration_draws(e2e, tmp_path):
+    """``<cell>~s<N>`` runs a cell from calibration draw N (its own key and run folder); the
+    report pairs each draw with the best uniform configuration's run from the same draw."""
+    assert e2e.split_cell("search-moved@3.5~s2") == ("search-moved", "3.5", 2)
+    assert e2e.split_cell("uniform:b3g64") == ("uniform:b3g64", "", 0)
+    with pytest.raises(ValueError, match="~s"):
+        e2e.split_cell("search@3.5~sx")
+    common = ["--eval-windows", "2", "--compress-nsamples", "4", "--search-budget", "30",
+              "--model", "tiny", "--runs", str(tmp_path / "runs"), "--results",
+              str(tmp_path / "res"), "--budgets", ""]
+    cells = ("uniform:b2g32,uniform:b3g32,search@4.5,uniform:b2g32~s1,uniform:b3g32~s1,"
+             "search@4.5~s1")
+    assert e2e.main(["--cells", cells, *common]) == 0
+    res = tmp_path / "res" / "e2e"
+    s0 = json.loads((res / "search@4.5.json").read_text())
+    s1 = json.loads((res / "search@4.5~s1.json").read_text())
+    assert (s0["config"]["seed"], s1["config"]["seed"]) == (0, 1)
+    assert s0["key"] != s1["key"] and (tmp_path / "runs" / "search_4.5~s1").is_dir()
+    md = (tmp_path / "res" / "e2e.md").read_text()
+    draws = md.split("## Calibration draws", 1)[1].split("\n## ", 1)[0]
+    best = e2e.best_uniform({c: json.loads((res / f"{c.replace(':', '-')}.json").read_text())
+                             for c in ("uniform:b2g32", "uniform:b3g32")}, 4.5)
+    u1 = json.loads((res / f"uniform-{best['cell'][8:]}~s1.json").read_text())
+    assert f"| search@4.5 | {s1['machine']['platform']} | 1 |" in draws
+    assert f"{s1['wikitext2'] / u1['wikitext2']:.3f}, {s1['c4'] / u1['c4']:.3f}" in draws
+    assert "mean of 2 draws" in draws
+    # the draws stay out of the per-budget table (draw 0 only)
+    table = md.split("## At each budget", 1)[1].split("\n## ", 1)[0]
+    assert table.count("| 4.5 |") == 1
