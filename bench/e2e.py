@@ -51,16 +51,25 @@ SEARCHES = {
     "search-narrow": {"screen": [8, 256], "select": [16, 256]},
     # after a step, only the groups that moved are re-measured
     "search-moved": {"screen": [16, 256], "select": [48, 256], "search_relinearise": "moved"},
+    # and sequential screening: a Δ settled on half the screen split is not measured further
+    "search-moved-rse": {"screen": [16, 256], "select": [48, 256],
+                         "search_relinearise": "moved", "search_rse": 0.25},
 }
-#: cells that change one thing of the default search: method -> (heading, what changed)
+#: cells that change one thing of a search: method -> (heading, what changed, the search
+#: it is compared with)
 VARIANTS = {
     "search-narrow": ("The search on fewer tokens, the default before",
                       "Screen 8 × 256 tokens, select 16 × 256 (default: 16 × 256, 48 × 256); "
-                      "the rest as the default search."),
+                      "the rest as the default search.", "search"),
     "search-moved": ("Re-measuring only the groups that moved",
                      "After an accepted step only the groups whose units moved are "
                      "linearised again (`--search-relinearise moved`; default: every group of "
-                     "a changed layer); the rest as the default search."),
+                     "a changed layer); the rest as the default search.", "search"),
+    "search-moved-rse": ("Sequential screening of the linearisations",
+                         "Each group move is measured on half the screen split first and on "
+                         "the other half only when its standard error exceeds a quarter of its "
+                         "|Δ| (`--search-rse 0.25`; default: the whole split); the rest as "
+                         "`search-moved`.", "search-moved"),
 }
 
 
@@ -299,18 +308,18 @@ def write_report(args) -> Path:
         ratio = (f"{s['wikitext2'] / u['wikitext2']:.3f}, {s['c4'] / u['c4']:.3f}"
                  if s and u else "—")
         L.append("| " + " | ".join(row) + f" | {ratio} |")
-    for method, (title, what) in VARIANTS.items():
+    for method, (title, what, ref) in VARIANTS.items():
         cells = sorted((c for c in res if c.startswith(method + "@")),
                        key=lambda c: float(c.split("@")[1]))
         if not cells:
             continue
         L += ["", f"## {title} (`{method}`)", "", what, "",
               "| budget | bits | WikiText-2 | C4 | forwards | linearisations | steps (accepted) "
-              "| vs best uniform (Wiki, C4) | vs default search (Wiki, C4) |",
+              f"| vs best uniform (Wiki, C4) | vs `{ref}` (Wiki, C4) |",
               "|---|---|---|---|---|---|---|---|---|"]
         for c in cells:
             b, r = c.split("@")[1], res[c]
-            u, s = best_uniform(res, float(b)), res.get(f"search@{b}")
+            u, s = best_uniform(res, float(b)), res.get(f"{ref}@{b}")
             srch = r["summary"].get("search") or {}
             steps = srch.get("steps", [])
             L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
@@ -467,6 +476,7 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
     for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
+                          ("search-moved-rse", "<:"),
                           ("search", "*-"),
                           ("search-rewalk", "D:"), ("search-moved-rewalk", "d:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()

@@ -80,6 +80,7 @@ class RunConfig:
     search_window: int = 3
     search_rewalks: int = 0
     search_relinearise: str = "layers"
+    search_rse: float = 0.0
     # screen 16 x 256 / select 48 x 256: on SmolLM2 at 3.5 bits/weight the search moved
     # nothing with 8 x 256 / 16 x 256 (noise as large as the effects) and beat uniform with
     # these (bench/results/e2e.md, "search-narrow" vs "search")
@@ -141,6 +142,9 @@ class RunConfig:
         if self.search_relinearise not in RELINEARISE:
             raise ValidationError("search_relinearise", f"{self.search_relinearise!r}; valid: "
                                   + ", ".join(RELINEARISE))
+        if not (math.isfinite(self.search_rse) and self.search_rse >= 0):
+            raise ValidationError("search_rse", f"{self.search_rse!r}; valid: a finite number "
+                                  "≥ 0 (0: every linearisation on the whole screen split)")
         if not (math.isfinite(self.search_budget) and self.search_budget >= 0):
             raise ValidationError("search_budget", f"{self.search_budget!r}; valid: a finite "
                                   "number ≥ 0 (sequence-forwards)")

@@ -24,7 +24,7 @@ walks its own shard of the calibration sequences and the Hessians are all-reduce
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -293,21 +293,24 @@ class LayerEngine:
         self.layer += 1
 
     @torch.no_grad()
-    def run_layers(self, hidden: list[torch.Tensor], start: int, stop: int | None = None
-                   ) -> list[torch.Tensor]:
+    def run_layers(self, hidden: list[torch.Tensor], start: int, stop: int | None = None,
+                   batches: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Partial forwards: run layers ``start..stop-1`` (default: to the last) on ``hidden``
-        (one tensor per batch, entering layer ``start``) and return what leaves layer
-        ``stop-1``. The engine's own position does not move."""
+        (one tensor per batch, entering layer ``start``; with ``batches``, one per listed
+        batch index) and return what leaves layer ``stop-1``. The engine's own position does
+        not move."""
+        own = self.batches if batches is None else [self.batches[i] for i in batches]
         out = list(hidden)
         for i in range(start, self.n_layers if stop is None else stop):
             with self.onload_layer(i):
                 out = [self.adapter.run_layer(i, h.to(self.device), _to(b.kwargs, self.device))
-                       .to(self.cache_device) for h, b in zip(out, self.batches, strict=True)]
+                       .to(self.cache_device) for h, b in zip(out, own, strict=True)]
         return out
 
-    def run_from(self, start: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run_from(self, start: int, hidden: list[torch.Tensor],
+                 batches: Sequence[int] | None = None) -> list[torch.Tensor]:
         """``run_layers(hidden, start)``: the final hidden states from layer ``start`` on."""
-        return self.run_layers(hidden, start)
+        return self.run_layers(hidden, start, batches=batches)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,8 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
         cfg.pop(k)
     if cfg["format"] == "bitsack":  # the default: records of earlier runs stay valid
         cfg.pop("format")
+    if not cfg["search_rse"]:  # likewise (off by default)
+        cfg.pop("search_rse")
     return {"model": ctx.model_id, "config": cfg}
 
 
@@ -343,7 +345,8 @@ def _search(ctx: Context, lm, units) -> Planned:
                                  "holdout": tuple(cfg.holdout)}, seed=cfg.seed)
     config = SearchConfig(budget_forwards=cfg.search_budget, k=cfg.search_k, seed=cfg.seed,
                           time_limit_s=min(cfg.time_limit_s, 30.0),
-                          rewalks=cfg.search_rewalks, relinearise=cfg.search_relinearise)
+                          rewalks=cfg.search_rewalks, relinearise=cfg.search_relinearise,
+                          rse=cfg.search_rse)
     store_key = {"model": ctx.model_id, "menu": list(menu.option_ids),
                  "window": cfg.search_window, "calib": cfg.calib,
                  "quantizer": cfg.quantizer, "nsamples": cfg.compress_nsamples,

@@ -102,6 +102,12 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    "changed (layers) or only the groups that moved (moved: fewer forwards per "
                    f"step, Δ's of the others from before the step; default "
                    f"{d['search_relinearise']})")
+    p.add_argument("--search-rse", type=real(0, 1e6, what="a relative standard error"),
+                   default=d["search_rse"],
+                   help="sequential screening: a linearisation's group move is measured on "
+                   "half the screen split, and on the other half only when its standard error "
+                   "exceeds this fraction of its |Δ| (0: always the whole split; default "
+                   f"{d['search_rse']:g})")
     p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
                    help=f"units the first search step may change (default {d['search_k']})")
     for split in ("screen", "select", "holdout"):
@@ -176,6 +182,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         search_start=args.search_start, search_budget=args.search_budget,
         search_k=args.trust_region, search_window=args.search_window,
         search_rewalks=args.search_rewalks, search_relinearise=args.search_relinearise,
+        search_rse=args.search_rse,
         screen=tuple(args.screen), select=tuple(args.select),
         holdout=tuple(args.holdout), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, solver=args.solver, time_limit_s=args.time_limit,

@@ -84,6 +84,11 @@ class SearchConfig:
             SmolLM2, so more steps per forward budget). With ``moved``, a descended start
             also keeps its descent's down and prune Δ's of the groups the descent left, and
             the first linearisation measures only the rest.
+        rse: sequential screening of the linearisations (0: off). A group move is measured
+            on the first half of ``screen``'s batches; when that Δ's standard error is at most
+            ``rse``·|Δ| it stands, else the second half is measured too and the Δ is the
+            whole split's. Large effects (2-bit moves, pruning) are settled on half the
+            tokens; small ones (3 ↔ 4 bits) still get all of them.
         caution: proposals price each measured Δ at ``mean + caution·SE`` (a gain only beyond
             its noise); the resampled alternatives draw around the mean instead.
         reach: menu steps a unit may move in one proposal (2: the second step measured for
@@ -117,6 +122,7 @@ class SearchConfig:
     alternatives: int = 2
     refresh: int = 3
     relinearise: str = "layers"
+    rse: float = 0.0
     caution: float = 1.0
     reach: int = 2
     far: int = 8
@@ -143,6 +149,9 @@ class SearchConfig:
         if self.relinearise not in RELINEARISE:
             raise ValidationError("relinearise", f"{self.relinearise!r}; valid: "
                                   + ", ".join(RELINEARISE))
+        if not (self.rse >= 0 and math.isfinite(self.rse)):
+            raise ValidationError("search_rse", f"{self.rse!r}; valid: a finite number ≥ 0 "
+                                  "(0: every linearisation on the whole screen split)")
         if not (isinstance(self.rewalks, int) and self.rewalks >= 0):
             raise ValidationError("rewalks", f"{self.rewalks!r}; valid: an integer ≥ 0")
 
@@ -266,13 +275,28 @@ class Search:
         self.plan = dict(plan)
         self.kl = {s: self.meter.trace(s) for s in SPLITS}
 
-    def _measure(self, changes: Mapping[str, Choice], split: str) -> np.ndarray:
-        """KL on ``split`` with ``changes`` applied to the incumbent (then reverted)."""
+    def _measure(self, changes: Mapping[str, Choice], split: str,
+                 batches: Sequence[int] | None = None) -> np.ndarray:
+        """KL on ``split`` (its ``batches``, default all) with ``changes`` applied to the
+        incumbent (then reverted)."""
         start = self.stitch.write(changes)
         try:
-            return self.meter.kl(split, start)
+            return self.meter.kl(split, start, batches)
         finally:
             self.stitch.write({u: self.plan[u] for u in changes})
+
+    def _screened(self, moved: Mapping[str, Choice]) -> Paired:
+        """Δ on ``screen`` of ``moved`` against the incumbent: on half the split's batches
+        first, the other half only when that Δ is not settled (``cfg.rse``)."""
+        base, nb = self.kl["screen"], self.meter.n_batches("screen")
+        if not self.cfg.rse > 0 or nb < 2:
+            return Paired.of(self._measure(moved, "screen"), base)
+        half, rest = list(range(nb // 2)), list(range(nb // 2, nb))
+        first = self._measure(moved, "screen", half)
+        paired = Paired.of(first, base[self.meter.rows("screen", half)])
+        if paired.se <= self.cfg.rse * abs(paired.mean):
+            return paired
+        return Paired.of(np.concatenate([first, self._measure(moved, "screen", rest)]), base)
 
     def _mean(self, split: str) -> float:
         return float(np.mean(self.kl[split]))
@@ -378,8 +402,7 @@ class Search:
         ``cfg.far`` groups ranked best over all groups (``_far_groups``): measured where the
         group was re-measured now or has no two-step Δ yet; dropped for groups out of the
         top. ``keep``: (group, ±1 or 0) Δ's still valid (carried from a descent): neither
-        they nor their two-step Δ's are measured again."""
-        base = self.kl["screen"]
+        they nor their two-step Δ's are measured again. Each Δ: ``_screened``."""
         todo = list(groups if groups is not None else self.groups)
         for g in todo:
             for d in (+1, -1):
@@ -396,8 +419,7 @@ class Search:
                 if not moved:
                     self.deltas.pop((g, d), None)
                     continue
-                kl = self._measure(moved, "screen")
-                self.deltas[(g, d)] = (Paired.of(kl, base), moved)
+                self.deltas[(g, d)] = (self._screened(moved), moved)
         if self.cfg.reach < 2:
             return
         for d in (+1, -1):
@@ -411,8 +433,7 @@ class Search:
                 elif g in fresh or (g, 2 * d) not in self.deltas:
                     moved = self._move(g, 2 * d)
                     if moved:
-                        kl = self._measure(moved, "screen")
-                        self.deltas[(g, 2 * d)] = (Paired.of(kl, base), moved)
+                        self.deltas[(g, 2 * d)] = (self._screened(moved), moved)
 
     def _far_groups(self, groups: Sequence[str], d: int) -> list[str]:
         """The ``cfg.far`` groups whose one-step move in direction d buys the most: up, the

@@ -17,7 +17,7 @@ weights (``trace``), so a change whose first changed layer is l re-runs layers l
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,11 +91,13 @@ class KLMeter:
                 del logp, p
 
     # ---- forwards -----------------------------------------------------------------------
-    def _run(self, split: _Split, start: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        n_seq = split.tokens.shape[0]
+    def _run(self, split: _Split, start: int, hidden: list[torch.Tensor],
+             batches: Sequence[int] | None = None) -> list[torch.Tensor]:
+        n_seq = split.tokens.shape[0] if batches is None else \
+            sum(split.engine.batches[i].ids.shape[0] for i in batches)
         self.forwards += n_seq * (self.n_layers - start + self.head_layers) / \
             (self.n_layers + self.head_layers)
-        return split.engine.run_from(start, hidden)
+        return split.engine.run_from(start, hidden, batches)
 
     def _entry(self, split: _Split, start: int | None) -> tuple[int, list[torch.Tensor]]:
         if start is None or split.trace is None:
@@ -105,19 +107,33 @@ class KLMeter:
             return 0, fresh.hidden_states()
         return start, split.trace[start]
 
+    def n_batches(self, name: str) -> int:
+        """How many batches split ``name`` is measured in (``kl``'s ``batches`` index them)."""
+        return len(self._split(name).engine.batches)
+
+    def rows(self, name: str, batches: Sequence[int]) -> np.ndarray:
+        """The per-sequence positions (in ``kl``'s full output) of the listed batches."""
+        sizes = [b.ids.shape[0] for b in self._split(name).engine.batches]
+        ends = np.cumsum(sizes)
+        return np.concatenate([np.arange(ends[i] - sizes[i], ends[i]) for i in batches])
+
     @torch.no_grad()
-    def kl(self, name: str, start: int | None = 0) -> np.ndarray:
+    def kl(self, name: str, start: int | None = 0,
+           batches: Sequence[int] | None = None) -> np.ndarray:
         """Per-sequence mean KL(base ‖ current weights) on split ``name``.
 
         ``start`` is the first layer whose weights differ from the traced incumbent (the
         layers before it are taken from the trace); None when an embedding changed; 0 runs
-        every layer.
+        every layer. ``batches``: only these batches of the split (their sequences, in
+        order; ``rows`` says which); default all.
         """
         split = self._split(name)
         first, hidden = self._entry(split, start)
-        final = self._run(split, first, hidden)
+        pick = range(len(split.p)) if batches is None else list(batches)
+        final = self._run(split, first, [hidden[i] for i in pick], batches)
         out = []
-        for h, p, negent in zip(final, split.p, split.negent, strict=True):
+        for h, p, negent in zip(final, [split.p[i] for i in pick],
+                                [split.negent[i] for i in pick], strict=True):
             logq = torch.log_softmax(split.engine.logits(h).float(), dim=-1)
             cross = (p.float() * logq).sum(-1).double()
             out.append((negent - cross).mean(-1))

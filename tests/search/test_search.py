@@ -559,3 +559,48 @@ def test_an_accepted_step_re_measures_the_groups_relinearise_names(setup, mode):
             differ |= stale["moved"] != stale["layers"]
     assert differ  # the case tells the two rules apart
     assert calls[1:] == expected
+
+
+def test_meter_measures_some_batches_of_a_split(setup):
+    """``kl(..., batches=…)`` gives those batches' rows of the full measurement, at their
+    share of the forwards."""
+    _, model, units, meter, store, _ = setup()
+    meter.trace("screen")
+    spent = [meter.forwards]
+    full = meter.kl("screen", 1)
+    spent.append(meter.forwards)
+    part = meter.kl("screen", 1, [1])
+    spent.append(meter.forwards)
+    assert meter.n_batches("screen") == 2
+    assert list(meter.rows("screen", [1])) == [4, 5, 6, 7]
+    np.testing.assert_allclose(part, full[4:], rtol=1e-12, atol=0)
+    assert spent[2] - spent[1] == pytest.approx((spent[1] - spent[0]) / 2)
+
+
+@pytest.mark.parametrize("rse", [1e-12, 0.5, 1e6])
+def test_sequential_screening_settles_large_deltas_on_half_the_split(setup, rse):
+    """``rse``: a Δ whose standard error on the first half of ``screen`` is at most rse·|Δ|
+    stands on that half (n = 4 of 8 sequences); the others are the whole split's Δ, equal to
+    the one measured without sequential screening. Fewer forwards when any Δ stands on half."""
+    deltas, spent = {}, {}
+    for r in (0.0, rse):
+        _, model, units, meter, store, costs = setup()
+        s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+                   SearchConfig(budget_forwards=0, rse=r, descend=False))
+        s.start()
+        before = meter.forwards
+        s.linearise()
+        deltas[r], spent[r] = s.deltas, meter.forwards - before
+    half = {k: p for k, (p, _) in deltas[rse].items() if p.n == 4}
+    whole = {k: p for k, (p, _) in deltas[rse].items() if p.n == 8}
+    assert set(half) | set(whole) == set(deltas[0.0])
+    for k, p in whole.items():
+        assert p.mean == pytest.approx(deltas[0.0][k][0].mean, rel=1e-9, abs=1e-12)
+        assert p.se == pytest.approx(deltas[0.0][k][0].se, rel=1e-9, abs=1e-12)
+    assert all(p.se <= rse * abs(p.mean) for p in half.values())
+    if rse == 1e6:
+        assert not whole and spent[rse] == pytest.approx(spent[0.0] / 2)
+    elif rse == 1e-12:
+        assert not half and spent[rse] == pytest.approx(spent[0.0])
+    else:
+        assert half and whole and spent[0.0] / 2 < spent[rse] < spent[0.0]
