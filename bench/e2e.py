@@ -54,6 +54,10 @@ SEARCHES = {
     # and sequential screening: a Δ settled on half the screen split is not measured further
     "search-moved-rse": {"screen": [16, 256], "select": [48, 256],
                          "search_relinearise": "moved", "search_rse": 0.25},
+    # and the trust region moved by measured / predicted ΔKL
+    "search-moved-rse-ratio": {"screen": [16, 256], "select": [48, 256],
+                               "search_relinearise": "moved", "search_rse": 0.25,
+                               "search_grow": "ratio"},
 }
 #: cells that change one thing of a search: method -> (heading, what changed, the search
 #: it is compared with)
@@ -70,6 +74,12 @@ VARIANTS = {
                          "the other half only when its standard error exceeds a quarter of its "
                          "|Δ| (`--search-rse 0.25`; default: the whole split); the rest as "
                          "`search-moved`.", "search-moved"),
+    "search-moved-rse-ratio": ("The trust region moved by how well a step was predicted",
+                               "After an accepted step k doubles only when measured / "
+                               "predicted ΔKL ρ ≥ 0.75, stays for 0.25 ≤ ρ < 0.75, halves "
+                               "below (and every group is linearised again) "
+                               "(`--search-grow ratio`; default: k doubles); the rest as "
+                               "`search-moved-rse`.", "search-moved-rse"),
 }
 
 
@@ -476,7 +486,7 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
     for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
-                          ("search-moved-rse", "<:"),
+                          ("search-moved-rse", "<:"), ("search-moved-rse-ratio", ">:"),
                           ("search", "*-"),
                           ("search-rewalk", "D:"), ("search-moved-rewalk", "d:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()

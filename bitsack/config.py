@@ -81,6 +81,7 @@ class RunConfig:
     search_rewalks: int = 0
     search_relinearise: str = "layers"
     search_rse: float = 0.0
+    search_grow: str = "accept"
     # screen 16 x 256 / select 48 x 256: on SmolLM2 at 3.5 bits/weight the search moved
     # nothing with 8 x 256 / 16 x 256 (noise as large as the effects) and beat uniform with
     # these (bench/results/e2e.md, "search-narrow" vs "search")
@@ -137,7 +138,11 @@ class RunConfig:
                 or self.search_rewalks < 0:
             raise ValidationError("search_rewalks", f"{self.search_rewalks!r}; valid: an integer "
                                   "≥ 0 (rounds after the first)")
-        from bitsack.search import RELINEARISE
+        from bitsack.search import GROW, RELINEARISE
+
+        if self.search_grow not in GROW:
+            raise ValidationError("search_grow", f"{self.search_grow!r}; valid: "
+                                  + ", ".join(GROW))
 
         if self.search_relinearise not in RELINEARISE:
             raise ValidationError("search_relinearise", f"{self.search_relinearise!r}; valid: "

@@ -182,8 +182,9 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
         cfg.pop(k)
     if cfg["format"] == "bitsack":  # the default: records of earlier runs stay valid
         cfg.pop("format")
-    if not cfg["search_rse"]:  # likewise (off by default)
-        cfg.pop("search_rse")
+    for k, off in (("search_rse", 0.0), ("search_grow", "accept")):
+        if cfg[k] == off:  # likewise (the search as before)
+            cfg.pop(k)
     return {"model": ctx.model_id, "config": cfg}
 
 
@@ -346,7 +347,7 @@ def _search(ctx: Context, lm, units) -> Planned:
     config = SearchConfig(budget_forwards=cfg.search_budget, k=cfg.search_k, seed=cfg.seed,
                           time_limit_s=min(cfg.time_limit_s, 30.0),
                           rewalks=cfg.search_rewalks, relinearise=cfg.search_relinearise,
-                          rse=cfg.search_rse)
+                          rse=cfg.search_rse, grow=cfg.search_grow)
     store_key = {"model": ctx.model_id, "menu": list(menu.option_ids),
                  "window": cfg.search_window, "calib": cfg.calib,
                  "quantizer": cfg.quantizer, "nsamples": cfg.compress_nsamples,

@@ -108,6 +108,10 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    "half the screen split, and on the other half only when its standard error "
                    "exceeds this fraction of its |Δ| (0: always the whole split; default "
                    f"{d['search_rse']:g})")
+    p.add_argument("--search-grow", default=d["search_grow"], choices=("accept", "ratio"),
+                   help="after an accepted search step the trust region doubles (accept), or "
+                   "moves by measured / predicted ΔKL (ratio: doubles at ≥ 0.75, halves below "
+                   f"0.25 and re-measures every group; default {d['search_grow']})")
     p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
                    help=f"units the first search step may change (default {d['search_k']})")
     for split in ("screen", "select", "holdout"):
@@ -182,7 +186,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         search_start=args.search_start, search_budget=args.search_budget,
         search_k=args.trust_region, search_window=args.search_window,
         search_rewalks=args.search_rewalks, search_relinearise=args.search_relinearise,
-        search_rse=args.search_rse,
+        search_rse=args.search_rse, search_grow=args.search_grow,
         screen=tuple(args.screen), select=tuple(args.select),
         holdout=tuple(args.holdout), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, solver=args.solver, time_limit_s=args.time_limit,

@@ -8,3 +8,5 @@
 
 #: what an accepted step makes stale (``loop.SearchConfig.relinearise``)
 RELINEARISE = ("layers", "moved")
+#: how an accepted step moves the trust region (``loop.SearchConfig.grow``)
+GROW = ("accept", "ratio")

@@ -55,7 +55,7 @@ from torch import nn
 
 from bitsack.errors import ValidationError
 from bitsack.plan import Choice
-from bitsack.search import RELINEARISE
+from bitsack.search import GROW, RELINEARISE
 from bitsack.search.menu import Menu
 from bitsack.search.meter import KLMeter, Paired
 from bitsack.search.store import Stitcher, VariantStore
@@ -72,6 +72,13 @@ class SearchConfig:
         k: initial trust region (units that may change in one step).
         k_min: stop once the trust region falls below this.
         k_max: the trust region never grows beyond this.
+        grow: how an accepted step moves the trust region. ``accept``: k doubles. ``ratio``:
+            by how well the step was predicted, ρ = measured ΔKL on ``select`` / predicted
+            ΔKL (the classic trust-region test, Nocedal & Wright, Alg. 4.1): k doubles when
+            ρ ≥ 0.75, stays when 0.25 ≤ ρ < 0.75, halves when ρ < 0.25 — and then every
+            group is linearised again (a poorly predicted step says the Δ's around the new
+            plan are not the old ones: at 2.5 bits/weight a second step predicted −2.54
+            measured −0.147). A rejected step halves k either way.
         z: a step is accepted if it beats the incumbent by more than ``z`` paired standard
             errors on ``select`` (and is not worse on ``holdout``).
         alternatives: Thompson-style resampled proposals per step (besides k and k/2).
@@ -118,6 +125,7 @@ class SearchConfig:
     k: int = 48
     k_min: int = 2
     k_max: int = 96
+    grow: str = "accept"
     z: float = 2.0
     alternatives: int = 2
     refresh: int = 3
@@ -146,6 +154,8 @@ class SearchConfig:
             raise ValidationError("far", f"{self.far!r}; valid: an integer ≥ 0")
         if self.reach not in (1, 2):
             raise ValidationError("reach", f"{self.reach!r}; valid: 1 or 2")
+        if self.grow not in GROW:
+            raise ValidationError("search_grow", f"{self.grow!r}; valid: " + ", ".join(GROW))
         if self.relinearise not in RELINEARISE:
             raise ValidationError("relinearise", f"{self.relinearise!r}; valid: "
                                   + ", ".join(RELINEARISE))
@@ -615,9 +625,11 @@ class Search:
                 self._set({**self.plan, **{u: self._choice(v[1])
                                            for u, v in step.changed.items()}})
                 state["since_refresh"] += 1
-                state["k"] = min(cfg.k_max, 2 * state["k"])
+                rho = trust_ratio(step) if cfg.grow == "ratio" else 1.0
+                state["k"] = min(cfg.k_max, 2 * state["k"]) if rho >= 0.75 else \
+                    state["k"] if rho >= 0.25 else max(cfg.k_min, state["k"] // 2)
                 state["reach"] = cfg.reach
-                if state["since_refresh"] >= cfg.refresh or None in layers:
+                if state["since_refresh"] >= cfg.refresh or None in layers or rho < 0.25:
                     state["stale"], state["since_refresh"] = None, 0
                 elif cfg.relinearise == "moved":
                     state["stale"] = [g for g, members in self.groups.items()
@@ -724,6 +736,14 @@ class Search:
             elif st.changed:
                 self.rejected.add(tuple(sorted((u, v[1]) for u, v in st.changed.items())))
         return result, dict(ck["state"])
+
+
+def trust_ratio(step: Step) -> float:
+    """ρ of an accepted step: its measured ΔKL on ``select`` over its predicted ΔKL (1 when
+    nothing was predicted to help)."""
+    if not step.predicted < 0 or not step.select:
+        return 1.0
+    return step.select["delta"] / step.predicted
 
 
 def _cert(sol) -> dict[str, Any]:

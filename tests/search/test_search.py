@@ -604,3 +604,40 @@ def test_sequential_screening_settles_large_deltas_on_half_the_split(setup, rse)
         assert not half and spent[rse] == pytest.approx(spent[0.0])
     else:
         assert half and whole and spent[0.0] / 2 < spent[rse] < spent[0.0]
+
+
+def test_trust_region_moves_by_the_ratio_of_measured_to_predicted(setup):
+    """grow "ratio": after an accepted step k doubles (ρ ≥ 0.75), stays (0.25 ≤ ρ < 0.75) or
+    halves (ρ < 0.25, and every group is linearised again); a rejected step halves k."""
+    from bitsack.search.loop import Step, trust_ratio
+
+    _, model, units, meter, store, costs = setup()
+    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+               SearchConfig(budget_forwards=1e9, k=8, k_min=2, k_max=32, refresh=99,
+                            grow="ratio", descend=False))
+    uid = units[0].id
+    # (ρ, accepted): measured / predicted on select
+    script = [(0.9, True), (0.5, True), (0.1, True)] + [(None, False)] * 3
+    ks, calls = [], []
+
+    def step(it, k, reach):
+        ks.append(k)
+        rho, ok = script[it - 1]
+        cur = s.plan[uid]
+        to = s.menu.step(cur, +1) or s.menu.step(cur, -1)
+        sel = {"delta": -0.1 * rho if ok else 0.01, "se": 0.001, "n": 8}
+        return Step(it, k, {uid: [cur.option_id, to.option_id]}, -0.1, sel, sel,
+                    sel if ok else None, ok, "scripted", 1, meter.forwards, reach=reach)
+
+    s._step = step
+    linearise = s.linearise
+    s.linearise = lambda groups=None, **kw: (calls.append(groups), linearise(groups, **kw))
+    res = s.run()
+    assert [trust_ratio(st) for st in res.steps[:3]] == pytest.approx([0.9, 0.5, 0.1])
+    assert ks == [8, 16, 16, 8, 4, 2]
+    assert res.stopped == "trust region below k_min=2"
+    # a full linearisation first and after the poorly predicted step; partial after the others
+    assert calls[0] is None and calls[1] is not None and calls[2] is not None
+    assert calls[3] is None
+    with pytest.raises(Exception, match="search_grow"):
+        SearchConfig(grow="sometimes")
