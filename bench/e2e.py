@@ -139,6 +139,8 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
         before = search if n == 1 else f"{search}-rewalk" + ("" if n == 2 else str(n - 1))
         _seed_rounds(Path(args.runs) / (f"{before}_{b}" + (f"~s{seed}" if seed else "")),
                      run_dir)
+    elif search in SEARCHES:  # a variant of a search at this budget and draw: its store
+        _share_store(Path(args.runs), run_dir)
     # one profile serves every budget (its record holds no budget): seed it, then share it
     shared = base_dir.parent / "profile"
     _share_profile(shared, run_dir)
@@ -179,6 +181,20 @@ def _seed_rounds(src: Path, dst: Path) -> None:
         shutil.copytree(store, dst / store.name, copy_function=os.link, dirs_exist_ok=True)
     for ck in sorted(src.glob("search*.json")):
         shutil.copy(ck, dst / ck.name)
+
+
+def _share_store(runs: Path, dst: Path) -> None:
+    """Hard-link into ``dst`` the variant store of another search cell at the same budget and
+    calibration draw (the first by name that has one). The store checks the key it was built
+    from when opened: one built from other inputs is rebuilt (its files are unlinked and
+    written anew, never rewritten in place, so the other cell's store is untouched)."""
+    if (dst / "store").exists():
+        return
+    suffix = dst.name.partition("_")[2]
+    for src in sorted(runs.glob(f"*_{suffix}")):
+        if src != dst and (src / "store" / "store.json").is_file():
+            shutil.copytree(src / "store", dst / "store", copy_function=os.link)
+            return
 
 
 def _share_profile(src: Path, dst: Path) -> None:

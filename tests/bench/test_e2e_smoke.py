@@ -72,6 +72,11 @@ def test_cells_report_and_cache(e2e, tmp_path, capsys):
                      for a in args_rw]) == 0
     moved = json.loads((tmp_path / "res" / "e2e" / "search-moved@4.5.json").read_text())
     assert moved["config"]["search_relinearise"] == "moved"
+    # its variant store (the same inputs) is the search cell's, hard-linked, not rebuilt
+    runs = tmp_path / "runs"
+    layers = sorted((runs / "search-moved_4.5" / "store").glob("layer_*"))
+    assert layers and all(f.stat().st_ino == (runs / "search-rewalk_4.5" / "store" / f.name
+                                              ).stat().st_ino for f in layers)
     md = (tmp_path / "res" / "e2e.md").read_text()
     assert "(`search-moved`)" in md
     row = next(line for line in md.splitlines() if line.startswith("| 4.5 |")
