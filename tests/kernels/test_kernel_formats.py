@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +162,29 @@ def test_kernel_modules_do_not_import_cupy():
             "assert 'cupy' not in sys.modules, 'cupy imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("site", [True, False], ids=["site-packages", "no-site-packages"])
+def test_top_level_kernels_name_is_not_this_folder(site):
+    """From the repository root (cwd on sys.path), ``import kernels`` must not give our folder:
+    transformers imports the installed Hugging Face ``kernels`` under that name."""
+    code = ("import os, sys\n"
+            "try:\n"
+            "    import kernels\n"
+            "except ModuleNotFoundError as e:\n"
+            "    print('missing', e.name)\n"
+            "else:\n"
+            "    print('found', os.path.dirname(os.path.abspath(kernels.__file__)))\n")
+    argv = [sys.executable] + ([] if site else ["-S"]) + ["-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=_ROOT)
+    kind, where = out.stdout.split(maxsplit=1)
+    assert where.strip() != str(_ROOT / "kernels")
+    try:
+        importlib.metadata.distribution("kernels")
+        installed = site
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    assert kind == ("found" if installed else "missing"), out.stdout
