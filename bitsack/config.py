@@ -82,6 +82,7 @@ class RunConfig:
     search_relinearise: str = "layers"
     search_rse: float = 0.0
     search_grow: str = "accept"
+    search_stop_z: float = 2.0
     # screen 16 x 256 / select 48 x 256: on SmolLM2 at 3.5 bits/weight the search moved
     # nothing with 8 x 256 / 16 x 256 (noise as large as the effects) and beat uniform with
     # these (bench/results/e2e.md, "search-narrow" vs "search")
@@ -150,6 +151,9 @@ class RunConfig:
         if not (math.isfinite(self.search_rse) and self.search_rse >= 0):
             raise ValidationError("search_rse", f"{self.search_rse!r}; valid: a finite number "
                                   "≥ 0 (0: every linearisation on the whole screen split)")
+        if not (math.isfinite(self.search_stop_z) and self.search_stop_z >= 0):
+            raise ValidationError("search_stop_z", f"{self.search_stop_z!r}; valid: a finite "
+                                  "number ≥ 0 (0: search until the forward budget is spent)")
         if not (math.isfinite(self.search_budget) and self.search_budget >= 0):
             raise ValidationError("search_budget", f"{self.search_budget!r}; valid: a finite "
                                   "number ≥ 0 (sequence-forwards)")

@@ -347,7 +347,8 @@ def _search(ctx: Context, lm, units) -> Planned:
     config = SearchConfig(budget_forwards=cfg.search_budget, k=cfg.search_k, seed=cfg.seed,
                           time_limit_s=min(cfg.time_limit_s, 30.0),
                           rewalks=cfg.search_rewalks, relinearise=cfg.search_relinearise,
-                          rse=cfg.search_rse, grow=cfg.search_grow)
+                          rse=cfg.search_rse, grow=cfg.search_grow,
+                          stop_z=cfg.search_stop_z)
     store_key = {"model": ctx.model_id, "menu": list(menu.option_ids),
                  "window": cfg.search_window, "calib": cfg.calib,
                  "quantizer": cfg.quantizer, "nsamples": cfg.compress_nsamples,

@@ -112,6 +112,11 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    help="after an accepted search step the trust region doubles (accept), or "
                    "moves by measured / predicted ΔKL (ratio: doubles at ≥ 0.75, halves below "
                    f"0.25 and re-measures every group; default {d['search_grow']})")
+    p.add_argument("--search-stop-z", type=real(0, 1e6, what="a number of standard errors"),
+                   default=d["search_stop_z"],
+                   help="the search has converged and stops when no proposal is predicted to "
+                   "gain this many standard errors of its last select measurement (0: search "
+                   f"until the forward budget is spent; default {d['search_stop_z']:g})")
     p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
                    help=f"units the first search step may change (default {d['search_k']})")
     for split in ("screen", "select", "holdout"):
@@ -187,6 +192,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         search_k=args.trust_region, search_window=args.search_window,
         search_rewalks=args.search_rewalks, search_relinearise=args.search_relinearise,
         search_rse=args.search_rse, search_grow=args.search_grow,
+        search_stop_z=args.search_stop_z,
         screen=tuple(args.screen), select=tuple(args.select),
         holdout=tuple(args.holdout), eval_seqlen=args.eval_seqlen,
         eval_windows=args.eval_windows, solver=args.solver, time_limit_s=args.time_limit,

@@ -35,7 +35,8 @@ split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candida
    both rejected proposals moved units two steps down, predicted −0.02 / −0.03, measured
    +0.12 / +0.13); below ``k_min`` the search stops.
 5. Stop when the forward budget (sequence-forwards: one full forward of one sequence = 1) is
-   spent, or k < k_min.
+   spent, k < k_min, or the search has converged: no proposal is predicted to gain
+   ``stop_z`` standard errors of the last ``select`` measurement.
 
 Why bounded steps: a linearisation is only trustworthy near where it was measured
 (ExLlamaV3's optimizer ends worse than uniform when it moves far: issue #108); SPDY measures
@@ -96,6 +97,12 @@ class SearchConfig:
             ``rse``·|Δ| it stands, else the second half is measured too and the Δ is the
             whole split's. Large effects (2-bit moves, pruning) are settled on half the
             tokens; small ones (3 ↔ 4 bits) still get all of them.
+        stop_z: the search has converged, and stops, when the best proposal around the
+            incumbent is predicted to gain less than ``stop_z`` standard errors of the last
+            ``select`` measurement — less than a step of that size can show (0: search until
+            the forward budget or the trust region is spent). At 3.5 bits/weight on SmolLM2
+            every proposal after that point was rejected (three calibration draws, two
+            relinearisation rules; ``bench/results/e2e.md``), each for 130–700 forwards.
         caution: proposals price each measured Δ at ``mean + caution·SE`` (a gain only beyond
             its noise); the resampled alternatives draw around the mean instead.
         reach: menu steps a unit may move in one proposal (2: the second step measured for
@@ -132,6 +139,7 @@ class SearchConfig:
     relinearise: str = "layers"
     rse: float = 0.0
     caution: float = 1.0
+    stop_z: float = 2.0
     reach: int = 2
     far: int = 8
     descend_until: float = 0.99
@@ -150,6 +158,9 @@ class SearchConfig:
                                   "valid: 1 ≤ k_min ≤ k ≤ k_max")
         if not self.z >= 0:
             raise ValidationError("z", f"{self.z!r}; valid: ≥ 0")
+        if not (self.stop_z >= 0 and math.isfinite(self.stop_z)):
+            raise ValidationError("search_stop_z", f"{self.stop_z!r}; valid: a finite number "
+                                  "≥ 0 (0: search until the forward budget is spent)")
         if not (isinstance(self.far, int) and self.far >= 0):
             raise ValidationError("far", f"{self.far!r}; valid: an integer ≥ 0")
         if self.reach not in (1, 2):
@@ -615,8 +626,12 @@ class Search:
                 self.linearise(state["stale"], keep=frozenset(
                     (g, d) for g, d in self.deltas if first and d in (+1, -1, 0)))
                 result.linearisations += 1
+                state["stale"] = []
             step = self._step(len(result.steps) + 1, state["k"],
-                              state.get("reach", cfg.reach))
+                              state.get("reach", cfg.reach), floor=self._floor(result.steps))
+            if isinstance(step, str):
+                result.stopped = step
+                break
             step.round = round
             result.steps.append(step)
             if step.accepted:
@@ -657,8 +672,18 @@ class Search:
         self.checkpoint(self.checkpoint_dict(result, state))
         return result
 
-    def _step(self, it: int, k: int, reach: int) -> Step:
-        """Propose around the incumbent, screen, select, and decide (nothing is moved)."""
+    def _floor(self, steps: Sequence[Step]) -> float:
+        """The smallest predicted gain worth measuring: ``stop_z`` standard errors of the
+        last ``select`` measurement (0 before the first one)."""
+        last = next((st.select for st in reversed(steps) if st.select), None)
+        return self.cfg.stop_z * last["se"] if last else 0.0
+
+    def _step(self, it: int, k: int, reach: int, floor: float = 0.0) -> Step | str:
+        """Propose around the incumbent, screen, select, and decide (nothing is moved).
+
+        Returns why the search has converged instead when no proposal is predicted to gain
+        ``floor`` or more.
+        """
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, it])
         proposals = []
@@ -677,6 +702,11 @@ class Search:
         if not cands:
             return Step(it, k, {}, 0.0, {}, None, None, False, "no move predicted to help", 0,
                         self.meter.forwards, reach=reach)
+        best_pred = min(p[1] for p in cands)
+        if floor > 0 and best_pred > -floor:
+            return (f"converged: the best of {len(cands)} proposals (k {k}) is predicted to "
+                    f"gain {-best_pred:.5f}, below {cfg.stop_z:g} select standard errors "
+                    f"({floor:.5f})")
         screened = []
         for changes, pred, cert in cands:
             kl = self._measure(changes, "screen")

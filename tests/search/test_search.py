@@ -540,7 +540,7 @@ def test_an_accepted_step_re_measures_the_groups_relinearise_names(setup, mode):
     # group) and "layers" (its layer's groups) differ
     s = Search(model, units, store, meter, costs, _limit(units, 3.5),
                SearchConfig(budget_forwards=600, k=1, k_min=1, k_max=1, z=0.0, refresh=99,
-                            relinearise=mode, descend=False))
+                            relinearise=mode, descend=False, stop_z=0.0))
     calls, linearise = [], s.linearise
     s.linearise = lambda groups=None, **kw: (calls.append(groups), linearise(groups, **kw))
     res = s.run()
@@ -620,7 +620,7 @@ def test_trust_region_moves_by_the_ratio_of_measured_to_predicted(setup):
     script = [(0.9, True), (0.5, True), (0.1, True)] + [(None, False)] * 3
     ks, calls = [], []
 
-    def step(it, k, reach):
+    def step(it, k, reach, floor=0.0):
         ks.append(k)
         rho, ok = script[it - 1]
         cur = s.plan[uid]
@@ -641,3 +641,31 @@ def test_trust_region_moves_by_the_ratio_of_measured_to_predicted(setup):
     assert calls[3] is None
     with pytest.raises(Exception, match="search_grow"):
         SearchConfig(grow="sometimes")
+
+
+def test_the_search_stops_once_no_proposal_is_predicted_beyond_select_noise(setup):
+    """stop_z: the search stops (converged) before measuring a proposal predicted to gain less
+    than stop_z standard errors of the last select measurement; what it did until then is
+    the unstopped search's, step for step; 0 searches until the budget."""
+    def run(stop_z, budget=400, resume=None):
+        _, model, units, meter, store, costs = setup()
+        saved = []
+        s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+                   SearchConfig(budget_forwards=budget, k=4, stop_z=stop_z),
+                   checkpoint=lambda ck: saved.append(json.loads(json.dumps(ck))))
+        return s.run(resume=resume).to_dict(), saved
+
+    full, _ = run(0.0)
+    assert not full["stopped"].startswith("converged")
+    selected = [i for i, st in enumerate(full["steps"]) if st["select"]]
+    assert selected and selected[0] + 1 < len(full["steps"])
+    stopped, saved = run(1e6)  # nothing is worth a million standard errors
+    assert stopped["stopped"].startswith("converged: the best of")
+    n = selected[0] + 1  # the stop comes right after the first select measurement
+    assert stopped["steps"] == full["steps"][:n]
+    assert stopped["forwards"] < full["forwards"]
+    # a converged search resumed with a larger budget converges again, identically
+    again, _ = run(1e6, budget=800, resume=saved[-1])
+    assert again["steps"] == stopped["steps"] and again["stopped"] == stopped["stopped"]
+    with pytest.raises(Exception, match="search_stop_z"):
+        SearchConfig(stop_z=-1.0)
