@@ -82,7 +82,7 @@ class RunConfig:
     search_relinearise: str = "layers"
     search_rse: float = 0.0
     search_grow: str = "accept"
-    search_stop_z: float = 2.0
+    search_stop_z: float = 0.0  # off: see SearchConfig.stop_z
     # screen 16 x 256 / select 48 x 256: on SmolLM2 at 3.5 bits/weight the search moved
     # nothing with 8 x 256 / 16 x 256 (noise as large as the effects) and beat uniform with
     # these (bench/results/e2e.md, "search-narrow" vs "search")

@@ -115,8 +115,9 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     p.add_argument("--search-stop-z", type=real(0, 1e6, what="a number of standard errors"),
                    default=d["search_stop_z"],
                    help="the search has converged and stops when no proposal is predicted to "
-                   "gain this many standard errors of its last select measurement (0: search "
-                   f"until the forward budget is spent; default {d['search_stop_z']:g})")
+                   "gain this many standard errors of its last select measurement, e.g. 2 "
+                   "(0: search until the forward budget is spent; default "
+                   f"{d['search_stop_z']:g})")
     p.add_argument("--trust-region", type=POSITIVE_INT, default=d["search_k"],
                    help=f"units the first search step may change (default {d['search_k']})")
     for split in ("screen", "select", "holdout"):

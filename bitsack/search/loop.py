@@ -35,8 +35,9 @@ split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candida
    both rejected proposals moved units two steps down, predicted −0.02 / −0.03, measured
    +0.12 / +0.13); below ``k_min`` the search stops.
 5. Stop when the forward budget (sequence-forwards: one full forward of one sequence = 1) is
-   spent, k < k_min, or the search has converged: no proposal is predicted to gain
-   ``stop_z`` standard errors of the last ``select`` measurement.
+   spent, k < k_min, or (``stop_z`` > 0, off by default) the search has converged: no
+   proposal is predicted to gain ``stop_z`` standard errors of the last ``select``
+   measurement.
 
 Why bounded steps: a linearisation is only trustworthy near where it was measured
 (ExLlamaV3's optimizer ends worse than uniform when it moves far: issue #108); SPDY measures
@@ -99,10 +100,10 @@ class SearchConfig:
             tokens; small ones (3 ↔ 4 bits) still get all of them.
         stop_z: the search has converged, and stops, when the best proposal around the
             incumbent is predicted to gain less than ``stop_z`` standard errors of the last
-            ``select`` measurement — less than a step of that size can show (0: search until
-            the forward budget or the trust region is spent). At 3.5 bits/weight on SmolLM2
-            every proposal after that point was rejected (three calibration draws, two
-            relinearisation rules; ``bench/results/e2e.md``), each for 130–700 forwards.
+            ``select`` measurement — less than a step of that size can show. Off (0) by
+            default: at 3.5 bits/weight on SmolLM2 (calibration draw 3) it never fired at 2,
+            and a step accepted after three rejections (12 units, −0.011 ± 0.004 select)
+            shows that late proposals can pay (``bench/results/e2e.md``).
         caution: proposals price each measured Δ at ``mean + caution·SE`` (a gain only beyond
             its noise); the resampled alternatives draw around the mean instead.
         reach: menu steps a unit may move in one proposal (2: the second step measured for
@@ -139,7 +140,7 @@ class SearchConfig:
     relinearise: str = "layers"
     rse: float = 0.0
     caution: float = 1.0
-    stop_z: float = 2.0
+    stop_z: float = 0.0
     reach: int = 2
     far: int = 8
     descend_until: float = 0.99
@@ -195,6 +196,9 @@ class Step:
     certificate: dict[str, Any] | None = None
     reach: int | None = None  # menu steps a unit could move in this step's proposals
     round: int = 0  # the search round (a re-walk starts the next: ``SearchConfig.rewalks``)
+    # the best prediction among the candidates (``predicted`` is the one measured best on
+    # screen): what the ``stop_z`` rule compares
+    best_predicted: float | None = None
 
 
 @dataclass
@@ -733,7 +737,7 @@ class Search:
                             for u, c in sorted(changes.items())},
                     pred, s_paired.as_dict(), sel.as_dict(), hold.as_dict() if hold else None,
                     accept, reason,
-                    len(cands), self.meter.forwards, cert, reach)
+                    len(cands), self.meter.forwards, cert, reach, best_predicted=best_pred)
 
     # ---- resumption ---------------------------------------------------------------------
     def checkpoint_dict(self, result: SearchResult, state: Mapping[str, Any]) -> dict:

@@ -657,6 +657,9 @@ def test_the_search_stops_once_no_proposal_is_predicted_beyond_select_noise(setu
 
     full, _ = run(0.0)
     assert not full["stopped"].startswith("converged")
+    # each step records the best prediction among its candidates (what the rule compares)
+    assert all(st["best_predicted"] <= st["predicted"] + 1e-12 for st in full["steps"]
+               if st["candidates"])
     selected = [i for i, st in enumerate(full["steps"]) if st["select"]]
     assert selected and selected[0] + 1 < len(full["steps"])
     stopped, saved = run(1e6)  # nothing is worth a million standard errors
