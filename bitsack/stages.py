@@ -182,7 +182,7 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
         cfg.pop(k)
     if cfg["format"] == "bitsack":  # the default: records of earlier runs stay valid
         cfg.pop("format")
-    for k, off in (("search_rse", 0.0), ("search_grow", "accept")):
+    for k, off in (("search_rse", 0.0), ("search_grow", "accept"), ("search_stop_z", 0.0)):
         if cfg[k] == off:  # likewise (the search as before)
             cfg.pop(k)
     return {"model": ctx.model_id, "config": cfg}
