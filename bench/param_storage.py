@@ -209,10 +209,15 @@ def storage_bytes(model_dir: Path, scale_bits: int | None, super_cols: int) -> d
     model = load_compressed(model_dir).model
     fp16 = intzero = dq = 0
     groups = weights = 0
+    seen = set()  # a tied embedding and lm_head share their segments: count them once
     for module in model.modules():
         if not isinstance(module, _SegmentStore):
             continue
         for seg in module.segments:
+            data = seg.weight if seg.qdata is None else seg.qdata
+            if data.data_ptr() in seen:
+                continue
+            seen.add(data.data_ptr())
             rows, cols = seg.shape
             weights += rows * cols
             fp16 += packed_nbytes(rows, cols, seg.bits, seg.group_size)
