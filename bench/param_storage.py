@@ -296,15 +296,18 @@ def report(results: Path) -> Path:
          "same model, lossless), **dq** (an S-bit scale times an fp16 step per super-block of "
          "columns + a `bits`-bit zero: *emulated*, the model quantized on that grid). "
          "See the docstring of `bench/param_storage.py`.", "",
-         "Command: `python bench/param_storage.py --configs b3g32:dq6,b3g32,b3g16:dq6,"
-         "b3g64:dq6 --seed 3`.", "",
+         "Commands: `python bench/param_storage.py --configs b3g32:dq6,b3g32,b3g16:dq6,"
+         "b3g64:dq6 --seed 3`; `… --configs b3g32:dq6 --headroom 1.2 --seed 3`; "
+         "`… --configs b4g64:dq6,b3g32:dq4,b3g64 --seed 3`; this table: `… --report`. "
+         "Each run's JSON holds its settings, machine (commit included) and wall time.", "",
          "| machine | seed | option | scales | WikiText-2 | C4 | bits/weight fp16 | int zero "
          "| dq | clipped groups |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         b = r["bytes"]
         bpw = {k: f"{b[k] * 8 / b['weights']:.3f}" for k in ("fp16", "intzero", "dq") if k in b}
         scales = "fp16" if r["scale_bits"] is None else \
-            f"{r['scale_bits']}-bit × fp16 per {r['super_cols']}"
+            f"{r['scale_bits']}-bit × fp16 per {r['super_cols']}" \
+            + (f", headroom {r['headroom']:g}" if r.get("headroom", 1.0) != 1.0 else "")
         clip = "—" if r["clipped"] is None else \
             f"{r['clipped'][0]} / {r['clipped'][1]} ({r['clipped'][0] / r['clipped'][1]:.2%})"
         L.append(f"| {r['machine']['platform']} | {r['seed']} | {r['option']} | {scales} | "
@@ -312,12 +315,56 @@ def report(results: Path) -> Path:
                  f"{bpw['fp16'] if r['scale_bits'] is None else '—'} | "
                  f"{bpw['intzero'] if r['scale_bits'] is None else '—'} | "
                  f"{bpw.get('dq', '—')} | {clip} |")
+    png = plot(runs, results / "param_storage.png")
+    if png is not None:
+        L += ["", f"![WikiText-2 perplexity vs bits per weight]({png.name})"]
     path = results / "param_storage.md"
     old = path.read_text() if path.is_file() else ""
     keep = old[old.index("<!-- findings -->"):] if "<!-- findings -->" in old else \
         "<!-- findings -->\n"
     with atomic_write(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(L) + "\n\n" + keep)
+    return path
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """WikiText-2 vs bits/weight: each fp16-parameter run at its fp16 and integer-zero bytes
+    (the same model), each double-quantized run at its bytes; one line per bit-width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.get("headroom", 1.0) == 1.0]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = (("fp16", None, "fp16 scale + fp16 zero (today)", "o-"),
+              ("intzero", None, "fp16 scale + integer zero", "s--"),
+              ("dq", 6, "6-bit scale × fp16 step + integer zero", "*-"),
+              ("dq", 4, "4-bit scale × fp16 step + integer zero", "v:"))
+    for key, sbits, label, style in series:
+        for bits in sorted({int(r["option"][1]) for r in runs}):
+            pts = sorted((r["bytes"][key] * 8 / r["bytes"]["weights"], r["wikitext2"],
+                          r["option"]) for r in runs
+                         if int(r["option"][1]) == bits and key in r["bytes"]
+                         and r["scale_bits"] == sbits)
+            if not pts:
+                continue
+            xs, ys, names = zip(*pts, strict=True)
+            ax.plot(xs, ys, style, markersize=9, label=f"{bits}-bit: {label}")
+            for x, y, n in pts:
+                ax.annotate(n[2:], (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (packed matrices, parameters included)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title("SmolLM2-135M, uniform GPTQ: the storage of group parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
