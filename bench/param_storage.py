@@ -109,7 +109,8 @@ def _double_quantize(scale, lo, maxq, max_range, levels: int, counter: _Counter)
     from bitsack.kernels.grid import _fp16_round_up
 
     maxq_t = torch.as_tensor(maxq, dtype=torch.float64, device=scale.device)
-    step = _fp16_round_up(max_range / maxq_t / levels).to(torch.float64)
+    # an all-zero super-block keeps the grid's all-zero scale (the smallest fp16), never 0
+    step = _fp16_round_up((max_range / maxq_t / levels).clamp(min=2.0**-24)).to(torch.float64)
     s = scale.to(torch.float64)
     k = torch.ceil(s / step * (1 - 1e-12)).clamp(min=1.0)
     counter.groups += int(k.numel())

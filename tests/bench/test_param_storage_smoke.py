@@ -83,3 +83,14 @@ def test_runs_count_bytes_of_each_storage_and_are_cached(bench, monkeypatch, tmp
         bench.main(["--configs", "b3g32:q6"])
     assert bench.main(args) == 0
     assert capsys.readouterr().err.count("cached") == 2
+
+
+def test_an_all_zero_super_block_dequantizes_to_zeros(bench):
+    from bitsack.kernels import quantizers
+
+    W = torch.randn(4, 512, generator=torch.Generator().manual_seed(1))
+    W[:, 256:] = 0.0  # the second super-block of every row
+    with bench.double_quantized_scales(6, 256):
+        qt = quantizers.rtn_quantize(W, 3, 32)
+    w = qt.dequantize()
+    assert torch.isfinite(qt.scale.float()).all() and bool((w[:, 256:] == 0).all())
