@@ -304,7 +304,8 @@ def report(results: Path) -> Path:
          "Commands: `python bench/param_storage.py --configs b3g32:dq6,b3g32,b3g16:dq6,"
          "b3g64:dq6 --seed 3`; `… --configs b3g32:dq6 --headroom 1.2 --seed 3`; "
          "`… --configs b4g64:dq6,b3g32:dq4,b3g64 --seed 3`; `… --configs b2g32:dq6,b2g16:dq6 "
-         "--seed 3`; `… --configs b3g32:dq6,b3g64 --seed 0`; this table: `… --report`. "
+         "--seed 3`; `… --configs b3g32:dq6,b3g64 --seed 0`; "
+         "`… --configs b3g16:dq6,b3g32 --seed 0`; this table: `… --report`. "
          "Each run's JSON holds its settings, machine (commit included) and wall time.", "",
          "| machine | seed | option | scales | WikiText-2 | C4 | bits/weight fp16 | int zero "
          "| dq | groups at the top step |", "|---|---|---|---|---|---|---|---|---|---|"]
