@@ -41,9 +41,23 @@ def host(m: dict[str, Any]) -> str:
     return m["platform"]
 
 
+def uniform_run(option: str, seed: int, out: Path, args, e2e, tag: str):
+    """One ``bitsack run --method uniform`` of ``option`` from calibration draw ``seed`` into
+    ``out``, evaluated as the e2e cells are: (its ``RunSummary``, C4 perplexity)."""
+    from bitsack.pipeline import RunConfig, run
+
+    t = time.time()
+    summary = run(RunConfig(model=args.model, out=str(out), method="uniform", menu=(option,),
+                            avg_bits=16.0, calib="c4", eval="wikitext2",
+                            eval_windows=args.eval_windows,
+                            compress_nsamples=args.compress_nsamples, seed=seed),
+                  progress=lambda m: print(f"[{tag} {time.time() - t:5.0f} s] {m}",
+                                           file=sys.stderr, flush=True))
+    return summary, e2e.c4_perplexity(out / "model", args.eval_windows, args.model)
+
+
 def run_one(config: str, seed: int, args, e2e) -> dict[str, Any]:
     from bitsack.io import write_json
-    from bitsack.pipeline import RunConfig, run
 
     mach = e2e.machine()
     tag = f"{config}_seed{seed}_" + "".join(ch if ch.isalnum() else "-" for ch in host(mach))
@@ -51,15 +65,8 @@ def run_one(config: str, seed: int, args, e2e) -> dict[str, Any]:
     if path.is_file():
         print(f"{tag}: cached", file=sys.stderr)
         return json.loads(path.read_text())
-    out = Path(args.runs) / tag
     t = time.time()
-    summary = run(RunConfig(model=args.model, out=str(out), method="uniform", menu=(config,),
-                            avg_bits=16.0, calib="c4", eval="wikitext2",
-                            eval_windows=args.eval_windows,
-                            compress_nsamples=args.compress_nsamples, seed=seed),
-                  progress=lambda m: print(f"[{tag} {time.time() - t:5.0f} s] {m}",
-                                           file=sys.stderr, flush=True))
-    c4 = e2e.c4_perplexity(out / "model", args.eval_windows, args.model)
+    summary, c4 = uniform_run(config, seed, Path(args.runs) / tag, args, e2e, tag)
     result = {"config": config, "seed": seed, "wikitext2": summary.ppl_after, "c4": c4,
               "bits_per_weight": summary.bits_per_weight, "eval_windows": args.eval_windows,
               "compress_nsamples": args.compress_nsamples, "summary": asdict(summary),

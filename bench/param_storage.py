@@ -26,7 +26,7 @@ bitsack's packed format stores an fp16 scale and an fp16 zero per group (32 bits
 The lossy storage is *emulated*: this script patches GPTQ's and round-to-nearest's parameter
 choice inside one ``bitsack run --method uniform`` (the same run ``bench/gptq_noise.py`` makes)
 so that every scale is the double-quantized value (kept in the fp16 field, rounded up to the
-next fp16: at most 2⁻¹¹ relative above ``k·d``), evaluates the model as ``bench/e2e.py`` does,
+next fp16: at most 2⁻¹⁰ relative above ``k·d``), evaluates the model as ``bench/e2e.py`` does,
 and counts the bytes the compact storage would take from the saved model's segments.
 
     python bench/param_storage.py --configs b3g32:dq6,b3g32,b3g16:dq6 --seed 3
@@ -53,9 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def _e2e():
-    """bench/e2e.py as a module (its C4 evaluation and machine facts)."""
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
+def _gptq_noise():
+    """bench/gptq_noise.py as a module: its uniform run and, through it, bench/e2e.py."""
+    spec = importlib.util.spec_from_file_location("bench_gptq_noise",
+                                                  ROOT / "bench" / "gptq_noise.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -244,13 +245,13 @@ def storage_bytes(model_dir: Path, scale_bits: int | None, super_cols: int) -> d
     return out
 
 
-def run_one(config: str, seed: int, args, e2e) -> dict[str, Any]:
-    """One uniform GPTQ run of ``config`` (``b3g32`` or ``b3g32:dq6``) from draw ``seed``."""
+def run_one(config: str, seed: int, args, noise, e2e) -> dict[str, Any]:
+    """One uniform GPTQ run of ``config`` (``b3g32`` or ``b3g32:dq6``) from draw ``seed``:
+    ``noise`` and ``e2e`` are bench/gptq_noise.py (its ``uniform_run``) and bench/e2e.py."""
     import bitsack.apply  # noqa: F401 — loaded before the patch, so it is patched
     import bitsack.kernels.packed  # noqa: F401
     import bitsack.kernels.quantizers  # noqa: F401
     from bitsack.io import write_json
-    from bitsack.pipeline import RunConfig, run
 
     option, scale_bits = parse_config(config)
     mach = e2e.machine()
@@ -262,15 +263,10 @@ def run_one(config: str, seed: int, args, e2e) -> dict[str, Any]:
         return json.loads(path.read_text())
     out = Path(args.runs) / tag
     t = time.time()
-    cfg = RunConfig(model=args.model, out=str(out), method="uniform", menu=(option,),
-                    avg_bits=16.0, calib="c4", eval="wikitext2", eval_windows=args.eval_windows,
-                    compress_nsamples=args.compress_nsamples, seed=seed)
     patch = contextlib.nullcontext(None) if scale_bits is None else \
         double_quantized_scales(scale_bits, args.super, args.headroom)
     with patch as counter:
-        summary = run(cfg, progress=lambda m: print(f"[{tag} {time.time() - t:5.0f} s] {m}",
-                                                    file=sys.stderr, flush=True))
-    c4 = e2e.c4_perplexity(out / "model", args.eval_windows, args.model)
+        summary, c4 = noise.uniform_run(option, seed, out, args, e2e, tag)
     nbytes = storage_bytes(out / "model", scale_bits, args.super)
     if nbytes["fp16"] != summary.packed_bytes:
         raise SystemExit(f"{tag}: counted {nbytes['fp16']} fp16-storage bytes, the run reports "
@@ -400,9 +396,10 @@ def main(argv=None) -> int:
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         for c in configs:
             parse_config(c)
-        e2e = _e2e()
+        noise = _gptq_noise()
+        e2e = noise._e2e()
         for c in configs:
-            run_one(c, args.seed, args, e2e)
+            run_one(c, args.seed, args, noise, e2e)
     print(report(Path(args.results)))
     return 0
 

@@ -540,7 +540,7 @@ def test_an_accepted_step_re_measures_the_groups_relinearise_names(setup, mode):
     # group) and "layers" (its layer's groups) differ
     s = Search(model, units, store, meter, costs, _limit(units, 3.5),
                SearchConfig(budget_forwards=600, k=1, k_min=1, k_max=1, z=0.0, refresh=99,
-                            relinearise=mode, descend=False, stop_z=0.0))
+                            relinearise=mode, descend=False))
     calls, linearise = [], s.linearise
     s.linearise = lambda groups=None, **kw: (calls.append(groups), linearise(groups, **kw))
     res = s.run()
