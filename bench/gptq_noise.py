@@ -80,7 +80,9 @@ def report(results: Path) -> Path:
 
     runs = [json.loads(f.read_text()) for f in sorted((results / "gptq_noise").glob("*.json"))]
     seen = {(r["config"], host(r["machine"]), r["seed"]) for r in runs}
-    for f in sorted((results / "e2e").glob("uniform-*.json")):  # e2e's cells are runs too
+    # e2e's cells are runs too (also those measured on packed layout v1: the same models)
+    for f in sorted([*(results / "e2e").glob("uniform-*.json"),
+                     *(results / "e2e_v1").glob("uniform-*.json")]):
         r = json.loads(f.read_text())
         cfg = r["config"]
         if cfg["menu"][0] not in {c for c, _, _ in seen} \

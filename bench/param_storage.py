@@ -1,13 +1,13 @@
 """What the storage of the group parameters costs: bytes saved by storing them more compactly,
 and the quality lost, measured on uniform GPTQ models of the embedded default.
 
-bitsack's packed format stores an fp16 scale and an fp16 zero per group (32 bits per group:
-0.5 bits/weight at g64, 1.0 at g32). Two more compact storages, neither in the packed format yet:
+bitsack's packed format stored an fp16 scale and an fp16 zero per group up to schema v1
+(32 bits per group: 0.5 bits/weight at g64, 1.0 at g32). Two more compact storages:
 
 - ``intzero``: the zero as a ``bits``-bit integer. Lossless: the min-max grid
   (``bitsack.kernels.grid``) already makes the zero an integer in ``[0, 2**bits − 1]``, so the
-  model is the same and only the bytes change (AutoGPTQ's ``qzeros``; the compressed-tensors
-  export already stores it so, ``bench/results/format_cost.md``).
+  model is the same and only the bytes change (AutoGPTQ's ``qzeros``). The packed format
+  stores its zero points so since schema v2 (this measurement is why).
 - ``dq<S>``: the scale double-quantized (the idea of llama.cpp's K-quants): an fp16 step ``d``
   per ``--super`` columns of a row, and per group an ``S``-bit integer ``k`` in ``1..2**S − 1``
   with scale ``k·d``; the zero as in ``intzero``. Lossy: a group's scale is rounded *up* to
@@ -206,7 +206,8 @@ def double_quantized_scales(scale_bits: int, super_cols: int,
 
 def storage_bytes(model_dir: Path, scale_bits: int | None, super_cols: int) -> dict[str, Any]:
     """Bytes of the packed weights of a saved model under each storage of the group parameters:
-    ``fp16`` (the packed format; equals the run's packed bytes), ``intzero`` and, with
+    ``fp16`` (fp16 scale and zero: the packed format up to schema v1), ``intzero`` (fp16 scale,
+    ``bits``-bit zero: the packed format since v2; equals the run's packed bytes) and, with
     ``scale_bits``, ``dq``. Codes and fp16 segments are the same in every storage."""
     from bitsack.checkpoint import load_compressed
     from bitsack.kernels.formats import num_groups, packed_nbytes, words_per_row
@@ -226,15 +227,15 @@ def storage_bytes(model_dir: Path, scale_bits: int | None, super_cols: int) -> d
             seen.add(data.data_ptr())
             rows, cols = seg.shape
             weights += rows * cols
-            fp16 += packed_nbytes(rows, cols, seg.bits, seg.group_size)
+            intzero += packed_nbytes(rows, cols, seg.bits, seg.group_size)
             if seg.bits == 16:
-                intzero += 2 * rows * cols
+                fp16 += 2 * rows * cols
                 dq += 2 * rows * cols
                 continue
             ng = num_groups(cols, seg.group_size)
             groups += rows * ng
             code_bits = rows * words_per_row(cols, seg.bits) * 32
-            intzero += math.ceil((code_bits + rows * ng * (16 + seg.bits)) / 8)
+            fp16 += code_bits // 8 + rows * ng * 4
             if scale_bits is not None:
                 supers = rows * num_groups(cols, super_cols)
                 dq += math.ceil((code_bits + rows * ng * (scale_bits + seg.bits)
@@ -268,8 +269,8 @@ def run_one(config: str, seed: int, args, noise, e2e) -> dict[str, Any]:
     with patch as counter:
         summary, c4 = noise.uniform_run(option, seed, out, args, e2e, tag)
     nbytes = storage_bytes(out / "model", scale_bits, args.super)
-    if nbytes["fp16"] != summary.packed_bytes:
-        raise SystemExit(f"{tag}: counted {nbytes['fp16']} fp16-storage bytes, the run reports "
+    if nbytes["intzero"] != summary.packed_bytes:
+        raise SystemExit(f"{tag}: counted {nbytes['intzero']} packed bytes, the run reports "
                          f"{summary.packed_bytes}: the byte count is wrong")
     result = {"config": config, "option": option, "scale_bits": scale_bits,
               "super_cols": args.super, "headroom": args.headroom, "seed": seed,
@@ -293,9 +294,10 @@ def report(results: Path) -> Path:
          "C4 calibration, the e2e protocol: first 16 windows of 2048 tokens of WikiText-2 and "
          "C4). Bits per weight = bytes × 8 / weights of the packed matrices (the tied embedding "
          "included), under three storages of a group's parameters: **fp16** scale + fp16 zero "
-         "(bitsack's packed format today), **int zero** (fp16 scale + a `bits`-bit zero: the "
-         "same model, lossless), **dq** (an S-bit scale times an fp16 step per super-block of "
-         "columns + a `bits`-bit zero: *emulated*, the model quantized on that grid). "
+         "(bitsack's packed format up to schema v1), **int zero** (fp16 scale + a `bits`-bit "
+         "zero: the same model, lossless; the packed format since v2), **dq** (an S-bit "
+         "scale times an fp16 step per super-block of columns + a `bits`-bit zero: "
+         "*emulated*, the model quantized on that grid). "
          "See the docstring of `bench/param_storage.py`.", "",
          "Commands: `python bench/param_storage.py --configs b3g32:dq6,b3g32,b3g16:dq6,"
          "b3g64:dq6 --seed 3`; `… --configs b3g32:dq6 --headroom 1.2 --seed 3`; "
@@ -344,8 +346,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path | None:
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = (("fp16", None, "fp16 scale + fp16 zero (today)", "o-"),
-              ("intzero", None, "fp16 scale + integer zero", "s--"),
+    series = (("fp16", None, "fp16 scale + fp16 zero (format v1)", "o-"),
+              ("intzero", None, "fp16 scale + integer zero (format v2)", "s--"),
               ("dq", 6, "6-bit scale × fp16 step + integer zero", "*-"),
               ("dq", 4, "4-bit scale × fp16 step + integer zero", "v:"))
     for key, sbits, label, style in series:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitsack.errors import ModelError, ValidationError
+from bitsack.kernels.formats import num_groups
 
 
 @dataclass(frozen=True, order=True)
@@ -48,10 +49,10 @@ class Choice:
 
 def nominal_bits(choice: Choice) -> float:
     """Bits per weight of a choice on a row whose width the group size divides
-    (``bits + 32/G``: fp16 scale and zero per group)."""
+    (``bits + (16 + bits)/G``: an fp16 scale and a ``bits``-bit zero point per group)."""
     if choice.bits in (0, 16):
         return float(choice.bits)
-    return choice.bits + 32.0 / choice.group_size
+    return choice.bits + (16.0 + choice.bits) / choice.group_size
 
 
 PRUNE = Choice(0)
@@ -150,40 +151,47 @@ def matrix_segments(units, plan: Mapping[str, Choice]) -> dict[str, list[Segment
     kept in fp16).
 
     Adjacent slices of one choice merge into one segment where that leaves the packed bytes
-    equal to the sum of the units' sizes: rows always (each row is packed on its own); columns
-    only where the first run's width is a whole number of groups and of 32-bit words, so the
-    groups and words of the merged segment are those of the parts.
+    equal to the sum of the units' sizes: the first run's zero points (``bits`` bits each, one
+    stream per segment) must fill whole 32-bit words, and for columns its width must be a
+    whole number of groups and of 32-bit words, so the groups and words of the merged segment
+    are those of the parts.
 
     Raises:
         ModelError: a matrix owned along both axes, or slices that leave a gap.
     """
-    raw: dict[str, list[tuple[int, int, int, Choice]]] = {}
+    raw: dict[str, list[tuple[int, int, int, Choice, int]]] = {}
     for unit in units:
         choice = plan.get(unit.id, FP16)
         for s in unit.slices:
-            raw.setdefault(module_name(s.param), []).append((s.dim, s.start, s.stop, choice))
+            raw.setdefault(module_name(s.param), []).append(
+                (s.dim, s.start, s.stop, choice, s.shape[1 - s.dim]))
     return {name: _merge(name, spec) for name, spec in raw.items()}
 
 
-def _merge(name: str, spec: list[tuple[int, int, int, Choice]]) -> list[SegmentPlan]:
-    axes = {d for d, _, _, _ in spec}
+def _merge(name: str, spec: list[tuple[int, int, int, Choice, int]]) -> list[SegmentPlan]:
+    axes = {d for d, *_ in spec}
     if len(axes) != 1:
         raise ModelError(f"{name}: owned along both axes {sorted(axes)}; units must own whole "
                          "rows or whole columns of a matrix")
     axis = axes.pop()
     runs: list[list[Any]] = []
-    for _, start, stop, choice in sorted(spec, key=lambda s: s[1]):
+    for _, start, stop, choice, other in sorted(spec, key=lambda s: s[1]):
         if runs and runs[-1][1] != start:
             raise ModelError(f"{name}: unit slices leave a gap at {runs[-1][1]}:{start}")
-        if runs and runs[-1][2] == choice and _mergeable(axis, runs[-1], choice):
+        if runs and runs[-1][2] == choice and _mergeable(axis, runs[-1], choice, other):
             runs[-1][1] = stop
         else:
             runs.append([start, stop, choice])
     return [SegmentPlan(axis, a, b, c.bits, c.group_size) for a, b, c in runs]
 
 
-def _mergeable(axis: int, run: list[Any], choice: Choice) -> bool:
-    if axis == 0 or choice.bits == 16:
+def _mergeable(axis: int, run: list[Any], choice: Choice, other: int) -> bool:
+    """Whether ``choice`` may extend ``run`` (a ``[start, stop, choice]`` along ``axis``) with
+    bytes equal to the sum of the parts; ``other`` is the matrix's size along the other axis."""
+    if choice.bits == 16:
         return True
-    width = run[1] - run[0]
-    return width % choice.group_size == 0 and (choice.bits * width) % 32 == 0
+    n = run[1] - run[0]
+    if axis == 0:  # n rows of `other` columns
+        return (n * num_groups(other, choice.group_size) * choice.bits) % 32 == 0
+    return (n % choice.group_size == 0 and (choice.bits * n) % 32 == 0
+            and (other * (n // choice.group_size) * choice.bits) % 32 == 0)

@@ -14,6 +14,7 @@ from typing import Any
 from bitsack.config import UNIT_KINDS, Context, RunConfig
 from bitsack.errors import ValidationError
 from bitsack.io import file_sha256, write_json
+from bitsack.kernels.formats import LAYOUT_VERSION
 
 
 @dataclass
@@ -185,7 +186,7 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
     for k, off in (("search_rse", 0.0), ("search_grow", "accept"), ("search_stop_z", 0.0)):
         if cfg[k] == off:  # likewise (the search as before)
             cfg.pop(k)
-    return {"model": ctx.model_id, "config": cfg}
+    return {"model": ctx.model_id, "config": cfg, "packed_layout": LAYOUT_VERSION}
 
 
 def _solution_dict(cfg: RunConfig, p: Planned) -> dict[str, Any]:
@@ -252,7 +253,7 @@ def profile_problem(ctx: Context, model, tokenizer, units):
               "units": list(cfg.units), "group_size": cfg.group_size,
               "mlp_group": cfg.mlp_group, "nsamples": cfg.profile_nsamples,
               "seqlen": cfg.profile_seqlen, "cost_models": list(cfg.cost_models),
-              "device": cfg.device, "seed": cfg.seed}
+              "device": cfg.device, "seed": cfg.seed, "packed_layout": LAYOUT_VERSION}
 
     def work():
         ctx.say(f"profile: {cfg.estimator} on {cfg.profile_nsamples} x {cfg.profile_seqlen} "
@@ -355,7 +356,8 @@ def _search(ctx: Context, lm, units) -> Planned:
                  "seqlen": cfg.compress_seqlen, "mlp_group": cfg.mlp_group, "seed": cfg.seed,
                  "limits": limits, "units": list(cfg.units), "splits": [cfg.screen,
                                                                         cfg.select,
-                                                                        cfg.holdout]}
+                                                                        cfg.holdout],
+                 "packed_layout": LAYOUT_VERSION}  # its bytes price the walk and the moves
     if cfg.format != "bitsack":  # its prices and constraints shape the search's record
         store_key["format"] = cfg.format
     outcome = measured_search(

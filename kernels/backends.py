@@ -54,7 +54,7 @@ from bitsack.kernels.cupy_backend import (
     prepare_plan,
     run_plan,
 )
-from bitsack.kernels.formats import unpack_numpy
+from bitsack.kernels.formats import num_groups, unpack_numpy, unpack_zero
 from bitsack.kernels.registry import (  # noqa: F401 - re-exported
     _BACKENDS,
     available_backends,
@@ -102,7 +102,9 @@ def reference_weight(layer: Any) -> np.ndarray:
             # group of column j: j // G (the last group of a row may be shorter)
             gidx = np.arange(cols) // seg.group_size
             s = seg.scale.detach().cpu().numpy().astype(np.float32)[:, gidx]
-            z = seg.zero.detach().cpu().numpy().astype(np.float32)[:, gidx]
+            zs = seg.zero.detach().cpu().view(torch.int32).numpy().view(np.uint32)
+            z = unpack_zero(zs, seg.bits, rows, num_groups(cols, seg.group_size))
+            z = z.astype(np.float32)[:, gidx]
             part = (s * (codes - z)).astype(np.float64)
         if seg.axis == 0:
             w[seg.start:seg.stop] = part
@@ -247,7 +249,8 @@ def _dequant_tile(lib: Any, seg: tuple, r0: int, r1: int, buf: torch.Tensor,
         from bitsack.kernels.grid import dequantize_codes
 
         codes = unpack_torch(q[r0:r1], bits, cols, dtype=torch.float32)
-        out.copy_(dequantize_codes(codes, sc[r0:r1], z[r0:r1], g))
+        zeros = unpack_zero(z, bits, rows, num_groups(cols, g), dtype=torch.float32)
+        out.copy_(dequantize_codes(codes, sc[r0:r1], zeros[r0:r1], g))
     return out
 
 

@@ -26,7 +26,7 @@ __all__ = ["SOURCE", "build", "cache_dir", "load", "load_error", "reset"]
 
 SOURCE = Path(__file__).with_name("cpu") / "packed_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

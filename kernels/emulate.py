@@ -52,6 +52,16 @@ def _extract(words: np.ndarray, k: int, bits: int) -> int:
     return v & ((1 << bits) - 1)
 
 
+def _zero_at(zflat: np.ndarray, i: int, bits: int) -> np.float32:
+    """``bs_zero_at<BITS>``: zero point i (row·ngroups + group) of a zero-point stream."""
+    bit = i * bits
+    wi, sh = bit >> 5, bit & 31
+    v = int(zflat[wi]) >> sh
+    if sh + bits > 32:
+        v |= (int(zflat[wi + 1]) << (32 - sh)) & 0xFFFFFFFF
+    return np.float32(v & ((1 << bits) - 1))
+
+
 def _load_chunk(qflat: np.ndarray, row_base: int, wpr: int, c: int, bits: int) -> np.ndarray:
     """``bs_load_chunk<BITS>``: the chunk's words, 0 past the row's end."""
     words = np.zeros(bits, dtype=np.uint32)
@@ -79,7 +89,7 @@ def _gemv(grid, block, args, bits: int) -> None:
     (qdata, scale, zero, x, y, rows, cols, group_size, batch, x_stride, x_offset, y_stride,
      y_offset, accumulate) = args
     qflat = _flat(qdata).view(np.uint32)
-    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.float16)
+    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.uint32)
     xflat, yflat = _flat(x), _flat(y)
     assert xflat.dtype == np.float32 and yflat.dtype == np.float32
     wpr = (bits * cols + 31) // 32
@@ -99,14 +109,14 @@ def _gemv(grid, block, args, bits: int) -> None:
                     words = _load_chunk(qflat, row * wpr, wpr, c, bits)
                     if chunk_in_group:
                         g = (c * 32) // group_size
-                        s, z = np.float32(sflat[srow + g]), np.float32(zflat[zrow + g])
+                        s, z = np.float32(sflat[srow + g]), _zero_at(zflat, zrow + g, bits)
                     for k in range(32):
                         j = c * 32 + k
                         if j >= cols:
                             continue
                         if not chunk_in_group:
                             g = j // group_size
-                            s, z = np.float32(sflat[srow + g]), np.float32(zflat[zrow + g])
+                            s, z = np.float32(sflat[srow + g]), _zero_at(zflat, zrow + g, bits)
                         wv = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
                         for b in range(batch):
                             lane_acc[lane, b] += wv * xflat[x_offset + j + b * x_stride]
@@ -139,7 +149,7 @@ def _gemv_fp16(grid, block, args) -> None:
 def _dequant(grid, block, args, bits: int, out_half: int) -> None:
     qdata, scale, zero, out, rows, cols, group_size, out_stride, col_offset = args
     qflat = _flat(qdata).view(np.uint32)
-    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.float16)
+    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.uint32)
     oflat = _flat(out)
     assert oflat.dtype == (np.float16 if out_half else np.float32)
     nchunks = (cols + 31) // 32
@@ -157,7 +167,7 @@ def _dequant(grid, block, args, bits: int, out_half: int) -> None:
                 continue
             g = j // group_size
             s = np.float32(sflat[row * ngroups + g])
-            z = np.float32(zflat[row * ngroups + g])
+            z = _zero_at(zflat, row * ngroups + g, bits)
             oflat[base + j] = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
 
 

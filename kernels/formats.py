@@ -4,8 +4,9 @@ The size function is the contract with the solver's memory cost model: a memory 
 bytes on disk, so ``packed_nbytes`` must equal what packing really writes.
 
 Layout of a packed segment (DESIGN.md): ``bits`` and ``group_size`` (along the input dim);
-``qdata`` uint32 words, each row packed on its own (rows are word-aligned); fp16 ``scale`` and
-fp16 ``zero`` per group; ``w ≈ scale · (q − zero)``. Value k of a row occupies bits
+``qdata`` uint32 words, each row packed on its own (rows are word-aligned); an fp16 ``scale``
+per group and an integer ``zero`` per group, ``bits`` bits each, packed as one bit stream for
+the whole segment; ``w ≈ scale · (q − zero)``. Value k of a row occupies bits
 ``[k·b, (k+1)·b)`` of the little-endian concatenation of the row's words (3-bit: 32 values in
 3 words). 16 bits means untouched: the weights are stored as fp16, no groups.
 
@@ -23,11 +24,16 @@ import numpy as np
 
 from bitsack.errors import ValidationError
 
+#: Version of the packed layout: 2 stores the zero points at the segment's bit-width (one
+#: stream per segment); 1 stored them as fp16. Stage records of ``bitsack run`` include it, so
+#: plans priced with another layout's bytes are not reused.
+LAYOUT_VERSION = 2
+
 #: Bit-widths with a packed layout (16 = plain fp16).
 PACKABLE_BITS = (1, 2, 3, 4, 8, 16)
 
-#: Bytes of per-group metadata: fp16 scale + fp16 zero.
-GROUP_META_BYTES = 4
+#: Bytes of a group's scale (fp16). Its zero point takes ``bits`` bits more (``zero_nbytes``).
+SCALE_BYTES = 2
 
 
 class PackFormat(str, enum.Enum):
@@ -45,7 +51,12 @@ class PackFormat(str, enum.Enum):
     at group size 128: groups of 128, 128, 128, 128, 64). The columns are those of the
     segment: a column segment ``[start, stop)`` of a matrix is grouped inside itself (its
     groups restart at ``start``), and each segment of a matrix has its own bits and group
-    size. The weight is ``float32(scale) · (float32(q) − float32(zero))`` computed in fp32.
+    size. ``zero`` holds the groups' zero points, integers ``0..2**bits − 1``, as one bit
+    stream for the whole segment: uint32 ``[zero_words(rows, groups, bits)]`` where value
+    ``r·groups + g`` (row r, group g) occupies bits ``[(r·groups + g)·bits, … + bits)`` of the
+    little-endian concatenation of the words (the layout of one ``qdata`` row of
+    ``rows·groups`` values). The weight is ``float32(scale) · (float32(q) − float32(zero))``
+    computed in fp32.
 
     ``FP16`` (bits 16): the weights themselves, fp16 ``[rows, cols]``, no groups.
     """
@@ -79,6 +90,11 @@ def words_per_row(cols: int, bits: int) -> int:
 def num_groups(cols: int, group_size: int) -> int:
     """Groups of a row of ``cols`` values: ``ceil(cols / group_size)`` (the last may be short)."""
     return -(-cols // group_size)
+
+
+def zero_words(rows: int, groups: int, bits: int) -> int:
+    """uint32 words of a segment's zero-point stream: ``ceil(rows·groups·bits / 32)``."""
+    return -(-rows * groups * bits // 32)
 
 
 def check_group_size(group_size: Any, field: str = "group_size") -> int:
@@ -121,9 +137,11 @@ def check_tiling(segments: Sequence[Any], rows: int, cols: int) -> int:
 def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     """Exact bytes of a ``rows × cols`` segment packed at ``bits`` with ``group_size`` groups.
 
-    ``rows · ceil(bits·cols/32) · 4`` bytes of words plus ``rows · ceil(cols/group_size) · 4``
-    bytes of fp16 scale + zero (a short last group costs a full group's metadata); 16 bits is
-    fp16, ``2·rows·cols``; 0 bits (pruned) is 0.
+    ``rows · ceil(bits·cols/32) · 4`` bytes of words, ``2`` bytes of fp16 scale per group
+    (``rows · ceil(cols/group_size)`` groups; a short last group costs a full group's
+    parameters) and ``4 · zero_words(rows, groups, bits)`` bytes of zero points (``bits`` bits
+    each, one stream per segment); 16 bits is fp16, ``2·rows·cols``; 0 bits (pruned) is 0.
+    At 3 bits and group size 64: 3 + 16/64 + 3/64 = 3.297 bits per weight.
 
     Raises:
         ValueError: bits not in 0..16, or ``group_size`` not a positive integer
@@ -136,7 +154,9 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     if not 1 <= bits <= 8:
         raise ValidationError("bits", f"{bits} has no packed layout; valid: 1..8 or 16")
     group_size = check_group_size(group_size)
-    return rows * words_per_row(cols, bits) * 4 + rows * num_groups(cols, group_size) * 4
+    groups = num_groups(cols, group_size)
+    return (rows * words_per_row(cols, bits) * 4 + rows * groups * SCALE_BYTES
+            + zero_words(rows, groups, bits) * 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,3 +392,50 @@ def unpack_torch(qdata: Any, bits: int, cols: int, dtype: Any = None) -> Any:
         out = (windows[:, :, k // 32] >> (k % 32)) & mask
         out = out.reshape(rows, chunks * 32)
     return out[:, :cols].to(dtype or torch.uint8).contiguous()
+
+
+def pack_zero(zero: Any, bits: int) -> Any:
+    """A segment's zero points ``[rows, groups]`` (integers ``0..2**bits − 1`` in any numeric
+    dtype, NumPy or torch) as its zero-point stream, uint32 ``[zero_words(rows, groups, bits)]``
+    (layout: ``PackFormat.BITSTREAM_U32``).
+
+    Raises:
+        ValidationError: a zero point that is not an integer in ``0..2**bits − 1``.
+    """
+    if len(tuple(zero.shape)) != 2:
+        raise ValidationError("zero", f"shape {tuple(zero.shape)} is not 2-D; valid: "
+                              "[rows, groups]")
+    if _is_torch(zero):
+        import torch
+
+        z = zero.to(torch.float64)
+        bad = bool((z != torch.round(z)).any()) if z.numel() else False
+        flat = z.reshape(1, -1).to(torch.int64)
+    else:
+        z = np.asarray(zero, dtype=np.float64)
+        bad = bool((z != np.round(z)).any())
+        flat = z.reshape(1, -1).astype(np.int64)
+    if bad:
+        raise ValidationError("zero", f"non-integer zero points; valid: integers "
+                              f"0..{(1 << check_bits(bits)) - 1} (the min-max grid's)")
+    try:
+        return pack(flat, bits).reshape(-1)
+    except ValidationError as exc:  # values that do not fit in ``bits`` bits
+        raise ValidationError("zero", str(exc).removeprefix("codes: ")) from None
+
+
+def unpack_zero(stream: Any, bits: int, rows: int, groups: int, dtype: Any = None) -> Any:
+    """Inverse of ``pack_zero``: the zero points ``[rows, groups]`` (uint8, or ``dtype`` for
+    torch) from a segment's zero-point stream.
+
+    Raises:
+        ValidationError: the stream does not hold ``rows·groups`` values of ``bits`` bits.
+    """
+    want = zero_words(rows, groups, bits)
+    if tuple(stream.shape) != (want,):
+        raise ValidationError("zero", f"shape {tuple(stream.shape)}; valid: [{want}] words "
+                              f"({rows}×{groups} zero points of {bits} bits)")
+    flat = stream.reshape(1, -1)
+    if _is_torch(stream):
+        return unpack_torch(flat, bits, rows * groups, dtype=dtype).reshape(rows, groups)
+    return unpack_numpy(flat, bits, rows * groups).reshape(rows, groups)

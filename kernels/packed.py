@@ -24,8 +24,11 @@ from bitsack.kernels.formats import (
     check_tiling,
     num_groups,
     pack,
+    pack_zero,
     packed_nbytes,
     unpack_torch,
+    unpack_zero,
+    zero_words,
 )
 from bitsack.kernels.grid import QuantizedTensor, dequantize_codes, rtn_quantize
 
@@ -47,7 +50,8 @@ class Segment:
         shape: ``(rows, cols)`` of the segment.
         qdata: uint32 ``[rows, words_per_row(cols, bits)]`` (None for 16 bits).
         scale: fp16 ``[rows, ceil(cols / group_size)]`` (None for 16 bits).
-        zero: fp16 ``[rows, ceil(cols / group_size)]`` (None for 16 bits).
+        zero: the zero points' stream, uint32 ``[zero_words(rows, groups, bits)]`` (integers
+            ``0..2**bits − 1``, ``bits`` bits each; ``zeros()`` unpacks them; None for 16 bits).
         weight: fp16 ``[rows, cols]`` for 16 bits (None otherwise).
     """
 
@@ -85,11 +89,14 @@ class Segment:
         if q is None or q.dtype != torch.uint32 or tuple(q.shape) != want_q:
             raise ValidationError("segment.qdata", f"{_desc(q)}; valid: uint32 {list(want_q)}")
         want_g = (rows, num_groups(cols, self.group_size))
-        for name in ("scale", "zero"):
-            t = getattr(self, name)
-            if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_g:
-                raise ValidationError(f"segment.{name}", f"{_desc(t)}; valid: float16 "
-                                      f"{list(want_g)}")
+        t = self.scale
+        if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_g:
+            raise ValidationError("segment.scale", f"{_desc(t)}; valid: float16 {list(want_g)}")
+        want_z = (zero_words(rows, want_g[1], self.bits),)
+        t = self.zero
+        if t is None or t.dtype != torch.uint32 or tuple(t.shape) != want_z:
+            raise ValidationError("segment.zero", f"{_desc(t)}; valid: uint32 {list(want_z)} "
+                                  f"(the zero points, {self.bits} bits each, one stream)")
 
     @property
     def format(self) -> PackFormat:
@@ -107,7 +114,7 @@ class Segment:
         n = rows if axis == 0 else cols
         return cls(axis, start, start + n, qt.bits, qt.group_size, (rows, cols),
                    qdata=pack(qt.codes, qt.bits), scale=qt.scale.contiguous(),
-                   zero=qt.zero.contiguous())
+                   zero=pack_zero(qt.zero, qt.bits))
 
     @classmethod
     def from_fp16(cls, weight: torch.Tensor, axis: int, start: int) -> Segment:
@@ -143,7 +150,8 @@ class Segment:
                    qdata=torch.zeros((rows, words), dtype=torch.int32, device=device)
                    .view(torch.uint32),
                    scale=torch.zeros(meta, dtype=torch.float16, device=device),
-                   zero=torch.zeros(meta, dtype=torch.float16, device=device))
+                   zero=torch.zeros(zero_words(rows, meta[1], bits), dtype=torch.int32,
+                                    device=device).view(torch.uint32))
 
     def codes(self) -> torch.Tensor:
         """Unpacked uint8 codes ``[rows, cols]``."""
@@ -151,13 +159,23 @@ class Segment:
             raise ValidationError("segment.bits", "16 has no codes; valid: a packed segment")
         return unpack_torch(self.qdata, self.bits, self.shape[1])
 
+    def zeros(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """The zero points ``[rows, groups]`` unpacked from their stream (fp16 by default,
+        the dtype ``QuantizedTensor`` holds them in)."""
+        if self.bits == 16:
+            raise ValidationError("segment.bits", "16 has no zero points; valid: a packed "
+                                  "segment")
+        rows, cols = self.shape
+        return unpack_zero(self.zero, self.bits, rows, num_groups(cols, self.group_size),
+                           dtype=dtype)
+
     def dequantize(self, dtype: torch.dtype = torch.float32,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
         """The segment's weights ``[rows, cols]`` (or only ``rows``), computed in fp32."""
         if self.bits == 16:
             w = self.weight if rows is None else self.weight[rows]
             return w.to(dtype)
-        q, s, z = self.qdata, self.scale, self.zero
+        q, s, z = self.qdata, self.scale, self.zeros()
         if rows is not None:
             q, s, z = q[rows], s[rows], z[rows]
         codes = unpack_torch(q, self.bits, self.shape[1], dtype=torch.float32)

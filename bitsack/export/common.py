@@ -299,7 +299,7 @@ def matrix_of(name: str, module: Any, fmt: str) -> GridMatrix | DenseMatrix:
         name, bits, group,
         np.ascontiguousarray(np.concatenate([s.codes().numpy() for s in segs], axis=axis)),
         np.ascontiguousarray(np.concatenate([s.scale.numpy() for s in segs], axis=axis)),
-        np.ascontiguousarray(np.concatenate([s.zero.numpy() for s in segs], axis=axis)))
+        np.ascontiguousarray(np.concatenate([s.zeros().numpy() for s in segs], axis=axis)))
 
 
 def _describe(module: Any) -> str:

@@ -37,7 +37,11 @@ from bitsack.models import get_adapter
 from bitsack.models.base import LoadedModel
 from bitsack.models.plumbing import PackedWeightModule, set_module, settle_packed_ties
 
-MODEL_SCHEMA = "bitsack.model/v1"
+MODEL_SCHEMA = "bitsack.model/v2"
+#: Older schemas still read. v1 stored each group's zero point as fp16 (2 bytes); v2 packs the
+#: zero points at the segment's bit-width (``kernels.formats.pack_zero``): v1 zeros are packed
+#: on load (they are integers on the grid, so nothing changes).
+READABLE_SCHEMAS = (MODEL_SCHEMA, "bitsack.model/v1")
 
 
 # ------------------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ def is_model_dir(path: str | os.PathLike) -> bool:
         meta = json.loads((Path(path) / "bitsack.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("schema") == MODEL_SCHEMA
+    return isinstance(meta, dict) and meta.get("schema") in READABLE_SCHEMAS
 
 
 #: ``model_type`` of a compressed folder's config.json. transformers (and any other loader
@@ -340,10 +344,10 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
         raise FormatError(f"{meta_file}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("schema") != MODEL_SCHEMA:
+    if not isinstance(meta, dict) or meta.get("schema") not in READABLE_SCHEMAS:
         got = meta.get("schema") if isinstance(meta, dict) else type(meta).__name__
         raise FormatError(f"{meta_file}: schema {got!r} is not supported; "
-                          f"valid: {MODEL_SCHEMA!r}")
+                          f"valid: {' or '.join(map(repr, READABLE_SCHEMAS))}")
     return meta
 
 
@@ -388,6 +392,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
     """
     from transformers import AutoModelForCausalLM
 
+    from bitsack.kernels.formats import pack_zero
     from bitsack.kernels.io import load_tensors
     from bitsack.kernels.packed import PackedEmbedding, PackedLinear, Segment
 
@@ -398,6 +403,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
     expected = {k: (tuple(v["shape"]), v["dtype"], v["sha256"])
                 for k, v in meta["tensors"].items()}
     tensors, _ = load_tensors(path / "model.safetensors", expected, device=device)
+    legacy_zeros = meta["schema"] == "bitsack.model/v1"
     config = base_config(path)
     try:
         from accelerate import init_empty_weights
@@ -422,6 +428,8 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
             t = {f: tensors.pop(f"{name}.seg{i}_{f}", None)
                  for f in ("qdata", "scale", "zero", "weight")}
             try:
+                if legacy_zeros and t["zero"] is not None:
+                    t["zero"] = pack_zero(t["zero"], spec["bits"])
                 segs.append(Segment(spec["axis"], spec["start"], spec["stop"], spec["bits"],
                                     spec["group_size"], tuple(spec["shape"]), **t))
             except ValidationError as exc:

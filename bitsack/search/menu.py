@@ -2,9 +2,10 @@
 
 The default menu (issue #13, after EXL2's mixed group sizes): bits {2, 3, 4} × group size
 {32, 64, 128}, 8 bits at the default group size, fp16, and prune. Ordered by nominal bits per
-weight (``bits + 32/G``: fp16 scale and zero per group), the menu steps are
-2g128 2.25 < 2g64 2.5 < 2g32 3.0 < 3g128 3.25 < 3g64 3.5 < 3g32 4.0 < 4g128 4.25 < 4g64 4.5
-< 4g32 5.0 < 8g64 8.5 < 16, so one step up or down is a small change of bytes: a plan can
+weight (``bits + (16 + bits)/G``: an fp16 scale and a ``bits``-bit zero point per group),
+the menu steps are 2g128 2.14 < 2g64 2.28 < 2g32 2.56 < 3g128 3.15 < 3g64 3.30 < 3g32 3.59
+< 4g128 4.16 < 4g64 4.31 < 4g32 4.63 < 8g64 8.38 < 16, so one step up or down is a small
+change of bytes: a plan can
 trade 3g128 units against 3g32 or 4g128 units without any unit falling to 2 bits.
 """
 

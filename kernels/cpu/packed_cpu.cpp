@@ -6,8 +6,9 @@
 //   bs_gemv      y[b, y_off + r] (+)= Σ_j ŵ[r, j] · x[b, x_off + j]    (decode: batch ≤ 8)
 //   bs_dequant   out[r, j] = ŵ[r0 + r, j] for a tile of rows            (prefill: then BLAS)
 //
-// ŵ = s·(q − z) is computed in fp32 exactly as the format defines it (fp16 scale and zero
-// widened to fp32, the code converted exactly): every product and the sum are fp32, summed in
+// ŵ = s·(q − z) is computed in fp32 exactly as the format defines it (fp16 scale widened to
+// fp32; the code and the zero point, read from the segment's zero-point stream, converted
+// exactly): every product and the sum are fp32, summed in
 // an order the bound does not care about (bitsack.kernels.bounds: γ_n covers any order, with
 // or without FMA). Rows are split over OpenMP threads; each output is written by one thread.
 //
@@ -116,6 +117,18 @@ static inline __attribute__((always_inline)) v16u extract16(v16u w, int h) {
 #endif
 }
 
+// Zero point i (= row·ngroups + group) of a segment's zero-point stream: BITS bits at bit
+// i·BITS of the little-endian concatenation of the stream's words (formats.pack_zero).
+template <int BITS>
+static inline float zero_at(const uint32_t* zs, long i) {
+    const long bit = i * BITS;
+    const long wi = bit >> 5;
+    const int sh = (int)(bit & 31);
+    uint64_t v = zs[wi] >> sh;
+    if (sh + BITS > 32) v |= (uint64_t)zs[wi + 1] << (32 - sh);
+    return (float)(uint32_t)(v & ((1u << BITS) - 1u));
+}
+
 // Words of chunk c of a row: 16 words from its first (an unaligned vector load) when the
 // buffer holds them, else the ones that exist, zeros after.
 static inline v16u load_words(const uint32_t* p, const uint32_t* end) {
@@ -138,7 +151,8 @@ struct RowDecoder {
     const uint32_t* qrow = nullptr;
     const uint32_t* qend = nullptr;
     const uint16_t* srow = nullptr;
-    const uint16_t* zrow = nullptr;
+    const uint32_t* zs = nullptr;  // the segment's zero-point stream
+    long zbase = 0;                // index of this row's first zero point in it
     int cols = 0, G = 1, ngroups = 1;
     // Group tracking without a division per vector (when G % 16 == 0 a 16-column vector lies
     // in one group): the current group g covers columns [gstart, gend).
@@ -147,11 +161,12 @@ struct RowDecoder {
 
     RowDecoder() = default;
     inline RowDecoder(const uint32_t* q, const uint32_t* e, const uint16_t* sr,
-                      const uint16_t* zr, int c, int gs, int ng)
-        : qrow(q), qend(e), srow(sr), zrow(zr), cols(c), G(gs), ngroups(ng) {
+                      const uint32_t* z_stream, long z_base, int c, int gs, int ng)
+        : qrow(q), qend(e), srow(sr), zs(z_stream), zbase(z_base), cols(c), G(gs),
+          ngroups(ng) {
         gend = G;
         s = half_to_float(srow[0]);
-        z = half_to_float(zrow[0]);
+        z = zero_at<BITS>(zs, zbase);
     }
 
     // values of columns [j0, j0 + 16), j0 a multiple of 16, called in increasing j0
@@ -161,7 +176,7 @@ struct RowDecoder {
                 ++g;
                 gend += G;
                 s = half_to_float(srow[g]);
-                z = half_to_float(zrow[g]);
+                z = zero_at<BITS>(zs, zbase + g);
             }
             return qf * s + (-(z * s));  // = s·(q − z) exactly (see gemv1_g32)
         }
@@ -170,7 +185,7 @@ struct RowDecoder {
             int gl = (j0 + l) / G;
             if (gl >= ngroups) gl = ngroups - 1;
             sv[l] = half_to_float(srow[gl]);
-            zv[l] = half_to_float(zrow[gl]);
+            zv[l] = zero_at<BITS>(zs, zbase + gl);
         }
         return (qf - zv) * sv;
     }
@@ -190,18 +205,18 @@ struct RowDecoder {
 // (latency hidden). SAFE = every 16-word load stays inside the buffer (all but the last rows).
 template <int BITS, int RB, bool SAFE>
 static inline void gemv1_g32(const uint32_t* qdata, const uint16_t* scale,
-                             const uint16_t* zero, int r, int wpr, int G, int ngroups,
+                             const uint32_t* zero, int r, int wpr, int G, int ngroups,
                              int nchunks, const uint32_t* qend, const float* x, float* y,
                              int accumulate) {
     const uint32_t* q[RB];
     const uint16_t* sr[RB];
-    const uint16_t* zr[RB];
+    long zr[RB];  // index of each row's first zero point in the stream
     v16f acc0[RB], acc1[RB];
 #pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) {
         q[i] = qdata + (long)(r + i) * wpr;
         sr[i] = scale + (long)(r + i) * ngroups;
-        zr[i] = zero + (long)(r + i) * ngroups;
+        zr[i] = (long)(r + i) * ngroups;
         acc0[i] = (v16f){};
         acc1[i] = (v16f){};
     }
@@ -215,7 +230,7 @@ static inline void gemv1_g32(const uint32_t* qdata, const uint16_t* scale,
 #pragma GCC unroll 8
         for (int i = 0; i < RB; ++i) {
             s[i] = half_to_float(sr[i][g]);
-            nzs[i] = -(half_to_float(zr[i][g]) * s[i]);
+            nzs[i] = -(zero_at<BITS>(zero, zr[i] + g) * s[i]);
         }
         const int c1 = (g + 1) * cpg < nchunks ? (g + 1) * cpg : nchunks;
         for (int c = g * cpg; c < c1; ++c) {
@@ -242,7 +257,7 @@ static inline void gemv1_g32(const uint32_t* qdata, const uint16_t* scale,
 }
 
 template <int BITS>
-static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint16_t* zero,
+static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint32_t* zero,
                       int rows, int cols, int G, const float* x, int nb, long x_stride,
                       float* y, long y_stride, int y_off, int accumulate, int nthreads) {
     const int wpr = (BITS * cols + 31) / 32;
@@ -277,8 +292,8 @@ static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint16
     }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int r = 0; r < rows; ++r) {
-        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups,
-                           zero + (long)r * ngroups, cols, G, ngroups);
+        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups, zero,
+                           (long)r * ngroups, cols, G, ngroups);
         v16f acc[BS_MAX_BATCH];
         for (int b = 0; b < BS_MAX_BATCH; ++b) acc[b] = (v16f){};
         for (int c = 0; c < nchunks; ++c) {
@@ -298,14 +313,14 @@ static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint16
 }
 
 template <int BITS>
-static void gemv_bits(const uint32_t* q, const uint16_t* s, const uint16_t* z, int rows,
+static void gemv_bits(const uint32_t* q, const uint16_t* s, const uint32_t* z, int rows,
                       int cols, int G, const float* x, int nb, long xs, float* y, long ys,
                       int yo, int acc, int nt) {
     gemv_rows<BITS>(q, s, z, rows, cols, G, x, nb, xs, y, ys, yo, acc, nt);
 }
 
 template <int BITS>
-static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uint16_t* zero,
+static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uint32_t* zero,
                          int rows, int cols, int G, int r0, int r1, float* out, long ld,
                          int nthreads) {
     const int wpr = (BITS * cols + 31) / 32;
@@ -314,8 +329,8 @@ static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uin
     const uint32_t* qend = qdata + (long)rows * wpr;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int r = r0; r < r1; ++r) {
-        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups,
-                           zero + (long)r * ngroups, cols, G, ngroups);
+        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups, zero,
+                           (long)r * ngroups, cols, G, ngroups);
         float* o = out + (long)(r - r0) * ld;
         for (int c = 0; c < nchunks; ++c) {
             v16f w[2];
@@ -333,10 +348,10 @@ static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uin
 
 extern "C" {
 
-int bs_cpu_abi_version() { return 1; }
+int bs_cpu_abi_version() { return 2; }  // 2: zero points as a packed stream
 
 // Returns 0 on success, 1 for an unsupported width.
-int bs_gemv(int bits, const uint32_t* q, const uint16_t* s, const uint16_t* z, int rows,
+int bs_gemv(int bits, const uint32_t* q, const uint16_t* s, const uint32_t* z, int rows,
             int cols, int G, const float* x, int nb, long x_stride, float* y, long y_stride,
             int y_off, int accumulate, int nthreads) {
     switch (bits) {
@@ -352,7 +367,7 @@ int bs_gemv(int bits, const uint32_t* q, const uint16_t* s, const uint16_t* z, i
     }
 }
 
-int bs_dequant(int bits, const uint32_t* q, const uint16_t* s, const uint16_t* z, int rows,
+int bs_dequant(int bits, const uint32_t* q, const uint16_t* s, const uint32_t* z, int rows,
                int cols, int G, int r0, int r1, float* out, long ld, int nthreads) {
     switch (bits) {
         case 1: dequant_rows<1>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;

@@ -29,6 +29,19 @@ __device__ __forceinline__ unsigned int bs_extract(const unsigned int (&words)[B
     return v & ((1u << BITS) - 1u);
 }
 
+// Zero point i (= row·ngroups + group) of a segment's zero-point stream, as a float (exact):
+// BITS bits at bit i·BITS of the little-endian concatenation of the stream's words
+// (formats.pack_zero: the segment's zero points form one stream, not one per row).
+template <int BITS>
+__device__ __forceinline__ float bs_zero_at(const unsigned int* __restrict__ zs, size_t i) {
+    const size_t bit = i * BITS;
+    const size_t wi = bit >> 5;
+    const int sh = (int)(bit & 31);
+    unsigned int v = __ldg(zs + wi) >> sh;
+    if (sh + BITS > 32) v |= __ldg(zs + wi + 1) << (32 - sh);
+    return (float)(v & ((1u << BITS) - 1u));
+}
+
 // Exact float of a code v < 2^23 without an int->float conversion instruction (a quarter-rate
 // op on recent GPUs): the bit pattern 0x4B000000 | v is the float 2^23 + v, and subtracting
 // 2^23 is exact. Same value as (float)v.

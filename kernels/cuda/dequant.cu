@@ -1,7 +1,7 @@
 // Dequantize one packed segment into a dense matrix, for prefill (dense GEMM follows).
 //
 // out[(row) * out_stride + col_offset + j] = s·(q − z) for the segment's row `row` and column
-// j; a row segment passes `out` already offset to its first row, a column segment passes its
+// j (z read from the segment's zero-point stream); a row segment passes `out` already offset to its first row, a column segment passes its
 // first column as col_offset. One thread per (row, 32-value chunk): it loads the chunk's BITS
 // words once and writes its up to 32 values. OUT_HALF = 1 writes fp16 (rounded to nearest
 // even: the bound counts this rounding), 0 writes fp32 (exact).
@@ -10,7 +10,7 @@
 template <int BITS, int OUT_HALF>
 __global__ void bs_dequant(const unsigned int* __restrict__ qdata,
                            const unsigned short* __restrict__ scale,
-                           const unsigned short* __restrict__ zero, void* __restrict__ out,
+                           const unsigned int* __restrict__ zero, void* __restrict__ out,
                            int rows, int cols, int group_size, int out_stride,
                            int col_offset) {
     const int nchunks = (cols + 31) / 32;
@@ -29,7 +29,7 @@ __global__ void bs_dequant(const unsigned int* __restrict__ qdata,
         if (j < cols) {
             const int g = j / group_size;
             const float s = bs_half_to_float(scale[(size_t)row * ngroups + g]);
-            const float z = bs_half_to_float(zero[(size_t)row * ngroups + g]);
+            const float z = bs_zero_at<BITS>(zero, (size_t)row * ngroups + g);
             const float w = s * (bs_code_to_float(bs_extract<BITS>(words, k)) - z);
             if (OUT_HALF)
                 static_cast<unsigned short*>(out)[base + j] = bs_float_to_half(w);

@@ -18,7 +18,7 @@
 template <int BITS>
 __device__ __forceinline__ void bs_gemv_row(
     const unsigned int* __restrict__ qdata, const unsigned short* __restrict__ scale,
-    const unsigned short* __restrict__ zero, const float* __restrict__ x,
+    const unsigned int* __restrict__ zero, const float* __restrict__ x,
     float* __restrict__ y, int row, int lane, int cols, int group_size, int batch,
     int x_stride, int x_offset, int y_stride, int y_offset, int accumulate) {
     const int wpr = (BITS * cols + 31) / 32;
@@ -26,7 +26,7 @@ __device__ __forceinline__ void bs_gemv_row(
     const int nchunks = (cols + 31) / 32;
     const unsigned int* qrow = qdata + (size_t)row * wpr;
     const unsigned short* srow = scale + (size_t)row * ngroups;
-    const unsigned short* zrow = zero + (size_t)row * ngroups;
+    const size_t zrow = (size_t)row * ngroups;  // this row's first zero point in the stream
     // A chunk lies inside one group when the group size is a multiple of 32.
     const bool chunk_in_group = (group_size % 32) == 0;
 
@@ -41,7 +41,7 @@ __device__ __forceinline__ void bs_gemv_row(
         if (chunk_in_group) {
             const int g = (c * 32) / group_size;
             s = bs_half_to_float(srow[g]);
-            z = bs_half_to_float(zrow[g]);
+            z = bs_zero_at<BITS>(zero, zrow + g);
         }
 #pragma unroll
         for (int k = 0; k < 32; ++k) {
@@ -50,7 +50,7 @@ __device__ __forceinline__ void bs_gemv_row(
                 if (!chunk_in_group) {
                     const int g = j / group_size;
                     s = bs_half_to_float(srow[g]);
-                    z = bs_half_to_float(zrow[g]);
+                    z = bs_zero_at<BITS>(zero, zrow + g);
                 }
                 const float w = s * (bs_code_to_float(bs_extract<BITS>(words, k)) - z);
                 const float* xj = x + x_offset + j;
@@ -77,7 +77,7 @@ __device__ __forceinline__ void bs_gemv_row(
 template <int BITS>
 __global__ void bs_gemv(const unsigned int* __restrict__ qdata,
                         const unsigned short* __restrict__ scale,
-                        const unsigned short* __restrict__ zero, const float* __restrict__ x,
+                        const unsigned int* __restrict__ zero, const float* __restrict__ x,
                         float* __restrict__ y, int rows, int cols, int group_size, int batch,
                         int x_stride, int x_offset, int y_stride, int y_offset, int accumulate) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;

@@ -98,7 +98,8 @@ class MemoryModel(CostModel):
                        "floor(X*b/n) - floor(X*a/n); embeddings and 16 bits: 2*rows*cols")
         else:
             return {"name": self.name, "resources": list(self.resources),
-                    "formula": "rows*ceil(bits*cols/32)*4 + rows*ceil(cols/g)*4 per slice; "
+                    "formula": "rows*ceil(bits*cols/32)*4 + rows*ceil(cols/g)*2 + "
+                               "ceil(rows*ceil(cols/g)*bits/32)*4 per slice; "
                                "16 bits: 2*rows*cols; pruned: 0"}
         return {"name": self.name, "resources": list(self.resources), "format": self.format,
                 "formula": formula}

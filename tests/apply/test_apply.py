@@ -229,3 +229,37 @@ def test_true_sequential_stages_follow_the_data_flow():
     stages = [[n.split(".")[-1] for n in s] for s in engine.stages(todo)]
     assert stages == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
                       ["down_proj"]]
+
+
+def test_adjacent_units_merge_only_where_the_bytes_add_up():
+    """A segment's zero points are one bit stream in whole words: adjacent units of one
+    choice share a segment only when the first one's zero points fill whole words."""
+    from bitsack.kernels.formats import packed_nbytes
+    from bitsack.models.base import Slice, UnitSpec
+    from bitsack.plan import matrix_segments, parse_choice
+
+    def units(rows, n, dim=0, other=64):
+        out = []
+        for i in range(n):
+            a, b = i * rows, (i + 1) * rows
+            shape = (rows, other) if dim == 0 else (other, rows)
+            out.append(UnitSpec(f"u{i}", "head_group", 0,
+                                (Slice("m.weight", dim, a, b, shape),), True))
+        return out
+
+    b3 = parse_choice("b3g64", 64)
+    # 3 rows × 1 group × 3 bits = 9 bits: not whole words, so three segments
+    few = units(3, 3)
+    assert [(s.start, s.stop) for s in matrix_segments(few, {u.id: b3 for u in few})["m"]] \
+        == [(0, 3), (3, 6), (6, 9)]
+    # 32 rows: 96 bits = 3 words, so one segment of the same bytes
+    many = units(32, 3)
+    (seg,) = matrix_segments(many, {u.id: b3 for u in many})["m"]
+    assert (seg.start, seg.stop) == (0, 96)
+    assert packed_nbytes(96, 64, 3, 64) == 3 * packed_nbytes(32, 64, 3, 64)
+    # columns: 64 columns of 32 rows at g64 = 32 zero points of 3 bits = 3 words: merged;
+    # of 8 rows, 24 bits: not
+    cols = units(64, 2, dim=1, other=32)
+    assert len(matrix_segments(cols, {u.id: b3 for u in cols})["m"]) == 1
+    cols = units(64, 2, dim=1, other=8)
+    assert len(matrix_segments(cols, {u.id: b3 for u in cols})["m"]) == 2

@@ -140,3 +140,39 @@ def test_bad_files_record_is_refused(saved):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(FormatError, match="files is list"):
         load_compressed(saved)
+
+
+def test_a_v1_folder_with_fp16_zero_points_still_loads(saved, original):
+    """Schema v1 stored each group's zero point as fp16; v2 packs them at the segment's
+    bit-width. A v1 folder (rewritten here from a v2 one) loads to the same model."""
+    from bitsack.kernels.formats import num_groups, unpack_zero
+    from bitsack.kernels.io import dtype_name, load_tensors, save_tensors
+
+    meta = json.loads((saved / "bitsack.json").read_text())
+    assert meta["schema"] == "bitsack.model/v2"
+    expected = {k: (tuple(v["shape"]), v["dtype"], v["sha256"])
+                for k, v in meta["tensors"].items()}
+    tensors, _ = load_tensors(saved / "model.safetensors", expected)
+    n = 0
+    for name, entry in meta["packed"].items():
+        for i, spec in enumerate(entry.get("segments", [])):
+            key = f"{name}.seg{i}_zero"
+            if key in tensors:
+                rows, cols = spec["shape"]
+                tensors[key] = unpack_zero(tensors[key], spec["bits"], rows,
+                                           num_groups(cols, spec["group_size"]),
+                                           dtype=torch.float16)
+                n += 1
+    assert n
+    hashes = save_tensors(saved / "model.safetensors", tensors)
+    meta["schema"] = "bitsack.model/v1"
+    meta["tensors"] = {k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype),
+                           "sha256": hashes[k]} for k, t in tensors.items()}
+    (saved / "bitsack.json").write_text(json.dumps(meta, indent=2))
+    old, new = load_compressed(saved).model, load_compressed(original).model
+    x = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(old(x).logits, new(x).logits)
+    assert sum(b.numel() * b.element_size() for n_, b in old.named_buffers()
+               if n_.endswith("_zero")) == sum(
+        b.numel() * b.element_size() for n_, b in new.named_buffers() if n_.endswith("_zero"))

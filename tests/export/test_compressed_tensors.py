@@ -109,7 +109,7 @@ def test_packed_words_are_bitsacks_own(tmp_path):
                                seg.qdata.view(torch.int32)), name
         zp = unpack_from_int32(tensors[f"{name}.weight_zero_point"], seg.bits,
                                torch.Size(seg.scale.shape), packed_dim=0)
-        assert torch.equal(zp.to(torch.int64), seg.zero.to(torch.int64) - (1 << seg.bits - 1))
+        assert torch.equal(zp.to(torch.int64), seg.zeros(torch.int64) - (1 << seg.bits - 1))
         assert torch.equal(tensors[f"{name}.weight_scale"], seg.scale)
         assert tensors[f"{name}.weight_shape"].tolist() == [mod.out_features, mod.in_features]
 

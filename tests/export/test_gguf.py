@@ -190,7 +190,7 @@ def test_reader_reads_back_every_tensor(tmp_path, tokenizer_gguf):
             assert np.array_equal(got, want), gname
         elif bits <= 4:  # only m's fp16 rounding
             packed = module.segments[0]
-            sz = float((packed.scale.double() * packed.zero.double()).abs().max())
+            sz = float((packed.scale.double() * packed.zeros(torch.float64)).abs().max())
             assert np.abs(got - want).max() <= 2.0**-11 * sz * (1 + 2**-10), gname
         else:  # 8-bit: a re-rounded block moves by at most d/2, d ≤ s·255/127 (rounded up)
             s = float(module.segments[0].scale.float().max())
@@ -229,7 +229,8 @@ def test_transformers_runs_a_bits_only_export(tmp_path, tokenizer_gguf):
         seg = mod.segments[0]
         # transformers un-permutes q/k and dequantizes through gguf-py: bitsack's weights up
         # to the fp16 rounding of Q4_1's offset (F16 for the 16-bit embedding: exact)
-        sz = float((seg.scale.double() * seg.zero.double()).abs().max()) if seg.bits < 16 else 0
+        sz = float((seg.scale.double() * seg.zeros(torch.float64)).abs().max()) \
+            if seg.bits < 16 else 0
         assert float((w - ref).abs().max()) <= 2.0**-11 * sz * (1 + 2**-10), name
         weights[name] = w
     with torch.no_grad():
@@ -325,7 +326,7 @@ def test_a_short_last_group_maps_block_by_block(tmp_path, tokenizer_gguf):
         got = _dequantized(tensors[f"blk.0.{gname}.weight"])
         g = np.repeat(np.arange(len(groups)), groups)
         s = torch.cat([x.scale for x in mod.segments], 1).double()
-        z = torch.cat([x.zero for x in mod.segments], 1).double()
+        z = torch.cat([x.zeros(torch.float64) for x in mod.segments], 1).double()
         q = torch.cat([x.codes() for x in mod.segments], 1).numpy().astype(np.float32)
         off = (-(s * z)).numpy().astype(np.float16).astype(np.float32)[:, g]
         want = s.numpy().astype(np.float32)[:, g] * q + off

@@ -19,11 +19,14 @@ from bitsack.kernels.formats import (
     pack,
     pack_numpy,
     pack_torch,
+    pack_zero,
     packed_nbytes,
     unpack,
     unpack_numpy,
     unpack_torch,
+    unpack_zero,
     words_per_row,
+    zero_words,
 )
 
 
@@ -122,13 +125,39 @@ def test_sizes_match_real_bytes():
 
 def test_ragged_sizes_worked_example():
     # SmolLM2's 576-wide rows at group size 128: groups 128, 128, 128, 128, 64 (5 groups).
-    # 3 bits: ceil(3·576/32) = 54 words = 216 bytes, plus 5 · 4 bytes of scale + zero.
-    assert packed_nbytes(1, 576, 3, 128) == 216 + 20
-    assert packed_nbytes(10, 576, 4, 128) == 10 * (72 * 4 + 5 * 4)
+    # 3 bits: ceil(3·576/32) = 54 words = 216 bytes, 5 · 2 bytes of fp16 scale, and the 5
+    # zero points of 3 bits in one word of the segment's zero stream.
+    assert packed_nbytes(1, 576, 3, 128) == 216 + 10 + 4
+    # 10 rows: 50 zero points of 4 bits = 200 bits = 7 words (one stream per segment)
+    assert packed_nbytes(10, 576, 4, 128) == 10 * (72 * 4 + 5 * 2) + 7 * 4
     # a group larger than the row: one (short) group
-    assert packed_nbytes(1, 40, 2, 128) == 3 * 4 + 4
-    # bits/weight of the menu (DESIGN.md / issue 13): 3g128 on 4096 columns = 3.25
-    assert packed_nbytes(1, 4096, 3, 128) * 8 / 4096 == 3.25
+    assert packed_nbytes(1, 40, 2, 128) == 3 * 4 + 2 + 4
+    # bits/weight of the menu: 3g128 on 4096 columns (a multiple of 32 rows) = 3 + 19/128
+    assert packed_nbytes(32, 4096, 3, 128) * 8 / (32 * 4096) == 3 + 19 / 128
+    # 3g64: 3 + 16/64 + 3/64 = 3.296875 (fp16 zero points made it 3.5)
+    assert packed_nbytes(576, 576, 3, 64) * 8 / 576 ** 2 == 3.296875
+
+
+def test_zero_points_pack_into_one_stream():
+    rng = np.random.default_rng(3)
+    for bits in (1, 2, 3, 4, 5, 8):
+        z = rng.integers(0, 1 << bits, size=(7, 5))
+        stream = pack_zero(z.astype(np.float16), bits)
+        assert stream.shape == (zero_words(7, 5, bits),) and stream.dtype == np.uint32
+        assert np.array_equal(unpack_zero(stream, bits, 7, 5), z)
+        t = pack_zero(torch.from_numpy(z).to(torch.float16), bits)
+        assert np.array_equal(t.view(torch.int32).numpy().view(np.uint32), stream)
+        assert torch.equal(unpack_zero(t, bits, 7, 5, dtype=torch.int64), torch.from_numpy(z))
+    # zero point (r, g) sits at bit (r·groups + g)·bits of the stream: (1, 0) = 6 at bit 15
+    s = pack_zero(np.array([[1, 2, 3, 4, 5], [6, 7, 0, 1, 2]]), 3)
+    assert (int(s[0]) >> 15) & 7 == 6
+    with pytest.raises(ValidationError, match=r"zero: non-integer zero points; valid: "
+                       r"integers 0\.\.7"):
+        pack_zero(np.array([[0.5]]), 3)
+    with pytest.raises(ValidationError, match=r"zero: values span \[8, 8\].*valid: 0\.\.7"):
+        pack_zero(np.array([[8]]), 3)
+    with pytest.raises(ValidationError, match=r"zero: shape \(3,\); valid: \[1\] words"):
+        unpack_zero(np.zeros(3, np.uint32), 3, 2, 5)
 
 
 def test_errors_name_field_value_and_valid():
@@ -151,7 +180,7 @@ def test_formats_imports_without_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "print(f.packed_nbytes(4, 64, 3, 32))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(4 * 6 * 4 + 4 * 2 * 4)
+    assert out.stdout.strip() == str(4 * 6 * 4 + 4 * 2 * 2 + 4)  # words, scales, zeros
 
 
 def test_kernel_modules_do_not_import_cupy():

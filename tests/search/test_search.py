@@ -53,7 +53,8 @@ def test_menu_order_and_steps():
     menu = Menu.parse(DEFAULT_MENU)
     assert [c.option_id for c in menu.steps][:6] == ["b2g128", "b2g64", "b2g32", "b3g128",
                                                       "b3g64", "b3g32"]
-    assert [nominal_bits(c) for c in menu.steps][:4] == [2.25, 2.5, 3.0, 3.25]
+    # bits + (16 + bits)/G: an fp16 scale and a bits-bit zero point per group
+    assert [nominal_bits(c) for c in menu.steps][:4] == [2.140625, 2.28125, 2.5625, 3.1484375]
     b3g64 = parse_choice("b3g64", 64)
     assert menu.step(b3g64, +1).option_id == "b3g32"
     assert menu.step(b3g64, -1).option_id == "b3g128"
@@ -202,7 +203,7 @@ MENU_C = [parse_choice(o, 16) for o in MENU]
 
 def test_search_never_accepts_a_worse_holdout_and_fits(setup):
     _, model, units, meter, store, costs = setup()
-    limits = _limit(units, 3.5)
+    limits = _limit(units, 3.0)
     s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=300, k=4))
     res = s.run()
     assert s.fits(res.plan)
@@ -233,7 +234,7 @@ def test_planted_sensitive_unit_ends_at_high_precision(setup):
     menu = Menu.parse(MENU)
     store = VariantStore.build(model, units, menu, parse_choice("b2g32", 16), _tokens(8, 4),
                                StoreConfig(batch_size=4))
-    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+    s = Search(model, units, store, meter, costs, _limit(units, 3.0),
                SearchConfig(budget_forwards=1000, k=4, k_min=1))  # 6 groups: far moves of all
     res = s.run()
     planted = res.plan["L1.mlp.c0"]
@@ -243,10 +244,10 @@ def test_planted_sensitive_unit_ends_at_high_precision(setup):
     assert nominal_bits(planted) >= max(others)
 
 
-@pytest.mark.parametrize("bits, relinearise", [(3.5, "layers"), (3.9, "moved")])
+@pytest.mark.parametrize("bits, relinearise", [(2.85, "layers"), (3.1, "moved")])
 def test_interrupted_search_resumes_to_the_identical_result(setup, bits, relinearise):
-    # 3.9 with "moved": a descended start whose carried Δ's the first linearisation keeps
-    cfg = SearchConfig(budget_forwards=400 if bits == 3.5 else 1000, k=4,
+    # 3.1 with "moved": a descended start whose carried Δ's the first linearisation keeps
+    cfg = SearchConfig(budget_forwards=400 if bits == 2.85 else 1000, k=4,
                        relinearise=relinearise)
 
     def run(stop_after=None, resume=None):
@@ -282,7 +283,7 @@ def test_a_larger_budget_continues_a_finished_search_to_the_identical_result(set
     def run(budget, resume=None):
         _, model, units, meter, store, costs = setup()
         saved = []
-        s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+        s = Search(model, units, store, meter, costs, _limit(units, 2.85),
                    SearchConfig(budget_forwards=budget, k=4),
                    checkpoint=lambda ck: saved.append(json.loads(json.dumps(ck))))
         return s.run(resume=resume).to_dict(), saved
@@ -317,7 +318,7 @@ def test_pruning_enters_as_measured_moves_when_bits_cannot_meet_the_budget(setup
     menu = replace(store.menu, prune=True)
     store.menu = menu
     costs = unit_costs(_shapes(units), menu, make_cost_models(["memory"]))
-    limits = _limit(units, 2.9)  # below the smallest uniform choice (b2g32: 3.0 bits)
+    limits = _limit(units, 2.4)  # below the smallest uniform choice (b2g32: 2.56 bits)
     # a feasible start that prunes (a one-shot plan would give one): every other MLP block
     start = {u.id: (PRUNE if u.kind == "mlp_group" and u.id.endswith(("c0", "c2"))
                     else parse_choice("b2g32", 16)) for u in units}
@@ -350,7 +351,7 @@ def test_proposals_keep_one_option_per_matrix_under_format_constraints(setup):
     assert {c.type for c in cons} == {"same_option"}
     splits = {}
     for name, c in (("constrained", cons), ("free", ())):
-        s = Search(model, units, store, meter, costs, _limit(units, 3.6), SearchConfig(k=4),
+        s = Search(model, units, store, meter, costs, _limit(units, 2.9), SearchConfig(k=4),
                    constraints=c)
         s.start()
         s.linearise()
@@ -365,17 +366,17 @@ def test_proposals_keep_one_option_per_matrix_under_format_constraints(setup):
 
 
 def test_a_budget_just_under_a_uniform_level_starts_from_that_level_descended(setup):
-    """3.9 bits/weight: the fitting uniform plan is b2g32 (3.0); b2g16 (4.0) does not fit.
+    """3.1 bits/weight: the fitting uniform plan is b2g32 (2.56); b2g16 (3.125) does not fit.
     The search also starts from b2g16 moved down by one knapsack over its measured down
     moves: that plan fits, uses most of the budget, and is a start candidate measured like
     the uniform ones; ``descend=False`` leaves it out."""
     from bitsack.search.driver import store_walk
 
     _, model, units, meter, store, costs = setup()
-    limits = _limit(units, 3.9)
+    limits = _limit(units, 3.1)
     b2g32, b2g16 = parse_choice("b2g32", 16), parse_choice("b2g16", 16)
     assert store_walk(store.menu, costs, limits) == b2g16  # nearer the budget than b2g32
-    assert store_walk(store.menu, costs, _limit(units, 3.2)) == b2g32
+    assert store_walk(store.menu, costs, _limit(units, 2.7)) == b2g32
     s = Search(model, units, store, meter, costs, limits, SearchConfig(budget_forwards=0))
     info = s.start()
     assert info["descend"]["from"] == "uniform b2g16" and info["descend"]["changed"] > 0
@@ -402,7 +403,7 @@ def test_a_descended_start_keeps_the_descents_deltas_of_the_groups_it_did_not_mo
     for mode in RELINEARISE:
         _, model, units, meter, store, costs = setup()
         saved = []
-        s = Search(model, units, store, meter, costs, _limit(units, 3.9),
+        s = Search(model, units, store, meter, costs, _limit(units, 3.1),
                    SearchConfig(budget_forwards=1000, relinearise=mode),
                    checkpoint=lambda ck, saved=saved: saved.append(json.loads(json.dumps(ck))))
         res = s.run()
@@ -438,14 +439,14 @@ def test_start_plans_are_projected_onto_the_menu_and_a_pruned_start_measures_pru
     assert moved == sum(1 for u in units if plan[u.id] == b8)
     assert {projected[u.id] for u in units if plan[u.id] == b8} == {parse_choice("b3g32", 16)}
     assert all(projected[u] == c for u, c in plan.items() if c != b8)
-    # a start that prunes every MLP block but one per layer at 3 bits beats uniform 2 bits
+    # a start that prunes every MLP block but one per layer at 4 bits beats uniform 2 bits
     start = {u.id: (PRUNE if u.kind == "mlp_group" and not u.id.endswith("c0")
                     else parse_choice("b4g32", 16)) for u in units}
     from dataclasses import replace
 
     costs = unit_costs(_shapes(units), replace(store.menu, prune=True),
                        make_cost_models(["memory"]))  # as run prices them: prune included
-    s = Search(model, units, store, meter, costs, _limit(units, 3.6),
+    s = Search(model, units, store, meter, costs, _limit(units, 3.2),  # start: 3.16 bits
                SearchConfig(budget_forwards=300, k=4, descend=False))
     assert not s.menu.prune and s.fits(start)
     res = s.run(extra_starts={"oneshot": start})
@@ -458,7 +459,7 @@ def test_after_a_rejection_units_move_one_step_until_the_next_accept(setup):
     _, model, units, meter, store, costs = setup()
     menu = Menu.parse(MENU)
     # z large: nothing is accepted, so every step after the first follows a rejection
-    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+    s = Search(model, units, store, meter, costs, _limit(units, 2.85),
                SearchConfig(budget_forwards=400, k=8, k_min=1, z=1e9, descend=False))
     res = s.run()
     assert [st.accepted for st in res.steps] == [False] * len(res.steps)
@@ -538,7 +539,7 @@ def test_an_accepted_step_re_measures_the_groups_relinearise_names(setup, mode):
     _, model, units, meter, store, costs = setup()
     # k = 1 (z = 0: any measured gain is accepted): a step moves one unit, so "moved" (its
     # group) and "layers" (its layer's groups) differ
-    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+    s = Search(model, units, store, meter, costs, _limit(units, 2.85),
                SearchConfig(budget_forwards=600, k=1, k_min=1, k_max=1, z=0.0, refresh=99,
                             relinearise=mode, descend=False))
     calls, linearise = [], s.linearise
@@ -585,7 +586,7 @@ def test_sequential_screening_settles_large_deltas_on_half_the_split(setup, rse)
     deltas, spent = {}, {}
     for r in (0.0, rse):
         _, model, units, meter, store, costs = setup()
-        s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+        s = Search(model, units, store, meter, costs, _limit(units, 2.85),
                    SearchConfig(budget_forwards=0, rse=r, descend=False))
         s.start()
         before = meter.forwards
@@ -612,7 +613,7 @@ def test_trust_region_moves_by_the_ratio_of_measured_to_predicted(setup):
     from bitsack.search.loop import Step, trust_ratio
 
     _, model, units, meter, store, costs = setup()
-    s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+    s = Search(model, units, store, meter, costs, _limit(units, 2.85),
                SearchConfig(budget_forwards=1e9, k=8, k_min=2, k_max=32, refresh=99,
                             grow="ratio", descend=False))
     uid = units[0].id
@@ -650,7 +651,7 @@ def test_the_search_stops_once_no_proposal_is_predicted_beyond_select_noise(setu
     def run(stop_z, budget=400, resume=None):
         _, model, units, meter, store, costs = setup()
         saved = []
-        s = Search(model, units, store, meter, costs, _limit(units, 3.5),
+        s = Search(model, units, store, meter, costs, _limit(units, 2.85),
                    SearchConfig(budget_forwards=budget, k=4, stop_z=stop_z),
                    checkpoint=lambda ck: saved.append(json.loads(json.dumps(ck))))
         return s.run(resume=resume).to_dict(), saved

@@ -27,10 +27,11 @@ ATTN = UnitShape(
 def test_memory_is_sum_of_packed_slices():
     model = get_cost_model("memory")
     got = model.cost(ATTN, 3, 64)["memory_bytes"]
-    # by hand: rows * ceil(3*cols/32)*4 + rows*(cols/64)*4
-    q = 192 * (3 * 576 // 32) * 4 + 192 * 9 * 4
-    kv = 2 * (64 * (3 * 576 // 32) * 4 + 64 * 9 * 4)
-    o = 576 * (3 * 192 // 32) * 4 + 576 * 3 * 4
+    # by hand: rows·ceil(3·cols/32)·4 words + rows·(cols/64)·2 scales + the 3-bit zero points
+    # of the slice's rows·cols/64 groups in whole words
+    q = 192 * (3 * 576 // 32) * 4 + 192 * 9 * 2 + -(-192 * 9 * 3 // 32) * 4
+    kv = 2 * (64 * (3 * 576 // 32) * 4 + 64 * 9 * 2 + -(-64 * 9 * 3 // 32) * 4)
+    o = 576 * (3 * 192 // 32) * 4 + 576 * 3 * 2 + -(-576 * 3 * 3 // 32) * 4
     assert got == q + kv + o
     assert model.cost(ATTN, 0, 64)["memory_bytes"] == 0
     assert model.cost(ATTN, 16, 64)["memory_bytes"] == 2 * ATTN.params
@@ -100,17 +101,23 @@ def test_packed_nbytes_rejects_bad_group():
 
 
 def test_packed_nbytes_any_group_size_last_group_shorter():
-    # a row of cols values at group size G holds ceil(cols / G) groups (4 bytes each)
-    assert packed_nbytes(1, 100, 4, 64) == 13 * 4 + 2 * 4
-    assert packed_nbytes(3, 100, 4, 64) == 3 * packed_nbytes(1, 100, 4, 64)
+    # a row of cols values at group size G holds ceil(cols / G) groups (an fp16 scale each,
+    # and a 4-bit zero point in the segment's zero stream)
+    assert packed_nbytes(1, 100, 4, 64) == 13 * 4 + 2 * 2 + 4
+    # 3 rows: 6 zero points of 4 bits share one word
+    assert packed_nbytes(3, 100, 4, 64) == 3 * (13 * 4 + 2 * 2) + 4
+    # 8 rows: 16 zero points fill 2 words exactly, so 8-row segments add up
+    assert packed_nbytes(16, 100, 4, 64) == 2 * packed_nbytes(8, 100, 4, 64)
     assert packed_nbytes(2, 64, 16, 5) == 2 * 2 * 64  # fp16 has no groups
 
 
 @pytest.mark.parametrize("cols, option, bits_per_weight", [
-    (576, "b3g64", 3.5),  # SmolLM2's hidden width: 9 groups of 64
-    (576, "b3g128", 3 + 5 * 32 / 576),  # 5 groups (128, 128, 128, 128, 64): 3.2778
-    (1536, "b4g128", 4.25),  # SmolLM2's MLP width: 12 groups of 128
-    (576, "b3", 3.5),  # plain b3 = the problem's default group size (64)
+    # one row of 576 (SmolLM2's hidden width): 9 groups of 64, scales 16 bits each, the 9 zero
+    # points of 3 bits in one word: 3 + (144 + 32)/576
+    (576, "b3g64", 3 + 176 / 576),
+    (576, "b3g128", 3 + (5 * 16 + 32) / 576),  # 5 groups (128, 128, 128, 128, 64): 3.1944
+    (1536, "b4g128", 4 + (12 * 16 + 64) / 1536),  # SmolLM2's MLP width: 12 groups of 128
+    (576, "b3", 3 + 176 / 576),  # plain b3 = the problem's default group size (64)
     (576, "b16", 16.0),
     (576, "prune", 0.0),
 ])
@@ -121,7 +128,7 @@ def test_option_costs_price_each_option_with_its_own_group_size(cols, option,
     row = UnitShape(id="r", kind="other", slices=(SliceShape(1, cols, 0),))
     cost = option_costs([get_cost_model("memory")], row, option, ProblemSettings())
     assert 8 * cost["memory_bytes"] / cols == pytest.approx(bits_per_weight, abs=1e-12)
-    assert round(3 + 5 * 32 / 576, 4) == 3.2778
+    assert round(3 + (5 * 16 + 32) / 576, 4) == 3.1944
 
 
 def test_option_costs_default_group_and_legacy_form():

@@ -207,8 +207,10 @@ def test_retarget_needs_geometry():
 def test_default_memory_model_is_unchanged():
     assert MemoryModel().describe() == {
         "name": "memory", "resources": ["memory_bytes"],
-        "formula": "rows*ceil(bits*cols/32)*4 + rows*ceil(cols/g)*4 per slice; 16 bits: "
-                   "2*rows*cols; pruned: 0"}
+        "formula": "rows*ceil(bits*cols/32)*4 + rows*ceil(cols/g)*2 + "
+                   "ceil(rows*ceil(cols/g)*bits/32)*4 per slice; 16 bits: 2*rows*cols; "
+                   "pruned: 0"}
     unit = SHAPES[1]
     assert MemoryModel().cost(unit, 3, 32)["memory_bytes"] == sum(
-        s.rows * -(-3 * s.cols // 32) * 4 + s.rows * -(-s.cols // 32) * 4 for s in unit.slices)
+        s.rows * -(-3 * s.cols // 32) * 4 + s.rows * -(-s.cols // 32) * 2
+        + -(-s.rows * -(-s.cols // 32) * 3 // 32) * 4 for s in unit.slices)
