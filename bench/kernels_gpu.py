@@ -47,6 +47,7 @@ from bitsack.kernels.backends import (
 )
 from bitsack.kernels.bounds import layer_error_bound
 from bitsack.kernels.cuda_build import compile_ptx, get_module, kernel_names, sources
+from bitsack.kernels.formats import pack_zero
 from bitsack.kernels.packed import PackedLinear, Segment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def random_layer(case: Case, device: str, seed: int = 0) -> PackedLinear:
         qdata = q.to(torch.int32).view(torch.uint32)
         ng = -(-cols // GROUP)  # a short last group when GROUP does not divide cols
         scale = (torch.rand(rows, ng, generator=g) * 1e-3 + 1e-3).half()
-        zero = torch.randint(0, 2**b, (rows, ng), generator=g).half()
+        zero = pack_zero(torch.randint(0, 2**b, (rows, ng), generator=g), b)
         segs.append(Segment(case.axis, i * step, (i + 1) * step, b, GROUP, (rows, cols),
                             qdata=qdata, scale=scale, zero=zero))
     layer = PackedLinear(case.cols, case.rows, segs, backend="torch")
