@@ -311,7 +311,10 @@ def write_report(args) -> Path:
          f"Perplexity on the first {args.eval_windows} windows of 2048 tokens (GPTQ protocol) "
          f"of WikiText-2 and C4; base {_f(base.get('wikitext2'))} / {_f(base.get('c4'))}. "
          "Bits per weight are achieved bytes (packed, scales and zeros included, the tied "
-         "embedding counted) × 8 / original weights. One calibration set for every method.",
+         "embedding counted) × 8 / original weights, in packed layout v2 (an fp16 scale and a "
+         "`bits`-bit zero point per group: uniform 3-bit g64 is 3.297). One calibration set "
+         "for every method. Cells measured under layout v1 (fp16 zero points: 3-bit g64 was "
+         "3.5) are in `e2e_v1.md`; their models are the same, their bytes are not.",
          "", "Command: `python bench/e2e.py` (cells cached in `bench/results/e2e/*.json`).", ""]
     L += ["## Uniform GPTQ", "", "| config | bits/weight | WikiText-2 | C4 |",
           "|---|---|---|---|"]
