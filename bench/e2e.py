@@ -6,7 +6,8 @@ bitsack one-shot, bitsack searched — a thin driver over ``bitsack.pipeline.run
     python bench/e2e.py --latency                        # + the latency-bound case
     python bench/e2e.py --report                         # rebuild e2e.md and the plot
 
-Cells: ``uniform:b<k>g<G>`` (k 2/3/4, G 32/64/128: budget-free, measured once),
+Cells: ``uniform:b<k>g<G>`` (k 2/3/4, G 32/64/128: budget-free, measured once; a
+``s<S>`` tail, ``uniform:b3g32s6``, stores the scales as S-bit codes: ``--scale-bits S``),
 ``oneshot@B`` and ``search@B`` for each budget B in bits per original weight (overhead
 included), ``<method>@lat`` for the latency-bound case; a ``~s<N>`` tail (``search@3.5~s1``)
 runs the cell from calibration draw N instead of 0 (GPTQ's calibration, the search's splits:
@@ -102,8 +103,11 @@ def cell_config(cell: str, args) -> dict[str, Any]:
               args.eval_windows, "compress_nsamples": args.compress_nsamples, "seed": seed,
               "search_budget": args.search_budget}
     if method.startswith("uniform:"):
-        return {**common, "method": "uniform", "menu": [method.split(":", 1)[1]],
-                "avg_bits": 16.0}
+        option, _, scale_bits = method.split(":", 1)[1].partition("s")
+        out = {**common, "method": "uniform", "menu": [option], "avg_bits": 16.0}
+        if scale_bits:
+            out["scale_bits"] = int(scale_bits)
+        return out
     if budget == "lat":
         return {**common, "method": method, "avg_bits": LATENCY_AVG_BITS,
                 "budgets": {"prefill_latency_us": args.latency_limit}}
@@ -506,6 +510,10 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
                      if c.startswith("uniform:") and c.endswith(f"g{g}"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
+    dq = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
+                if c.startswith("uniform:") and "s" in c.split(":", 1)[1])
+    if dq:
+        ax.plot(*zip(*dq, strict=True), "o--", label="uniform GPTQ, S-bit scales")
     for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
                           ("search-moved-rse", "<:"), ("search-moved-rse-ratio", ">:"),
                           ("search", "*-"),

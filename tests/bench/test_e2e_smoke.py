@@ -122,3 +122,12 @@ def test_calibration_draws(e2e, tmp_path):
     # the draws stay out of the per-budget table (draw 0 only)
     table = md.split("## At each budget", 1)[1].split("\n## ", 1)[0]
     assert table.count("| 4.5 |") == 1
+
+
+def test_a_uniform_cell_with_scale_codes(e2e):
+    """``uniform:b3g32s6``: the uniform run with 6-bit scale codes (``--scale-bits 6``)."""
+    args = e2e.argparse.Namespace(model="tiny", eval_windows=2, compress_nsamples=4,
+                                  search_budget=30.0)
+    cfg = e2e.cell_config("uniform:b3g32s6~s2", args)
+    assert (cfg["menu"], cfg["scale_bits"], cfg["seed"]) == (["b3g32"], 6, 2)
+    assert "scale_bits" not in e2e.cell_config("uniform:b3g32", args)
