@@ -132,7 +132,9 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of qdata + scale + zero (or of the fp16 weight): ``packed_nbytes(...)``."""
+        """Bytes stored: qdata + scale + zero, or qdata + scale codes + steps + zero with
+        ``scale_bits`` (the expanded fp16 scales are not stored), or the fp16 weight:
+        ``packed_nbytes(...)``."""
         return packed_nbytes(self.shape[0], self.shape[1], self.bits, self.group_size,
                              self.scale_bits)
 
