@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bitsack.errors import ValidationError
+from bitsack.kernels.formats import SUPER_COLS
 from bitsack.models import get_adapter
 from bitsack.models.plumbing import (
     PackedWeightModule,
@@ -59,6 +60,8 @@ class ApplyConfig:
         backend: kernel backend of the packed modules (``cpu``, ``torch``, ``reference``,
             ``cupy``).
         device: compute device of the layer engine (default: where the model is).
+        scale_bits: None (fp16 scales) or S: every quantized segment stores its scales as
+            S-bit codes times an fp16 step per 256 columns (``kernels.formats``).
     """
 
     quantizer: str = "gptq"
@@ -70,8 +73,12 @@ class ApplyConfig:
     batch_size: int = 8
     backend: str = "cpu"
     device: str | None = None
+    scale_bits: int | None = None
 
     def __post_init__(self) -> None:
+        from bitsack.kernels.formats import check_scale_bits
+
+        check_scale_bits(self.scale_bits)
         if self.quantizer not in QUANTIZERS:
             raise ValidationError("quantizer", f"{self.quantizer!r}; valid: {list(QUANTIZERS)}")
         if self.batch_size < 1:
@@ -244,7 +251,8 @@ def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Pr
     units_now = adapter.units(mlp_group=cfg.mlp_group, embeddings=True)
     planned = [u for u in units_now if u.id in plan]
     return _Prepared(
-        adapter=adapter, plan=plan, original=original, specs=matrix_segments(planned, plan),
+        adapter=adapter, plan=plan, original=original,
+        specs=matrix_segments(planned, plan, cfg.scale_bits),
         current={u.id: _by_module(u) for u in planned},
         embed_names={module_name(s.param) for u in planned if u.layer is None
                      for s in u.slices},
@@ -327,9 +335,17 @@ def _concat(pieces: list, axis: int):
     if isinstance(pieces[0], torch.Tensor):
         return torch.cat(pieces, dim=axis)
     q = pieces[0]
+    step = None
+    if q.scale_bits is not None:  # super-blocks restart in each piece
+        if axis == 1 and any(p.shape[1] % SUPER_COLS for p in pieces[:-1]):
+            raise ValidationError("scale_bits", "column pieces of double-quantized scales "
+                                  f"{[p.shape[1] for p in pieces]} wide; valid: multiples of "
+                                  f"{SUPER_COLS} columns (but the last)")
+        step = torch.cat([p.step for p in pieces], dim=axis)
     return QuantizedTensor(torch.cat([p.codes for p in pieces], dim=axis),
                            torch.cat([p.scale for p in pieces], dim=axis),
-                           torch.cat([p.zero for p in pieces], dim=axis), q.bits, q.group_size)
+                           torch.cat([p.zero for p in pieces], dim=axis), q.bits, q.group_size,
+                           q.scale_bits, step)
 
 
 def _order_key(choice: Choice) -> tuple[int, int]:
@@ -342,12 +358,13 @@ def _pieces(weight: torch.Tensor, segs: list[SegmentPlan]):
         yield s, (weight[s.start:s.stop] if s.axis == 0 else weight[:, s.start:s.stop])
 
 
-def rtn_parts(weight: torch.Tensor, segs: list[SegmentPlan]) -> list:
+def rtn_parts(weight: torch.Tensor, segs: list[SegmentPlan],
+              scale_bits: int | None = None) -> list:
     """RTN-quantized (or fp16) parts of ``weight`` along its segments."""
     from bitsack.kernels.quantizers import rtn_quantize
 
     return [piece.to(torch.float16) if s.bits == 16 else rtn_quantize(piece, s.bits,
-                                                                     s.group_size)
+                                                                     s.group_size, scale_bits)
             for s, piece in _pieces(weight, segs)]
 
 
@@ -355,8 +372,8 @@ def gptq_parts(weight: torch.Tensor, segs: list[SegmentPlan], hessian, cfg: Appl
     """GPTQ-quantized (or fp16) parts of ``weight`` along its segments, and GPTQ's result."""
     from bitsack.kernels.quantizers import GPTQ, SegmentSpec
 
-    specs = [SegmentSpec(s.axis, s.start, s.stop, s.bits, s.group_size or weight.shape[1])
-             for s in segs]
+    specs = [SegmentSpec(s.axis, s.start, s.stop, s.bits, s.group_size or weight.shape[1],
+                         cfg.scale_bits if s.bits != 16 else None) for s in segs]
     res = GPTQ.from_hessian(hessian).quantize_segments(weight, specs, damp=cfg.damp,
                                                       act_order=cfg.act_order)
     return list(res.parts), res
@@ -370,7 +387,7 @@ def quantize_linear(mod: nn.Module, segs: list[SegmentPlan], hessian, cfg: Apply
 
     weight = dense_weight(mod)
     if hessian is None or all(s.bits == 16 for s in segs):  # nothing for GPTQ to do
-        parts = rtn_parts(weight, segs)
+        parts = rtn_parts(weight, segs, cfg.scale_bits)
     else:
         parts, res = gptq_parts(weight, segs, hessian, cfg)
         if report is not None:
@@ -392,7 +409,7 @@ def _replace_embedding(model: nn.Module, name: str, segs: list[SegmentPlan],
     (seg,) = segs
     packed = PackedEmbedding.from_dense(mod.weight.detach().float(), seg.bits,
                                         seg.group_size or mod.weight.shape[1],
-                                        dtype=mod.weight.dtype)
+                                        dtype=mod.weight.dtype, scale_bits=cfg.scale_bits)
     if type(mod) is nn.Embedding:
         set_module(model, name, packed)
     else:
@@ -410,7 +427,7 @@ def _replace_head(model: nn.Module, engine, name: str, head_name: str | None,
     head = model.get_submodule(head_name) if head_name else mod
     weight = mod.weight.detach().float()
     if engine is None or all(s.bits == 16 for s in segs):
-        parts = rtn_parts(weight, segs)
+        parts = rtn_parts(weight, segs, cfg.scale_bits)
     else:
         parts, res = gptq_parts(weight, segs, engine.head_hessian(head), cfg)
         report["gptq"][head_name or name] = {"loss": res.loss, "damp": res.damp}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitsack.errors import ModelError, ValidationError
-from bitsack.kernels.formats import num_groups
+from bitsack.kernels.formats import SUPER_COLS, num_groups
 
 
 @dataclass(frozen=True, order=True)
@@ -146,7 +146,8 @@ def module_name(param: str) -> str:
     return param[: -len(".weight")]
 
 
-def matrix_segments(units, plan: Mapping[str, Choice]) -> dict[str, list[SegmentPlan]]:
+def matrix_segments(units, plan: Mapping[str, Choice],
+                    scale_bits: int | None = None) -> dict[str, list[SegmentPlan]]:
     """Module name -> its segments, for the planned units (units the plan does not name are
     kept in fp16).
 
@@ -154,7 +155,8 @@ def matrix_segments(units, plan: Mapping[str, Choice]) -> dict[str, list[Segment
     equal to the sum of the units' sizes: the first run's zero points (``bits`` bits each, one
     stream per segment) must fill whole 32-bit words, and for columns its width must be a
     whole number of groups and of 32-bit words, so the groups and words of the merged segment
-    are those of the parts.
+    are those of the parts. With double-quantized scales (``scale_bits``) the scale codes
+    must fill whole words too, and a column run must hold whole super-blocks of 256 columns.
 
     Raises:
         ModelError: a matrix owned along both axes, or slices that leave a gap.
@@ -165,10 +167,11 @@ def matrix_segments(units, plan: Mapping[str, Choice]) -> dict[str, list[Segment
         for s in unit.slices:
             raw.setdefault(module_name(s.param), []).append(
                 (s.dim, s.start, s.stop, choice, s.shape[1 - s.dim]))
-    return {name: _merge(name, spec) for name, spec in raw.items()}
+    return {name: _merge(name, spec, scale_bits) for name, spec in raw.items()}
 
 
-def _merge(name: str, spec: list[tuple[int, int, int, Choice, int]]) -> list[SegmentPlan]:
+def _merge(name: str, spec: list[tuple[int, int, int, Choice, int]],
+           scale_bits: int | None = None) -> list[SegmentPlan]:
     axes = {d for d, *_ in spec}
     if len(axes) != 1:
         raise ModelError(f"{name}: owned along both axes {sorted(axes)}; units must own whole "
@@ -178,20 +181,25 @@ def _merge(name: str, spec: list[tuple[int, int, int, Choice, int]]) -> list[Seg
     for _, start, stop, choice, other in sorted(spec, key=lambda s: s[1]):
         if runs and runs[-1][1] != start:
             raise ModelError(f"{name}: unit slices leave a gap at {runs[-1][1]}:{start}")
-        if runs and runs[-1][2] == choice and _mergeable(axis, runs[-1], choice, other):
+        if runs and runs[-1][2] == choice and _mergeable(axis, runs[-1], choice, other, scale_bits):
             runs[-1][1] = stop
         else:
             runs.append([start, stop, choice])
     return [SegmentPlan(axis, a, b, c.bits, c.group_size) for a, b, c in runs]
 
 
-def _mergeable(axis: int, run: list[Any], choice: Choice, other: int) -> bool:
+def _mergeable(axis: int, run: list[Any], choice: Choice, other: int,
+               scale_bits: int | None = None) -> bool:
     """Whether ``choice`` may extend ``run`` (a ``[start, stop, choice]`` along ``axis``) with
     bytes equal to the sum of the parts; ``other`` is the matrix's size along the other axis."""
     if choice.bits == 16:
         return True
     n = run[1] - run[0]
+    streams = (choice.bits,) if scale_bits is None else (choice.bits, scale_bits)
     if axis == 0:  # n rows of `other` columns
-        return (n * num_groups(other, choice.group_size) * choice.bits) % 32 == 0
+        groups = n * num_groups(other, choice.group_size)
+        return all(groups * b % 32 == 0 for b in streams)
+    groups = other * (n // choice.group_size)
     return (n % choice.group_size == 0 and (choice.bits * n) % 32 == 0
-            and (other * (n // choice.group_size) * choice.bits) % 32 == 0)
+            and all(groups * b % 32 == 0 for b in streams)
+            and (scale_bits is None or n % SUPER_COLS == 0))

@@ -58,7 +58,8 @@ def unit_costs_for(model, units, menu, cfg: RunConfig):
     from bitsack.search.loop import unit_costs
 
     models = make_cost_models(cfg.cost_models, {"roofline": {"device": cfg.device},
-                                                "memory": {"format": cfg.format}})
+                                                "memory": {"format": cfg.format,
+                                                           "scale_bits": cfg.scale_bits}})
     return unit_costs(unit_shapes(model, units), menu, models)
 
 
@@ -118,7 +119,7 @@ def apply_config(cfg: RunConfig):
     from bitsack.apply import ApplyConfig
 
     return ApplyConfig(quantizer=cfg.quantizer, group_size=cfg.group_size,
-                       mlp_group=cfg.mlp_group)
+                       mlp_group=cfg.mlp_group, scale_bits=cfg.scale_bits)
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -183,6 +184,8 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
         cfg.pop(k)
     if cfg["format"] == "bitsack":  # the default: records of earlier runs stay valid
         cfg.pop("format")
+    if cfg["scale_bits"] is None:  # likewise
+        cfg.pop("scale_bits")
     for k, off in (("search_rse", 0.0), ("search_grow", "accept"), ("search_stop_z", 0.0)):
         if cfg[k] == off:  # likewise (the search as before)
             cfg.pop(k)

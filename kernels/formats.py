@@ -32,8 +32,19 @@ LAYOUT_VERSION = 2
 #: Bit-widths with a packed layout (16 = plain fp16).
 PACKABLE_BITS = (1, 2, 3, 4, 8, 16)
 
-#: Bytes of a group's scale (fp16). Its zero point takes ``bits`` bits more (``zero_nbytes``).
+#: Bytes of a group's scale (fp16). Its zero point takes ``bits`` bits more (``zero_words``).
 SCALE_BYTES = 2
+
+#: Columns of a row that share one fp16 step when the scales are double-quantized
+#: (``scale_bits``): a super-block, counted from the segment's first column.
+SUPER_COLS = 256
+
+#: Significant bits of a scale: with S-bit scale codes the step keeps ``11 − S`` of them, so a
+#: scale ``k·d`` (k < 2**S) has at most 11 and is an fp16 value exactly.
+FP16_SIGNIFICANT_BITS = 11
+
+#: Scale-code widths with a layout: the step keeps at least 5 significant bits.
+SCALE_BITS = (2, 3, 4, 5, 6)
 
 
 class PackFormat(str, enum.Enum):
@@ -57,6 +68,13 @@ class PackFormat(str, enum.Enum):
     little-endian concatenation of the words (the layout of one ``qdata`` row of
     ``rows·groups`` values). The weight is ``float32(scale) · (float32(q) − float32(zero))``
     computed in fp32.
+
+    Double-quantized scales (a segment with ``scale_bits`` S, after llama.cpp's K-quants): in
+    place of the fp16 scales the segment stores ``scale_codes``, the groups' integer codes k
+    in ``1..2**S − 1`` as one stream (the layout of ``zero``), and ``step``, fp16
+    ``[rows, ceil(cols / SUPER_COLS)]``: group g of a row has scale ``k·step[row, g·G // 256]``.
+    Each step has at most ``11 − S`` significant bits, so every scale is an fp16 value
+    exactly, and a reader expands them into the fp16 ``scale`` above.
 
     ``FP16`` (bits 16): the weights themselves, fp16 ``[rows, cols]``, no groups.
     """
@@ -97,6 +115,22 @@ def zero_words(rows: int, groups: int, bits: int) -> int:
     return -(-rows * groups * bits // 32)
 
 
+def check_scale_bits(scale_bits: Any, field: str = "scale_bits") -> int | None:
+    """``scale_bits`` as an int (S-bit double-quantized scales) or None (fp16 scales).
+
+    Raises:
+        ValidationError: anything but None or an integer in ``SCALE_BITS``.
+    """
+    if scale_bits is None:
+        return None
+    if isinstance(scale_bits, bool) or not isinstance(scale_bits, (int, np.integer)) \
+            or int(scale_bits) not in SCALE_BITS:
+        raise ValidationError(field, f"{scale_bits!r}; valid: none (fp16 scales) or one of "
+                              f"{', '.join(map(str, SCALE_BITS))} (bits of a group's scale "
+                              f"code, times an fp16 step per {SUPER_COLS} columns)")
+    return int(scale_bits)
+
+
 def check_group_size(group_size: Any, field: str = "group_size") -> int:
     """Return ``group_size`` as an int if it is a positive integer, else raise."""
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
@@ -134,7 +168,8 @@ def check_tiling(segments: Sequence[Any], rows: int, cols: int) -> int:
     return axis
 
 
-def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+def packed_nbytes(rows: int, cols: int, bits: int, group_size: int,
+                  scale_bits: int | None = None) -> int:
     """Exact bytes of a ``rows × cols`` segment packed at ``bits`` with ``group_size`` groups.
 
     ``rows · ceil(bits·cols/32) · 4`` bytes of words, ``2`` bytes of fp16 scale per group
@@ -142,6 +177,11 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     parameters) and ``4 · zero_words(rows, groups, bits)`` bytes of zero points (``bits`` bits
     each, one stream per segment); 16 bits is fp16, ``2·rows·cols``; 0 bits (pruned) is 0.
     At 3 bits and group size 64: 3 + 16/64 + 3/64 = 3.297 bits per weight.
+
+    With ``scale_bits`` S (double-quantized scales) the fp16 scales are replaced by S-bit
+    codes, one stream per segment (``4 · zero_words(rows, groups, S)`` bytes), and an fp16
+    step per row and super-block of ``SUPER_COLS`` columns (``2 · rows · ceil(cols/256)``):
+    3 bits, group size 32, S = 6: 3 + 6/32 + 3/32 + 16/256 = 3.344 bits per weight.
 
     Raises:
         ValueError: bits not in 0..16, or ``group_size`` not a positive integer
@@ -155,8 +195,11 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
         raise ValidationError("bits", f"{bits} has no packed layout; valid: 1..8 or 16")
     group_size = check_group_size(group_size)
     groups = num_groups(cols, group_size)
-    return (rows * words_per_row(cols, bits) * 4 + rows * groups * SCALE_BYTES
-            + zero_words(rows, groups, bits) * 4)
+    words = rows * words_per_row(cols, bits) * 4 + zero_words(rows, groups, bits) * 4
+    if check_scale_bits(scale_bits) is None:
+        return words + rows * groups * SCALE_BYTES
+    return (words + zero_words(rows, groups, scale_bits) * 4
+            + rows * num_groups(cols, SUPER_COLS) * SCALE_BYTES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,8 +19,22 @@ from typing import Any
 import torch
 
 from bitsack.errors import NumericalError, ValidationError
-from bitsack.kernels.formats import check_bits, check_group_size, check_tiling, num_groups
-from bitsack.kernels.grid import QuantizedTensor, check_weight, minmax_params
+from bitsack.kernels.formats import (
+    SUPER_COLS,
+    check_bits,
+    check_group_size,
+    check_scale_bits,
+    check_tiling,
+    num_groups,
+)
+from bitsack.kernels.grid import (
+    QuantizedTensor,
+    check_weight,
+    dq_params,
+    dq_steps,
+    minmax_params,
+    super_ranges,
+)
 from bitsack.kernels.hessian import Hessian
 
 __all__ = ["GPTQ", "GPTQResult", "SegmentSpec"]
@@ -71,6 +85,9 @@ class SegmentSpec:
         bits: 1..8, or 16 = kept in fp16 (it still absorbs the error of the other columns).
         group_size: columns per group, any positive integer (the last group of a row of the
             segment may be shorter); unused for 16 bits.
+        scale_bits: None (fp16 scales) or S-bit double-quantized scales: the steps of the
+            segment's super-blocks are fixed from the original weights before the pass
+            (``grid.dq_steps``), each group's scale is rounded up onto them (``grid.dq_params``).
     """
 
     axis: int
@@ -78,6 +95,7 @@ class SegmentSpec:
     stop: int
     bits: int
     group_size: int
+    scale_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.axis not in (0, 1):
@@ -92,6 +110,7 @@ class SegmentSpec:
                                   "non-empty range")
         check_bits(self.bits, allow_16=True, field="segment.bits")
         check_group_size(self.group_size, field="segment.group_size")
+        check_scale_bits(self.scale_bits, field="segment.scale_bits")
 
 
 @dataclass(frozen=True)
@@ -208,6 +227,8 @@ class _Rect:
     scale: torch.Tensor  # fp16 [r1 - r0, ngroups] (filled by the engine)
     zero: torch.Tensor
     fp16: torch.Tensor | None = None  # 16-bit rectangles' weights when no .weight is returned
+    scale_bits: int | None = None  # double-quantized scales: S, and the fp16 steps
+    step: torch.Tensor | None = None  # [r1 - r0, ceil((c1 - c0) / SUPER_COLS)]
 
 
 @dataclass
@@ -427,10 +448,17 @@ class GPTQ:
             r0, r1, c0, c1 = (sp.start, sp.stop, 0, cols) if axis == 0 else \
                 (0, rows, sp.start, sp.stop)
             ng = num_groups(c1 - c0, sp.group_size)
-            rects.append(_Rect(r0, r1, c0, c1, sp.group_size,
-                               torch.full((r1 - r0, ng), sp.bits, dtype=torch.int64, device=dev),
-                               torch.ones((r1 - r0, ng), dtype=torch.float16, device=dev),
-                               torch.zeros((r1 - r0, ng), dtype=torch.float16, device=dev)))
+            rc = _Rect(r0, r1, c0, c1, sp.group_size,
+                       torch.full((r1 - r0, ng), sp.bits, dtype=torch.int64, device=dev),
+                       torch.ones((r1 - r0, ng), dtype=torch.float16, device=dev),
+                       torch.zeros((r1 - r0, ng), dtype=torch.float16, device=dev))
+            if sp.scale_bits is not None and sp.bits != 16:
+                # the steps from the original weights: with static groups (act_order) no
+                # group is clipped; dynamic groups wider than their super-block's step clamp
+                rc.scale_bits = sp.scale_bits
+                rc.step = dq_steps(super_ranges(W0[r0:r1, c0:c1], sp.group_size),
+                                   (1 << sp.bits) - 1, sp.scale_bits)
+            rects.append(rc)
         ranges = [(sp.start, sp.stop) for sp in segs] if axis == 0 else [(0, rows)]
         col_loss = axis == 1 and len(segs) > 1
         codes, weight_q, loss_rows, loss_cols, lam = self._run(
@@ -453,7 +481,8 @@ class GPTQ:
                              weight_q[sl_r, sl_c].to(torch.float16))
             else:
                 parts.append(QuantizedTensor(codes[sl_r, sl_c].contiguous(), rc.scale,
-                                             rc.zero, sp.bits, sp.group_size))
+                                             rc.zero, sp.bits, sp.group_size, rc.scale_bits,
+                                             rc.step))
         return GPTQResult(codes=None, scale=None, zero=None, bits=None, group_size=None,
                           weight=weight_q, damp=lam, loss=float(sum(losses)),
                           parts=tuple(parts), segments=segs, losses=tuple(losses))
@@ -567,7 +596,11 @@ class GPTQ:
             z_out.fill_(0.0)
             return
         # 16-bit rows get throwaway parameters (maxq 1 keeps the division finite).
-        s, z = minmax_params(values, ev.maxq.clamp(min=1))
+        if rc.step is not None:  # a double-quantized segment (never 16-bit rows)
+            step = rc.step[rows, (ev.gi * rc.group_size) // SUPER_COLS]
+            s, z = dq_params(values, ev.maxq, step, rc.scale_bits)
+        else:
+            s, z = minmax_params(values, ev.maxq.clamp(min=1))
         s = torch.where(ev.is16, rc.scale[rows, ev.gi], s)
         z = torch.where(ev.is16, rc.zero[rows, ev.gi], z)
         rc.scale[rows, ev.gi] = s

@@ -35,7 +35,14 @@ from typing import Any
 import torch
 
 from bitsack.errors import ValidationError
-from bitsack.kernels.formats import check_bits, check_group_size, num_groups
+from bitsack.kernels.formats import (
+    FP16_SIGNIFICANT_BITS,
+    SUPER_COLS,
+    check_bits,
+    check_group_size,
+    check_scale_bits,
+    num_groups,
+)
 
 __all__ = [
     "QuantizedTensor",
@@ -95,6 +102,10 @@ class QuantizedTensor:
         bits: 1..8.
         group_size: columns per group; group g covers columns
             ``[g·group_size, min((g+1)·group_size, cols))`` (the last may be shorter).
+        scale_bits: None (fp16 scales), or S: every scale is ``k·step`` with an integer k in
+            ``1..2**S − 1`` (double-quantized; ``dq_params``).
+        step: with ``scale_bits``, fp16 ``[rows, ceil(cols / SUPER_COLS)]``, the step of each
+            row's super-block of ``SUPER_COLS`` columns.
     """
 
     codes: torch.Tensor
@@ -102,6 +113,8 @@ class QuantizedTensor:
     zero: torch.Tensor
     bits: int
     group_size: int
+    scale_bits: int | None = None
+    step: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -116,6 +129,32 @@ class QuantizedTensor:
             if tuple(t.shape) != want or t.dtype != torch.float16:
                 raise ValidationError(name, f"{t.dtype} of shape {tuple(t.shape)}; "
                                       f"valid: float16 {list(want)}")
+        if check_scale_bits(self.scale_bits) is not None:
+            want = (rows, num_groups(cols, SUPER_COLS))
+            t = self.step
+            if t is None or tuple(t.shape) != want or t.dtype != torch.float16:
+                got = "None" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+                raise ValidationError("step", f"{got}; valid: float16 {list(want)} with "
+                                      "scale_bits")
+
+    def scale_codes(self) -> torch.Tensor:
+        """With ``scale_bits``: the integer codes k ``[rows, groups]`` (int64) of the scales,
+        ``scale = k·step`` exactly.
+
+        Raises:
+            ValidationError: no ``scale_bits``, or a scale that is not ``k·step``.
+        """
+        if self.scale_bits is None:
+            raise ValidationError("scale_bits", "None has no scale codes; valid: a "
+                                  "double-quantized tensor")
+        d = super_steps(self.step, self.shape[1], self.group_size).to(torch.float64)
+        s = self.scale.to(torch.float64)
+        k = torch.round(s / d)
+        if not bool((k * d == s).all()) or bool((k < 1).any()) \
+                or bool((k > (1 << self.scale_bits) - 1).any()):
+            raise ValidationError("scale", "not k·step for an integer k in "
+                                  f"1..{(1 << self.scale_bits) - 1}; valid: dq_params' scales")
+        return k.to(torch.int64)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -189,6 +228,66 @@ def minmax_params(x: torch.Tensor, maxq: torch.Tensor | int) -> tuple[torch.Tens
     return scale, zero.to(torch.float16)
 
 
+def super_steps(step: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
+    """Each group's step ``[rows, groups]``: group g starts at column g·G, in super-block
+    ``g·G // SUPER_COLS``."""
+    g = torch.arange(num_groups(cols, group_size), device=step.device) * group_size
+    return step[:, g // SUPER_COLS]
+
+
+def super_ranges(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per row and super-block of ``x`` ``[rows, cols]``: the largest min-max range (max − min
+    with 0 in the range, as the grid takes it) of the groups starting in it, float64
+    ``[rows, ceil(cols / SUPER_COLS)]``."""
+    x = x.detach().to(torch.float64)
+    rows, cols = x.shape
+    ng = num_groups(cols, group_size)
+    pad = ng * group_size - cols
+    xp = torch.nn.functional.pad(x, (0, pad)).reshape(rows, ng, group_size)
+    rng = xp.amax(-1).clamp(min=0.0) - xp.amin(-1).clamp(max=0.0)  # padding zeros are in
+    sb = (torch.arange(ng, device=x.device) * group_size) // SUPER_COLS
+    out = torch.zeros((rows, num_groups(cols, SUPER_COLS)), dtype=torch.float64,
+                      device=x.device)
+    return out.scatter_reduce(1, sb.expand(rows, ng), rng, reduce="amax")
+
+
+def dq_steps(ranges: torch.Tensor, maxq: int, scale_bits: int) -> torch.Tensor:
+    """fp16 steps ``d`` of super-blocks whose largest group range is ``ranges``: the smallest
+    value ≥ range / maxq / (2**S − 1) with ``11 − S`` significant bits (at least 2⁻²⁰, so
+    every ``k·d`` is a multiple of 2⁻²⁴ and has ≤ 11 significant bits: an fp16 value).
+
+    Raises:
+        ValidationError: a range whose step would exceed the fp16 range.
+    """
+    levels = (1 << check_scale_bits(scale_bits)) - 1
+    x = (ranges.to(torch.float64) / maxq / levels).clamp(min=2.0**-20)
+    unit = torch.exp2(torch.floor(torch.log2(x)) - (FP16_SIGNIFICANT_BITS - scale_bits - 1))
+    d = torch.ceil(x / unit) * unit
+    if not bool((d * levels <= 65504).all()):
+        raise ValidationError("w", f"a group spans {float(ranges.max()):.6g}, whose scale "
+                              "exceeds the fp16 maximum 65504")
+    return d.to(torch.float16)
+
+
+def dq_params(x: torch.Tensor, maxq: torch.Tensor | int, step: torch.Tensor,
+              scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of min-max groups ``x`` ``[..., group_size]`` on a double-quantized
+    grid: the min-max scale rounded up to the next multiple ``k·step`` (k ≤ 2**S − 1; a group
+    wider than ``(2**S − 1)·step`` gets that and clamps its outliers), zero as ``minmax_params``.
+    ``step`` (fp16, shape ``x.shape[:-1]``) comes from ``dq_steps``; the scale is an exact fp16.
+    """
+    x = x.to(torch.float64)
+    levels = float((1 << scale_bits) - 1)
+    maxq_t = torch.as_tensor(maxq, dtype=torch.float64, device=x.device)
+    lo = x.amin(-1).clamp(max=0.0)
+    hi = x.amax(-1).clamp(min=0.0)
+    d = step.to(torch.float64)
+    k = torch.ceil((hi - lo) / maxq_t / d * (1 - 2.0**-40)).clamp(min=1.0, max=levels)
+    s64 = k * d
+    zero = torch.minimum(torch.round(-lo / s64), maxq_t.expand_as(s64)).clamp(min=0.0)
+    return s64.to(torch.float16), zero.to(torch.float16)
+
+
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            maxq: torch.Tensor | int) -> torch.Tensor:
     """Nearest codes of x (float64) on the stored grid; shapes broadcast like ``x``."""
@@ -197,7 +296,8 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return torch.minimum(q.clamp(min=0.0), maxq_t)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
+                 scale_bits: int | None = None) -> QuantizedTensor:
     """Min-max affine round-to-nearest quantization per group of columns.
 
     Args:
@@ -205,6 +305,9 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor
         bits: 1..8.
         group_size: columns per group, any positive integer; when it does not divide
             ``cols`` the last group is shorter and has its own min-max parameters.
+        scale_bits: None (fp16 scales) or S-bit double-quantized scales (``dq_params``; the
+            steps from the weight's own ranges, so no group is clipped: ``|ŵ − x| ≤ s/2``
+            still holds).
 
     Returns:
         The ``QuantizedTensor`` on ``w``'s device.
@@ -219,21 +322,32 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor
     g = check_group_size(group_size)
     maxq = (1 << bits) - 1
     x = w.detach().to(torch.float64)
+    scale_bits = check_scale_bits(scale_bits)
+    step = None
+    if scale_bits is not None:
+        step = dq_steps(super_ranges(x, g), maxq, scale_bits)
+        group_step = super_steps(step, cols, g)
+
+    def params(groups: torch.Tensor, gs: slice):
+        if step is None:
+            return minmax_params(groups, maxq)
+        return dq_params(groups, maxq, group_step[:, gs], scale_bits)
+
     full = cols // g
     scales, zeros, codes = [], [], []
     if full:
         body = x[:, :full * g].reshape(rows, full, g)
-        s, z = minmax_params(body, maxq)
+        s, z = params(body, slice(0, full))
         scales.append(s)
         zeros.append(z)
         codes.append(_codes(body, s.unsqueeze(-1), z.unsqueeze(-1), maxq).reshape(rows, -1))
     if full * g < cols:  # the short last group
         tail = x[:, full * g:].unsqueeze(1)
-        s, z = minmax_params(tail, maxq)
+        s, z = params(tail, slice(full, full + 1))
         scales.append(s)
         zeros.append(z)
         codes.append(_codes(tail, s.unsqueeze(-1), z.unsqueeze(-1), maxq).reshape(rows, -1))
     q = torch.cat(codes, dim=1) if len(codes) > 1 else codes[0]
     scale = torch.cat(scales, dim=1) if len(scales) > 1 else scales[0]
     zero = torch.cat(zeros, dim=1) if len(zeros) > 1 else zeros[0]
-    return QuantizedTensor(q.to(torch.uint8), scale, zero, bits, g)
+    return QuantizedTensor(q.to(torch.uint8), scale, zero, bits, g, scale_bits, step)

@@ -18,9 +18,11 @@ import torch
 
 from bitsack.errors import ValidationError
 from bitsack.kernels.formats import (
+    SUPER_COLS,
     PackFormat,
     check_bits,
     check_group_size,
+    check_scale_bits,
     check_tiling,
     num_groups,
     pack,
@@ -30,7 +32,7 @@ from bitsack.kernels.formats import (
     unpack_zero,
     zero_words,
 )
-from bitsack.kernels.grid import QuantizedTensor, dequantize_codes, rtn_quantize
+from bitsack.kernels.grid import QuantizedTensor, dequantize_codes, rtn_quantize, super_steps
 
 __all__ = ["PackedEmbedding", "PackedLinear", "Segment"]
 
@@ -53,6 +55,10 @@ class Segment:
         zero: the zero points' stream, uint32 ``[zero_words(rows, groups, bits)]`` (integers
             ``0..2**bits − 1``, ``bits`` bits each; ``zeros()`` unpacks them; None for 16 bits).
         weight: fp16 ``[rows, cols]`` for 16 bits (None otherwise).
+        scale_bits: None (fp16 scales), or S: the scales are stored double-quantized, as
+            ``scale_codes`` (uint32, the S-bit codes k as one stream, the layout of ``zero``)
+            and ``step`` (fp16 ``[rows, ceil(cols / SUPER_COLS)]``); ``scale`` is then their
+            exact fp16 expansion ``k·step`` (built when not given), which the kernels read.
     """
 
     axis: int
@@ -65,6 +71,9 @@ class Segment:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    scale_bits: int | None = None
+    scale_codes: torch.Tensor | None = None
+    step: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.axis not in (0, 1):
@@ -89,6 +98,8 @@ class Segment:
         if q is None or q.dtype != torch.uint32 or tuple(q.shape) != want_q:
             raise ValidationError("segment.qdata", f"{_desc(q)}; valid: uint32 {list(want_q)}")
         want_g = (rows, num_groups(cols, self.group_size))
+        if check_scale_bits(self.scale_bits, field="segment.scale_bits") is not None:
+            self._check_double_quantized(want_g)
         t = self.scale
         if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_g:
             raise ValidationError("segment.scale", f"{_desc(t)}; valid: float16 {list(want_g)}")
@@ -98,23 +109,47 @@ class Segment:
             raise ValidationError("segment.zero", f"{_desc(t)}; valid: uint32 {list(want_z)} "
                                   f"(the zero points, {self.bits} bits each, one stream)")
 
+    def _check_double_quantized(self, want_g: tuple[int, int]) -> None:
+        """Check ``scale_codes`` and ``step``; expand them into ``scale`` when it is None."""
+        rows, cols = self.shape
+        sb = self.scale_bits
+        want_c = (zero_words(rows, want_g[1], sb),)
+        t = self.scale_codes
+        if t is None or t.dtype != torch.uint32 or tuple(t.shape) != want_c:
+            raise ValidationError("segment.scale_codes", f"{_desc(t)}; valid: uint32 "
+                                  f"{list(want_c)} (the scale codes, {sb} bits each)")
+        want_s = (rows, num_groups(cols, SUPER_COLS))
+        t = self.step
+        if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_s:
+            raise ValidationError("segment.step", f"{_desc(t)}; valid: float16 {list(want_s)}")
+        if self.scale is None:
+            object.__setattr__(self, "scale", expand_scales(self.scale_codes, self.step, sb,
+                                                            rows, cols, self.group_size))
+
     @property
     def format(self) -> PackFormat:
         return PackFormat.for_bits(self.bits)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of qdata + scale + zero (or of the fp16 weight): ``packed_nbytes(...)``."""
-        return packed_nbytes(self.shape[0], self.shape[1], self.bits, self.group_size)
+        """Bytes stored: qdata + scale + zero, or qdata + scale codes + steps + zero with
+        ``scale_bits`` (the expanded fp16 scales are not stored), or the fp16 weight:
+        ``packed_nbytes(...)``."""
+        return packed_nbytes(self.shape[0], self.shape[1], self.bits, self.group_size,
+                             self.scale_bits)
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, axis: int, start: int) -> Segment:
         """Pack a ``QuantizedTensor`` as the segment starting at ``start`` along ``axis``."""
         rows, cols = qt.shape
         n = rows if axis == 0 else cols
+        dq = {}
+        if qt.scale_bits is not None:
+            dq = {"scale_bits": qt.scale_bits, "step": qt.step.contiguous(),
+                  "scale_codes": pack_zero(qt.scale_codes(), qt.scale_bits)}
         return cls(axis, start, start + n, qt.bits, qt.group_size, (rows, cols),
                    qdata=pack(qt.codes, qt.bits), scale=qt.scale.contiguous(),
-                   zero=pack_zero(qt.zero, qt.bits))
+                   zero=pack_zero(qt.zero, qt.bits), **dq)
 
     @classmethod
     def from_fp16(cls, weight: torch.Tensor, axis: int, start: int) -> Segment:
@@ -126,8 +161,11 @@ class Segment:
 
     def spec(self) -> dict:
         """The segment's layout as plain JSON-able values (everything but the tensors)."""
-        return {"axis": self.axis, "start": self.start, "stop": self.stop, "bits": self.bits,
-                "group_size": self.group_size, "shape": list(self.shape)}
+        out = {"axis": self.axis, "start": self.start, "stop": self.stop, "bits": self.bits,
+               "group_size": self.group_size, "shape": list(self.shape)}
+        if self.scale_bits is not None:
+            out["scale_bits"] = self.scale_bits
+        return out
 
     @classmethod
     def empty(cls, spec: dict, device: torch.device | str = "cpu") -> Segment:
@@ -146,7 +184,15 @@ class Segment:
         g = check_group_size(g, field="segment.group_size")
         words = -(-bits * cols // 32)
         meta = (rows, num_groups(cols, g))
-        return cls(axis, start, stop, bits, g, (rows, cols),
+        sb = check_scale_bits(spec.get("scale_bits"), field="segment.scale_bits")
+        dq = {}
+        if sb is not None:
+            dq = {"scale_bits": sb,
+                  "scale_codes": torch.zeros(zero_words(rows, meta[1], sb), dtype=torch.int32,
+                                             device=device).view(torch.uint32),
+                  "step": torch.zeros((rows, num_groups(cols, SUPER_COLS)),
+                                      dtype=torch.float16, device=device)}
+        return cls(axis, start, stop, bits, g, (rows, cols), **dq,
                    qdata=torch.zeros((rows, words), dtype=torch.int32, device=device)
                    .view(torch.uint32),
                    scale=torch.zeros(meta, dtype=torch.float16, device=device),
@@ -182,6 +228,15 @@ class Segment:
         return dequantize_codes(codes, s, z, self.group_size, dtype)
 
 
+def expand_scales(scale_codes: torch.Tensor, step: torch.Tensor, scale_bits: int, rows: int,
+                  cols: int, group_size: int) -> torch.Tensor:
+    """fp16 scales ``[rows, groups]`` of a double-quantized segment: ``k·step`` of each group
+    (exact: the steps keep ``11 − S`` significant bits)."""
+    k = unpack_zero(scale_codes, scale_bits, rows, num_groups(cols, group_size),
+                    dtype=torch.float64)
+    return (k * super_steps(step, cols, group_size).to(torch.float64)).to(torch.float16)
+
+
 _REGISTRY: list[dict] = []  # the backends' registry, bound on first use (import cycle)
 
 
@@ -212,15 +267,31 @@ def _check_tiling(segments: Sequence[Segment], rows: int, cols: int) -> int:
 class _SegmentStore(torch.nn.Module):
     """Registers each segment's tensors as buffers (so ``state_dict``/``.to`` carry them)."""
 
-    _FIELDS = ("qdata", "scale", "zero", "weight")
+    _FIELDS = ("qdata", "scale", "zero", "weight", "scale_codes", "step")
 
     def _store(self, segments: Sequence[Segment]) -> None:
         self._meta = [(s.axis, s.start, s.stop, s.bits, s.group_size, s.shape) for s in segments]
+        self._scale_bits = [s.scale_bits for s in segments]
         for i, seg in enumerate(segments):
             for f in self._FIELDS:
                 t = getattr(seg, f)
                 if t is not None:
-                    self.register_buffer(f"seg{i}_{f}", t)
+                    # a double-quantized segment's fp16 scales are an expansion of its codes
+                    # and steps: held for the kernels, never saved
+                    derived = f == "scale" and seg.scale_bits is not None
+                    self.register_buffer(f"seg{i}_{f}", t, persistent=not derived)
+        if any(sb is not None for sb in self._scale_bits):
+            self.register_load_state_dict_post_hook(_SegmentStore._expand_loaded_scales)
+
+    @staticmethod
+    def _expand_loaded_scales(module: _SegmentStore, _incompatible) -> None:
+        """After ``load_state_dict``: the fp16 scales of double-quantized segments again."""
+        for i, (sb, (*_, _bits, g, (rows, cols))) in enumerate(zip(module._scale_bits,
+                                                                    module._meta, strict=True)):
+            if sb is not None:
+                getattr(module, f"seg{i}_scale").copy_(expand_scales(
+                    getattr(module, f"seg{i}_scale_codes"), getattr(module, f"seg{i}_step"),
+                    sb, rows, cols, g))
 
     @property
     def segments(self) -> tuple[Segment, ...]:
@@ -228,7 +299,8 @@ class _SegmentStore(torch.nn.Module):
         out = []
         for i, (axis, start, stop, bits, g, shape) in enumerate(self._meta):
             tensors = {f: getattr(self, f"seg{i}_{f}", None) for f in self._FIELDS}
-            out.append(Segment(axis, start, stop, bits, g, shape, **tensors))
+            out.append(Segment(axis, start, stop, bits, g, shape, **tensors,
+                               scale_bits=self._scale_bits[i]))
         return tuple(out)
 
     def layout(self) -> list[dict]:
@@ -238,7 +310,8 @@ class _SegmentStore(torch.nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes of the packed weights (qdata + scale + zero, or fp16), bias excluded."""
-        return sum(packed_nbytes(sh[0], sh[1], b, g) for _, _, _, b, g, sh in self._meta)
+        return sum(packed_nbytes(sh[0], sh[1], b, g, sb)
+                   for (_, _, _, b, g, sh), sb in zip(self._meta, self._scale_bits, strict=True))
 
 
 class PackedLinear(_SegmentStore):
@@ -424,10 +497,12 @@ class PackedEmbedding(_SegmentStore):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bits: int, group_size: int,
-                   dtype: torch.dtype | None = None) -> PackedEmbedding:
-        """RTN-quantize a dense table (bits 16: fp16) into one segment."""
+                   dtype: torch.dtype | None = None,
+                   scale_bits: int | None = None) -> PackedEmbedding:
+        """RTN-quantize a dense table (bits 16: fp16) into one segment (``scale_bits``:
+        double-quantized scales)."""
         seg = Segment.from_fp16(weight, 0, 0) if bits == 16 else \
-            Segment.from_quantized(rtn_quantize(weight, bits, group_size), 0, 0)
+            Segment.from_quantized(rtn_quantize(weight, bits, group_size, scale_bits), 0, 0)
         return cls(weight.shape[0], weight.shape[1], [seg], dtype=dtype or weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
         name_list,
         real,
     )
+    from bitsack.kernels.formats import SCALE_BITS
     from bitsack.pipeline import METHODS, RunConfig
 
     d = {**asdict(RunConfig(avg_bits=4.0)), **(defaults or {})}
@@ -146,6 +147,10 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    help=f"profiling tokens per sequence (default {d['profile_seqlen']})")
     p.add_argument("--quantizer", default=d["quantizer"], choices=["gptq", "rtn"],
                    help="apply quantizer (default gptq: sequential GPTQ)")
+    p.add_argument("--scale-bits", type=int, default=d["scale_bits"], choices=SCALE_BITS,
+                   help="store each group's scale as an S-bit code times an fp16 step per "
+                   "256 columns instead of fp16 (3-bit g32: 3.34 bits/weight instead of "
+                   "3.59); --method uniform only, for now (default: fp16 scales)")
     p.add_argument("--profile-quantizer", default=d["profile_quantizer"],
                    choices=["gptq", "rtn"], help="quantizer of the one-shot profile's "
                    "perturbations (default: the apply quantizer; rtn profiles faster)")
@@ -188,6 +193,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         mlp_group=args.mlp_group, profile_nsamples=args.nsamples, profile_seqlen=args.seqlen,
         format=args.format,
         quantizer=args.quantizer, profile_quantizer=args.profile_quantizer,
+        scale_bits=args.scale_bits,
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
         search_start=args.search_start, search_budget=args.search_budget,
         search_k=args.trust_region, search_window=args.search_window,

@@ -426,12 +426,13 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu", backend: str |
         segs = []
         for i, spec in enumerate(entry["segments"]):
             t = {f: tensors.pop(f"{name}.seg{i}_{f}", None)
-                 for f in ("qdata", "scale", "zero", "weight")}
+                 for f in ("qdata", "scale", "zero", "weight", "scale_codes", "step")}
             try:
                 if legacy_zeros and t["zero"] is not None:
                     t["zero"] = pack_zero(t["zero"], spec["bits"])
                 segs.append(Segment(spec["axis"], spec["start"], spec["stop"], spec["bits"],
-                                    spec["group_size"], tuple(spec["shape"]), **t))
+                                    spec["group_size"], tuple(spec["shape"]), **t,
+                                    scale_bits=spec.get("scale_bits")))
             except ValidationError as exc:
                 raise FormatError(f"{path}: module {name!r} segment {i}: {exc}") from None
         if entry["type"] == "embedding":

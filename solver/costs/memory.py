@@ -26,6 +26,7 @@ from __future__ import annotations
 from bitsack.errors import ValidationError
 from bitsack.kernels.formats import (
     TARGET_FORMATS,
+    check_scale_bits,
     compressed_tensors_nbytes,
     gguf_nbytes,
     packed_nbytes,
@@ -46,16 +47,21 @@ def _share(total: int, s: SliceShape) -> int:
     return total * s.stop // n - total * s.start // n
 
 
-def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int) -> int:
+def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int,
+                scale_bits: int | None = None) -> int:
     """Bytes of ``unit`` at ``bits`` (0 = pruned, 16 = fp16) and ``group_size`` in format
-    ``fmt`` (see the module docstring).
+    ``fmt`` (see the module docstring); ``scale_bits``: bitsack's double-quantized scales.
 
     Raises:
         ValidationError: an unknown format, or an option the format cannot store (a group
             size that does not divide the rows, rows of a width GGUF blocks cannot tile).
     """
     if check_format(fmt) == "bitsack":
-        return sum(packed_nbytes(s.rows, s.cols, bits, group_size) for s in unit.slices)
+        return sum(packed_nbytes(s.rows, s.cols, bits, group_size, scale_bits)
+                   for s in unit.slices)
+    if scale_bits is not None:
+        raise ValidationError("scale_bits", f"{scale_bits} with format {fmt!r}, which stores "
+                              "fp16 scales; valid: none, or format 'bitsack'")
     if bits == 0:
         return 0
     if fmt == "gguf":
@@ -81,11 +87,17 @@ class MemoryModel(CostModel):
     name = "memory"
     resources = ("memory_bytes",)
 
-    def __init__(self, format: str = "bitsack"):  # noqa: A002 - the user-facing name
+    def __init__(self, format: str = "bitsack",  # noqa: A002 - the user-facing name
+                 scale_bits: int | None = None):
         self.format = check_format(format)
+        self.scale_bits = check_scale_bits(scale_bits)
+        if self.scale_bits is not None and self.format != "bitsack":
+            raise ValidationError("scale_bits", f"{scale_bits} with format {format!r}, which "
+                                  "stores fp16 scales; valid: none, or format 'bitsack'")
 
     def cost(self, unit: UnitShape, bits: int, group_size: int) -> dict[str, float]:
-        return {"memory_bytes": float(unit_nbytes(self.format, unit, bits, group_size))}
+        return {"memory_bytes": float(unit_nbytes(self.format, unit, bits, group_size,
+                                                  self.scale_bits))}
 
     def describe(self) -> dict:
         if self.format == "gguf":
@@ -96,6 +108,12 @@ class MemoryModel(CostModel):
             formula = ("per matrix X = rows*ceil(bits*cols/32)*4 + rows*(cols/g)*2 + "
                        "ceil(rows*bits/32)*(cols/g)*4 + 16, slice [a,b) of n: "
                        "floor(X*b/n) - floor(X*a/n); embeddings and 16 bits: 2*rows*cols")
+        elif self.scale_bits is not None:
+            return {"name": self.name, "resources": list(self.resources),
+                    "scale_bits": self.scale_bits,
+                    "formula": "rows*ceil(bits*cols/32)*4 + ceil(rows*ceil(cols/g)*S/32)*4 + "
+                               "rows*ceil(cols/256)*2 + ceil(rows*ceil(cols/g)*bits/32)*4 "
+                               "per slice (S = scale_bits); 16 bits: 2*rows*cols; pruned: 0"}
         else:
             return {"name": self.name, "resources": list(self.resources),
                     "formula": "rows*ceil(bits*cols/32)*4 + rows*ceil(cols/g)*2 + "

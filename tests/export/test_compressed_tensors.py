@@ -93,6 +93,25 @@ def test_compressed_tensors_decompresses_bitsacks_weights(tmp_path, arch, quanti
     assert json.loads((res.out / "config.json").read_text())["dtype"] == "float16"
 
 
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_double_quantized_scales_export_exactly(tmp_path, quantizer):
+    """A folder with 4-bit scale codes: its fp16 expansion is exact, so the export (fp16
+    scales) decompresses to bitsack's weights bit for bit, like any other folder."""
+    src = make_folder(tmp_path / "c", dict(attn="b3g32", mlp="b4g32", embed="b16"),
+                      quantizer=quantizer, scale_bits=4)
+    model = load_compressed(src).model
+    packed = _packed(model)
+    assert {m.segments[0].scale_bits for m in packed.values() if m.segments[0].bits < 16} == {4}
+    res = export_model(src, tmp_path / "ct", "compressed-tensors")
+    _, schemes = _schemes(res.out)
+    tensors = _tensors(res.out)
+    for name in schemes:
+        ref = packed[name].dequantize(torch.float32)
+        assert torch.equal(_decompress(tensors, name, schemes[name], torch.float16).float(),
+                           ref.half().float()), name
+        assert torch.equal(_decompress(tensors, name, schemes[name], torch.float32), ref), name
+
+
 def test_packed_words_are_bitsacks_own(tmp_path):
     src = make_folder(tmp_path / "c", dict(attn="b3g32", mlp="b4g32", embed="b16"))
     res = export_model(src, tmp_path / "ct", "compressed-tensors")

@@ -244,3 +244,34 @@ def test_no_prune_keeps_every_unit(tiny, tmp_path):
     assert set(bits.reused) == {"profile", "eval_base"}
     assert not any("prune" in c for c in bits.plan_counts.values())
     assert bits.predicted_loss_increase >= joint.predicted_loss_increase - 1e-12
+
+
+def test_uniform_with_double_quantized_scales_fits_more_bits_and_reloads(tiny, tmp_path):
+    from bitsack.checkpoint import load_compressed
+    from bitsack.kernels.formats import packed_nbytes
+
+    # 4 bits/weight: with fp16 scales b3g32 fits (3 + 19/16 = 3.59), b3g16 does not (4.19);
+    # with 6-bit scales b3g16 does: 3 + 9/16 + one fp16 step per 64-wide row (0.25) = 3.81
+    # (wider rows share a step among 256 columns: 3.62 on SmolLM2)
+    plain = run(_cfg(tiny, tmp_path / "p", method="uniform", avg_bits=4.0))
+    dq = run(_cfg(tiny, tmp_path / "d", method="uniform", avg_bits=4.0, scale_bits=6))
+    labels = {lab for counts in dq.plan_counts.values() for lab in counts}
+    assert labels == {"b3g16"}
+    assert {lab for c in plain.plan_counts.values() for lab in c} == {"b3g32"}
+    assert dq.bits_per_weight <= 4.0 + 1e-9
+    lm = load_compressed(tmp_path / "d" / "model")
+    segs = [s for m in lm.model.modules() if hasattr(m, "_scale_bits") for s in m.segments]
+    assert segs and all(s.scale_bits == 6 for s in segs if s.bits < 16)
+    assert sum(s.nbytes for s in segs if s.bits < 16) == sum(
+        packed_nbytes(*s.shape, s.bits, s.group_size, 6) for s in segs if s.bits < 16)
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["config"]["scale_bits"] == 6
+
+
+@pytest.mark.parametrize("kw, what", [({"method": "search"}, "method 'search'"),
+                                      ({"method": "uniform", "format": "gguf"},
+                                       "format 'gguf'")])
+def test_double_quantized_scales_are_refused_where_not_built(tiny, tmp_path, kw, what):
+    with pytest.raises(ValidationError, match=f"scale_bits: 6 with {what}; valid: --method "
+                       "uniform with --format bitsack"):
+        _cfg(tiny, tmp_path / "x", scale_bits=6, **kw)

@@ -1,0 +1,112 @@
+"""Double-quantized scales (``scale_bits``): S-bit codes × an fp16 step per 256 columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitsack.errors import ValidationError
+from bitsack.kernels.formats import SUPER_COLS, check_scale_bits, packed_nbytes
+from bitsack.kernels.gptq import GPTQ, SegmentSpec
+from bitsack.kernels.grid import dq_params, dq_steps, rtn_quantize, super_ranges, super_steps
+from bitsack.kernels.packed import PackedLinear, Segment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _w(rows=48, cols=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[3, 17] = 0.4  # an outlier: its super-block's step is coarser
+    return w
+
+
+def test_bytes_worked_example():
+    # 3 bits, g32, S = 6 on 576 columns: 54 words of codes, 18 scale codes of 6 bits and 18
+    # zero points of 3 bits per row (whole streams over 32 rows), 3 fp16 steps per row
+    rows, cols = 32, 576
+    want = rows * 54 * 4 + rows * 18 * 6 // 8 + rows * 18 * 3 // 8 + rows * 3 * 2
+    assert packed_nbytes(rows, cols, 3, 32, 6) == want
+    assert want * 8 / (rows * cols) == pytest.approx(3 + 9 / 32 + 48 / 576)
+    # 3-bit g32 with 6-bit scales costs 0.25 bit/weight less than with fp16 scales, about
+    # what 3-bit g64 does (3.297)
+    assert packed_nbytes(rows, cols, 3, 32) - want == rows * 18 * 10 // 8 - rows * 3 * 2
+    assert abs(want - packed_nbytes(rows, cols, 3, 64)) * 8 / (rows * cols) < 0.07
+    for bad in (1, 7, 8, True, "6"):
+        with pytest.raises(ValidationError, match=r"scale_bits: .*valid: none \(fp16 scales\) "
+                           r"or one of 2, 3, 4, 5, 6"):
+            check_scale_bits(bad)
+
+
+@pytest.mark.parametrize("scale_bits", [2, 4, 6])
+def test_every_scale_is_an_exact_fp16_multiple_of_its_step(scale_bits):
+    w = _w()
+    q = rtn_quantize(w, 3, 32, scale_bits)
+    k = q.scale_codes()
+    assert int(k.min()) >= 1 and int(k.max()) <= (1 << scale_bits) - 1
+    d = super_steps(q.step, w.shape[1], 32).double()
+    assert torch.equal(k.double() * d, q.scale.double())
+    # steps keep 11 − S significant bits
+    m, _ = np.frexp(q.step.double().numpy())
+    assert np.all((m * 2 ** (11 - scale_bits)) % 1 == 0)
+    # round to nearest never clips: every weight within half its (stored) step
+    s = q.scale.float().repeat_interleave(32, 1)[:, :w.shape[1]]
+    assert bool(((q.dequantize() - w).abs() <= s / 2 * (1 + 1e-6)).all())
+    # an outlier's super-block has a coarser step than its row's other super-blocks
+    assert float(q.step[3, 0]) > float(q.step[3, 1])
+
+
+def test_scales_round_up_onto_the_step_and_wide_groups_clamp():
+    x = torch.tensor([[[0.0, 1.0]], [[0.0, 7.0]]], dtype=torch.float64)  # ranges 1 and 7
+    step = dq_steps(torch.tensor([[1.0]]), 1, 2)  # 2-bit codes: 3 levels, so d ≥ 1/3
+    assert float(step) == 171 / 512  # 1/3 rounded up to 11 − 2 = 9 significant bits
+    s, z = dq_params(x, 1, step.expand(2, 1), 2)
+    # range 1 needs k = 3; range 7 would need 21 > 3 levels: it gets the top step and clamps
+    assert s.flatten().tolist() == [3 * 171 / 512, 3 * 171 / 512]
+    assert z.abs().sum() == 0
+
+
+def test_super_ranges_take_the_largest_group_starting_in_each_block():
+    x = torch.zeros(1, SUPER_COLS + 40, dtype=torch.float64)
+    x[0, 5], x[0, 70], x[0, SUPER_COLS + 3] = 2.0, -3.0, 1.0
+    r = super_ranges(x, 64)
+    assert r.tolist() == [[3.0, 1.0]]
+
+
+def test_gptq_with_double_quantized_scales_packs_saves_and_loads_exactly(tmp_path):
+    w = _w(64, 576, seed=1)
+    X = torch.randn(256, 576, generator=torch.Generator().manual_seed(2))
+    for act_order in (True, False):
+        gq = GPTQ(576)
+        gq.add_batch(X)
+        res = gq.quantize_segments(w, [SegmentSpec(0, 0, 32, 3, 32, 6),
+                                       SegmentSpec(0, 32, 64, 4, 64, 4)], act_order=act_order)
+        plain = gq.quantize_segments(w, [SegmentSpec(0, 0, 32, 3, 32),
+                                         SegmentSpec(0, 32, 64, 4, 64)], act_order=act_order)
+        loss = float(((X @ (res.weight - w).T) ** 2).mean())
+        ref = float(((X @ (plain.weight - w).T) ** 2).mean())
+        assert 0.9 * ref < loss < 1.1 * ref  # a coarser grid, not a broken one
+        segs = [Segment.from_quantized(p, 0, s) for p, s in zip(res.parts, (0, 32), strict=True)]
+        layer = PackedLinear(576, 64, segs)
+        assert torch.equal(layer.dequantize(), res.weight)
+        state = layer.state_dict()
+        assert not any(k.endswith("_scale") for k in state)  # codes and steps, not fp16
+        assert sum(t.numel() * t.element_size() for t in state.values()) == layer.nbytes \
+            == packed_nbytes(32, 576, 3, 32, 6) + packed_nbytes(32, 576, 4, 64, 4)
+        again = PackedLinear.from_layout(576, 64, layer.layout())
+        again.load_state_dict(state)
+        x = torch.randn(3, 576)
+        assert torch.equal(again(x), layer(x))
+        assert torch.allclose(layer(x), x @ res.weight.T, atol=1e-5)
+
+
+def test_segments_validate_codes_and_steps():
+    q = rtn_quantize(_w(4, 64), 3, 32, 6)
+    seg = Segment.from_quantized(q, 0, 0)
+    with pytest.raises(ValidationError, match=r"segment.step: None; valid: float16 \[4, 1\]"):
+        Segment(0, 0, 4, 3, 32, (4, 64), qdata=seg.qdata, zero=seg.zero, scale_bits=6,
+                scale_codes=seg.scale_codes)
+    built = Segment(0, 0, 4, 3, 32, (4, 64), qdata=seg.qdata, zero=seg.zero, scale_bits=6,
+                    scale_codes=seg.scale_codes, step=seg.step)
+    assert torch.equal(built.scale, q.scale) and built.spec()["scale_bits"] == 6
