@@ -23,10 +23,9 @@ bitsack's packed format stored an fp16 scale and an fp16 zero per group up to sc
   with 9 % of the groups at the top step; a step 1.15–1.5× coarser clips none and loses 2.1–3.2 %,
   so ``--headroom`` defaults to 1.)
 
-With ``--step-bits N`` the step is rounded up to N significant bits instead of to the next
-fp16: with N = 5 and S = 6 every ``k·d`` is an fp16 value exactly, so a format could store
-``(k, d)`` on disk and still hand the kernels and exports today's fp16 scale (measured to
-see what that coarser step costs).
+The packed format has had the double-quantized storage since (``--scale-bits``; its steps
+keep ``11 − S`` significant bits so every scale is an exact fp16 value, and ``bench/e2e.py``'s
+``uniform:b3g32s6`` cells measure it); this emulation is the measurement that led there.
 
 The lossy storage is *emulated*: this script patches GPTQ's and round-to-nearest's parameter
 choice inside one ``bitsack run --method uniform`` (the same run ``bench/gptq_noise.py`` makes)
@@ -94,62 +93,35 @@ class _Counter:
 
 
 def _max_ranges(w, group_size: int, super_cols: int, headroom: float = 1.0):
-    """Per row and super-block of ``w`` [rows, cols]: the largest min-max range (max − min,
-    0 included, as the grid takes it) of its groups, float64 [rows, ceil(cols / super_cols)]."""
-    import torch
+    """Per row and super-block of ``w`` [rows, cols]: the largest min-max range of its groups
+    (``bitsack.kernels.grid.super_ranges``, the real format's), times ``headroom``."""
+    from bitsack.kernels.grid import super_ranges
 
-    x = w.detach().to(torch.float64)
-    out = []
-    for c0 in range(0, x.shape[1], super_cols):
-        block = x[:, c0:min(c0 + super_cols, x.shape[1])]
-        best = None
-        for g0 in range(0, block.shape[1], group_size):
-            grp = block[:, g0:g0 + group_size]
-            rng = grp.amax(1).clamp(min=0.0) - grp.amin(1).clamp(max=0.0)
-            best = rng if best is None else torch.maximum(best, rng)
-        out.append(best)
-    return torch.stack(out, 1) * headroom
+    return super_ranges(w, group_size, super_cols) * headroom
 
 
-def round_up_significant(x, n: int):
-    """Smallest value ≥ x (float64 tensor, x ≥ 2⁻²⁰) with at most ``n`` significant bits: then
-    ``k·d`` for an integer k < 2**(11 − n) has at most 11 significant bits and, being a multiple
-    of 2⁻²⁴, is an fp16 value exactly (no rounding of the stored scale)."""
-    import torch
-
-    unit = torch.exp2(torch.floor(torch.log2(x)) - (n - 1))
-    return torch.ceil(x / unit * (1 - 1e-15)) * unit
-
-
-def _double_quantize(scale, lo, maxq, max_range, levels: int, counter: _Counter,
-                     step_bits: int | None = None):
+def _double_quantize(scale, lo, maxq, max_range, levels: int, counter: _Counter):
     """Scales rounded up to ``k·d`` (k in 1..levels, d the fp16 step of the super-block:
-    its largest range / maxq / levels, rounded up — to ``step_bits`` significant bits when
-    given, so that ``k·d`` is exactly an fp16 value) and the integer zeros on that grid."""
+    its largest range / maxq / levels, rounded up) and the integer zeros on that grid."""
     import torch
 
     from bitsack.kernels.grid import _fp16_round_up
 
     maxq_t = torch.as_tensor(maxq, dtype=torch.float64, device=scale.device)
     # an all-zero super-block keeps the grid's all-zero scale (the smallest fp16), never 0
-    raw = (max_range / maxq_t / levels).clamp(min=2.0**-24)
-    step = _fp16_round_up(raw).to(torch.float64) if step_bits is None else \
-        round_up_significant(raw.clamp(min=2.0**-20), step_bits)
+    step = _fp16_round_up((max_range / maxq_t / levels).clamp(min=2.0**-24)).to(torch.float64)
     s = scale.to(torch.float64)
     k = torch.ceil(s / step * (1 - 1e-12)).clamp(min=1.0)
     counter.groups += int(k.numel())
     counter.clipped += int((k > levels).sum())
     s_q = _fp16_round_up(k.clamp(max=float(levels)) * step)
-    if step_bits is not None and not bool((s_q.to(torch.float64)
-                                           == k.clamp(max=float(levels)) * step).all()):
-        raise AssertionError("k·d is not an fp16 value: step_bits + scale bits must be ≤ 11")
     zero = torch.minimum(torch.round(-lo / s_q.to(torch.float64)), maxq_t.expand_as(s))
     return s_q, zero.clamp(min=0.0).to(torch.float16)
 
 
 @contextlib.contextmanager
-def double_quantized_scales(scale_bits: int, super_cols: int, headroom: float = 1.0,
-                            step_bits: int | None = None) -> Iterator[_Counter]:
+def double_quantized_scales(scale_bits: int, super_cols: int,
+                            headroom: float = 1.0) -> Iterator[_Counter]:
     """Within the block every GPTQ and round-to-nearest group gets a double-quantized scale
     (see the module docstring); yields the counter of groups and clipped groups."""
     import torch
@@ -182,7 +154,7 @@ def double_quantized_scales(scale_bits: int, super_cols: int, headroom: float = 
         max_range = tables[id(rc)][rows, (ev.gi * rc.group_size) // super_cols]
         lo = values.to(torch.float64).amin(-1).clamp(max=0.0)
         s_q, z = _double_quantize(rc.scale[rows, ev.gi], lo, ev.maxq.clamp(min=1), max_range,
-                                  levels, counter, step_bits)
+                                  levels, counter)
         s_q = torch.where(ev.is16, rc.scale[rows, ev.gi], s_q)
         z = torch.where(ev.is16, rc.zero[rows, ev.gi], z)
         rc.scale[rows, ev.gi] = s_q
@@ -199,7 +171,7 @@ def double_quantized_scales(scale_bits: int, super_cols: int, headroom: float = 
             grp = x[:, g0:g0 + group_size]
             s, _ = grid_mod.minmax_params(grp.unsqueeze(1), maxq)
             s_q, z = _double_quantize(s[:, 0], grp.amin(-1).clamp(max=0.0), maxq,
-                                      ranges[:, g0 // super_cols], levels, counter, step_bits)
+                                      ranges[:, g0 // super_cols], levels, counter)
             scales.append(s_q)
             zeros.append(z)
             codes.append(_codes(grp, s_q.unsqueeze(-1), z.unsqueeze(-1), maxq))
@@ -278,8 +250,7 @@ def run_one(config: str, seed: int, args, noise, e2e) -> dict[str, Any]:
 
     option, scale_bits = parse_config(config)
     mach = e2e.machine()
-    sb = f"_sb{args.step_bits}" if args.step_bits and scale_bits is not None else ""
-    tag = f"{config.replace(':', '-')}_super{args.super}_h{args.headroom:g}{sb}_seed{seed}_" \
+    tag = f"{config.replace(':', '-')}_super{args.super}_h{args.headroom:g}_seed{seed}_" \
         + "".join(ch if ch.isalnum() else "-" for ch in mach["platform"])
     path = Path(args.results) / "param_storage" / f"{tag}.json"
     if path.is_file():
@@ -288,8 +259,7 @@ def run_one(config: str, seed: int, args, noise, e2e) -> dict[str, Any]:
     out = Path(args.runs) / tag
     t = time.time()
     patch = contextlib.nullcontext(None) if scale_bits is None else \
-        double_quantized_scales(scale_bits, args.super, args.headroom,
-                                args.step_bits if sb else None)
+        double_quantized_scales(scale_bits, args.super, args.headroom)
     with patch as counter:
         summary, c4 = noise.uniform_run(option, seed, out, args, e2e, tag)
     nbytes = storage_bytes(out / "model", scale_bits, args.super)
@@ -298,7 +268,6 @@ def run_one(config: str, seed: int, args, noise, e2e) -> dict[str, Any]:
                          f"{summary.packed_bytes}: the byte count is wrong")
     result = {"config": config, "option": option, "scale_bits": scale_bits,
               "super_cols": args.super, "headroom": args.headroom, "seed": seed,
-              "step_bits": args.step_bits if sb else None,
               "wikitext2": summary.ppl_after, "c4": c4, "bytes": nbytes,
               "clipped": None if counter is None else [counter.clipped, counter.groups],
               "eval_windows": args.eval_windows, "compress_nsamples": args.compress_nsamples,
@@ -337,8 +306,7 @@ def report(results: Path) -> Path:
         bpw = {k: f"{b[k] * 8 / b['weights']:.3f}" for k in ("fp16", "intzero", "dq") if k in b}
         scales = "fp16" if r["scale_bits"] is None else \
             f"{r['scale_bits']}-bit × fp16 per {r['super_cols']}" \
-            + (f", headroom {r['headroom']:g}" if r.get("headroom", 1.0) != 1.0 else "") \
-            + (f", step of {r['step_bits']} significant bits" if r.get("step_bits") else "")
+            + (f", headroom {r['headroom']:g}" if r.get("headroom", 1.0) != 1.0 else "")
         clip = "—" if r["clipped"] is None else \
             f"{r['clipped'][0]} / {r['clipped'][1]} ({r['clipped'][0] / r['clipped'][1]:.2%})"
         L.append(f"| {r['machine']['platform']} | {r['seed']} | {r['option']} | {scales} | "
@@ -366,9 +334,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plain = [r for r in runs if r.get("headroom", 1.0) == 1.0 and not r.get("step_bits")]
-    shown = [r for r in plain if r["wikitext2"] < 150]
-    left_out = len(plain) - len(shown)
+    shown = [r for r in runs if r.get("headroom", 1.0) == 1.0 and r["wikitext2"] < 150]
+    left_out = len([r for r in runs if r.get("headroom", 1.0) == 1.0]) - len(shown)
     runs = shown
     if not runs:
         return None
@@ -414,10 +381,6 @@ def main(argv=None) -> int:
                    help="dq: the fp16 step covers this × the largest original group range "
                         "(1: groups GPTQ widened beyond it are clipped; on random layers "
                         "clipping a few groups cost less than a coarser step)")
-    p.add_argument("--step-bits", type=int, default=None,
-                   help="dq: round the fp16 step up to this many significant bits (5 with "
-                        "6-bit scales makes every k·d an exact fp16 value, so the kernels "
-                        "and exports can keep reading an fp16 scale)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--compress-nsamples", type=int, default=32)
     p.add_argument("--model", default="default")

@@ -235,8 +235,9 @@ def _reset_native() -> None:
 
 
 def _dequant_tile(lib: Any, seg: tuple, r0: int, r1: int, buf: torch.Tensor,
-                  threads: int) -> torch.Tensor:
-    """Rows r0:r1 of a segment's weight in fp32, written into ``buf`` (a reused buffer)."""
+                  threads: int, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows r0:r1 of a segment's weight in fp32, written into ``buf`` (a reused buffer);
+    without the library, ``zeros`` are the segment's unpacked zero points [rows, groups]."""
     _axis, _s, _e, bits, g, rows, cols, q, sc, z = seg
     out = buf[:(r1 - r0) * cols].view(r1 - r0, cols)
     if bits == 16:
@@ -249,7 +250,6 @@ def _dequant_tile(lib: Any, seg: tuple, r0: int, r1: int, buf: torch.Tensor,
         from bitsack.kernels.grid import dequantize_codes
 
         codes = unpack_torch(q[r0:r1], bits, cols, dtype=torch.float32)
-        zeros = unpack_zero(z, bits, rows, num_groups(cols, g), dtype=torch.float32)
         out.copy_(dequantize_codes(codes, sc[r0:r1], zeros[r0:r1], g))
     return out
 
@@ -361,13 +361,16 @@ class CpuBackend:
         threads = torch.get_num_threads()
         first_col = True
         for seg in _seg_views(layer):
-            axis, start, stop, _bits, _g, rows, cols, *_ = seg
+            axis, start, stop, bits, g, rows, cols, *_ = seg
             tile = max(1, CPU_TILE_ELEMENTS // cols)
             buf = self._buffer(min(tile, rows) * cols)
             xs = x32 if axis == 0 else x32[:, start:stop]
+            # the torch fallback unpacks the zero-point stream once per segment, not per tile
+            zeros = None if lib is not None or bits == 16 else \
+                unpack_zero(seg[9], bits, rows, num_groups(cols, g), dtype=torch.float32)
             for r0 in range(0, rows, tile):
                 r1 = min(r0 + tile, rows)
-                w = _dequant_tile(lib, seg, r0, r1, buf, threads)
+                w = _dequant_tile(lib, seg, r0, r1, buf, threads, zeros)
                 if axis == 0:
                     y[:, start + r0:start + r1] = xs @ w.T
                 elif first_col:

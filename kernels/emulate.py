@@ -53,13 +53,9 @@ def _extract(words: np.ndarray, k: int, bits: int) -> int:
 
 
 def _zero_at(zflat: np.ndarray, i: int, bits: int) -> np.float32:
-    """``bs_zero_at<BITS>``: zero point i (row·ngroups + group) of a zero-point stream."""
-    bit = i * bits
-    wi, sh = bit >> 5, bit & 31
-    v = int(zflat[wi]) >> sh
-    if sh + bits > 32:
-        v |= (int(zflat[wi + 1]) << (32 - sh)) & 0xFFFFFFFF
-    return np.float32(v & ((1 << bits) - 1))
+    """``bs_zero_at<BITS>``: zero point i (row·ngroups + group) of a zero-point stream (the
+    stream is one long bit stream: value i is extracted as value k of a chunk is)."""
+    return np.float32(_extract(zflat, i, bits))
 
 
 def _load_chunk(qflat: np.ndarray, row_base: int, wpr: int, c: int, bits: int) -> np.ndarray:

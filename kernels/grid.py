@@ -235,18 +235,19 @@ def super_steps(step: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
     return step[:, g // SUPER_COLS]
 
 
-def super_ranges(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per row and super-block of ``x`` ``[rows, cols]``: the largest min-max range (max − min
-    with 0 in the range, as the grid takes it) of the groups starting in it, float64
-    ``[rows, ceil(cols / SUPER_COLS)]``."""
+def super_ranges(x: torch.Tensor, group_size: int,
+                 super_cols: int = SUPER_COLS) -> torch.Tensor:
+    """Per row and super-block of ``super_cols`` columns of ``x`` ``[rows, cols]``: the
+    largest min-max range (max − min with 0 in the range, as the grid takes it) of the groups
+    starting in it, float64 ``[rows, ceil(cols / super_cols)]``."""
     x = x.detach().to(torch.float64)
     rows, cols = x.shape
     ng = num_groups(cols, group_size)
     pad = ng * group_size - cols
     xp = torch.nn.functional.pad(x, (0, pad)).reshape(rows, ng, group_size)
     rng = xp.amax(-1).clamp(min=0.0) - xp.amin(-1).clamp(max=0.0)  # padding zeros are in
-    sb = (torch.arange(ng, device=x.device) * group_size) // SUPER_COLS
-    out = torch.zeros((rows, num_groups(cols, SUPER_COLS)), dtype=torch.float64,
+    sb = (torch.arange(ng, device=x.device) * group_size) // super_cols
+    out = torch.zeros((rows, num_groups(cols, super_cols)), dtype=torch.float64,
                       device=x.device)
     return out.scatter_reduce(1, sb.expand(rows, ng), rng, reduce="amax")
 

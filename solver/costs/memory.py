@@ -47,6 +47,12 @@ def _share(total: int, s: SliceShape) -> int:
     return total * s.stop // n - total * s.start // n
 
 
+def _check_scale_format(fmt: str, scale_bits: int | None) -> None:
+    if scale_bits is not None and fmt != "bitsack":
+        raise ValidationError("scale_bits", f"{scale_bits} with format {fmt!r}, which stores "
+                              "fp16 scales; valid: none, or format 'bitsack'")
+
+
 def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int,
                 scale_bits: int | None = None) -> int:
     """Bytes of ``unit`` at ``bits`` (0 = pruned, 16 = fp16) and ``group_size`` in format
@@ -59,9 +65,7 @@ def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int,
     if check_format(fmt) == "bitsack":
         return sum(packed_nbytes(s.rows, s.cols, bits, group_size, scale_bits)
                    for s in unit.slices)
-    if scale_bits is not None:
-        raise ValidationError("scale_bits", f"{scale_bits} with format {fmt!r}, which stores "
-                              "fp16 scales; valid: none, or format 'bitsack'")
+    _check_scale_format(fmt, scale_bits)
     if bits == 0:
         return 0
     if fmt == "gguf":
@@ -91,9 +95,7 @@ class MemoryModel(CostModel):
                  scale_bits: int | None = None):
         self.format = check_format(format)
         self.scale_bits = check_scale_bits(scale_bits)
-        if self.scale_bits is not None and self.format != "bitsack":
-            raise ValidationError("scale_bits", f"{scale_bits} with format {format!r}, which "
-                                  "stores fp16 scales; valid: none, or format 'bitsack'")
+        _check_scale_format(self.format, self.scale_bits)
 
     def cost(self, unit: UnitShape, bits: int, group_size: int) -> dict[str, float]:
         return {"memory_bytes": float(unit_nbytes(self.format, unit, bits, group_size,
