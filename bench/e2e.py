@@ -61,6 +61,8 @@ SEARCHES = {
     "search-moved-rse-ratio": {"screen": [16, 256], "select": [48, 256],
                                "search_relinearise": "moved", "search_rse": 0.25,
                                "search_grow": "ratio"},
+    # every option's scales as 6-bit codes (priced, stored and searched so)
+    "search-s6": {"screen": [16, 256], "select": [48, 256], "scale_bits": 6},
 }
 #: cells that change one thing of a search: method -> (heading, what changed, the search
 #: it is compared with)
@@ -83,6 +85,11 @@ VARIANTS = {
                                "below (and every group is linearised again) "
                                "(`--search-grow ratio`; default: k doubles); the rest as "
                                "`search-moved-rse`.", "search-moved-rse"),
+    "search-s6": ("The search with 6-bit scale codes",
+                  "Every quantized option stores its group scales as 6-bit codes times an "
+                  "fp16 step per row and 256 columns (`--scale-bits 6`: b3g32 costs 3.37 "
+                  "bits/weight instead of 3.59), priced so and built so in the variant store; "
+                  "the rest as the default search.", "search"),
 }
 
 

@@ -39,8 +39,9 @@ class RunConfig:
 
     ``scale_bits``: None (fp16 scales) or S: every quantized group's scale stored as an S-bit
     code times an fp16 step per 256 columns (``bitsack.kernels.formats``; 3-bit g32 costs
-    3.34 bits/weight instead of 3.59). ``--method uniform`` only, format ``bitsack``: the
-    one-shot profile and the search's variant store do not price or build such options yet.
+    3.34 bits/weight instead of 3.59), format ``bitsack`` only. Every method prices its
+    options with it; the search's variant store quantizes on that grid; the one-shot
+    profile's sensitivity estimates perturb on the fp16-scale grid (its costs are exact).
 
     ``interactions`` weighs the profile's interaction terms in the one-shot objective
     (``bitsack.solver.with_interaction_weight``); 0 (default) is additive (README: weight 1
@@ -113,14 +114,10 @@ class RunConfig:
         check_format(self.format)
         from bitsack.kernels.formats import check_scale_bits
 
-        if check_scale_bits(self.scale_bits) is not None and (self.method != "uniform"
-                                                              or self.format != "bitsack"):
-            what = f"method {self.method!r}" if self.method != "uniform" else \
-                f"format {self.format!r}"
-            raise ValidationError("scale_bits", f"{self.scale_bits} with {what}; valid: "
-                                  "--method uniform with --format bitsack (the one-shot "
-                                  "profile and the search do not handle double-quantized "
-                                  "scales yet), or no --scale-bits")
+        if check_scale_bits(self.scale_bits) is not None and self.format != "bitsack":
+            raise ValidationError("scale_bits", f"{self.scale_bits} with format "
+                                  f"{self.format!r}, which stores fp16 scales; valid: "
+                                  "--format bitsack, or no --scale-bits")
         if self.search_start not in ("both", "uniform"):
             raise ValidationError("search_start", f"{self.search_start!r}; valid: both "
                                   "(uniform and one-shot), uniform")

@@ -257,6 +257,8 @@ def profile_problem(ctx: Context, model, tokenizer, units):
               "mlp_group": cfg.mlp_group, "nsamples": cfg.profile_nsamples,
               "seqlen": cfg.profile_seqlen, "cost_models": list(cfg.cost_models),
               "device": cfg.device, "seed": cfg.seed, "packed_layout": LAYOUT_VERSION}
+    if cfg.scale_bits is not None:  # the memory costs price the scale codes
+        inputs["scale_bits"] = cfg.scale_bits
 
     def work():
         ctx.say(f"profile: {cfg.estimator} on {cfg.profile_nsamples} x {cfg.profile_seqlen} "
@@ -266,7 +268,8 @@ def profile_problem(ctx: Context, model, tokenizer, units):
         result = profile(model, units, calib, estimator=cfg.estimator, bits=cfg.bits,
                          group_size=cfg.group_size, quantizer=cfg.perturbation_quantizer,
                          cost_models=cfg.cost_models,
-                         cost_model_args={"roofline": {"device": cfg.device}},
+                         cost_model_args={"roofline": {"device": cfg.device},
+                                          "memory": {"scale_bits": cfg.scale_bits}},
                          seed=cfg.seed, progress=ctx.bars,
                          metadata={"model": ctx.model_id, "calib": cfg.calib,
                                    "mlp_group": cfg.mlp_group})
@@ -363,6 +366,8 @@ def _search(ctx: Context, lm, units) -> Planned:
                  "packed_layout": LAYOUT_VERSION}  # its bytes price the walk and the moves
     if cfg.format != "bitsack":  # its prices and constraints shape the search's record
         store_key["format"] = cfg.format
+    if cfg.scale_bits is not None:  # absent: fp16 scales (stores built before stay valid)
+        store_key["scale_bits"] = cfg.scale_bits
     outcome = measured_search(
         lm.model, units, menu=menu, unit_costs=costs, limits=limits, splits=splits,
         calib_tokens=calibration(cfg, lm.tokenizer), apply=apply_config(cfg), config=config,

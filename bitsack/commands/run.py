@@ -150,7 +150,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     p.add_argument("--scale-bits", type=int, default=d["scale_bits"], choices=SCALE_BITS,
                    help="store each group's scale as an S-bit code times an fp16 step per "
                    "256 columns instead of fp16 (3-bit g32: 3.34 bits/weight instead of "
-                   "3.59); --method uniform only, for now (default: fp16 scales)")
+                   "3.59); every method, --format bitsack only (default: fp16 scales)")
     p.add_argument("--profile-quantizer", default=d["profile_quantizer"],
                    choices=["gptq", "rtn"], help="quantizer of the one-shot profile's "
                    "perturbations (default: the apply quantizer; rtn profiles faster)")

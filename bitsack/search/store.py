@@ -62,6 +62,7 @@ class StoreConfig:
     act_order: bool = True
     batch_size: int = 8
     true_sequential: bool = True
+    scale_bits: int | None = None  # double-quantized scales (``bitsack.kernels.formats``)
 
 
 def write_weight(mod: nn.Module, weight: torch.Tensor) -> None:
@@ -116,15 +117,17 @@ def quantize_choices(weight: torch.Tensor, hessian, choices: Iterable[Choice],
             quant.append(c)
     if hessian is None or cfg.quantizer == "rtn":
         for c in quant:
-            out[c] = tuple(Piece(1, a, b, rtn_quantize(weight[:, a:b], c.bits, c.group_size))
+            out[c] = tuple(Piece(1, a, b, rtn_quantize(weight[:, a:b], c.bits, c.group_size,
+                                                       cfg.scale_bits))
                            for a, b in bounds) if bounds else \
-                (Piece(0, 0, rows, rtn_quantize(weight, c.bits, c.group_size)),)
+                (Piece(0, 0, rows, rtn_quantize(weight, c.bits, c.group_size, cfg.scale_bits)),)
         return out
     gptq = GPTQ.from_hessian(hessian)
     opts = {"damp": cfg.damp, "act_order": cfg.act_order, "return_weight": False}
     if bounds:
         for c in quant:
-            res = gptq.quantize_segments(weight, [SegmentSpec(1, a, b, c.bits, c.group_size)
+            res = gptq.quantize_segments(weight, [SegmentSpec(1, a, b, c.bits, c.group_size,
+                                                              cfg.scale_bits)
                                                   for a, b in bounds], **opts)
             out[c] = tuple(Piece(1, a, b, q) for (a, b), q in zip(bounds, res.parts,
                                                                   strict=True))
@@ -132,8 +135,8 @@ def quantize_choices(weight: torch.Tensor, hessian, choices: Iterable[Choice],
     per_call = max(1, (1 << 24) // max(1, rows * cols))  # ≈128 MiB of float64 per copy set
     for k in range(0, len(quant), per_call):
         batch = quant[k:k + per_call]
-        specs = [SegmentSpec(0, j * rows, (j + 1) * rows, c.bits, c.group_size)
-                 for j, c in enumerate(batch)]
+        specs = [SegmentSpec(0, j * rows, (j + 1) * rows, c.bits, c.group_size,
+                             cfg.scale_bits) for j, c in enumerate(batch)]
         res = gptq.quantize_segments(weight.repeat(len(batch), 1), specs, **opts)
         for c, q in zip(batch, res.parts, strict=True):
             out[c] = (Piece(0, 0, rows, q),)
@@ -161,11 +164,14 @@ class VariantStore:
         variants: module name -> choice -> the variant's ``Piece``s (in order).
         tied: embedding module name -> head module name, for tied weights (stored once,
             under the embedding's name).
+        scale_bits: None (fp16 scales) or S: every quantized variant's scales are S-bit codes
+            times an fp16 step per 256 columns (``StoreConfig.scale_bits``).
     """
 
     def __init__(self, menu: Menu, incumbent: Choice, root: Path | None = None,
-                 walk: Mapping[str, Choice] | None = None):
+                 walk: Mapping[str, Choice] | None = None, scale_bits: int | None = None):
         self.menu = menu
+        self.scale_bits = scale_bits
         self.incumbent = incumbent
         self.walk = dict(walk) if walk is not None else None
         self.root = Path(root) if root is not None else None
@@ -248,17 +254,19 @@ class VariantStore:
             q = p.q
             return QuantizedTensor(q.codes[start:stop].contiguous(),
                                    q.scale[start:stop].contiguous(),
-                                   q.zero[start:stop].contiguous(), q.bits, q.group_size)
+                                   q.zero[start:stop].contiguous(), q.bits, q.group_size,
+                                   q.scale_bits,
+                                   None if q.step is None else q.step[start:stop].contiguous())
         return p.q[start:stop].contiguous()
 
     def nbytes(self) -> int:
-        """Bytes held by the quantized variants (codes as uint8, scales, zeros)."""
+        """Bytes held by the quantized variants (codes as uint8, scales, zeros, steps)."""
         total = 0
         for per in self.variants.values():
             for pieces in per.values():
                 for p in pieces:
-                    ts = [p.q] if isinstance(p.q, torch.Tensor) else [p.q.codes, p.q.scale,
-                                                                      p.q.zero]
+                    ts = [p.q] if isinstance(p.q, torch.Tensor) else [
+                        t for t in (p.q.codes, p.q.scale, p.q.zero, p.q.step) if t is not None]
                     total += sum(t.numel() * t.element_size() for t in ts)
         return total
 
@@ -296,7 +304,8 @@ class VariantStore:
         menu.index(incumbent)
         if cfg.quantizer == "gptq" and calib_tokens is None:
             raise ValidationError("calib_tokens", "None; gptq needs calibration tokens")
-        store = cls(menu, incumbent, Path(root) if root is not None else None, walk=plan)
+        store = cls(menu, incumbent, Path(root) if root is not None else None, walk=plan,
+                    scale_bits=cfg.scale_bits)
         if store.root is not None:
             store._open(key)
         place = store._placer(model, units)
@@ -394,7 +403,7 @@ class VariantStore:
         walk = {u: parse_choice(o, 64, "store.walk")
                 for u, o in manifest["walk"].items()} if "walk" in manifest else None
         store = cls(menu, parse_choice(manifest["incumbent"], 64, "store.incumbent"), root,
-                    walk=walk)
+                    walk=walk, scale_bits=manifest.get("scale_bits"))
         store.tied = dict(tied_pairs(model))
         n_layers = len(get_adapter(model).layers())
         for i in range(n_layers + 1):
@@ -412,7 +421,8 @@ class VariantStore:
                           for s in u.slices} - set(tied_pairs(model)) - {output_name(model)})
         for name in outside:
             self._add(name, quantize_choices(dense_weight(model.get_submodule(name)), None,
-                                             choices, StoreConfig(quantizer="rtn")))
+                                             choices, StoreConfig(quantizer="rtn",
+                                                                  scale_bits=self.scale_bits)))
         return outside
 
     @property
@@ -436,6 +446,8 @@ class VariantStore:
                                       "incumbent": self.incumbent.option_id}))
         if self.walk is not None:
             want["walk"] = {u: c.option_id for u, c in sorted(self.walk.items())}
+        if self.scale_bits is not None:  # absent: fp16 scales (stores built before stay valid)
+            want["scale_bits"] = self.scale_bits
         if manifest.is_file():
             try:
                 have = json.loads(manifest.read_text())
@@ -475,6 +487,10 @@ class VariantStore:
                     tensors[k + "|zero"] = p.q.zero.contiguous()
                     tensors[k + "|cols"] = torch.tensor([p.q.codes.shape[1]],
                                                         dtype=torch.int64)
+                    if p.q.scale_bits is not None:  # scale = code·step: exact in fp16
+                        tensors[k + "|step"] = p.q.step.contiguous()
+                        tensors[k + "|scale_bits"] = torch.tensor([p.q.scale_bits],
+                                                                  dtype=torch.int64)
         atomic_write_path(path, lambda tmp: save_file(tensors, tmp))
 
     def _load_layer(self, i: int) -> bool:
@@ -502,8 +518,10 @@ class VariantStore:
             else:
                 ncols = int(raw[f"{k}|cols"][0])
                 codes = unpack_torch(raw[f"{k}|qdata"].view(torch.uint32), c.bits, ncols)
+                dq = (int(raw[f"{k}|scale_bits"][0]), raw[f"{k}|step"]) \
+                    if f"{k}|step" in raw else (None, None)
                 q = QuantizedTensor(codes.to(torch.uint8), raw[f"{k}|scale"],
-                                    raw[f"{k}|zero"], c.bits, c.group_size)
+                                    raw[f"{k}|zero"], c.bits, c.group_size, *dq)
             found.setdefault(name, {}).setdefault(c, []).append(
                 Piece(int(axis), int(start), int(stop), q))
         for name, per in found.items():

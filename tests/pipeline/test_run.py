@@ -268,10 +268,27 @@ def test_uniform_with_double_quantized_scales_fits_more_bits_and_reloads(tiny, t
     assert summary["config"]["scale_bits"] == 6
 
 
-@pytest.mark.parametrize("kw, what", [({"method": "search"}, "method 'search'"),
-                                      ({"method": "uniform", "format": "gguf"},
-                                       "format 'gguf'")])
-def test_double_quantized_scales_are_refused_where_not_built(tiny, tmp_path, kw, what):
-    with pytest.raises(ValidationError, match=f"scale_bits: 6 with {what}; valid: --method "
-                       "uniform with --format bitsack"):
-        _cfg(tiny, tmp_path / "x", scale_bits=6, **kw)
+@pytest.mark.parametrize("method", ["search", "oneshot"])
+def test_search_and_oneshot_price_and_build_double_quantized_scales(tiny, tmp_path, method):
+    from bitsack.checkpoint import load_compressed
+
+    out = tmp_path / method
+    s = run(_cfg(tiny, out, method=method, avg_bits=3.5, scale_bits=6, search_budget=200.0))
+    assert s.bits_per_weight <= 3.5 + 1e-9
+    sol = json.loads((out / "solution.json").read_text())
+    cert = sol["certificate"]
+    # the plan was priced in the bytes it was packed into: scale codes and steps included
+    packed = sol.get("extra", sol)["packed_bytes"]
+    assert cert["usage"]["memory_bytes"] == pytest.approx(packed)
+    lm = load_compressed(out / "model")
+    segs = [g for m in lm.model.modules() if hasattr(m, "_scale_bits") for g in m.segments
+            if g.bits < 16]
+    assert segs and all(g.scale_bits == 6 for g in segs)
+    if method == "search":  # the variant store was built on the same grid
+        assert json.loads((out / "store" / "store.json").read_text())["scale_bits"] == 6
+
+
+def test_double_quantized_scales_are_refused_where_not_stored(tiny, tmp_path):
+    with pytest.raises(ValidationError, match="scale_bits: 6 with format 'gguf', which stores "
+                       "fp16 scales; valid: --format bitsack"):
+        _cfg(tiny, tmp_path / "x", scale_bits=6, method="uniform", format="gguf")

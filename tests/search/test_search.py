@@ -30,7 +30,7 @@ def _tokens(n, seed, seqlen=32):
 
 @pytest.fixture
 def setup(one_thread):
-    def make(arch="llama", incumbent="b2g32", seed=0, quantizer="gptq"):
+    def make(arch="llama", incumbent="b2g32", seed=0, quantizer="gptq", scale_bits=None):
         model = tiny_model(arch, seed=seed)
         base = copy.deepcopy(model)
         units = model_units(model, mlp_group=MLP)
@@ -38,8 +38,10 @@ def setup(one_thread):
                                 "holdout": _tokens(8, 3)}, batch_size=4)
         menu = Menu.parse(MENU)
         store = VariantStore.build(model, units, menu, parse_choice(incumbent, 16), _tokens(8, 4),
-                                   StoreConfig(quantizer=quantizer, batch_size=4))
-        costs = unit_costs(unit_shapes(model, units), menu, make_cost_models(["memory"]))
+                                   StoreConfig(quantizer=quantizer, batch_size=4,
+                                               scale_bits=scale_bits))
+        costs = unit_costs(unit_shapes(model, units), menu,
+                           make_cost_models(["memory"], {"memory": {"scale_bits": scale_bits}}))
         return base, model, units, meter, store, costs
 
     return make
@@ -70,15 +72,16 @@ def test_paired_standard_error():
     assert p.mean == 2.0 and p.se == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_stitched_uniform_is_compress_and_assemble_packs_any_plan(setup, arch):
-    base, model, units, _, store, _ = setup(arch, incumbent="b3g16")
+@pytest.mark.parametrize("arch, scale_bits", [("llama", None), ("gpt2", None), ("llama", 6),
+                                              ("gpt2", 4)])
+def test_stitched_uniform_is_compress_and_assemble_packs_any_plan(setup, arch, scale_bits):
+    base, model, units, _, store, _ = setup(arch, incumbent="b3g16", scale_bits=scale_bits)
     x = _tokens(2, 9, 20)
     real = copy.deepcopy(base)
     plan = {u.id: store.incumbent for u in units}
     # the "torch" backend computes with the dequantized weight as the dense model does
     compress(real, plan, _tokens(8, 4), ApplyConfig(group_size=16, mlp_group=MLP, batch_size=4,
-                                                    backend="torch"))
+                                                    backend="torch", scale_bits=scale_bits))
     with torch.no_grad():
         assert torch.equal(model(x).logits, real(x).logits)
     # a mixed plan with pruning: stitched dense zeros == packed surgery, to rounding
@@ -90,11 +93,15 @@ def test_stitched_uniform_is_compress_and_assemble_packs_any_plan(setup, arch):
 
     Stitcher(model, units, store).write(mixed)
     packed = copy.deepcopy(base)
-    res = assemble(packed, mixed, store.part, ApplyConfig(group_size=16, mlp_group=MLP))
+    res = assemble(packed, mixed, store.part, ApplyConfig(group_size=16, mlp_group=MLP,
+                                                          scale_bits=scale_bits))
     with torch.no_grad():
         torch.testing.assert_close(packed(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    segs = [s for m in packed.modules() if hasattr(m, "_scale_bits") for s in m.segments
+            if s.bits < 16]
+    assert segs and {s.scale_bits for s in segs} == {scale_bits}
     costs = unit_costs(_shapes(units), Menu(store.menu.steps, prune=True),
-                       make_cost_models(["memory"]))
+                       make_cost_models(["memory"], {"memory": {"scale_bits": scale_bits}}))
     assert res.packed_bytes == sum(costs[u][c.option_id]["memory_bytes"]
                                    for u, c in mixed.items())
 
@@ -131,17 +138,26 @@ def test_store_persists_and_resumes(setup, tmp_path, one_thread):
     assert json.loads((tmp_path / "s" / "store.json").read_text())["key"] == {"k": 2}
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_a_persisted_store_opens_without_a_walk(tmp_path, arch, one_thread):
+@pytest.mark.parametrize("arch, scale_bits", [("llama", None), ("opt", None), ("opt", 6)])
+def test_a_persisted_store_opens_without_a_walk(tmp_path, arch, scale_bits, one_thread):
     from bitsack.errors import FormatError
 
     model = tiny_model(arch, seed=0)
     units = model_units(model, mlp_group=MLP)
     built = VariantStore.build(copy.deepcopy(model), units, Menu.parse(MENU),
                                parse_choice("b3g16", 16), _tokens(8, 4),
-                               StoreConfig(batch_size=4), root=tmp_path / "s", key={"k": 1})
+                               StoreConfig(batch_size=4, scale_bits=scale_bits),
+                               root=tmp_path / "s", key={"k": 1})
     opened = VariantStore.open(tmp_path / "s", model, units)
     assert opened.menu == built.menu and opened.incumbent == built.incumbent
+    assert opened.scale_bits == scale_bits
+    for per in opened.variants.values():  # the scale codes and steps come back too
+        for c, pieces in per.items():
+            for p in pieces:
+                if c.bits < 16:
+                    assert p.q.scale_bits == scale_bits
+                    if scale_bits is not None:
+                        assert p.q.scale_codes().max() < 1 << scale_bits
     assert set(opened.variants) == set(built.variants)
     for name, per in built.variants.items():
         for c in per:
