@@ -63,6 +63,10 @@ SEARCHES = {
                                "search_grow": "ratio"},
     # every option's scales as 6-bit codes (priced, stored and searched so)
     "search-s6": {"screen": [16, 256], "select": [48, 256], "scale_bits": 6},
+    # and group size 16 on the menu (3g16 costs 3.63 bits/weight with 6-bit codes)
+    "search-s6g16": {"screen": [16, 256], "select": [48, 256], "scale_bits": 6,
+                     "menu": ["b2g128", "b2g64", "b2g32", "b2g16", "b3g128", "b3g64", "b3g32",
+                              "b3g16", "b4g128", "b4g64", "b4g32", "b4g16", "b8g64", "b16"]},
 }
 #: cells that change one thing of a search: method -> (heading, what changed, the search
 #: it is compared with)
@@ -90,6 +94,10 @@ VARIANTS = {
                   "fp16 step per row and 256 columns (`--scale-bits 6`: b3g32 costs 3.37 "
                   "bits/weight instead of 3.59), priced so and built so in the variant store; "
                   "the rest as the default search.", "search"),
+    "search-s6g16": ("Group size 16 on the menu",
+                     "The menu gains b2g16, b3g16, b4g16 (with 6-bit scale codes 3g16 costs "
+                     "3 + 9/16 + 16/256 = 3.63 bits/weight, between 3g32's 3.34 and 4g128's "
+                     "4.14); the rest as `search-s6`.", "search-s6"),
 }
 
 

@@ -186,7 +186,7 @@ class RunConfig:
     def menu_choices(self):
         from bitsack.search.menu import Menu
 
-        return Menu.parse(self.menu, self.group_size)
+        return Menu.parse(self.menu, self.group_size, scale_bits=self.scale_bits)
 
 
 @dataclass(frozen=True)

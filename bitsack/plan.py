@@ -47,12 +47,16 @@ class Choice:
         return self.option_id
 
 
-def nominal_bits(choice: Choice) -> float:
-    """Bits per weight of a choice on a row whose width the group size divides
-    (``bits + (16 + bits)/G``: an fp16 scale and a ``bits``-bit zero point per group)."""
+def nominal_bits(choice: Choice, scale_bits: int | None = None) -> float:
+    """Bits per weight of a choice on a row whose width the group size and 256 divide
+    (``bits + (16 + bits)/G``: an fp16 scale and a ``bits``-bit zero point per group; with
+    ``scale_bits`` S, ``bits + (S + bits)/G + 16/256``: S-bit scale codes and an fp16 step per
+    256 columns)."""
     if choice.bits in (0, 16):
         return float(choice.bits)
-    return choice.bits + (16.0 + choice.bits) / choice.group_size
+    if scale_bits is None:
+        return choice.bits + (16.0 + choice.bits) / choice.group_size
+    return choice.bits + (scale_bits + choice.bits) / choice.group_size + 16.0 / SUPER_COLS
 
 
 PRUNE = Choice(0)

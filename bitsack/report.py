@@ -11,10 +11,10 @@ from bitsack.io import atomic_write, atomic_write_path
 _UNIT_RE = re.compile(r"^L(\d+)\.(attn|mlp)\.[gc](\d+)$")
 
 
-def _nominal(option_id: str) -> float:
+def _nominal(option_id: str, scale_bits: int | None = None) -> float:
     from bitsack.plan import nominal_bits, parse_choice
 
-    return nominal_bits(parse_choice(option_id, 64))
+    return nominal_bits(parse_choice(option_id, 64), scale_bits)
 
 
 def allocation_grid(units, assignment: dict[str, str]
@@ -53,9 +53,10 @@ def _save_png(fig: Any, path: str | Path) -> Path:
 
 
 def plot_allocation(units, assignment: dict[str, str], path: str | Path,
-                    title: str = "") -> Path | None:
-    """Heat map (layers × unit, colour = option, ordered by bits per weight; blank = pruned)
-    as a PNG; None if no structural units."""
+                    title: str = "", scale_bits: int | None = None) -> Path | None:
+    """Heat map (layers × unit, colour = option, ordered by bits per weight — with
+    ``scale_bits``, S-bit scale codes; blank = pruned) as a PNG; None if no structural
+    units."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,7 +67,8 @@ def plot_allocation(units, assignment: dict[str, str], path: str | Path,
     labels, grid = allocation_grid(units, assignment)
     if not grid:
         return None
-    present = sorted({c for row in grid for c in row if c is not None}, key=_nominal)
+    present = sorted({c for row in grid for c in row if c is not None},
+                     key=lambda c: _nominal(c, scale_bits))
     pos = {c: k for k, c in enumerate(present)}
     index = np.array([[np.nan if c is None else pos[c] for c in row] for row in grid])
     cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, max(2, len(present))))
@@ -84,7 +86,7 @@ def plot_allocation(units, assignment: dict[str, str], path: str | Path,
     ax.set_xlabel("attention head groups | MLP channel blocks   (white = pruned)")
     ax.set_title(title or "option per unit")
     cbar = fig.colorbar(im, ax=ax, ticks=range(len(present)))
-    cbar.ax.set_yticklabels([f"{c} ({_nominal(c):g} b/w)" for c in present])
+    cbar.ax.set_yticklabels([f"{c} ({_nominal(c, scale_bits):g} b/w)" for c in present])
     return _save_png(fig, path)
 
 
@@ -163,7 +165,7 @@ def write_report(out: str | Path, cfg, units, planned, summary) -> Path:
     out = Path(out)
     assignment = {u: str(c) for u, c in planned.plan.items()}
     plot_allocation(units, assignment, out / "allocation.png",
-                    title=f"{cfg.method}: option per unit")
+                    title=f"{cfg.method}: option per unit", scale_bits=cfg.scale_bits)
     cert = planned.certificate or {}
     lines = [
         f"# bitsack run ({cfg.method})",
@@ -203,7 +205,7 @@ def write_report(out: str | Path, cfg, units, planned, summary) -> Path:
         lines += _search_lines(out, planned.search)
     labels = sorted({lab for c in summary.plan_counts.values() for lab in c},
                     key=lambda lab: -1.0 if lab == "prune" else
-                    (99.0 if lab == "unplanned" else _nominal(lab)))
+                    (99.0 if lab == "unplanned" else _nominal(lab, cfg.scale_bits)))
     lines += ["", "## Plan", "", "| unit kind | " + " | ".join(labels) + " |",
               "|---|" + "---|" * len(labels)]
     for kind, counts in summary.plan_counts.items():

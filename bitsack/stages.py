@@ -257,8 +257,6 @@ def profile_problem(ctx: Context, model, tokenizer, units):
               "mlp_group": cfg.mlp_group, "nsamples": cfg.profile_nsamples,
               "seqlen": cfg.profile_seqlen, "cost_models": list(cfg.cost_models),
               "device": cfg.device, "seed": cfg.seed, "packed_layout": LAYOUT_VERSION}
-    if cfg.scale_bits is not None:  # the memory costs price the scale codes
-        inputs["scale_bits"] = cfg.scale_bits
 
     def work():
         ctx.say(f"profile: {cfg.estimator} on {cfg.profile_nsamples} x {cfg.profile_seqlen} "
@@ -268,8 +266,7 @@ def profile_problem(ctx: Context, model, tokenizer, units):
         result = profile(model, units, calib, estimator=cfg.estimator, bits=cfg.bits,
                          group_size=cfg.group_size, quantizer=cfg.perturbation_quantizer,
                          cost_models=cfg.cost_models,
-                         cost_model_args={"roofline": {"device": cfg.device},
-                                          "memory": {"scale_bits": cfg.scale_bits}},
+                         cost_model_args={"roofline": {"device": cfg.device}},
                          seed=cfg.seed, progress=ctx.bars,
                          metadata={"model": ctx.model_id, "calib": cfg.calib,
                                    "mlp_group": cfg.mlp_group})
@@ -277,11 +274,14 @@ def profile_problem(ctx: Context, model, tokenizer, units):
 
     ctx.timed("profile", inputs, [problem_file], work)
     problem = load_problem(problem_file)
-    if cfg.format != "bitsack":  # the profile is the format-free one: reused across formats
+    if cfg.format != "bitsack" or cfg.scale_bits is not None:
+        # the profile is format-free, priced with fp16 scales: reused across formats and
+        # scale codes (the losses are the same; the bytes are re-priced)
         from bitsack.profiling.build import unit_shapes
-        from bitsack.solver.costs.formats import retarget
+        from bitsack.solver.costs.formats import retarget, with_scale_bits
 
-        problem = retarget(problem, cfg.format, unit_shapes(model, units))
+        shapes = unit_shapes(model, units)
+        problem = with_scale_bits(retarget(problem, cfg.format, shapes), cfg.scale_bits, shapes)
     problem = cfg.budget.apply(problem)
     problem = with_interaction_weight(problem, cfg.interactions)
     if not cfg.prune:

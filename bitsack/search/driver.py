@@ -29,7 +29,7 @@ from bitsack.apply import ApplyConfig, CompressResult, assemble, compress
 from bitsack.errors import ValidationError
 from bitsack.plan import Choice
 from bitsack.search.loop import Search, SearchConfig, SearchResult, Step
-from bitsack.search.menu import Menu, nominal_bits
+from bitsack.search.menu import Menu
 from bitsack.search.meter import KLMeter, Paired
 from bitsack.search.store import StoreConfig, VariantStore
 
@@ -57,7 +57,7 @@ def store_incumbent(menu: Menu, unit_costs: Mapping[str, Mapping[str, Mapping[st
     Raises:
         ValidationError: no uniform menu choice fits.
     """
-    for c in sorted(menu.steps, key=lambda c: -nominal_bits(c)):
+    for c in sorted(menu.steps, key=lambda c: -menu.nominal_bits(c)):
         if uniform_fits(c, unit_costs, limits):
             return c
     raise ValidationError("budget", f"{dict(limits)}: no uniform choice of the menu "
@@ -289,8 +289,8 @@ def project(plan: Mapping[str, Choice], menu: Menu) -> tuple[dict[str, Choice], 
         if c.pruned or c in menu.steps:
             out[uid] = c
             continue
-        out[uid] = min(menu.steps, key=lambda m: (abs(nominal_bits(m) - nominal_bits(c)),
-                                                   -m.bits))
+        out[uid] = min(menu.steps, key=lambda m: (abs(menu.nominal_bits(m)
+                                                      - menu.nominal_bits(c)), -m.bits))
         moved += 1
     return out, moved
 

@@ -399,7 +399,7 @@ class VariantStore:
             manifest = json.loads((root / "store.json").read_text())
         except (OSError, ValueError) as exc:
             raise FormatError(f"{root}: not a variant store ({exc})") from None
-        menu = Menu.parse(manifest["menu"])
+        menu = Menu.parse(manifest["menu"], scale_bits=manifest.get("scale_bits"))
         walk = {u: parse_choice(o, 64, "store.walk")
                 for u, o in manifest["walk"].items()} if "walk" in manifest else None
         store = cls(menu, parse_choice(manifest["incumbent"], 64, "store.incumbent"), root,

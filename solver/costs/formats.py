@@ -54,7 +54,7 @@ from bitsack.solver.problem import Constraint, Problem, ProblemSettings, parse_o
 
 __all__ = ["TARGET_FORMATS", "check_format", "geometry_metadata", "matrix_groups", "refusal",
            "retarget", "shapes_from_metadata", "target_constraints", "target_menu",
-           "target_options"]
+           "target_options", "with_scale_bits"]
 
 
 def stores_pruned(fmt: str) -> bool:
@@ -338,7 +338,6 @@ def retarget(problem: Problem, fmt: str,
             geometry, or a unit the format cannot store at any of its options.
     """
     from bitsack.solver.transforms import restrict_options
-    from bitsack.solver.validate import validate_problem
 
     check_format(fmt)
     current = problem.metadata.get("format", "bitsack")
@@ -354,30 +353,56 @@ def retarget(problem: Problem, fmt: str,
     left_out: dict[str, str] = {}
     allowed = target_options(fmt, shapes, offered, settings, left_out)
     out = restrict_options(problem, allowed)
+    constraints = out.constraints + target_constraints(fmt, shapes, allowed, settings)
+    meta = {"format": fmt}
+    if left_out:
+        meta["format_left_out"] = dict(sorted(left_out.items()))
+    return _repriced(out, shapes, MemoryModel(format=fmt), constraints, meta)
+
+
+def with_scale_bits(problem: Problem, scale_bits: int | None,
+                    shapes: Sequence[UnitShape] | None = None) -> Problem:
+    """``problem`` (format ``bitsack``) with ``memory_bytes`` priced for S-bit scale codes
+    (``scale_bits``; None: fp16 scales, the problem as it is). The losses stay the profile's:
+    sensitivities are estimated on the fp16-scale grid, so one profile serves both.
+
+    Raises:
+        ValidationError: a problem built for another format, or no geometry.
+    """
+    if scale_bits is None:
+        return problem
+    current = problem.metadata.get("format", "bitsack")
+    model = MemoryModel(format=current, scale_bits=scale_bits)  # refuses other formats
+    shapes = list(shapes) if shapes is not None else shapes_from_metadata(problem)
+    return _repriced(problem, shapes, model, problem.constraints, {"scale_bits": scale_bits})
+
+
+def _repriced(problem: Problem, shapes: Sequence[UnitShape], model: MemoryModel,
+              constraints, meta: Mapping[str, Any]) -> Problem:
+    """``problem`` with every option's ``memory_bytes`` (if priced) from ``model``, the
+    given constraints, ``meta`` merged into its metadata and the memory model described."""
+    import dataclasses
+
+    from bitsack.solver.validate import validate_problem
+
     by_id = {s.id: s for s in shapes}
-    model = MemoryModel(format=fmt)
-    priced = "memory_bytes" in {r.name for r in out.resources}
+    settings = problem.settings
+    priced = "memory_bytes" in {r.name for r in problem.resources}
     units = []
-    for unit in out.units:
+    for unit in problem.units:
         opts = unit.options
         if priced:
             shape = by_id[unit.id]
             opts = tuple(
-                type(o)(o.id, o.loss, {**o.cost, "memory_bytes": float(unit_nbytes(
-                    fmt, shape, o.bits, settings.group_size_of(o.spec) or 1))})
+                type(o)(o.id, o.loss, {**o.cost, "memory_bytes": float(model.cost(
+                    shape, o.bits, settings.group_size_of(o.spec) or 1)["memory_bytes"])})
                 for o in unit.options)
         units.append(type(unit)(unit.id, opts, kind=unit.kind, layer=unit.layer,
                                 params=unit.params))
-    constraints = out.constraints + target_constraints(fmt, shapes, allowed, settings)
-    meta = dict(out.metadata)
-    meta["format"] = fmt
-    if left_out:
-        meta["format_left_out"] = dict(sorted(left_out.items()))
-    if isinstance(meta.get("cost_models"), list):
-        meta["cost_models"] = [model.describe() if isinstance(m, Mapping)
-                               and m.get("name") == "memory" else m
-                               for m in meta["cost_models"]]
-    import dataclasses
-
-    return validate_problem(dataclasses.replace(out, units=tuple(units),
-                                                constraints=constraints, metadata=meta))
+    out_meta = {**problem.metadata, **meta}
+    if isinstance(out_meta.get("cost_models"), list):
+        out_meta["cost_models"] = [model.describe() if isinstance(m, Mapping)
+                                   and m.get("name") == "memory" else m
+                                   for m in out_meta["cost_models"]]
+    return validate_problem(dataclasses.replace(problem, units=tuple(units),
+                                                constraints=constraints, metadata=out_meta))

@@ -273,8 +273,12 @@ def test_search_and_oneshot_price_and_build_double_quantized_scales(tiny, tmp_pa
     from bitsack.checkpoint import load_compressed
 
     out = tmp_path / method
+    if method == "oneshot":  # one profile serves fp16 scales and scale codes: re-priced
+        run(_cfg(tiny, out, method=method, avg_bits=3.5))
     s = run(_cfg(tiny, out, method=method, avg_bits=3.5, scale_bits=6, search_budget=200.0))
     assert s.bits_per_weight <= 3.5 + 1e-9
+    if method == "oneshot":
+        assert "profile" in s.reused and "compress" not in s.reused
     sol = json.loads((out / "solution.json").read_text())
     cert = sol["certificate"]
     # the plan was priced in the bytes it was packed into: scale codes and steps included

@@ -64,6 +64,16 @@ def test_menu_order_and_steps():
     assert Menu.parse(["b3g64", "prune"]).prune
 
 
+def test_menu_order_follows_the_scale_storage():
+    menu = Menu.parse(["b4g128", "b3g16", "b3g32"])
+    assert [c.option_id for c in menu.steps] == ["b3g32", "b4g128", "b3g16"]  # 4.16 < 4.19
+    dq = Menu.parse(["b4g128", "b3g16", "b3g32"], scale_bits=6)
+    # 3 + 9/16 + 16/256 = 3.625 < 4 + 10/128 + 16/256 = 4.14
+    assert [c.option_id for c in dq.steps] == ["b3g32", "b3g16", "b4g128"]
+    assert dq.nominal_bits(dq.steps[1]) == 3.625
+    assert dq.window(dq.steps[1], 1).scale_bits == 6
+
+
 def test_paired_standard_error():
     a = np.array([1.0, 2.0, 3.0, 4.0])
     p = Paired.of(a + 0.5, a)

@@ -195,6 +195,26 @@ def test_retarget_restricts_prices_and_constrains_a_problem():
     assert gguf.metadata["format_left_out"]["b2"].startswith("dominated by b4")
 
 
+def test_scale_codes_reprice_a_bitsack_problem_and_keep_its_losses():
+    from bitsack.solver.costs.formats import with_scale_bits
+
+    problem = _problem(SHAPES)
+    assert with_scale_bits(problem, None) is problem
+    dq = with_scale_bits(problem, 6)
+    assert dq.metadata["scale_bits"] == 6 and dq.metadata["cost_models"][0]["scale_bits"] == 6
+    cheaper = 0
+    for u, v in zip(problem.units, dq.units, strict=True):
+        shape = next(s for s in SHAPES if s.id == u.id)
+        for o, p in zip(u.options, v.options, strict=True):
+            assert (p.id, p.loss) == (o.id, o.loss)
+            assert p.cost["memory_bytes"] == unit_nbytes(
+                "bitsack", shape, o.bits, o.spec.group_size or 32, 6)
+            cheaper += p.cost["memory_bytes"] < o.cost["memory_bytes"]
+    assert cheaper  # 6-bit codes instead of fp16 scales
+    with pytest.raises(ValidationError, match="scale_bits: 6 with format 'gguf'"):
+        with_scale_bits(retarget(problem, "gguf"), 6)
+
+
 def test_retarget_needs_geometry():
     bare = Problem(name="bare", units=(Unit("u", (Option("b4", 0.1, {"memory_bytes": 1.0}),)),),
                    resources=(Resource("memory_bytes"),))
