@@ -92,6 +92,44 @@ def test_profile_solve_compress_eval_generate_json_and_progress(tiny, tmp_path, 
     assert code == 0 and len(json.loads(out)["token_ids"]) <= 3
 
 
+def test_scale_codes_through_profile_solve_and_compress(tiny, tmp_path, capsys):
+    common = ["--model", "tiny", "--calib", str(tiny), "--bits", "2,3,4", "--group-size", "16",
+              "--mlp-group", "32", "--nsamples", "2", "--seqlen", "16", "--units", "heads,mlp",
+              "--estimator", "layerwise", "--json"]
+    assert run_cli(capsys, "profile", *common, "--out", str(tmp_path / "p"))[0] == 0
+    assert run_cli(capsys, "profile", *common, "--scale-bits", "6",
+                   "--out", str(tmp_path / "p6"))[0] == 0
+
+    def solve(problem, name, *extra):
+        code, out, _ = run_cli(capsys, "solve", str(problem), "--avg-bits", "3.5", "--out",
+                               str(tmp_path / name), "--json", *extra)
+        assert code == 0
+        return json.loads(out)["certificate"]["usage"]["memory_bytes"]
+
+    def compress(problem, sol, name, *extra):
+        code, out, err = run_cli(capsys, "compress", "--model", "tiny", "--problem",
+                                 str(problem), "--solution", str(tmp_path / sol), "--quantizer",
+                                 "rtn", "--out", str(tmp_path / name), "--json", *extra)
+        assert code == 0
+        return json.loads(out), err
+
+    plain = tmp_path / "p" / "problem.yaml"
+    # priced with the codes at profile time: compress reads scale_bits from the metadata
+    priced = solve(tmp_path / "p6" / "problem.yaml", "s6.json")
+    got, err = compress(tmp_path / "p6" / "problem.yaml", "s6.json", "c6")
+    assert got["scale_bits"] == 6 and got["packed_bytes"] == priced and "warning" not in err
+    # re-priced at solve time: the same bytes; compress is told
+    assert solve(plain, "r6.json", "--scale-bits", "6") == priced
+    got, err = compress(plain, "r6.json", "r6", "--scale-bits", "6")
+    assert got["packed_bytes"] == priced and "warning" not in err
+    # ... and if it is not, it packs fp16 scales over the plan's bytes and says so
+    got, err = compress(plain, "r6.json", "r16")
+    assert got["packed_bytes"] > priced and "solution was priced at" in err
+    code, _, err = run_cli(capsys, "solve", str(plain), "--avg-bits", "3.5", "--format", "gguf",
+                           "--scale-bits", "6")
+    assert code == 1 and "scale_bits: 6 with format 'gguf'" in err
+
+
 def test_a_refusal_inside_a_long_stage_is_still_one_line(monkeypatch, tmp_path, capsys):
     from bitsack.errors import ModelError
 

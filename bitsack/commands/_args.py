@@ -214,6 +214,23 @@ BITS_LIST = int_list(1, 8, extra=(16,), what="bit-widths")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+def add_scale_bits_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--scale-bits S``: bitsack's double-quantized scales (profile, solve, compress)."""
+    from bitsack.kernels.formats import SCALE_BITS
+
+    p.add_argument("--scale-bits", type=int, default=None, choices=SCALE_BITS, metavar="S",
+                   help="group scales stored as S-bit codes times an fp16 step per 256 "
+                   f"columns ({SCALE_BITS[0]}..{SCALE_BITS[-1]}; format bitsack): {what}")
+
+
+def check_scale_format(fmt: str | None, scale_bits: int | None) -> None:
+    """Refuse ``--scale-bits`` with a format that stores fp16 scales, before any work."""
+    if scale_bits is not None and fmt not in (None, "bitsack"):
+        from bitsack.solver.costs.memory import MemoryModel
+
+        MemoryModel(format=fmt, scale_bits=scale_bits)  # raises, naming both
+
+
 def add_format_arg(p: argparse.ArgumentParser, default: str | None = "bitsack") -> None:
     """``--format``: the target file format (shared by run, demo, profile and solve)."""
     from bitsack.kernels.formats import TARGET_FORMATS

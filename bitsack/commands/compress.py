@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from bitsack.commands._args import GROUP, POSITIVE_INT, SEED, SEQLEN
 
@@ -33,6 +34,10 @@ def register(subparsers) -> None:
                    help="override the problem's group size (must match how it was profiled)")
     p.add_argument("--mlp-group", type=GROUP, default=None, help="override the MLP block size")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
+    from bitsack.commands._args import add_scale_bits_arg
+
+    add_scale_bits_arg(p, "as the solution was priced (default: the problem's metadata "
+                       "scale_bits, else fp16 scales)")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "
@@ -70,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     group_size = args.group_size or int(meta.get("group_size", 64))
     mlp_group = args.mlp_group or int(meta.get("mlp_group", 128))
     mode = progress_mode(quiet=args.json or args.quiet)
+    scale_bits = args.scale_bits if args.scale_bits is not None else meta.get("scale_bits")
     cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
-                      act_order=not args.no_act_order)
+                      act_order=not args.no_act_order, scale_bits=scale_bits)
     with Progress("bitsack compress", unit="layers", mode=mode) as prog:
         prog.stage("loading the model")
         lm = load_model(args.model, progress=mode == "bar")
@@ -92,8 +98,14 @@ def run(args: argparse.Namespace) -> int:
                               extra={"base_model": lm.source, "problem": problem.name,
                                      "solution_status": solution.status,
                                      "calibration": calibration, "plan_memory_bytes": usage})
+    if usage is not None and result.packed_bytes > usage * (1 + 1e-9):
+        # the plan's budget was priced in other bytes (e.g. solved with --scale-bits)
+        print(f"bitsack compress: warning: packed {result.packed_bytes:,} bytes, but the "
+              f"solution was priced at {usage:,.0f}: compress with the --scale-bits the "
+              "problem was solved with", file=sys.stderr)
     summary = {"out": str(out), "packed_bytes": result.packed_bytes,
-               "plan_memory_bytes": usage, "untouched_units": list(result.untouched),
+               "plan_memory_bytes": usage, "scale_bits": scale_bits,
+               "untouched_units": list(result.untouched),
                "pruned_units": sum(1 for c in plan.values() if c.pruned),
                "timings_s": result.report["timings_s"]}
     if args.json:

@@ -54,6 +54,10 @@ def register(subparsers) -> None:
     from bitsack.commands._args import add_format_arg
 
     add_format_arg(p)
+    from bitsack.commands._args import add_scale_bits_arg
+
+    add_scale_bits_arg(p, "memory_bytes priced with them, recorded in the problem's metadata "
+                       "for `bitsack compress` (default: fp16 scales)")
     p.add_argument("--cost-model", action="append", dest="cost_models", metavar="NAME",
                    help="cost model (repeatable; default memory and roofline)")
     p.add_argument("--device", default="h200", help="roofline device table entry (h200, "
@@ -131,6 +135,10 @@ def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = 
     cm_args: dict[str, dict[str, Any]] = {"roofline": {"device": cfg["device"]}}
     if cfg["latency_table"]:
         cm_args["latency-table"] = {"path": cfg["latency_table"]}
+    extra = {}
+    if cfg["scale_bits"] is not None:
+        cm_args["memory"] = {"scale_bits": cfg["scale_bits"]}
+        extra["scale_bits"] = cfg["scale_bits"]
     model_id = {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file", "sha256")}
     say(f"estimating ({cfg['estimator']}, {len(units)} units)")
     return profile(lm.model, units, calib, estimator=cfg["estimator"], bits=cfg["bits"],
@@ -138,7 +146,7 @@ def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = 
                    cost_models=cost_models, cost_model_args=cm_args, seed=cfg["seed"],
                    progress=progress, options=opts, dist=dist, format=cfg["format"],
                    metadata={"model": model_id, "calib": cfg["calib"],
-                             "mlp_group": cfg["mlp_group"]})
+                             "mlp_group": cfg["mlp_group"], **extra})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
     from bitsack.profiling.run import write_profile
     from bitsack.progress import Progress, progress_mode
 
+    from bitsack.commands._args import check_scale_format
+
+    check_scale_format(args.format, args.scale_bits)
     cfg = _config(args)
     mode = progress_mode(quiet=args.json or args.quiet)
     # on a terminal the estimators draw their own bars; in a log, a line every 30 s says

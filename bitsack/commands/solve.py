@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from bitsack.commands._args import add_format_arg
 
     add_format_arg(p, default=None)
+    from bitsack.commands._args import add_scale_bits_arg
+
+    add_scale_bits_arg(p, "memory_bytes re-priced with them (a problem priced with fp16 "
+                       "scales; compress the solution with the same --scale-bits)")
     p.add_argument("--per-layer", action="store_true", help="also print the plan per layer")
     p.add_argument("--json", action="store_true", help="print the solution as one JSON object "
                    "(also when infeasible)")
@@ -184,6 +188,7 @@ def apply_budgets(problem: Problem, args: argparse.Namespace) -> Problem:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bitsack.commands._args import check_scale_format
     from bitsack.io import write_json
     from bitsack.solver import solve
     from bitsack.solver.schema import load_problem
@@ -192,11 +197,14 @@ def run(args: argparse.Namespace) -> int:
     options = solve_options(args)
     budget = budget_of(args)
     out = out_file(args.out) if args.out else None
+    check_scale_format(args.format, args.scale_bits)
     problem = load_problem(args.problem)
-    if args.format is not None:
-        from bitsack.solver.costs.formats import retarget
+    if args.format is not None or args.scale_bits is not None:
+        from bitsack.solver.costs.formats import retarget, with_scale_bits
 
-        problem = retarget(problem, args.format)
+        if args.format is not None:
+            problem = retarget(problem, args.format)
+        problem = with_scale_bits(problem, args.scale_bits)
     problem = budget.apply(problem)
     solution = solve(problem, args.solver, options)
     if out is not None:
