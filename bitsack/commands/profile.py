@@ -150,11 +150,10 @@ def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = 
 
 
 def run(args: argparse.Namespace) -> int:
+    from bitsack.commands._args import check_scale_format
     from bitsack.profiling.distributed import Dist, spawn
     from bitsack.profiling.run import write_profile
     from bitsack.progress import Progress, progress_mode
-
-    from bitsack.commands._args import check_scale_format
 
     check_scale_format(args.format, args.scale_bits)
     cfg = _config(args)
