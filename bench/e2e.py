@@ -458,7 +458,7 @@ def write_report(args) -> Path:
 
 def draws_section(every: dict[str, dict], results: Path) -> list[str]:
     """Cells run from several calibration draws (``~s<N>``) beside the best uniform
-    configuration's runs from the same draws on the same host (its e2e cells
+    configuration that fits, quantized from the same draw on the same host (its e2e cells
     ``uniform:<cfg>[~sN]`` and ``bench/gptq_noise.py``'s runs): per draw and the mean ratio."""
     seeded = {(m, b) for c in every for m, b, s in [split_cell(c)] if s and b}
     if not seeded:
@@ -467,29 +467,36 @@ def draws_section(every: dict[str, dict], results: Path) -> list[str]:
     for f in sorted((results / "gptq_noise").glob("*.json")):
         r = json.loads(f.read_text())
         uniform[(r["config"], r["machine"]["platform"], r["seed"])] = r
+    bits: dict[str, float] = {}  # config -> bits per weight in this layout (any draw)
     for c, r in every.items():
         m, _, s = split_cell(c)
         if m.startswith("uniform:"):
             uniform[(m[8:], r["machine"]["platform"], s)] = r
+            bits[m[8:]] = r["bits_per_weight"]
+
+    def best(budget: float, host: str, draw: int) -> tuple[str, dict] | None:
+        fits = [(cfg, r) for (cfg, h, d), r in uniform.items()
+                if (h, d) == (host, draw) and cfg in bits and bits[cfg] <= budget + 1e-9]
+        return min(fits, key=lambda t: t[1]["wikitext2"]) if fits else None
+
     L = ["", "## Calibration draws", "",
          "A cell run from calibration draws 0, 1, 2 … (`<cell>~s<N>`: GPTQ's calibration "
          "sequences and the search's splits drawn with seed N) beside the best uniform "
-         "configuration at draw 0 quantized from the same draws on the same host. One GPTQ "
+         "configuration that fits the budget (best WikiText-2 among the uniform cells measured "
+         "from the same draw on the same host; bits per weight in this layout). One GPTQ "
          "result moves by ±5 % with its draw (`gptq_noise.md`): a claim at a budget is the "
          "mean over draws.", "",
          "| cell | host | draw | WikiText-2 | C4 | uniform | WikiText-2 | C4 | ratio (Wiki, C4) |",
          "|---|---|---|---|---|---|---|---|---|"]
     for m, b in sorted(seeded, key=lambda t: (float(t[1]) if t[1] != "lat" else 1e9, t[0])):
-        u0 = best_uniform({c: r for c, r in every.items() if not split_cell(c)[2]}, float(b)) \
-            if b != "lat" else None
-        config = u0["cell"][8:] if u0 else None
         ratios = []
         cells = sorted((c for c in every if split_cell(c)[:2] == (m, b)),
                        key=lambda c: split_cell(c)[2])
         for c in cells:
             r, draw = every[c], split_cell(c)[2]
             h = r["machine"]["platform"]
-            u = uniform.get((config, h, draw)) if config else None
+            found = best(float(b), h, draw) if b != "lat" else None
+            config, u = found if found else (None, None)
             if u:
                 ratios.append((r["wikitext2"] / u["wikitext2"], r["c4"] / u["c4"]))
             L.append(f"| {m}@{b} | {h} | {draw} | {_f(r['wikitext2'])} | {_f(r['c4'])} | "
