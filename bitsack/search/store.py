@@ -299,6 +299,10 @@ class VariantStore:
         from bitsack.engine import LayerEngine
 
         cfg = cfg or StoreConfig()
+        if menu.scale_bits != cfg.scale_bits:
+            raise ValidationError("menu.scale_bits", f"{menu.scale_bits}, but the store "
+                                  f"quantizes with scale_bits {cfg.scale_bits}; valid: the "
+                                  "same (the menu's order is priced with them)")
         plan = None if isinstance(walk, Choice) else dict(walk)
         incumbent = walk if plan is None else _walk_fallback(plan, units, menu)
         menu.index(incumbent)

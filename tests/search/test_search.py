@@ -36,7 +36,7 @@ def setup(one_thread):
         units = model_units(model, mlp_group=MLP)
         meter = KLMeter(model, {"screen": _tokens(8, 1), "select": _tokens(8, 2),
                                 "holdout": _tokens(8, 3)}, batch_size=4)
-        menu = Menu.parse(MENU)
+        menu = Menu.parse(MENU, scale_bits=scale_bits)
         store = VariantStore.build(model, units, menu, parse_choice(incumbent, 16), _tokens(8, 4),
                                    StoreConfig(quantizer=quantizer, batch_size=4,
                                                scale_bits=scale_bits))
@@ -150,14 +150,19 @@ def test_store_persists_and_resumes(setup, tmp_path, one_thread):
 
 @pytest.mark.parametrize("arch, scale_bits", [("llama", None), ("opt", None), ("opt", 6)])
 def test_a_persisted_store_opens_without_a_walk(tmp_path, arch, scale_bits, one_thread):
-    from bitsack.errors import FormatError
+    from bitsack.errors import FormatError, ValidationError
 
     model = tiny_model(arch, seed=0)
     units = model_units(model, mlp_group=MLP)
-    built = VariantStore.build(copy.deepcopy(model), units, Menu.parse(MENU),
+    built = VariantStore.build(copy.deepcopy(model), units,
+                               Menu.parse(MENU, scale_bits=scale_bits),
                                parse_choice("b3g16", 16), _tokens(8, 4),
                                StoreConfig(batch_size=4, scale_bits=scale_bits),
                                root=tmp_path / "s", key={"k": 1})
+    with pytest.raises(ValidationError, match="menu.scale_bits: None, but the store quantizes "
+                       "with scale_bits 6"):
+        VariantStore.build(copy.deepcopy(model), units, Menu.parse(MENU), built.incumbent,
+                           _tokens(8, 4), StoreConfig(scale_bits=6))
     opened = VariantStore.open(tmp_path / "s", model, units)
     assert opened.menu == built.menu and opened.incumbent == built.incumbent
     assert opened.scale_bits == scale_bits
