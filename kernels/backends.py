@@ -212,7 +212,7 @@ class _SegView(NamedTuple):
         """The fp16 scales ``[rows, groups]`` (expanded from the codes when double-quantized)."""
         if self.scale is not None:
             return self.scale
-        from bitsack.kernels.packed import expand_scales
+        from bitsack.kernels.grid import expand_scales
 
         return expand_scales(self.codes, self.step, self.scale_bits, self.rows, self.cols,
                              self.group_size)

@@ -7,8 +7,9 @@
 //   bs_dequant   out[r, j] = ŵ[r0 + r, j] for a tile of rows            (prefill: then BLAS)
 //
 // ŵ = s·(q − z) is computed in fp32 exactly as the format defines it (fp16 scale widened to
-// fp32; the code and the zero point, read from the segment's zero-point stream, converted
-// exactly): every product and the sum are fp32, summed in
+// fp32, or for double-quantized scales k·step from the S-bit code stream and the fp16 steps:
+// the same value; the code and the zero point, read from the segment's zero-point stream,
+// converted exactly): every product and the sum are fp32, summed in
 // an order the bound does not care about (bitsack.kernels.bounds: γ_n covers any order, with
 // or without FMA). Rows are split over OpenMP threads; each output is written by one thread.
 //

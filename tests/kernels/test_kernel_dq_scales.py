@@ -143,3 +143,24 @@ def test_kernels_read_the_codes_and_a_layer_holds_what_its_file_holds(shape, bit
     emb = PackedEmbedding(rows, cols, [Segment.from_quantized(q, 0, 0)])
     ids = torch.tensor([[rows - 1, 0], [2, 2]])
     assert torch.equal(emb(ids), q.dequantize()[ids])
+
+
+def test_the_torch_fallback_expands_the_codes(monkeypatch, tmp_path):
+    from bitsack.kernels.backends import CpuBackend, _reset_native
+
+    q = rtn_quantize(_w(40, 600, seed=5), 3, 32, 6)
+    layer = PackedLinear(600, 40, [Segment.from_quantized(q, 0, 0)], backend="cpu")
+    x = torch.randn(2, 600)
+    fast = layer(x)
+    monkeypatch.setenv("BITSACK_CPU_KERNELS", "0")
+    _reset_native()
+    try:
+        assert CpuBackend.native() is None
+        for batch in (1, 2, 12):
+            xb = torch.randn(batch, 600, generator=torch.Generator().manual_seed(batch))
+            want = xb.double() @ q.dequantize(torch.float64).T
+            assert torch.allclose(layer(xb).double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(layer(x), fast, rtol=1e-5, atol=1e-6)
+    finally:
+        monkeypatch.undo()
+        _reset_native()
