@@ -289,10 +289,9 @@ class _SegmentStore(torch.nn.Module):
         for i, seg in enumerate(segments):
             for f in self._FIELDS:
                 t = getattr(seg, f)
-                # a double-quantized segment holds its codes and steps only (the kernels
-                # read them; ``segments`` expands the fp16 scales when asked): its memory
-                # is its file's bytes
-                if t is not None and not (f == "scale" and seg.scale_bits is not None):
+                # (a double-quantized segment has no fp16 scales: codes and steps only, so a
+                # module's memory is its file's bytes)
+                if t is not None:
                     self.register_buffer(f"seg{i}_{f}", t)
 
     @property
