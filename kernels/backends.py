@@ -55,6 +55,7 @@ from bitsack.kernels.cupy_backend import (
     run_plan,
 )
 from bitsack.kernels.formats import num_groups, unpack_numpy, unpack_zero
+from bitsack.kernels.grid import expand_scales
 from bitsack.kernels.registry import (  # noqa: F401 - re-exported
     _BACKENDS,
     available_backends,
@@ -212,8 +213,6 @@ class _SegView(NamedTuple):
         """The fp16 scales ``[rows, groups]`` (expanded from the codes when double-quantized)."""
         if self.scale is not None:
             return self.scale
-        from bitsack.kernels.grid import expand_scales
-
         return expand_scales(self.codes, self.step, self.scale_bits, self.rows, self.cols,
                              self.group_size)
 
