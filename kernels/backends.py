@@ -32,7 +32,7 @@ to the reference for each output:
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from bitsack.kernels.cupy_backend import (
     run_plan,
 )
 from bitsack.kernels.formats import num_groups, unpack_numpy, unpack_zero
+from bitsack.kernels.grid import expand_scales
 from bitsack.kernels.registry import (  # noqa: F401 - re-exported
     _BACKENDS,
     available_backends,
@@ -101,7 +102,7 @@ def reference_weight(layer: Any) -> np.ndarray:
             codes = unpack_numpy(q, seg.bits, cols).astype(np.float32)
             # group of column j: j // G (the last group of a row may be shorter)
             gidx = np.arange(cols) // seg.group_size
-            s = seg.scale.detach().cpu().numpy().astype(np.float32)[:, gidx]
+            s = seg.scales().detach().cpu().numpy().astype(np.float32)[:, gidx]
             zs = seg.zero.detach().cpu().view(torch.int32).numpy().view(np.uint32)
             z = unpack_zero(zs, seg.bits, rows, num_groups(cols, seg.group_size))
             z = z.astype(np.float32)[:, gidx]
@@ -189,18 +190,47 @@ class TorchBackend:
 # ------------------------------------------------------------------------------------------
 
 
-def _seg_views(layer: Any) -> list[tuple]:
-    """(axis, start, stop, bits, group_size, rows, cols, qdata|weight, scale, zero) per segment,
-    straight from the module's buffers (no ``Segment`` validation on the hot path)."""
+class _SegView(NamedTuple):
+    """A segment's kernel arguments, straight from the module's buffers (no ``Segment``
+    validation on the hot path): ``q`` is qdata (or the fp16 weight for 16 bits); ``scale``
+    the fp16 scales, or None with ``codes`` / ``step`` / ``scale_bits`` (double-quantized)."""
+
+    axis: int
+    start: int
+    stop: int
+    bits: int
+    group_size: int
+    rows: int
+    cols: int
+    q: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    step: torch.Tensor | None = None
+    scale_bits: int = 0
+
+    def scales(self) -> torch.Tensor:
+        """The fp16 scales ``[rows, groups]`` (expanded from the codes when double-quantized)."""
+        if self.scale is not None:
+            return self.scale
+        return expand_scales(self.codes, self.step, self.scale_bits, self.rows, self.cols,
+                             self.group_size)
+
+
+def _seg_views(layer: Any) -> list[_SegView]:
     out = []
     for i, (axis, start, stop, bits, g, (rows, cols)) in enumerate(layer._meta):
+        head = (axis, start, stop, bits, g, rows, cols)
         if bits == 16:
-            out.append((axis, start, stop, 16, g, rows, cols,
-                        getattr(layer, f"seg{i}_weight"), None, None))
+            out.append(_SegView(*head, getattr(layer, f"seg{i}_weight")))
+        elif layer._scale_bits[i] is not None:
+            out.append(_SegView(*head, getattr(layer, f"seg{i}_qdata"), None,
+                                getattr(layer, f"seg{i}_zero"),
+                                getattr(layer, f"seg{i}_scale_codes"),
+                                getattr(layer, f"seg{i}_step"), layer._scale_bits[i]))
         else:
-            out.append((axis, start, stop, bits, g, rows, cols,
-                        getattr(layer, f"seg{i}_qdata"), getattr(layer, f"seg{i}_scale"),
-                        getattr(layer, f"seg{i}_zero")))
+            out.append(_SegView(*head, getattr(layer, f"seg{i}_qdata"),
+                                getattr(layer, f"seg{i}_scale"), getattr(layer, f"seg{i}_zero")))
     return out
 
 
@@ -234,23 +264,32 @@ def _reset_native() -> None:
     reset()
 
 
-def _dequant_tile(lib: Any, seg: tuple, r0: int, r1: int, buf: torch.Tensor,
-                  threads: int, zeros: torch.Tensor | None = None) -> torch.Tensor:
+def _scale_ptrs(seg: _SegView) -> tuple[int, int, int, int]:
+    """The kernels' scale arguments: (fp16 scales, codes, steps, S), absent ones 0."""
+    if seg.scale is not None:
+        return seg.scale.data_ptr(), 0, 0, 0
+    return 0, seg.codes.data_ptr(), seg.step.data_ptr(), seg.scale_bits
+
+
+def _dequant_tile(lib: Any, seg: _SegView, r0: int, r1: int, buf: torch.Tensor,
+                  threads: int, params: tuple | None = None) -> torch.Tensor:
     """Rows r0:r1 of a segment's weight in fp32, written into ``buf`` (a reused buffer);
-    without the library, ``zeros`` are the segment's unpacked zero points [rows, groups]."""
-    _axis, _s, _e, bits, g, rows, cols, q, sc, z = seg
-    out = buf[:(r1 - r0) * cols].view(r1 - r0, cols)
-    if bits == 16:
-        out.copy_(q[r0:r1])
+    without the library, ``params`` are the segment's fp16 scales and unpacked zero points
+    ``[rows, groups]``."""
+    out = buf[:(r1 - r0) * seg.cols].view(r1 - r0, seg.cols)
+    if seg.bits == 16:
+        out.copy_(seg.q[r0:r1])
     elif lib is not None:
-        lib.bs_dequant(bits, q.data_ptr(), sc.data_ptr(), z.data_ptr(), rows, cols, g, r0, r1,
-                       out.data_ptr(), cols, threads)
+        lib.bs_dequant(seg.bits, seg.q.data_ptr(), *_scale_ptrs(seg), seg.zero.data_ptr(),
+                       seg.rows, seg.cols, seg.group_size, r0, r1, out.data_ptr(), seg.cols,
+                       threads)
     else:
         from bitsack.kernels.formats import unpack_torch
         from bitsack.kernels.grid import dequantize_codes
 
-        codes = unpack_torch(q[r0:r1], bits, cols, dtype=torch.float32)
-        out.copy_(dequantize_codes(codes, sc[r0:r1], zeros[r0:r1], g))
+        scale, zeros = params
+        codes = unpack_torch(seg.q[r0:r1], seg.bits, seg.cols, dtype=torch.float32)
+        out.copy_(dequantize_codes(codes, scale[r0:r1], zeros[r0:r1], seg.group_size))
     return out
 
 
@@ -323,17 +362,17 @@ class CpuBackend:
             if all(bufs.get(name) is t and t.data_ptr() == ptr for name, t, ptr in cached[0]):
                 return cached[1]
         plan, held = [], []
-        for i, (axis, start, stop, bits, g, rows, cols, q, sc, z) in \
-                enumerate(_seg_views(layer)):
-            if bits == 16:
-                ptrs = (q.data_ptr(), 0, 0)
-                held.append((f"seg{i}_weight", q, ptrs[0]))
+        for i, seg in enumerate(_seg_views(layer)):
+            if seg.bits == 16:
+                ptrs = (seg.q.data_ptr(), 0, 0, 0, 0, 0)
+                held.append((f"seg{i}_weight", seg.q, ptrs[0]))
             else:
-                ptrs = (q.data_ptr(), sc.data_ptr(), z.data_ptr())
-                held += [(f"seg{i}_{f}", t, p)
-                         for f, t, p in zip(("qdata", "scale", "zero"), (q, sc, z), ptrs,
-                                            strict=True)]
-            plan.append((axis, start, stop, bits, g, rows, cols, *ptrs))
+                ptrs = (seg.q.data_ptr(), *_scale_ptrs(seg), seg.zero.data_ptr())
+                named = {"qdata": seg.q, "scale": seg.scale, "zero": seg.zero,
+                         "scale_codes": seg.codes, "step": seg.step}
+                held += [(f"seg{i}_{f}", t, t.data_ptr()) for f, t in named.items()
+                         if t is not None]
+            plan.append((*seg[:7], *ptrs))
         layer.__dict__["_cpu_plan"] = (held, plan)
         return plan
 
@@ -344,7 +383,7 @@ class CpuBackend:
         xfull = _pad32(x32.contiguous()) if plan[0][0] == 0 else None
         yp, ys = y.data_ptr(), y.shape[1]
         first_col = True
-        for axis, start, stop, bits, g, rows, cols, qp, sp, zp in plan:
+        for axis, start, stop, bits, g, rows, cols, qp, sp, cp, stp, sb, zp in plan:
             if axis == 0:
                 xs, y_off, acc = xfull, start, 0
             else:  # the segment's own columns, padded with zeros
@@ -354,8 +393,8 @@ class CpuBackend:
                 lib.bs_gemv_fp16(qp, rows, cols, xs.data_ptr(), batch, xs.shape[1], yp, ys,
                                  y_off, acc, threads)
             else:
-                lib.bs_gemv(bits, qp, sp, zp, rows, cols, g, xs.data_ptr(), batch, xs.shape[1],
-                            yp, ys, y_off, acc, threads)
+                lib.bs_gemv(bits, qp, sp, cp, stp, sb, zp, rows, cols, g, xs.data_ptr(), batch,
+                            xs.shape[1], yp, ys, y_off, acc, threads)
 
     def _tiled(self, lib: Any, layer: Any, x32: torch.Tensor, y: torch.Tensor) -> None:
         threads = torch.get_num_threads()
@@ -365,12 +404,14 @@ class CpuBackend:
             tile = max(1, CPU_TILE_ELEMENTS // cols)
             buf = self._buffer(min(tile, rows) * cols)
             xs = x32 if axis == 0 else x32[:, start:stop]
-            # the torch fallback unpacks the zero-point stream once per segment, not per tile
-            zeros = None if lib is not None or bits == 16 else \
-                unpack_zero(seg[9], bits, rows, num_groups(cols, g), dtype=torch.float32)
+            # the torch fallback unpacks the zero points (and expands scale codes) once per
+            # segment, not per tile
+            params = None if lib is not None or bits == 16 else (
+                seg.scales(), unpack_zero(seg.zero, bits, rows, num_groups(cols, g),
+                                          dtype=torch.float32))
             for r0 in range(0, rows, tile):
                 r1 = min(r0 + tile, rows)
-                w = _dequant_tile(lib, seg, r0, r1, buf, threads, zeros)
+                w = _dequant_tile(lib, seg, r0, r1, buf, threads, params)
                 if axis == 0:
                     y[:, start + r0:start + r1] = xs @ w.T
                 elif first_col:

@@ -26,7 +26,7 @@ __all__ = ["SOURCE", "build", "cache_dir", "load", "load_error", "reset"]
 
 SOURCE = Path(__file__).with_name("cpu") / "packed_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -103,9 +103,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bs_cpu_abi_version.restype = i
     lib.bs_cpu_abi_version.argtypes = []
     lib.bs_gemv.restype = i
-    lib.bs_gemv.argtypes = [i, p, p, p, i, i, i, p, i, lg, p, lg, i, i, i]
+    lib.bs_gemv.argtypes = [i, p, p, p, p, i, p, i, i, i, p, i, lg, p, lg, i, i, i]
     lib.bs_dequant.restype = i
-    lib.bs_dequant.argtypes = [i, p, p, p, i, i, i, i, i, p, lg, i]
+    lib.bs_dequant.argtypes = [i, p, p, p, p, i, p, i, i, i, i, i, p, lg, i]
     lib.bs_gemv_fp16.restype = i
     lib.bs_gemv_fp16.argtypes = [p, i, i, p, i, lg, p, lg, i, i, i]
     if lib.bs_cpu_abi_version() != ABI_VERSION:

@@ -74,7 +74,7 @@ def gemv_plan(layer: Any, x32: torch.Tensor, y: torch.Tensor) -> list[Launch]:
                                (seg.weight, x32, y, rows, cols, *tail)))
         else:
             plan.append(Launch("gemv.cu", f"bs_gemv<{seg.bits}>", grid, (_GEMV_THREADS,),
-                               (seg.qdata, seg.scale, seg.zero, x32, y, rows, cols,
+                               (seg.qdata, seg.scales(), seg.zero, x32, y, rows, cols,
                                 seg.group_size, *tail)))
     return plan
 
@@ -96,7 +96,7 @@ def dequant_plan(layer: Any, w: torch.Tensor) -> list[Launch]:
             n = rows * -(-cols // 32)
             plan.append(Launch("dequant.cu", f"bs_dequant<{seg.bits}, {out_half}>",
                                (-(-n // _DEQUANT_THREADS),), (_DEQUANT_THREADS,),
-                               (seg.qdata, seg.scale, seg.zero, dst, rows, cols,
+                               (seg.qdata, seg.scales(), seg.zero, dst, rows, cols,
                                 seg.group_size, layer.in_features, col_off)))
     return plan
 

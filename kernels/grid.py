@@ -42,12 +42,14 @@ from bitsack.kernels.formats import (
     check_group_size,
     check_scale_bits,
     num_groups,
+    unpack_zero,
 )
 
 __all__ = [
     "QuantizedTensor",
     "check_weight",
     "dequantize_codes",
+    "expand_scales",
     "minmax_params",
     "rtn_quantize",
 ]
@@ -352,3 +354,32 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
     scale = torch.cat(scales, dim=1) if len(scales) > 1 else scales[0]
     zero = torch.cat(zeros, dim=1) if len(zeros) > 1 else zeros[0]
     return QuantizedTensor(q.to(torch.uint8), scale, zero, bits, g, scale_bits, step)
+
+
+def expand_scales(scale_codes: torch.Tensor, step: torch.Tensor, scale_bits: int, rows: int,
+                  cols: int, group_size: int,
+                  which: torch.Tensor | None = None) -> torch.Tensor:
+    """fp16 scales ``[rows, groups]`` of a double-quantized segment: ``k·step`` of each group
+    (exact: the steps keep ``11 − S`` significant bits); of the rows ``which`` only, if given
+    (their codes read straight from the stream)."""
+    groups = num_groups(cols, group_size)
+    if which is None:
+        k = unpack_zero(scale_codes, scale_bits, rows, groups, dtype=torch.float64)
+    else:
+        which = torch.as_tensor(which, device=scale_codes.device).to(torch.int64).reshape(-1)
+        idx = which[:, None] * groups + torch.arange(groups, device=scale_codes.device)
+        k = stream_values(scale_codes, scale_bits, idx).to(torch.float64)
+        step = step[which]
+    return (k * super_steps(step, cols, group_size).to(torch.float64)).to(torch.float16)
+
+
+def stream_values(words: torch.Tensor, bits: int, idx: torch.Tensor) -> torch.Tensor:
+    """Values ``idx`` (any shape, int64) of a ``bits``-bit stream (``formats.pack_zero``), as
+    int64: value i sits at bit i·bits of the little-endian concatenation of the words."""
+    w = words.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, w.new_zeros(1)])  # a value may straddle into the (absent) next word
+    bit = idx * bits
+    lo = bit >> 5
+    sh = bit & 31
+    v = (w[lo] >> sh) | (w[lo + 1] << (32 - sh))
+    return v & ((1 << bits) - 1)

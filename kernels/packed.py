@@ -32,7 +32,12 @@ from bitsack.kernels.formats import (
     unpack_zero,
     zero_words,
 )
-from bitsack.kernels.grid import QuantizedTensor, dequantize_codes, rtn_quantize, super_steps
+from bitsack.kernels.grid import (
+    QuantizedTensor,
+    dequantize_codes,
+    expand_scales,
+    rtn_quantize,
+)
 
 __all__ = ["PackedEmbedding", "PackedLinear", "Segment"]
 
@@ -51,14 +56,17 @@ class Segment:
             columns ``[g·G, min((g+1)·G, cols))`` (for 16 bits: unused).
         shape: ``(rows, cols)`` of the segment.
         qdata: uint32 ``[rows, words_per_row(cols, bits)]`` (None for 16 bits).
-        scale: fp16 ``[rows, ceil(cols / group_size)]`` (None for 16 bits).
+        scale: fp16 ``[rows, ceil(cols / group_size)]`` (None for 16 bits and for
+            double-quantized segments: ``scales()`` reads either).
         zero: the zero points' stream, uint32 ``[zero_words(rows, groups, bits)]`` (integers
             ``0..2**bits − 1``, ``bits`` bits each; ``zeros()`` unpacks them; None for 16 bits).
         weight: fp16 ``[rows, cols]`` for 16 bits (None otherwise).
         scale_bits: None (fp16 scales), or S: the scales are stored double-quantized, as
             ``scale_codes`` (uint32, the S-bit codes k as one stream, the layout of ``zero``)
-            and ``step`` (fp16 ``[rows, ceil(cols / SUPER_COLS)]``); ``scale`` is then their
-            exact fp16 expansion ``k·step`` (built when not given), which the kernels read.
+            and ``step`` (fp16 ``[rows, ceil(cols / SUPER_COLS)]``); ``scales()`` expands
+            them into the exact fp16 scales ``k·step`` on each call, never held (a ``scale``
+            given too is dropped): a packed module holds what its file holds, and the CPU
+            kernels read the codes.
     """
 
     axis: int
@@ -100,17 +108,21 @@ class Segment:
         want_g = (rows, num_groups(cols, self.group_size))
         if check_scale_bits(self.scale_bits, field="segment.scale_bits") is not None:
             self._check_double_quantized(want_g)
-        t = self.scale
-        if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_g:
-            raise ValidationError("segment.scale", f"{_desc(t)}; valid: float16 {list(want_g)}")
+        else:
+            self._check_scale(want_g)
         want_z = (zero_words(rows, want_g[1], self.bits),)
         t = self.zero
         if t is None or t.dtype != torch.uint32 or tuple(t.shape) != want_z:
             raise ValidationError("segment.zero", f"{_desc(t)}; valid: uint32 {list(want_z)} "
                                   f"(the zero points, {self.bits} bits each, one stream)")
 
+    def _check_scale(self, want_g: tuple[int, int]) -> None:
+        t = self.scale
+        if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_g:
+            raise ValidationError("segment.scale", f"{_desc(t)}; valid: float16 {list(want_g)}")
+
     def _check_double_quantized(self, want_g: tuple[int, int]) -> None:
-        """Check ``scale_codes`` and ``step``; expand them into ``scale`` when it is None."""
+        """Check ``scale_codes`` and ``step`` (and drop a ``scale`` given too)."""
         rows, cols = self.shape
         sb = self.scale_bits
         want_c = (zero_words(rows, want_g[1], sb),)
@@ -122,9 +134,18 @@ class Segment:
         t = self.step
         if t is None or t.dtype != torch.float16 or tuple(t.shape) != want_s:
             raise ValidationError("segment.step", f"{_desc(t)}; valid: float16 {list(want_s)}")
-        if self.scale is None:
-            object.__setattr__(self, "scale", expand_scales(self.scale_codes, self.step, sb,
-                                                            rows, cols, self.group_size))
+        object.__setattr__(self, "scale", None)
+
+    def scales(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp16 scales ``[rows, groups]`` (of ``rows`` only, if given): ``scale``, or
+        expanded from the codes and steps of a double-quantized segment."""
+        if self.bits == 16:
+            raise ValidationError("segment.bits", "16 has no scales; valid: a packed segment")
+        if self.scale_bits is None:
+            return self.scale if rows is None else self.scale[rows]
+        r, c = self.shape
+        return expand_scales(self.scale_codes, self.step, self.scale_bits, r, c,
+                             self.group_size, rows)
 
     @property
     def format(self) -> PackFormat:
@@ -148,7 +169,8 @@ class Segment:
             dq = {"scale_bits": qt.scale_bits, "step": qt.step.contiguous(),
                   "scale_codes": pack_zero(qt.scale_codes(), qt.scale_bits)}
         return cls(axis, start, start + n, qt.bits, qt.group_size, (rows, cols),
-                   qdata=pack(qt.codes, qt.bits), scale=qt.scale.contiguous(),
+                   qdata=pack(qt.codes, qt.bits),
+                   scale=None if dq else qt.scale.contiguous(),
                    zero=pack_zero(qt.zero, qt.bits), **dq)
 
     @classmethod
@@ -195,7 +217,8 @@ class Segment:
         return cls(axis, start, stop, bits, g, (rows, cols), **dq,
                    qdata=torch.zeros((rows, words), dtype=torch.int32, device=device)
                    .view(torch.uint32),
-                   scale=torch.zeros(meta, dtype=torch.float16, device=device),
+                   scale=None if dq else torch.zeros(meta, dtype=torch.float16,
+                                                     device=device),
                    zero=torch.zeros(zero_words(rows, meta[1], bits), dtype=torch.int32,
                                     device=device).view(torch.uint32))
 
@@ -221,20 +244,11 @@ class Segment:
         if self.bits == 16:
             w = self.weight if rows is None else self.weight[rows]
             return w.to(dtype)
-        q, s, z = self.qdata, self.scale, self.zeros()
+        q, s, z = self.qdata, self.scales(rows), self.zeros()
         if rows is not None:
-            q, s, z = q[rows], s[rows], z[rows]
+            q, z = q[rows], z[rows]
         codes = unpack_torch(q, self.bits, self.shape[1], dtype=torch.float32)
         return dequantize_codes(codes, s, z, self.group_size, dtype)
-
-
-def expand_scales(scale_codes: torch.Tensor, step: torch.Tensor, scale_bits: int, rows: int,
-                  cols: int, group_size: int) -> torch.Tensor:
-    """fp16 scales ``[rows, groups]`` of a double-quantized segment: ``k·step`` of each group
-    (exact: the steps keep ``11 − S`` significant bits)."""
-    k = unpack_zero(scale_codes, scale_bits, rows, num_groups(cols, group_size),
-                    dtype=torch.float64)
-    return (k * super_steps(step, cols, group_size).to(torch.float64)).to(torch.float16)
 
 
 _REGISTRY: list[dict] = []  # the backends' registry, bound on first use (import cycle)
@@ -275,23 +289,10 @@ class _SegmentStore(torch.nn.Module):
         for i, seg in enumerate(segments):
             for f in self._FIELDS:
                 t = getattr(seg, f)
+                # (a double-quantized segment has no fp16 scales: codes and steps only, so a
+                # module's memory is its file's bytes)
                 if t is not None:
-                    # a double-quantized segment's fp16 scales are an expansion of its codes
-                    # and steps: held for the kernels, never saved
-                    derived = f == "scale" and seg.scale_bits is not None
-                    self.register_buffer(f"seg{i}_{f}", t, persistent=not derived)
-        if any(sb is not None for sb in self._scale_bits):
-            self.register_load_state_dict_post_hook(_SegmentStore._expand_loaded_scales)
-
-    @staticmethod
-    def _expand_loaded_scales(module: _SegmentStore, _incompatible) -> None:
-        """After ``load_state_dict``: the fp16 scales of double-quantized segments again."""
-        for i, (sb, (*_, _bits, g, (rows, cols))) in enumerate(zip(module._scale_bits,
-                                                                    module._meta, strict=True)):
-            if sb is not None:
-                getattr(module, f"seg{i}_scale").copy_(expand_scales(
-                    getattr(module, f"seg{i}_scale_codes"), getattr(module, f"seg{i}_step"),
-                    sb, rows, cols, g))
+                    self.register_buffer(f"seg{i}_{f}", t)
 
     @property
     def segments(self) -> tuple[Segment, ...]:

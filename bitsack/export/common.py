@@ -298,7 +298,7 @@ def matrix_of(name: str, module: Any, fmt: str) -> GridMatrix | DenseMatrix:
     return GridMatrix(
         name, bits, group,
         np.ascontiguousarray(np.concatenate([s.codes().numpy() for s in segs], axis=axis)),
-        np.ascontiguousarray(np.concatenate([s.scale.numpy() for s in segs], axis=axis)),
+        np.ascontiguousarray(np.concatenate([s.scales().numpy() for s in segs], axis=axis)),
         np.ascontiguousarray(np.concatenate([s.zeros().numpy() for s in segs], axis=axis)))
 
 

@@ -7,8 +7,9 @@
 //   bs_dequant   out[r, j] = ŵ[r0 + r, j] for a tile of rows            (prefill: then BLAS)
 //
 // ŵ = s·(q − z) is computed in fp32 exactly as the format defines it (fp16 scale widened to
-// fp32; the code and the zero point, read from the segment's zero-point stream, converted
-// exactly): every product and the sum are fp32, summed in
+// fp32, or for double-quantized scales k·step from the S-bit code stream and the fp16 steps:
+// the same value; the code and the zero point, read from the segment's zero-point stream,
+// converted exactly): every product and the sum are fp32, summed in
 // an order the bound does not care about (bitsack.kernels.bounds: γ_n covers any order, with
 // or without FMA). Rows are split over OpenMP threads; each output is written by one thread.
 //
@@ -129,6 +130,41 @@ static inline float zero_at(const uint32_t* zs, long i) {
     return (float)(uint32_t)(v & ((1u << BITS) - 1u));
 }
 
+// A segment's group scales: fp16 values [rows, ngroups], or (double-quantized: formats
+// SCALE_BITS) S-bit codes k in one stream like the zero points, times an fp16 step per row and
+// 256 columns: s = k·step, exact in fp32 and equal to the fp16 value the format defines (the
+// steps keep 11 − S significant bits), so both forms give the same ŵ bit for bit.
+struct Scales {
+    const uint16_t* fp16 = nullptr;   // [rows, ngroups], or null with codes
+    const uint32_t* codes = nullptr;  // S-bit codes, index row·ngroups + group
+    const uint16_t* step = nullptr;   // [rows, nsuper]
+    int S = 0, ngroups = 1, nsuper = 1, G = 1;
+
+    inline float at(long r, int g) const {
+        if (fp16) return half_to_float(fp16[r * ngroups + g]);
+        const long bit = (r * ngroups + g) * (long)S;
+        const long wi = bit >> 5;
+        const int sh = (int)(bit & 31);
+        uint64_t v = codes[wi] >> sh;
+        if (sh + S > 32) v |= (uint64_t)codes[wi + 1] << (32 - sh);
+        const float k = (float)(uint32_t)(v & ((1u << S) - 1u));
+        return k * half_to_float(step[r * nsuper + (long)g * G / 256]);
+    }
+};
+
+static inline Scales make_scales(const uint16_t* s, const uint32_t* codes, const uint16_t* step,
+                                 int S, int cols, int G) {
+    Scales sc;
+    sc.fp16 = codes ? nullptr : s;
+    sc.codes = codes;
+    sc.step = step;
+    sc.S = S;
+    sc.ngroups = (cols + G - 1) / G;
+    sc.nsuper = (cols + 255) / 256;
+    sc.G = G;
+    return sc;
+}
+
 // Words of chunk c of a row: 16 words from its first (an unaligned vector load) when the
 // buffer holds them, else the ones that exist, zeros after.
 static inline v16u load_words(const uint32_t* p, const uint32_t* end) {
@@ -150,7 +186,8 @@ template <int BITS>
 struct RowDecoder {
     const uint32_t* qrow = nullptr;
     const uint32_t* qend = nullptr;
-    const uint16_t* srow = nullptr;
+    Scales sc;
+    long row = 0;
     const uint32_t* zs = nullptr;  // the segment's zero-point stream
     long zbase = 0;                // index of this row's first zero point in it
     int cols = 0, G = 1, ngroups = 1;
@@ -160,12 +197,12 @@ struct RowDecoder {
     float s = 0.f, z = 0.f;
 
     RowDecoder() = default;
-    inline RowDecoder(const uint32_t* q, const uint32_t* e, const uint16_t* sr,
-                      const uint32_t* z_stream, long z_base, int c, int gs, int ng)
-        : qrow(q), qend(e), srow(sr), zs(z_stream), zbase(z_base), cols(c), G(gs),
+    inline RowDecoder(const uint32_t* q, const uint32_t* e, const Scales& scales, long r,
+                      const uint32_t* z_stream, int c, int gs, int ng)
+        : qrow(q), qend(e), sc(scales), row(r), zs(z_stream), zbase(r * ng), cols(c), G(gs),
           ngroups(ng) {
         gend = G;
-        s = half_to_float(srow[0]);
+        s = sc.at(row, 0);
         z = zero_at<BITS>(zs, zbase);
     }
 
@@ -175,7 +212,7 @@ struct RowDecoder {
             if (j0 >= gend && g + 1 < ngroups) {
                 ++g;
                 gend += G;
-                s = half_to_float(srow[g]);
+                s = sc.at(row, g);
                 z = zero_at<BITS>(zs, zbase + g);
             }
             return qf * s + (-(z * s));  // = s·(q − z) exactly (see gemv1_g32)
@@ -184,7 +221,7 @@ struct RowDecoder {
         for (int l = 0; l < 16; ++l) {
             int gl = (j0 + l) / G;
             if (gl >= ngroups) gl = ngroups - 1;
-            sv[l] = half_to_float(srow[gl]);
+            sv[l] = sc.at(row, gl);
             zv[l] = zero_at<BITS>(zs, zbase + gl);
         }
         return (qf - zv) * sv;
@@ -204,18 +241,16 @@ struct RowDecoder {
 // scale and zero are converted once, and the 2·RB accumulator chains are independent
 // (latency hidden). SAFE = every 16-word load stays inside the buffer (all but the last rows).
 template <int BITS, int RB, bool SAFE>
-static inline void gemv1_g32(const uint32_t* qdata, const uint16_t* scale,
+static inline void gemv1_g32(const uint32_t* qdata, const Scales& sc,
                              const uint32_t* zero, int r, int wpr, int G, int ngroups,
                              int nchunks, const uint32_t* qend, const float* x, float* y,
                              int accumulate) {
     const uint32_t* q[RB];
-    const uint16_t* sr[RB];
     long zr[RB];  // index of each row's first zero point in the stream
     v16f acc0[RB], acc1[RB];
 #pragma GCC unroll 8
     for (int i = 0; i < RB; ++i) {
         q[i] = qdata + (long)(r + i) * wpr;
-        sr[i] = scale + (long)(r + i) * ngroups;
         zr[i] = (long)(r + i) * ngroups;
         acc0[i] = (v16f){};
         acc1[i] = (v16f){};
@@ -229,7 +264,7 @@ static inline void gemv1_g32(const uint32_t* qdata, const uint16_t* scale,
         float s[RB], nzs[RB];
 #pragma GCC unroll 8
         for (int i = 0; i < RB; ++i) {
-            s[i] = half_to_float(sr[i][g]);
+            s[i] = sc.at(r + i, g);
             nzs[i] = -(zero_at<BITS>(zero, zr[i] + g) * s[i]);
         }
         const int c1 = (g + 1) * cpg < nchunks ? (g + 1) * cpg : nchunks;
@@ -257,7 +292,7 @@ static inline void gemv1_g32(const uint32_t* qdata, const uint16_t* scale,
 }
 
 template <int BITS>
-static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint32_t* zero,
+static void gemv_rows(const uint32_t* qdata, const Scales& scale, const uint32_t* zero,
                       int rows, int cols, int G, const float* x, int nb, long x_stride,
                       float* y, long y_stride, int y_off, int accumulate, int nthreads) {
     const int wpr = (BITS * cols + 31) / 32;
@@ -292,8 +327,7 @@ static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint32
     }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int r = 0; r < rows; ++r) {
-        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups, zero,
-                           (long)r * ngroups, cols, G, ngroups);
+        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale, r, zero, cols, G, ngroups);
         v16f acc[BS_MAX_BATCH];
         for (int b = 0; b < BS_MAX_BATCH; ++b) acc[b] = (v16f){};
         for (int c = 0; c < nchunks; ++c) {
@@ -313,14 +347,14 @@ static void gemv_rows(const uint32_t* qdata, const uint16_t* scale, const uint32
 }
 
 template <int BITS>
-static void gemv_bits(const uint32_t* q, const uint16_t* s, const uint32_t* z, int rows,
+static void gemv_bits(const uint32_t* q, const Scales& s, const uint32_t* z, int rows,
                       int cols, int G, const float* x, int nb, long xs, float* y, long ys,
                       int yo, int acc, int nt) {
     gemv_rows<BITS>(q, s, z, rows, cols, G, x, nb, xs, y, ys, yo, acc, nt);
 }
 
 template <int BITS>
-static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uint32_t* zero,
+static void dequant_rows(const uint32_t* qdata, const Scales& scale, const uint32_t* zero,
                          int rows, int cols, int G, int r0, int r1, float* out, long ld,
                          int nthreads) {
     const int wpr = (BITS * cols + 31) / 32;
@@ -329,8 +363,7 @@ static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uin
     const uint32_t* qend = qdata + (long)rows * wpr;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int r = r0; r < r1; ++r) {
-        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale + (long)r * ngroups, zero,
-                           (long)r * ngroups, cols, G, ngroups);
+        RowDecoder<BITS> d(qdata + (long)r * wpr, qend, scale, r, zero, cols, G, ngroups);
         float* o = out + (long)(r - r0) * ld;
         for (int c = 0; c < nchunks; ++c) {
             v16f w[2];
@@ -348,12 +381,16 @@ static void dequant_rows(const uint32_t* qdata, const uint16_t* scale, const uin
 
 extern "C" {
 
-int bs_cpu_abi_version() { return 2; }  // 2: zero points as a packed stream
+// 2: zero points as a packed stream; 3: scales as fp16 or as S-bit codes × steps
+int bs_cpu_abi_version() { return 3; }
 
-// Returns 0 on success, 1 for an unsupported width.
-int bs_gemv(int bits, const uint32_t* q, const uint16_t* s, const uint32_t* z, int rows,
-            int cols, int G, const float* x, int nb, long x_stride, float* y, long y_stride,
-            int y_off, int accumulate, int nthreads) {
+// Returns 0 on success, 1 for an unsupported width. Scales: `s` (fp16 [rows, ngroups]), or
+// with `codes` non-null the S-bit code stream and the fp16 steps [rows, ceil(cols / 256)].
+int bs_gemv(int bits, const uint32_t* q, const uint16_t* s0, const uint32_t* codes,
+            const uint16_t* step, int S, const uint32_t* z, int rows, int cols, int G,
+            const float* x, int nb, long x_stride, float* y, long y_stride, int y_off,
+            int accumulate, int nthreads) {
+    const Scales s = make_scales(s0, codes, step, S, cols, G);
     switch (bits) {
         case 1: gemv_bits<1>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
         case 2: gemv_bits<2>(q, s, z, rows, cols, G, x, nb, x_stride, y, y_stride, y_off, accumulate, nthreads); return 0;
@@ -367,8 +404,10 @@ int bs_gemv(int bits, const uint32_t* q, const uint16_t* s, const uint32_t* z, i
     }
 }
 
-int bs_dequant(int bits, const uint32_t* q, const uint16_t* s, const uint32_t* z, int rows,
-               int cols, int G, int r0, int r1, float* out, long ld, int nthreads) {
+int bs_dequant(int bits, const uint32_t* q, const uint16_t* s0, const uint32_t* codes,
+               const uint16_t* step, int S, const uint32_t* z, int rows, int cols, int G,
+               int r0, int r1, float* out, long ld, int nthreads) {
+    const Scales s = make_scales(s0, codes, step, S, cols, G);
     switch (bits) {
         case 1: dequant_rows<1>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;
         case 2: dequant_rows<2>(q, s, z, rows, cols, G, r0, r1, out, ld, nthreads); return 0;

@@ -109,4 +109,58 @@ def test_segments_validate_codes_and_steps():
                 scale_codes=seg.scale_codes)
     built = Segment(0, 0, 4, 3, 32, (4, 64), qdata=seg.qdata, zero=seg.zero, scale_bits=6,
                     scale_codes=seg.scale_codes, step=seg.step)
-    assert torch.equal(built.scale, q.scale) and built.spec()["scale_bits"] == 6
+    assert built.scale is None and torch.equal(built.scales(), q.scale)
+    assert built.spec()["scale_bits"] == 6
+    rows = torch.tensor([3, 0, 3])  # rows only, read straight from the code stream
+    assert torch.equal(built.scales(rows), q.scale[rows])
+
+
+@pytest.mark.parametrize("shape, bits, g, sb", [((40, 600), 3, 32, 6), ((33, 256), 4, 64, 4),
+                                                ((7, 100), 2, 16, 2), ((64, 576), 5, 48, 5)])
+def test_kernels_read_the_codes_and_a_layer_holds_what_its_file_holds(shape, bits, g, sb):
+    from bitsack.kernels.backends import CpuBackend, reference_output
+    from bitsack.kernels.packed import PackedEmbedding
+
+    rows, cols = shape
+    w = _w(rows, cols, seed=rows)
+    q = rtn_quantize(w, bits, g, sb)
+    layer = PackedLinear(cols, rows, [Segment.from_quantized(q, 0, 0)], backend="cpu")
+    # no fp16 scales held: the buffers are the packed bytes
+    held = sum(t.numel() * t.element_size() for t in layer.buffers())
+    assert held == layer.nbytes == packed_nbytes(rows, cols, bits, g, sb)
+    assert CpuBackend.native() is not None  # the C++ kernels, not the torch fallback
+    # the same codes with the expanded fp16 scales: the kernels compute the same ŵ, in the
+    # same order, so the outputs are equal bit for bit
+    seg = layer.segments[0]
+    plain = PackedLinear(cols, rows, [Segment(0, 0, rows, bits, g, shape, qdata=seg.qdata,
+                                              scale=q.scale, zero=seg.zero)], backend="cpu")
+    for batch in (1, 3, 11):  # the decode GEMV (≤ 8) and the dequantize + BLAS path
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        assert torch.equal(layer(x), plain(x)), batch
+        want = reference_output(plain, x)
+        assert torch.allclose(layer(x).double(), want.double(), rtol=1e-5, atol=1e-5), batch
+    assert torch.equal(layer.dequantize(), q.dequantize())
+    emb = PackedEmbedding(rows, cols, [Segment.from_quantized(q, 0, 0)])
+    ids = torch.tensor([[rows - 1, 0], [2, 2]])
+    assert torch.equal(emb(ids), q.dequantize()[ids])
+
+
+def test_the_torch_fallback_expands_the_codes(monkeypatch, tmp_path):
+    from bitsack.kernels.backends import CpuBackend, _reset_native
+
+    q = rtn_quantize(_w(40, 600, seed=5), 3, 32, 6)
+    layer = PackedLinear(600, 40, [Segment.from_quantized(q, 0, 0)], backend="cpu")
+    x = torch.randn(2, 600)
+    fast = layer(x)
+    monkeypatch.setenv("BITSACK_CPU_KERNELS", "0")
+    _reset_native()
+    try:
+        assert CpuBackend.native() is None
+        for batch in (1, 2, 12):
+            xb = torch.randn(batch, 600, generator=torch.Generator().manual_seed(batch))
+            want = xb.double() @ q.dequantize(torch.float64).T
+            assert torch.allclose(layer(xb).double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(layer(x), fast, rtol=1e-5, atol=1e-6)
+    finally:
+        monkeypatch.undo()
+        _reset_native()
