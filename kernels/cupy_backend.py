@@ -74,7 +74,7 @@ def gemv_plan(layer: Any, x32: torch.Tensor, y: torch.Tensor) -> list[Launch]:
                                (seg.weight, x32, y, rows, cols, *tail)))
         else:
             plan.append(Launch("gemv.cu", f"bs_gemv<{seg.bits}>", grid, (_GEMV_THREADS,),
-                               (seg.qdata, seg.scales(), seg.zero, x32, y, rows, cols,
+                               (seg.qdata, *_scale_args(seg), seg.zero, x32, y, rows, cols,
                                 seg.group_size, *tail)))
     return plan
 
@@ -96,9 +96,19 @@ def dequant_plan(layer: Any, w: torch.Tensor) -> list[Launch]:
             n = rows * -(-cols // 32)
             plan.append(Launch("dequant.cu", f"bs_dequant<{seg.bits}, {out_half}>",
                                (-(-n // _DEQUANT_THREADS),), (_DEQUANT_THREADS,),
-                               (seg.qdata, seg.scales(), seg.zero, dst, rows, cols,
+                               (seg.qdata, *_scale_args(seg), seg.zero, dst, rows, cols,
                                 seg.group_size, layer.in_features, col_off)))
     return plan
+
+
+def _scale_args(seg: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The kernels' scale arguments ``(scale, codes, step, S)``: the fp16 scales and S = 0, or
+    the S-bit code stream and the steps, read in the kernel (never expanded to fp16 scales).
+    The kernel does not read the pointers its S does not select; they are passed as a valid
+    buffer of the segment all the same (no null pointers in a plan)."""
+    if seg.scale_bits:
+        return seg.scale_codes, seg.scale_codes, seg.step, seg.scale_bits
+    return seg.scale, seg.scale, seg.scale, 0
 
 
 def _to_cupy(t: torch.Tensor) -> Any:

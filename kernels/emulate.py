@@ -58,6 +58,30 @@ def _zero_at(zflat: np.ndarray, i: int, bits: int) -> np.float32:
     return np.float32(_extract(zflat, i, bits))
 
 
+class _Scales:
+    """``BsScales``: a group's scale from the fp16 scales (S = 0) or as the S-bit code of
+    group i = row·ngroups + g times the row's fp16 step of the super-block holding the
+    group's first column; only the buffers S selects are read."""
+
+    def __init__(self, scale: Any, codes: Any, step: Any, S: int, cols: int,
+                 group_size: int) -> None:
+        self.S, self.group_size = S, group_size
+        self.ngroups = (cols + group_size - 1) // group_size
+        self.nsuper = (cols + 255) // 256
+        if S == 0:
+            self.fp16 = _flat(scale).view(np.float16)
+        else:
+            self.codes = _flat(codes).view(np.uint32)
+            self.step = _flat(step).view(np.float16)
+
+    def at(self, row: int, g: int) -> np.float32:
+        if self.S == 0:
+            return np.float32(self.fp16[row * self.ngroups + g])
+        k = np.float32(_extract(self.codes, row * self.ngroups + g, self.S))
+        return np.float32(k * np.float32(
+            self.step[row * self.nsuper + (g * self.group_size) // 256]))
+
+
 def _load_chunk(qflat: np.ndarray, row_base: int, wpr: int, c: int, bits: int) -> np.ndarray:
     """``bs_load_chunk<BITS>``: the chunk's words, 0 past the row's end."""
     words = np.zeros(bits, dtype=np.uint32)
@@ -82,14 +106,13 @@ def _store(yflat: np.ndarray, idx: int, v: np.float32, accumulate: int) -> None:
 
 
 def _gemv(grid, block, args, bits: int) -> None:
-    (qdata, scale, zero, x, y, rows, cols, group_size, batch, x_stride, x_offset, y_stride,
-     y_offset, accumulate) = args
+    (qdata, scale, codes, step, S, zero, x, y, rows, cols, group_size, batch, x_stride,
+     x_offset, y_stride, y_offset, accumulate) = args
     qflat = _flat(qdata).view(np.uint32)
-    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.uint32)
+    sc, zflat = _Scales(scale, codes, step, S, cols, group_size), _flat(zero).view(np.uint32)
     xflat, yflat = _flat(x), _flat(y)
     assert xflat.dtype == np.float32 and yflat.dtype == np.float32
     wpr = (bits * cols + 31) // 32
-    ngroups = (cols + group_size - 1) // group_size
     nchunks = (cols + 31) // 32
     chunk_in_group = group_size % 32 == 0
     warps = block[0] // _WARP
@@ -98,21 +121,21 @@ def _gemv(grid, block, args, bits: int) -> None:
             row = bx * warps + w
             if row >= rows:
                 continue
-            srow, zrow = row * ngroups, row * ngroups
+            zrow = row * sc.ngroups
             lane_acc = np.zeros((_WARP, batch), dtype=np.float32)
             for lane in range(_WARP):
                 for c in range(lane, nchunks, _WARP):
                     words = _load_chunk(qflat, row * wpr, wpr, c, bits)
                     if chunk_in_group:
                         g = (c * 32) // group_size
-                        s, z = np.float32(sflat[srow + g]), _zero_at(zflat, zrow + g, bits)
+                        s, z = sc.at(row, g), _zero_at(zflat, zrow + g, bits)
                     for k in range(32):
                         j = c * 32 + k
                         if j >= cols:
                             continue
                         if not chunk_in_group:
                             g = j // group_size
-                            s, z = np.float32(sflat[srow + g]), _zero_at(zflat, zrow + g, bits)
+                            s, z = sc.at(row, g), _zero_at(zflat, zrow + g, bits)
                         wv = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
                         for b in range(batch):
                             lane_acc[lane, b] += wv * xflat[x_offset + j + b * x_stride]
@@ -143,14 +166,13 @@ def _gemv_fp16(grid, block, args) -> None:
 
 
 def _dequant(grid, block, args, bits: int, out_half: int) -> None:
-    qdata, scale, zero, out, rows, cols, group_size, out_stride, col_offset = args
+    qdata, scale, codes, step, S, zero, out, rows, cols, group_size, out_stride, col_offset = args
     qflat = _flat(qdata).view(np.uint32)
-    sflat, zflat = _flat(scale).view(np.float16), _flat(zero).view(np.uint32)
+    sc, zflat = _Scales(scale, codes, step, S, cols, group_size), _flat(zero).view(np.uint32)
     oflat = _flat(out)
     assert oflat.dtype == (np.float16 if out_half else np.float32)
     nchunks = (cols + 31) // 32
     wpr = (bits * cols + 31) // 32
-    ngroups = (cols + group_size - 1) // group_size
     for t in range(grid[0] * block[0]):
         if t >= rows * nchunks:
             continue
@@ -162,8 +184,8 @@ def _dequant(grid, block, args, bits: int, out_half: int) -> None:
             if j >= cols:
                 continue
             g = j // group_size
-            s = np.float32(sflat[row * ngroups + g])
-            z = _zero_at(zflat, row * ngroups + g, bits)
+            s = sc.at(row, g)
+            z = _zero_at(zflat, row * sc.ngroups + g, bits)
             oflat[base + j] = np.float32(s * (np.float32(_extract(words, k, bits)) - z))
 
 

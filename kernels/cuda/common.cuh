@@ -29,17 +29,58 @@ __device__ __forceinline__ unsigned int bs_extract(const unsigned int (&words)[B
     return v & ((1u << BITS) - 1u);
 }
 
-// Zero point i (= row·ngroups + group) of a segment's zero-point stream, as a float (exact):
-// BITS bits at bit i·BITS of the little-endian concatenation of the stream's words
-// (formats.pack_zero: the segment's zero points form one stream, not one per row).
-template <int BITS>
-__device__ __forceinline__ float bs_zero_at(const unsigned int* __restrict__ zs, size_t i) {
-    const size_t bit = i * BITS;
+// Value i of a stream of `bits`-bit values: bits at bit i·bits of the little-endian
+// concatenation of the stream's words (formats.pack_zero: a segment's zero points, or its
+// scale codes, form one stream, not one per row). With `bits` a compile-time constant after
+// inlining, as in bs_zero_at, the mask and the straddle test fold away.
+__device__ __forceinline__ unsigned int bs_stream_at(const unsigned int* __restrict__ words,
+                                                     size_t i, int bits) {
+    const size_t bit = i * bits;
     const size_t wi = bit >> 5;
     const int sh = (int)(bit & 31);
-    unsigned int v = __ldg(zs + wi) >> sh;
-    if (sh + BITS > 32) v |= __ldg(zs + wi + 1) << (32 - sh);
-    return (float)(v & ((1u << BITS) - 1u));
+    unsigned int v = __ldg(words + wi) >> sh;
+    if (sh + bits > 32) v |= __ldg(words + wi + 1) << (32 - sh);
+    return v & ((1u << bits) - 1u);
+}
+
+// Zero point i (= row·ngroups + group) of a segment's zero-point stream, as a float (exact).
+template <int BITS>
+__device__ __forceinline__ float bs_zero_at(const unsigned int* __restrict__ zs, size_t i) {
+    return (float)bs_stream_at(zs, i, BITS);
+}
+
+// A segment's group scales: fp16 values [rows, ngroups] (S == 0), or double-quantized
+// (S > 0): the S-bit code k of group i = row·ngroups + g in one stream times the fp16 step of
+// the row's 256-column super-block holding the group's first column (formats.SUPER_COLS;
+// step is [rows, nsuper]). k·step has at most 11 significant bits, so the fp32 product is
+// exact and equals the expanded fp16 scale (grid.expand_scales): both paths compute the same
+// ŵ. Unused pointers may be any valid buffer (never read).
+struct BsScales {
+    const unsigned short* __restrict__ fp16;
+    const unsigned int* __restrict__ codes;
+    const unsigned short* __restrict__ step;
+    int S, ngroups, nsuper, group_size;
+
+    __device__ __forceinline__ float at(size_t row, int g) const {
+        if (S == 0) return bs_half_to_float(fp16[row * ngroups + g]);
+        const float k = (float)bs_stream_at(codes, row * ngroups + g, S);
+        return k * bs_half_to_float(step[row * nsuper + (g * group_size) / 256]);
+    }
+};
+
+__device__ __forceinline__ BsScales bs_scales(const unsigned short* fp16,
+                                              const unsigned int* codes,
+                                              const unsigned short* step, int S, int cols,
+                                              int group_size) {
+    BsScales sc;
+    sc.fp16 = fp16;
+    sc.codes = codes;
+    sc.step = step;
+    sc.S = S;
+    sc.ngroups = (cols + group_size - 1) / group_size;  // the last group may be short
+    sc.nsuper = (cols + 255) / 256;
+    sc.group_size = group_size;
+    return sc;
 }
 
 // Exact float of a code v < 2^23 without an int->float conversion instruction (a quarter-rate

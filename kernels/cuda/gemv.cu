@@ -8,7 +8,8 @@
 //
 // Thread layout: one warp per segment row; lane l takes the 32-value chunks l, l+32, l+64, ...
 // of the row (chunk c = columns [32c, 32c+32) = words [c*BITS, (c+1)*BITS)), dequantizes each
-// value w = s·(q − z) in fp32 (exact) and accumulates w·x in fp32; the 32 lane sums are then
+// value w = s·(q − z) in fp32 (exact; s from fp16 scales or S-bit scale codes × steps:
+// BsScales) and accumulates w·x in fp32; the 32 lane sums are then
 // added by a shuffle tree. bitsack/kernels/emulate.py is a NumPy port of exactly this
 // indexing, tested on CPU against the reference.
 #include "common.cuh"
@@ -17,16 +18,14 @@
 
 template <int BITS>
 __device__ __forceinline__ void bs_gemv_row(
-    const unsigned int* __restrict__ qdata, const unsigned short* __restrict__ scale,
+    const unsigned int* __restrict__ qdata, const BsScales& sc,
     const unsigned int* __restrict__ zero, const float* __restrict__ x,
     float* __restrict__ y, int row, int lane, int cols, int group_size, int batch,
     int x_stride, int x_offset, int y_stride, int y_offset, int accumulate) {
     const int wpr = (BITS * cols + 31) / 32;
-    const int ngroups = (cols + group_size - 1) / group_size;  // last group may be short
     const int nchunks = (cols + 31) / 32;
     const unsigned int* qrow = qdata + (size_t)row * wpr;
-    const unsigned short* srow = scale + (size_t)row * ngroups;
-    const size_t zrow = (size_t)row * ngroups;  // this row's first zero point in the stream
+    const size_t zrow = (size_t)row * sc.ngroups;  // this row's first zero point in the stream
     // A chunk lies inside one group when the group size is a multiple of 32.
     const bool chunk_in_group = (group_size % 32) == 0;
 
@@ -40,7 +39,7 @@ __device__ __forceinline__ void bs_gemv_row(
         float s = 0.f, z = 0.f;
         if (chunk_in_group) {
             const int g = (c * 32) / group_size;
-            s = bs_half_to_float(srow[g]);
+            s = sc.at(row, g);
             z = bs_zero_at<BITS>(zero, zrow + g);
         }
 #pragma unroll
@@ -49,7 +48,7 @@ __device__ __forceinline__ void bs_gemv_row(
             if (j < cols) {
                 if (!chunk_in_group) {
                     const int g = j / group_size;
-                    s = bs_half_to_float(srow[g]);
+                    s = sc.at(row, g);
                     z = bs_zero_at<BITS>(zero, zrow + g);
                 }
                 const float w = s * (bs_code_to_float(bs_extract<BITS>(words, k)) - z);
@@ -77,13 +76,16 @@ __device__ __forceinline__ void bs_gemv_row(
 template <int BITS>
 __global__ void bs_gemv(const unsigned int* __restrict__ qdata,
                         const unsigned short* __restrict__ scale,
+                        const unsigned int* __restrict__ codes,
+                        const unsigned short* __restrict__ step, int S,
                         const unsigned int* __restrict__ zero, const float* __restrict__ x,
                         float* __restrict__ y, int rows, int cols, int group_size, int batch,
                         int x_stride, int x_offset, int y_stride, int y_offset, int accumulate) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;  // whole warps exit together: the shuffles stay full-warp
-    bs_gemv_row<BITS>(qdata, scale, zero, x, y, row, lane, cols, group_size, batch, x_stride,
+    const BsScales sc = bs_scales(scale, codes, step, S, cols, group_size);
+    bs_gemv_row<BITS>(qdata, sc, zero, x, y, row, lane, cols, group_size, batch, x_stride,
                       x_offset, y_stride, y_offset, accumulate);
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,83 @@ def test_the_torch_fallback_expands_the_codes(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         _reset_native()
+
+
+DQ_PIECES = [[(3, 32, 6), (16, 0, 0), (5, 48, 5)], [(2, 16, 2), (4, 64, None), (8, 7, 4)]]
+
+
+def _dq_layer(axis: int, pieces: list[tuple]) -> PackedLinear:
+    """Three segments along ``axis`` (bits, group size, scale bits; 16: fp16), each spanning
+    more than one 256-column super-block of steps."""
+    rows, cols = (30, 600) if axis == 0 else (12, 1400)
+    w = _w(rows, cols, seed=axis + len(pieces[0]))
+    n = rows if axis == 0 else cols
+    cuts = [0, n // 3, n // 3 + n // 4, n]
+    parts = []
+    for (b, g, sb), lo, hi in zip(pieces, cuts[:-1], cuts[1:], strict=True):
+        piece = w[lo:hi] if axis == 0 else w[:, lo:hi]
+        parts.append(piece.half() if b == 16 else rtn_quantize(piece, b, g, sb))
+    return PackedLinear.from_quantized(parts, axis)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("pieces", DQ_PIECES)
+def test_cuda_plans_read_the_codes(axis, pieces):
+    # The cupy backend's launch plans pass the code stream and the steps, not expanded fp16
+    # scales; run through the NumPy port of the kernels (BsScales), each output equals the
+    # same layer's with its scales expanded, bit for bit (ŵ is the same fp32 value), and the
+    # dequantized weight equals the reference exactly.
+    from bitsack.kernels.backends import dequant_plan, gemv_plan, reference_weight
+    from bitsack.kernels.emulate import emulate_launch
+
+    layer = _dq_layer(axis, pieces)
+    rows, cols = layer.out_features, layer.in_features
+    plain = PackedLinear(cols, rows, [
+        Segment(s.axis, s.start, s.stop, s.bits, s.group_size, s.shape, qdata=s.qdata,
+                scale=s.scales(), zero=s.zero) if s.scale_bits else s
+        for s in layer.segments])
+    assert any(s.scale is None and s.bits < 16 for s in layer.segments)
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for lay in (layer, plain):
+        y = torch.full((3, rows), float("nan"))
+        for launch in gemv_plan(lay, x, y):
+            emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
+        outs.append(y)
+        dense = torch.full((rows, cols), float("nan"))
+        for launch in dequant_plan(lay, dense):
+            emulate_launch(launch.kernel, launch.grid, launch.block, launch.args)
+        np.testing.assert_array_equal(dense.numpy(), reference_weight(layer).astype(np.float32))
+    # the plan of the double-quantized layer holds its code streams (nothing expanded)
+    coded = [s for s in layer.segments if s.scale_bits]
+    args = [a for launch in gemv_plan(layer, x, torch.empty(3, rows)) for a in launch.args]
+    assert all(any(a is s.scale_codes for a in args) for s in coded)
+    assert torch.equal(outs[0], outs[1]) and not torch.isnan(outs[0]).any()
+
+
+def _cupy_ready() -> bool:
+    from bitsack.kernels.backends import get_backend
+
+    return get_backend("cupy").is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cupy_ready(), reason="no CUDA device / CuPy")
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("pieces", DQ_PIECES)
+def test_cupy_reads_the_codes_within_bound(axis, pieces):
+    from bitsack.kernels.backends import get_backend, reference_output
+    from bitsack.kernels.bounds import layer_error_bound
+
+    layer = _dq_layer(axis, pieces)
+    gpu = copy.deepcopy(layer).cuda()
+    gpu.backend = "cupy"
+    for batch in (1, 3, 12):  # the GEMV and the dequantize + cuBLAS path
+        x = torch.randn(batch, layer.in_features,
+                        generator=torch.Generator().manual_seed(batch)).half()
+        y_ref = reference_output(layer, x)
+        bound = layer_error_bound(layer, x, "cupy", y_ref=y_ref)
+        y = gpu(x.cuda()).cpu()
+        assert bool(((y.double() - y_ref).abs() <= bound).all()), batch
+    w = get_backend("cupy").dequantize(gpu, torch.float32, torch.device("cuda"))
+    assert torch.equal(w.cpu(), layer.dequantize())
