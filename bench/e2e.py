@@ -320,7 +320,8 @@ def write_report(args) -> Path:
 
     results = Path(args.results)
     every = load_results(results)
-    res = {c: r for c, r in every.items() if not split_cell(c)[2]}  # calibration draw 0
+    draw = args.draw if args.draw is not None else main_draw(every)
+    res = {c: r for c, r in every.items() if split_cell(c)[2] == draw}
     base = json.loads((results / "e2e" / "base.json").read_text()) \
         if (results / "e2e" / "base.json").is_file() else {}
     L = ["# Head-to-head at equal bytes: uniform GPTQ vs bitsack one-shot vs bitsack search",
@@ -333,34 +334,38 @@ def write_report(args) -> Path:
          "embedding counted) × 8 / original weights, in packed layout v2 (an fp16 scale and a "
          "`bits`-bit zero point per group: uniform 3-bit g64 is 3.297). One calibration set "
          "for every method. Cells measured under layout v1 (fp16 zero points: 3-bit g64 was "
-         "3.5) are in `e2e_v1.md`; their models are the same, their bytes are not.",
+         "3.5) are in `e2e_v1.md`; their models are the same, their bytes are not. "
+         f"The tables and the plot show the cells of calibration draw {draw} (`~s{draw}`; "
+         "the draw most searches ran from, so every comparison is within one draw); the "
+         "section on draws lists every cell.",
          "", "Command: `python bench/e2e.py` (cells cached in `bench/results/e2e/*.json`).", ""]
     L += ["## Uniform GPTQ", "", "| config | bits/weight | WikiText-2 | C4 |",
           "|---|---|---|---|"]
     for c in sorted((c for c in res if c.startswith("uniform:")),
                     key=lambda c: res[c]["bits_per_weight"]):
         r = res[c]
-        L.append(f"| {c[8:]} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
+        L.append(f"| {split_cell(c)[0][8:]} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
                  f"{_f(r['c4'])} |")
     L += ["", "## At each budget", "",
-          "| budget | best uniform that fits (bits) | WikiText-2 | C4 | one-shot | bits | "
-          "WikiText-2 | C4 | search | bits | WikiText-2 | C4 | search / uniform (Wiki, C4) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    budgets = sorted({c.split("@")[1] for c in res if "@" in c and not c.endswith("@lat")},
+          "Every bitsack cell at a budget beside the best uniform configuration that fits it "
+          "(lowest WikiText-2 among the uniform cells of the same draw whose bytes fit).", "",
+          "| budget | best uniform that fits (bits) | WikiText-2 | C4 | bitsack | bits | "
+          "WikiText-2 | C4 | bitsack / uniform (Wiki, C4) |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    budgets = sorted({split_cell(c)[1] for c in res if "@" in c and not c.endswith("@lat")},
                      key=float)
     for b in budgets:
         u = best_uniform(res, float(b))
-        o, s = res.get(f"oneshot@{b}"), res.get(f"search@{b}")
-        row = [b, f"{u['cell'][8:]} ({u['bits_per_weight']:.3f})" if u else "none fits",
-               _f(u and u["wikitext2"]), _f(u and u["c4"]), "", _f(o and o["bits_per_weight"]),
-               _f(o and o["wikitext2"]), _f(o and o["c4"]), "",
-               _f(s and s["bits_per_weight"]), _f(s and s["wikitext2"]), _f(s and s["c4"])]
-        ratio = (f"{s['wikitext2'] / u['wikitext2']:.3f}, {s['c4'] / u['c4']:.3f}"
-                 if s and u else "—")
-        L.append("| " + " | ".join(row) + f" | {ratio} |")
+        ucol = (f"{u['cell'][8:].split('~')[0]} ({u['bits_per_weight']:.3f}) | "
+                f"{_f(u['wikitext2'])} | {_f(u['c4'])}" if u else "none fits | — | —")
+        for c in sorted((c for c in res if split_cell(c)[1] == b),
+                        key=lambda c: (c.split("@")[0] != "oneshot", c)):
+            r = res[c]
+            L.append(f"| {b} | {ucol} | {c.split('@')[0]} | {r['bits_per_weight']:.3f} | "
+                     f"{_f(r['wikitext2'])} | {_f(r['c4'])} | {_ratios(r, u)} |")
     for method, (title, what, ref) in VARIANTS.items():
-        cells = sorted((c for c in res if c.startswith(method + "@")),
-                       key=lambda c: float(c.split("@")[1]))
+        cells = sorted((c for c in res if split_cell(c)[0] == method),
+                       key=lambda c: float(split_cell(c)[1]))
         if not cells:
             continue
         L += ["", f"## {title} (`{method}`)", "", what, "",
@@ -368,8 +373,8 @@ def write_report(args) -> Path:
               f"| vs best uniform (Wiki, C4) | vs `{ref}` (Wiki, C4) |",
               "|---|---|---|---|---|---|---|---|---|"]
         for c in cells:
-            b, r = c.split("@")[1], res[c]
-            u, s = best_uniform(res, float(b)), res.get(f"{ref}@{b}")
+            b, r = split_cell(c)[1], res[c]
+            u, s = best_uniform(res, float(b)), res.get(c.replace(method + "@", ref + "@", 1))
             srch = r["summary"].get("search") or {}
             steps = srch.get("steps", [])
             L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
@@ -377,8 +382,8 @@ def write_report(args) -> Path:
                      f"{srch.get('linearisations', 0)} | {len(steps)} "
                      f"({sum(1 for st in steps if st['accepted'])}) | {_ratios(r, u)} | "
                      f"{_ratios(r, s)} |")
-    rewalk = sorted((c for c in res if _rounds(c.split("@")[0])[1]),
-                    key=lambda c: (float(c.split("@")[1]), c))
+    rewalk = sorted((c for c in res if split_cell(c)[1] and _rounds(split_cell(c)[0])[1]),
+                    key=lambda c: (float(split_cell(c)[1]), c))
     if rewalk:
         L += ["", "## Rounds on a re-walked store (`search-rewalk`, `search-rewalkN`)", "",
               "The `search@B` cell's (or `<search>-rewalk` the `<search>@B` cell's) finished "
@@ -392,8 +397,9 @@ def write_report(args) -> Path:
               "vs best uniform (Wiki, C4) |",
               "|---|---|---|---|---|---|---|---|"]
         for c in rewalk:
-            b, r = c.split("@")[1], res[c]
-            first = res.get(f"{_rounds(c.split('@')[0])[0]}@{b}")
+            m, b, _ = split_cell(c)
+            r = res[c]
+            first = res.get(c.replace(m + "@", _rounds(m)[0] + "@", 1))
             u, srch = best_uniform(res, float(b)), r["summary"].get("search") or {}
             walks = []
             for rd in srch.get("start", {}).get("rounds") or []:
@@ -404,7 +410,7 @@ def write_report(args) -> Path:
                      f"{_f(r['c4'])} | {'; '.join(walks) or '—'} | "
                      f"{srch.get('forwards', 0):.0f} ({r['config']['search_budget']:g}) | "
                      f"{_ratios(r, first)} | {_ratios(r, u)} |")
-    lat = {c: r for c, r in res.items() if c.endswith("@lat")}
+    lat = {c: r for c, r in res.items() if split_cell(c)[1] == "lat"}
     if lat:
         L += ["", "## Latency-bound case", "",
               f"Budgets: {LATENCY_AVG_BITS} bits/weight and `prefill_latency_us` ≤ "
@@ -446,7 +452,7 @@ def write_report(args) -> Path:
                  f"{r['wall_s'] * r['machine']['threads'] / 60:.0f} | {fin.get('kept')} "
                  f"({_f(fin.get('stitched_holdout_kl'))} / "
                  f"{_f(fin.get('sequential_holdout_kl'))}) |")
-    png = plot(res, results / "e2e_ppl.png")
+    png = plot(res, results / "e2e_ppl.png", draw)
     if png:
         L += ["", f"![perplexity vs bits per weight]({png.name})", ""]
     path = results / "e2e.md"
@@ -518,7 +524,17 @@ def _findings(path: Path) -> str:
     return "\n" + marker + "\n"
 
 
-def plot(res: dict[str, dict], path: Path) -> Path | None:
+def main_draw(every: dict[str, dict]) -> int:
+    """The calibration draw most search cells ran from (the lowest on a tie; 0 without any)."""
+    counts: dict[int, int] = {}
+    for c in every:
+        method, budget, draw = split_cell(c)
+        counts.setdefault(draw, 0)
+        counts[draw] += bool(budget) and not method.startswith("uniform:")
+    return min(counts, key=lambda d: (-counts[d], d)) if counts else 0
+
+
+def plot(res: dict[str, dict], path: Path, draw: int = 0) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -529,19 +545,19 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for g, marker in (("32", "o"), ("64", "s"), ("128", "^")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
-                     if c.startswith("uniform:") and c.endswith(f"g{g}"))
+                     if c.startswith("uniform:") and split_cell(c)[0].endswith(f"g{g}"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
     dq = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
-                if c.startswith("uniform:") and "s" in c.split(":", 1)[1])
+                if c.startswith("uniform:") and "s" in split_cell(c)[0].split(":", 1)[1])
     if dq:
         ax.plot(*zip(*dq, strict=True), "o--", label="uniform GPTQ, S-bit scales")
     for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
                           ("search-moved-rse", "<:"), ("search-moved-rse-ratio", ">:"),
-                          ("search", "*-"),
+                          ("search", "*-"), ("search-s6", "*-"), ("search-s6g16", "h:"),
                           ("search-rewalk", "D:"), ("search-moved-rewalk", "d:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
-                     if c.startswith(method + "@") and not c.endswith("@lat"))
+                     if split_cell(c)[0] == method and split_cell(c)[1] not in ("", "lat"))
         if pts:
             size = 7 if method == "search-narrow" else 12
             ax.plot(*zip(*pts, strict=True), style, markersize=size, label=f"bitsack {method}")
@@ -550,7 +566,7 @@ def plot(res: dict[str, dict], path: Path) -> Path | None:
     ax.set_ylabel("WikiText-2 perplexity")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend()
-    ax.set_title("SmolLM2-135M: perplexity vs bytes")
+    ax.set_title(f"SmolLM2-135M: perplexity vs bytes (calibration draw {draw})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -578,6 +594,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default=",".join(BUDGETS), help="bits per weight")
     p.add_argument("--latency", action="store_true", help="add the latency-bound case")
     p.add_argument("--report", action="store_true", help="only rebuild e2e.md and the plot")
+    p.add_argument("--draw", type=int, default=None,
+                   help="the calibration draw the report's tables and plot show (default: the "
+                        "draw most search cells ran from)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--compress-nsamples", type=int, default=32)
     p.add_argument("--search-budget", type=float, default=3000.0)

@@ -42,7 +42,7 @@ def test_cells_report_and_cache(e2e, tmp_path, capsys):
     assert search["bits_per_weight"] <= 4.5 + 1e-9
     assert search["wikitext2"] > 1 and search["c4"] > 1
     md = (tmp_path / "res" / "e2e.md").read_text()
-    assert "| 4.5 |" in md and "search / uniform" in md
+    assert "| 4.5 |" in md and "bitsack / uniform" in md
     # a second call reuses every cell
     capsys.readouterr()
     assert e2e.main(args) == 0
@@ -119,9 +119,17 @@ def test_calibration_draws(e2e, tmp_path):
     assert f"| search@4.5 | {s1['machine']['platform']} | 1 |" in draws
     assert f"{s1['wikitext2'] / u1['wikitext2']:.3f}, {s1['c4'] / u1['c4']:.3f}" in draws
     assert "mean of 2 draws" in draws
-    # the draws stay out of the per-budget table (draw 0 only)
+    # the per-budget table shows one draw: the one most searches ran from, the lowest on a
+    # tie (here 0), or the one asked for, compared with that draw's uniform cells
     table = md.split("## At each budget", 1)[1].split("\n## ", 1)[0]
-    assert table.count("| 4.5 |") == 1
+    assert table.count("| 4.5 |") == 1 and f"| {s0['wikitext2']:.4g} |" in table
+    assert e2e.main(["--report", "--draw", "1", *common]) == 0
+    md = (tmp_path / "res" / "e2e.md").read_text()
+    table = md.split("## At each budget", 1)[1].split("\n## ", 1)[0]
+    assert f"| {s1['wikitext2']:.4g} | {s1['c4']:.4g} | {e2e._ratios(s1, u1)} |" in table
+    assert "calibration draw 1" in md
+    every = {"search@3~s2": {}, "search@4~s2": {}, "search@3": {}, "uniform:b3g64": {}}
+    assert e2e.main_draw(every) == 2 and e2e.main_draw({}) == 0
 
 
 def test_a_uniform_cell_with_scale_codes(e2e):
