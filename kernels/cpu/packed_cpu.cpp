@@ -118,16 +118,25 @@ static inline __attribute__((always_inline)) v16u extract16(v16u w, int h) {
 #endif
 }
 
-// Zero point i (= row·ngroups + group) of a segment's zero-point stream: BITS bits at bit
-// i·BITS of the little-endian concatenation of the stream's words (formats.pack_zero).
-template <int BITS>
-static inline float zero_at(const uint32_t* zs, long i) {
-    const long bit = i * BITS;
+// Value i of a stream of `bits`-bit values: bits at bit i·bits of the little-endian
+// concatenation of the stream's words (formats.pack_zero). Branchless: the word after wi is
+// read only when the value straddles into it (wi1 = wi otherwise, and the value's bits then
+// lie in the low word), so no load passes the stream's end and no branch is mispredicted
+// (a straddle test taken for some groups and not others cost decode 1.2–1.5× with 6-bit
+// scale codes: bench/results/kernels_cpu_scales.md).
+static inline uint32_t stream_at(const uint32_t* words, long i, int bits) {
+    const long bit = i * bits;
     const long wi = bit >> 5;
     const int sh = (int)(bit & 31);
-    uint64_t v = zs[wi] >> sh;
-    if (sh + BITS > 32) v |= (uint64_t)zs[wi + 1] << (32 - sh);
-    return (float)(uint32_t)(v & ((1u << BITS) - 1u));
+    const long wi1 = wi + (sh + bits > 32);
+    const uint64_t v = (((uint64_t)words[wi1] << 32) | words[wi]) >> sh;
+    return (uint32_t)v & ((1u << bits) - 1u);
+}
+
+// Zero point i (= row·ngroups + group) of a segment's zero-point stream.
+template <int BITS>
+static inline float zero_at(const uint32_t* zs, long i) {
+    return (float)stream_at(zs, i, BITS);
 }
 
 // A segment's group scales: fp16 values [rows, ngroups], or (double-quantized: formats
@@ -142,13 +151,8 @@ struct Scales {
 
     inline float at(long r, int g) const {
         if (fp16) return half_to_float(fp16[r * ngroups + g]);
-        const long bit = (r * ngroups + g) * (long)S;
-        const long wi = bit >> 5;
-        const int sh = (int)(bit & 31);
-        uint64_t v = codes[wi] >> sh;
-        if (sh + S > 32) v |= (uint64_t)codes[wi + 1] << (32 - sh);
-        const float k = (float)(uint32_t)(v & ((1u << S) - 1u));
-        return k * half_to_float(step[r * nsuper + (long)g * G / 256]);
+        const float k = (float)stream_at(codes, r * ngroups + g, S);
+        return k * half_to_float(step[r * nsuper + (((long)g * G) >> 8)]);
     }
 };
 

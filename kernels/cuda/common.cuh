@@ -38,9 +38,12 @@ __device__ __forceinline__ unsigned int bs_stream_at(const unsigned int* __restr
     const size_t bit = i * bits;
     const size_t wi = bit >> 5;
     const int sh = (int)(bit & 31);
-    unsigned int v = __ldg(words + wi) >> sh;
-    if (sh + bits > 32) v |= __ldg(words + wi + 1) << (32 - sh);
-    return v & ((1u << bits) - 1u);
+    // branchless (lanes of a warp straddle differently): the next word is read only when
+    // the value straddles into it; otherwise the value's bits lie in the low word
+    const size_t wi1 = wi + (sh + bits > 32);
+    const unsigned long long v =
+        (((unsigned long long)__ldg(words + wi1) << 32) | __ldg(words + wi)) >> sh;
+    return (unsigned int)v & ((1u << bits) - 1u);
 }
 
 // Zero point i (= row·ngroups + group) of a segment's zero-point stream, as a float (exact).
