@@ -63,6 +63,9 @@ SEARCHES = {
                                "search_grow": "ratio"},
     # every option's scales as 6-bit codes (priced, stored and searched so)
     "search-s6": {"screen": [16, 256], "select": [48, 256], "scale_bits": 6},
+    # and the token embedding as 6 row ranges (vocab_groups: frequent tokens have low ids)
+    "search-s6v6": {"screen": [16, 256], "select": [48, 256], "scale_bits": 6,
+                    "vocab_groups": 6},
     # and group size 16 on the menu (3g16 costs 3.63 bits/weight with 6-bit codes)
     "search-s6g16": {"screen": [16, 256], "select": [48, 256], "scale_bits": 6,
                      "menu": ["b2g128", "b2g64", "b2g32", "b2g16", "b3g128", "b3g64", "b3g32",
@@ -94,6 +97,13 @@ VARIANTS = {
                   "fp16 step per row and 256 columns (`--scale-bits 6`: b3g32 costs 3.37 "
                   "bits/weight instead of 3.59), priced so and built so in the variant store; "
                   "the rest as the default search.", "search"),
+    "search-s6v6": ("The token embedding in six row ranges",
+                    "The tied embedding (21 % of SmolLM2's weights) is six units of token-id "
+                    "ranges halving towards the front (`--vocab-groups 6`: ids 0–1535, "
+                    "1536–3071, 3072–6143, 6144–12287, 12288–24575, 24576–49151; on "
+                    "WikiText-2 the first 1/32 of the ids carries 54 % of the tokens, the "
+                    "first 1/8 80 %), each free to take its own option; the rest as "
+                    "`search-s6`.", "search-s6"),
     "search-s6g16": ("Group size 16 on the menu",
                      "The menu gains b2g16, b3g16, b4g16 (with 6-bit scale codes 3g16 costs "
                      "3 + 9/16 + 16/256 = 3.63 bits/weight, between 3g32's 3.34 and 4g128's "
@@ -555,6 +565,7 @@ def plot(res: dict[str, dict], path: Path, draw: int = 0) -> Path | None:
     for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
                           ("search-moved-rse", "<:"), ("search-moved-rse-ratio", ">:"),
                           ("search", "*-"), ("search-s6", "*-"), ("search-s6g16", "h:"),
+                          ("search-s6v6", "p-"),
                           ("search-rewalk", "D:"), ("search-moved-rewalk", "d:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
                      if split_cell(c)[0] == method and split_cell(c)[1] not in ("", "lat"))

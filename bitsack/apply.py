@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,35 @@ class CompressResult:
     packed_bytes: int
     untouched: tuple[str, ...]
     report: dict = field(default_factory=dict)
+
+
+_VOCAB_ID = re.compile(r"^(embed|lm_head)\.v(\d+)$")
+
+
+def plan_vocab_groups(plan: Mapping[str, Any]) -> int:
+    """How many row-range units the plan's vocabulary matrices are split into
+    (``bitsack.models.adapter.vocab_units``): N when it names ``embed.v0`` … ``embed.v<N−1>``
+    (and/or ``lm_head.v…``), 1 otherwise — a plan says how its units were cut.
+
+    Raises:
+        ValidationError: ``.v<i>`` ids that are not one consecutive 0..N−1 per matrix, or
+            that differ in N between the embedding and the lm_head, or mixed with ``embed``.
+    """
+    seen: dict[str, set[int]] = {}
+    for uid in plan:
+        m = _VOCAB_ID.match(uid)
+        if m:
+            seen.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not seen:
+        return 1
+    counts = {name: len(idx) for name, idx in seen.items()}
+    for name, idx in seen.items():
+        if idx != set(range(len(idx))) or name in plan or len(set(counts.values())) > 1:
+            raise ValidationError(f"plan.{name}.v*", f"row-range units {sorted(idx)} (whole "
+                                  f"matrix named too: {name in plan}; per matrix {counts}); "
+                                  "valid: exactly v0 … v<N−1>, the same N for embed and "
+                                  "lm_head, and not the whole-matrix id beside them")
+    return next(iter(counts.values()))
 
 
 def check_plan(units, plan: Mapping[str, Choice], mlp_group: int) -> None:
@@ -236,7 +266,8 @@ def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Pr
     has one contiguous segment per choice (function preserving)."""
     adapter = get_adapter(model)
     plan = normalize_plan(plan, cfg.group_size)
-    units = adapter.units(mlp_group=cfg.mlp_group, embeddings=True)
+    vocab = plan_vocab_groups(plan)
+    units = adapter.units(mlp_group=cfg.mlp_group, embeddings=True, vocab_groups=vocab)
     check_plan(units, plan, cfg.mlp_group)
     original = {u.id: _by_module(u) for u in units}
     pruned = [uid for uid, c in plan.items() if c.pruned]
@@ -248,7 +279,7 @@ def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Pr
                                               _order_key(plan.get(u.id, fp16))))
     if order:
         adapter.permute_units([u.id for u in order], mlp_group=cfg.mlp_group)
-    units_now = adapter.units(mlp_group=cfg.mlp_group, embeddings=True)
+    units_now = adapter.units(mlp_group=cfg.mlp_group, embeddings=True, vocab_groups=vocab)
     planned = [u for u in units_now if u.id in plan]
     return _Prepared(
         adapter=adapter, plan=plan, original=original,
@@ -399,17 +430,19 @@ def quantize_linear(mod: nn.Module, segs: list[SegmentPlan], hessian, cfg: Apply
 def _replace_embedding(model: nn.Module, name: str, segs: list[SegmentPlan],
                        cfg: ApplyConfig) -> int:
     """An input embedding (or an outside projection such as OPT's project_in), RTN."""
-    from bitsack.kernels.packed import PackedEmbedding
+    from bitsack.kernels.packed import PackedEmbedding, Segment
 
     mod = model.get_submodule(name)
     if not isinstance(mod, nn.Embedding):  # a projection outside the layers: RTN
         packed = quantize_linear(mod, segs, None, cfg)
         set_module(model, name, packed)
         return packed.nbytes
-    (seg,) = segs
-    packed = PackedEmbedding.from_dense(mod.weight.detach().float(), seg.bits,
-                                        seg.group_size or mod.weight.shape[1],
-                                        dtype=mod.weight.dtype, scale_bits=cfg.scale_bits)
+    weight = mod.weight.detach().float()
+    parts = rtn_parts(weight, segs, cfg.scale_bits)  # row ranges (vocab_groups), or one
+    segments = [Segment.from_fp16(p, 0, s.start) if isinstance(p, torch.Tensor)
+                else Segment.from_quantized(p, 0, s.start)
+                for s, p in zip(segs, parts, strict=True)]
+    packed = PackedEmbedding(weight.shape[0], weight.shape[1], segments, dtype=mod.weight.dtype)
     if type(mod) is nn.Embedding:
         set_module(model, name, packed)
     else:

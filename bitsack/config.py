@@ -43,6 +43,11 @@ class RunConfig:
     options with it; the search's variant store quantizes on that grid; the one-shot
     profile's sensitivity estimates perturb on the fp16-scale grid (its costs are exact).
 
+    ``vocab_groups``: the token embedding (and an untied lm_head) as this many units of row
+    ranges that halve towards the front (``bitsack.models.adapter.vocab_ranges``: frequent
+    tokens have low ids in BPE vocabularies), each free to take its own option; 1 (default):
+    one unit ``embed``.
+
     ``interactions`` weighs the profile's interaction terms in the one-shot objective
     (``bitsack.solver.with_interaction_weight``); 0 (default) is additive (README: weight 1
     let the solver prune 426 of 451 units of SmolLM2-135M at a predicted +0.08 nats/token,
@@ -68,6 +73,7 @@ class RunConfig:
     units: tuple[str, ...] = ("heads", "mlp", "embed")
     group_size: int = 64
     mlp_group: int = 128
+    vocab_groups: int = 1
     profile_nsamples: int = 32
     profile_seqlen: int = 256
     cost_models: tuple[str, ...] = ("memory", "roofline")
@@ -131,6 +137,10 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValidationError(name, f"{value!r}; valid: a positive integer")
+        v = self.vocab_groups
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
+            raise ValidationError("vocab_groups", f"{v!r}; valid: an integer 1..16 (row "
+                                  "ranges of the token embedding; 1: one unit)")
         for name in ("screen", "select", "holdout"):
             value = getattr(self, name)
             if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 2

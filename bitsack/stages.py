@@ -37,7 +37,14 @@ def run_units(model, cfg: RunConfig) -> list:
 
     kinds = {UNIT_KINDS[k] for k in cfg.units}
     return [u for u in model_units(model, mlp_group=cfg.mlp_group,
-                                   embeddings="embed" in cfg.units) if u.kind in kinds]
+                                   embeddings="embed" in cfg.units,
+                                   vocab_groups=cfg.vocab_groups) if u.kind in kinds]
+
+
+def _vocab(cfg: RunConfig) -> dict[str, int]:
+    """``vocab_groups`` for a record or a cache key, absent at 1 (records made before it
+    existed stay valid)."""
+    return {"vocab_groups": cfg.vocab_groups} if cfg.vocab_groups != 1 else {}
 
 
 def tensor_bytes(model) -> int:
@@ -254,7 +261,7 @@ def profile_problem(ctx: Context, model, tokenizer, units):
     inputs = {"model": ctx.model_id, "calib": cfg.calib, "estimator": cfg.estimator,
               "quantizer": cfg.perturbation_quantizer, "bits": list(cfg.bits),
               "units": list(cfg.units), "group_size": cfg.group_size,
-              "mlp_group": cfg.mlp_group, "nsamples": cfg.profile_nsamples,
+              "mlp_group": cfg.mlp_group, **_vocab(cfg), "nsamples": cfg.profile_nsamples,
               "seqlen": cfg.profile_seqlen, "cost_models": list(cfg.cost_models),
               "device": cfg.device, "seed": cfg.seed, "packed_layout": LAYOUT_VERSION}
 
@@ -269,7 +276,7 @@ def profile_problem(ctx: Context, model, tokenizer, units):
                          cost_model_args={"roofline": {"device": cfg.device}},
                          seed=cfg.seed, progress=ctx.bars,
                          metadata={"model": ctx.model_id, "calib": cfg.calib,
-                                   "mlp_group": cfg.mlp_group})
+                                   "mlp_group": cfg.mlp_group, **_vocab(cfg)})
         write_profile(result, prof_dir)
 
     ctx.timed("profile", inputs, [problem_file], work)
@@ -359,7 +366,8 @@ def _search(ctx: Context, lm, units) -> Planned:
     store_key = {"model": ctx.model_id, "menu": list(menu.option_ids),
                  "window": cfg.search_window, "calib": cfg.calib,
                  "quantizer": cfg.quantizer, "nsamples": cfg.compress_nsamples,
-                 "seqlen": cfg.compress_seqlen, "mlp_group": cfg.mlp_group, "seed": cfg.seed,
+                 "seqlen": cfg.compress_seqlen, "mlp_group": cfg.mlp_group, **_vocab(cfg),
+                 "seed": cfg.seed,
                  "limits": limits, "units": list(cfg.units), "splits": [cfg.screen,
                                                                         cfg.select,
                                                                         cfg.holdout],

@@ -198,6 +198,11 @@ SEED = integer(0, MAX_SEED, what="a seed")
 SEQLEN = integer(2, 2**20, what="a number of tokens")
 #: A quantization group size or MLP block (the model's widths are checked later).
 GROUP = integer(1, 2**16, what="a positive integer")
+
+VOCAB_GROUPS = integer(1, 16, what="a number of row ranges")
+VOCAB_GROUPS_HELP = ("the token embedding (and an untied lm_head) as N units of row ranges "
+                     "halving towards the front (frequent tokens have low ids), each free to "
+                     "take its own option (default 1: one unit; " + VOCAB_GROUPS.valid + ")")
 #: Solver threads.
 THREADS = integer(1, MAX_THREADS, what="a number of threads")
 #: A wall-clock limit in seconds.

@@ -15,6 +15,8 @@ from bitsack.commands._args import (
     POSITIVE_INT,
     SEED,
     SEQLEN,
+    VOCAB_GROUPS,
+    VOCAB_GROUPS_HELP,
     integer,
     name_list,
 )
@@ -45,6 +47,8 @@ def register(subparsers) -> None:
                    help="unit kinds: heads,mlp[,embed] (default heads,mlp,embed)")
     p.add_argument("--mlp-group", type=GROUP, default=128,
                    help="MLP channels per unit (default 128)")
+    p.add_argument("--vocab-groups", type=VOCAB_GROUPS, default=1, metavar="N",
+                   help=VOCAB_GROUPS_HELP)
     p.add_argument("--nsamples", type=POSITIVE_INT, default=64,
                    help="calibration sequences (default 64)")
     p.add_argument("--seqlen", type=SEQLEN, default=256,
@@ -120,7 +124,8 @@ def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = 
                     progress=progress)
     kinds = {UNIT_KINDS[k] for k in cfg["units"]}
     units = [u for u in model_units(lm.model, mlp_group=cfg["mlp_group"],
-                                    embeddings="embed" in cfg["units"]) if u.kind in kinds]
+                                    embeddings="embed" in cfg["units"],
+                                    vocab_groups=cfg["vocab_groups"]) if u.kind in kinds]
     say("calibration data")
     calib = calibration_tokens(cfg["calib"], lm.tokenizer, cfg["nsamples"], cfg["seqlen"],
                                seed=cfg["seed"])
@@ -139,6 +144,8 @@ def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = 
     if cfg["scale_bits"] is not None:
         cm_args["memory"] = {"scale_bits": cfg["scale_bits"]}
         extra["scale_bits"] = cfg["scale_bits"]
+    if cfg["vocab_groups"] != 1:
+        extra["vocab_groups"] = cfg["vocab_groups"]
     model_id = {k: lm.source.get(k) for k in ("kind", "spec", "path", "gguf_file", "sha256")}
     say(f"estimating ({cfg['estimator']}, {len(units)} units)")
     return profile(lm.model, units, calib, estimator=cfg["estimator"], bits=cfg["bits"],

@@ -65,6 +65,8 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
         SECONDS,
         SEED,
         SEQLEN,
+        VOCAB_GROUPS,
+        VOCAB_GROUPS_HELP,
         add_format_arg,
         name_list,
         real,
@@ -141,6 +143,8 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    help=f"the group size plain b<k> options mean (default {d['group_size']})")
     p.add_argument("--mlp-group", type=GROUP, default=d["mlp_group"],
                    help=f"MLP channels per unit (default {d['mlp_group']})")
+    p.add_argument("--vocab-groups", type=VOCAB_GROUPS, default=d["vocab_groups"], metavar="N",
+                   help=VOCAB_GROUPS_HELP)
     p.add_argument("--nsamples", type=POSITIVE_INT, default=d["profile_nsamples"],
                    help=f"profiling sequences (default {d['profile_nsamples']})")
     p.add_argument("--seqlen", type=SEQLEN, default=d["profile_seqlen"],
@@ -190,7 +194,8 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         method=args.method, menu=tuple(args.menu), calib=args.calib, eval=args.eval,
         estimator=args.estimator, interactions=args.interactions, prune=args.prune,
         bits=tuple(args.bits), units=tuple(args.units), group_size=args.group_size,
-        mlp_group=args.mlp_group, profile_nsamples=args.nsamples, profile_seqlen=args.seqlen,
+        mlp_group=args.mlp_group, vocab_groups=args.vocab_groups,
+        profile_nsamples=args.nsamples, profile_seqlen=args.seqlen,
         format=args.format,
         quantizer=args.quantizer, profile_quantizer=args.profile_quantizer,
         scale_bits=args.scale_bits,

@@ -59,9 +59,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'bitsack.models' has no attribute {name!r}")
 
 
-def model_units(model, mlp_group: int = 128, embeddings: bool = True) -> list[UnitSpec]:
+def model_units(model, mlp_group: int = 128, embeddings: bool = True,
+                vocab_groups: int = 1) -> list[UnitSpec]:
     """Every unit of ``model`` with its weight slices (see ``Adapter.units``)."""
-    return get_adapter(model).units(mlp_group=mlp_group, embeddings=embeddings)
+    return get_adapter(model).units(mlp_group=mlp_group, embeddings=embeddings,
+                                    vocab_groups=vocab_groups)
 
 
 def prune(model, unit_ids: Iterable[str], mlp_group: int = 128) -> PruneResult:

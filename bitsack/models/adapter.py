@@ -51,12 +51,19 @@ __all__ = [
     "PruneResult",
     "PrunedBlock",
     "expand_positions",
+    "check_vocab_groups",
     "matrix_unit",
     "parse_unit_id",
+    "vocab_ranges",
+    "vocab_units",
     "select_linear",
 ]
 
 DIMS_SCHEMA = "bitsack.dims/v1"
+#: Unit ids of the matrices indexed by token id (their rows can be split: ``vocab_units``).
+VOCAB_UNITS = ("embed", "lm_head")
+#: The most row ranges a vocabulary matrix may be split into (``vocab_ranges``).
+MAX_VOCAB_GROUPS = 16
 _UNIT_RE = re.compile(r"^L(\d+)\.(attn)\.g(\d+)$|^L(\d+)\.(mlp)\.c(\d+)$")
 
 
@@ -99,6 +106,52 @@ def matrix_unit(unit_id: str, param: str, weight: torch.Tensor, kind: str = "emb
     """A bits-only unit that owns the whole matrix ``param`` (embeddings, lm_head)."""
     return UnitSpec(unit_id, kind, None, (Slice(param, 0, 0, weight.shape[0],
                                                 tuple(weight.shape)),), prunable=False)
+
+
+def check_vocab_groups(groups: Any) -> int:
+    """``groups`` if it is a valid ``vocab_groups`` (an integer 1..MAX_VOCAB_GROUPS).
+
+    Raises:
+        ModelError: otherwise.
+    """
+    if isinstance(groups, bool) or not isinstance(groups, int) or \
+            not 1 <= groups <= MAX_VOCAB_GROUPS:
+        raise ModelError(f"vocab_groups: {groups!r}; valid: an integer 1..{MAX_VOCAB_GROUPS}")
+    return groups
+
+
+def vocab_ranges(rows: int, groups: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of a matrix indexed by token id, split into ``groups``
+    units that halve towards the front: the last range holds the second half of the rows, the
+    one before it the quarter before that, …, the first range the leading 1/2^(groups−1).
+
+    Why this shape: BPE vocabularies number tokens roughly in merge order, i.e. by frequency —
+    on WikiText-2 the first 1/8 of SmolLM2's 49,152 ids carries 80 % of the tokens and the
+    first 1/32 54 % — so a few frequent rows and many rare ones can take different options
+    (a row of a rare token is read rarely as an input and moves little probability as an
+    output row). ``groups`` 1 is the whole matrix.
+
+    Raises:
+        ModelError: ``groups`` not in 1..MAX_VOCAB_GROUPS, or more ranges than rows allow.
+    """
+    check_vocab_groups(groups)
+    ends = [rows >> (groups - 1 - i) for i in range(groups)]
+    if ends[0] < 1:
+        raise ModelError(f"vocab_groups: {groups} ranges halving towards the front need at "
+                         f"least {1 << (groups - 1)} rows; the matrix has {rows}")
+    starts = [0, *ends[:-1]]
+    return list(zip(starts, ends, strict=True))
+
+
+def vocab_units(unit: UnitSpec, groups: int) -> list[UnitSpec]:
+    """``unit`` (a whole vocabulary matrix: ``embed`` / ``lm_head``) as ``groups`` row-range
+    units ``<id>.v<i>`` (``vocab_ranges``); itself when ``groups`` is 1."""
+    if groups == 1:
+        return [unit]
+    (s,) = unit.slices
+    return [UnitSpec(f"{unit.id}.v{i}", unit.kind, None,
+                     (Slice(s.param, 0, a, b, (b - a, s.shape[1])),), prunable=False)
+            for i, (a, b) in enumerate(vocab_ranges(s.shape[0], groups))]
 
 
 class Adapter:
@@ -210,7 +263,8 @@ class Adapter:
         }
 
     # ---- units --------------------------------------------------------------------------
-    def units(self, mlp_group: int = 128, embeddings: bool = True) -> list[UnitSpec]:
+    def units(self, mlp_group: int = 128, embeddings: bool = True,
+              vocab_groups: int = 1) -> list[UnitSpec]:
         """Every unit of the model with the weight slices it owns.
 
         Any quantization group size fits any unit: groups run along a matrix's input
@@ -220,6 +274,8 @@ class Adapter:
         Args:
             mlp_group: MLP channels per unit; the last block of a layer may be smaller.
             embeddings: include embedding / lm_head units (bits only, not prunable).
+            vocab_groups: the token embedding (and an untied lm_head) as this many units of
+                row ranges, ``embed.v0`` … (``vocab_ranges``); 1: one unit ``embed``.
 
         Returns:
             Units in model order: per layer its head groups then its MLP blocks, then the
@@ -244,7 +300,9 @@ class Adapter:
                                     slices=self._channel_slices(i, start, stop, len(channels)),
                                     prunable=True))
         if embeddings:
-            out.extend(self.embedding_units())
+            check_vocab_groups(vocab_groups)
+            for u in self.embedding_units():
+                out.extend(vocab_units(u, vocab_groups) if u.id in VOCAB_UNITS else [u])
         return out
 
     @staticmethod

@@ -76,11 +76,11 @@ def _cfg(tiny, out, **kw) -> RunConfig:
     return RunConfig(model="tiny", out=str(out), **_settings(tiny, **kw))
 
 
-def _one_type_per_matrix(plan: dict[str, str], fmt: str) -> None:
+def _one_type_per_matrix(plan: dict[str, str], fmt: str, vocab_groups: int = 1) -> None:
     from bitsack.profiling.build import unit_shapes
 
     model = tiny_model("llama", seed=3)
-    shapes = unit_shapes(model, model_units(model, mlp_group=MLP))
+    shapes = unit_shapes(model, model_units(model, mlp_group=MLP, vocab_groups=vocab_groups))
     for group in matrix_groups(shapes):
         chosen = [plan[u] for u in group]
         kept = set(chosen) - {"prune"}
@@ -103,14 +103,20 @@ CASES = [("compressed-tensors", "oneshot", 6.5), ("compressed-tensors", "uniform
          ("gguf", "uniform", 6.0), ("gguf", "search", 6.0)]
 
 
-@pytest.mark.parametrize("fmt,method,avg_bits", CASES)
+@pytest.mark.parametrize("fmt,method,avg_bits,vocab_groups",
+                         [(*c, 1) for c in CASES] + [("gguf", "search", 6.0, 3),
+                                                     ("compressed-tensors", "oneshot", 6.5, 3)])
 def test_plan_for_a_format_exports_with_the_budgeted_bytes(tiny, tmp_path, tokenizer_gguf,
-                                                           fmt, method, avg_bits):
+                                                           fmt, method, avg_bits, vocab_groups):
+    # with the embedding in row ranges (vocab_groups 3) the format's one-type-per-matrix rule
+    # binds them together: the export still writes exactly the certified bytes
     out = tmp_path / "run"
-    s = run(_cfg(tiny, out, method=method, format=fmt, avg_bits=avg_bits))
+    s = run(_cfg(tiny, out, method=method, format=fmt, avg_bits=avg_bits,
+                 vocab_groups=vocab_groups))
     sol = json.loads((out / "solution.json").read_text())
     plan = sol["assignment"]
-    _one_type_per_matrix(plan, fmt)
+    _one_type_per_matrix(plan, fmt, vocab_groups)
+    assert ("embed.v2" in plan) == (vocab_groups == 3)
     usage = s.certificate["usage"]["memory_bytes"]
     assert usage <= s.certificate["limits"]["memory_bytes"] + 1e-6
     kw = {"tokenizer_gguf": tokenizer_gguf} if fmt == "gguf" else {}

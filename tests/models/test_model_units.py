@@ -12,9 +12,10 @@ from bitsack.models.testing import TINY_ARCHS, assert_exact_cover, tiny_model
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_units_cover_every_weight_exactly_once(arch):
+@pytest.mark.parametrize("vocab_groups", [1, 3])
+def test_units_cover_every_weight_exactly_once(arch, vocab_groups):
     model = tiny_model(arch, seed=1)
-    units = model_units(model, mlp_group=32)
+    units = model_units(model, mlp_group=32, vocab_groups=vocab_groups)
     assert_exact_cover(model, units)
     ids = [u.id for u in units]
     assert len(ids) == len(set(ids))
@@ -82,3 +83,39 @@ def test_linear_modules_are_the_units_matrices(arch):
         from_modules = {prefix + name + ".weight" for name in adapter.linear_modules(i)}
         from_units = {s.param for u in adapter.units(32, 16) if u.layer == i for s in u.slices}
         assert from_modules == from_units
+
+
+def test_vocab_ranges_halve_towards_the_front():
+    from bitsack.models.adapter import vocab_ranges
+
+    assert vocab_ranges(49152, 1) == [(0, 49152)]
+    assert vocab_ranges(49152, 6) == [(0, 1536), (1536, 3072), (3072, 6144), (6144, 12288),
+                                      (12288, 24576), (24576, 49152)]
+    assert vocab_ranges(100, 3) == [(0, 25), (25, 50), (50, 100)]  # odd sizes: floors
+    for rows, groups in ((4, 4), (8, 0), (8, 17), (8, True)):
+        with pytest.raises(ModelError, match="vocab_groups"):
+            vocab_ranges(rows, groups)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_vocab_groups_split_only_the_token_matrices(arch):
+    model = tiny_model(arch, seed=0)
+    whole = model_units(model)
+    split = model_units(model, vocab_groups=3)
+    assert [u.id for u in whole if u.layer is not None] == \
+        [u.id for u in split if u.layer is not None]
+    for base in ("embed", "lm_head"):
+        parts = [u for u in split if u.id.startswith(base + ".v")]
+        if not any(u.id == base for u in whole):
+            assert not parts
+            continue
+        (w,) = [u for u in whole if u.id == base]
+        assert [u.id for u in parts] == [f"{base}.v{i}" for i in range(3)]
+        assert sum(u.params for u in parts) == w.params
+        assert all(not u.prunable and u.kind == w.kind for u in parts)
+        assert parts[0].slices[0].start == 0 and \
+            parts[-1].slices[0].stop == w.slices[0].shape[0]
+    # GPT-2's position embedding is not indexed by token id: it stays whole
+    assert ("pos_embed" in {u.id for u in split}) == (arch == "gpt2")
+    with pytest.raises(ModelError, match="vocab_groups: 0"):
+        model_units(model, vocab_groups=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bitsack.cli import main
 from bitsack.errors import ValidationError
@@ -80,11 +81,13 @@ def test_run_resumes_finished_stages_and_redoes_what_changed(tiny, tmp_path):
     assert looser.predicted_loss_increase <= first.predicted_loss_increase + 1e-12
 
 
-def test_run_and_compress_give_byte_identical_models(tiny, tmp_path, capsys):
-    """The two routes from one plan and seed build the same bytes (one calibration call)."""
+@pytest.mark.parametrize("vocab_groups", [1, 3])
+def test_run_and_compress_give_byte_identical_models(tiny, tmp_path, capsys, vocab_groups):
+    """The two routes from one plan and seed build the same bytes (one calibration call);
+    compress reads the embedding's row ranges from the plan's unit ids."""
     calib, _ = tiny
     out = tmp_path / "run"
-    run(_cfg(tiny, out, seed=5))
+    run(_cfg(tiny, out, seed=5, vocab_groups=vocab_groups))
     argv = ["compress", "--model", "tiny", "--problem", str(out / "profile" / "problem.yaml"),
             "--solution", str(out / "solution.json"), "--calib", str(calib), "--nsamples", "4",
             "--seqlen", "24", "--seed", "5", "--group-size", "16", "--mlp-group", "32",
@@ -200,6 +203,8 @@ def test_run_cli_json(tiny, tmp_path, capsys):
     ({"units": ("heads", "attn")}, "units"),
     ({"eval_windows": 0}, "eval_windows"),
     ({"quantizer": "awq"}, "quantizer"),
+    ({"vocab_groups": 0}, "vocab_groups"),
+    ({"vocab_groups": 17}, "vocab_groups"),
 ])
 def test_bad_config_names_the_field(kw, field, tmp_path):
     args = dict(out=str(tmp_path), avg_bits=3.0)
@@ -296,3 +301,66 @@ def test_double_quantized_scales_are_refused_where_not_stored(tiny, tmp_path):
     with pytest.raises(ValidationError, match="scale_bits: 6 with format 'gguf', which stores "
                        "fp16 scales; valid: --format bitsack"):
         _cfg(tiny, tmp_path / "x", scale_bits=6, method="uniform", format="gguf")
+
+
+@pytest.mark.parametrize("method", ["search", "oneshot", "uniform"])
+def test_vocab_groups_split_the_embedding_into_row_ranges(tiny, tmp_path, method):
+    # --vocab-groups 3: embed.v0/v1/v2 (and lm_head.v0.. on this untied model) are units of
+    # their own, each planned, priced and packed as a row segment of its own
+    from bitsack.checkpoint import load_compressed
+    from bitsack.kernels.packed import PackedEmbedding
+
+    out = tmp_path / method
+    s = run(_cfg(tiny, out, method=method, avg_bits=3.5, vocab_groups=3, search_budget=200.0))
+    assert s.bits_per_weight <= 3.5 + 1e-9
+    sol = json.loads((out / "solution.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["vocab_groups"] == 3
+    assert sum(summary["plan_counts"]["embedding"].values()) == 6
+    lm = load_compressed(out / "model")
+    emb = next(m for m in lm.model.modules() if isinstance(m, PackedEmbedding))
+    bounds = sorted((g.start, g.stop) for g in emb.segments)
+    assert bounds[0][0] == 0 and bounds[-1][1] == emb.num_embeddings
+    cuts = {0, 32, 64, 128}  # vocab_ranges(128, 3): 0:32, 32:64, 64:128
+    assert all(a in cuts and b in cuts for a, b in bounds)
+    cert = sol["certificate"]
+    packed = sol.get("extra", sol)["packed_bytes"]
+    assert cert["usage"]["memory_bytes"] == pytest.approx(packed)
+
+
+def test_a_plan_names_its_vocab_ranges_consistently():
+    from bitsack.apply import plan_vocab_groups
+
+    assert plan_vocab_groups({"embed": "b4", "L0.attn.g0": "b3"}) == 1
+    assert plan_vocab_groups({"embed.v0": "b4", "embed.v1": "b2", "lm_head.v0": "b3",
+                              "lm_head.v1": "b3"}) == 2
+    for bad in ({"embed.v0": "b4", "embed.v2": "b2"}, {"embed.v0": "b4", "embed": "b4"},
+                {"embed.v0": "b4", "embed.v1": "b4", "lm_head.v0": "b4"}):
+        with pytest.raises(ValidationError, match=r"plan\.(embed|lm_head)\.v\*"):
+            plan_vocab_groups(bad)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_vocab_groups_on_a_tied_embedding(tiny, tmp_path, monkeypatch, arch):
+    # a tied embedding is one matrix (embed.v0.. only; the head follows it): searched, packed
+    # in row segments, reloaded with the same logits; compress from the problem and solution
+    # infers the split from the plan's unit ids
+    from bitsack.checkpoint import load_compressed
+    from bitsack.models import loading
+
+    def fake(*args, **kwargs):
+        model = tiny_model(arch, seed=3, tie_word_embeddings=True)
+        model.tie_weights()
+        return loading.LoadedModel(model=model, tokenizer=ByteTokenizer(),
+                                   source={"kind": "test", "spec": "tiny"})
+
+    monkeypatch.setattr(loading, "load_model", fake)
+    out = tmp_path / "tied"
+    s = run(_cfg(tiny, out, method="search", avg_bits=3.5, vocab_groups=2, search_budget=150.0))
+    assert s.bits_per_weight <= 3.5 + 1e-9
+    assert sum(s.plan_counts["embedding"].values()) == 2 + (arch == "gpt2")  # + pos_embed
+    lm = load_compressed(out / "model")
+    ids = torch.tensor([[1, 70, 100, 127]])
+    head = lm.model.get_output_embeddings()
+    assert torch.equal(lm.model.get_input_embeddings()(ids)[0],
+                       head.dequantize()[ids[0]].to(lm.model.dtype))
