@@ -173,3 +173,32 @@ def test_profile_and_solve_cli_take_a_format(tiny, tmp_path, capsys):
     assert main(["solve", str(tmp_path / "gguf" / "problem.yaml"), "--avg-bits", "5.5",
                  "--format", "compressed-tensors"]) == 1
     assert "was built for 'gguf'" in capsys.readouterr().err
+
+
+def test_profile_solve_compress_cli_with_vocab_groups(tiny, tmp_path, capsys):
+    # profile --vocab-groups 3 -> units embed.v0..v2 (lm_head.v0..v2: untied), recorded in
+    # the metadata; solve; compress infers the split from the solution's ids
+    from bitsack.checkpoint import load_compressed
+    from bitsack.cli import main
+    from bitsack.kernels.packed import PackedEmbedding
+    from bitsack.solver import load_problem
+
+    calib, _ = tiny
+    common = ["--model", "tiny", "--calib", str(calib), "--mlp-group", str(MLP), "--quiet"]
+    assert main(["profile", *common, "--bits", "2,3,4,8", "--group-size", "32", "--nsamples",
+                 "4", "--seqlen", "24", "--vocab-groups", "3", "--out", str(tmp_path / "p")]) == 0
+    problem = load_problem(tmp_path / "p" / "problem.yaml")
+    ids = {u.id for u in problem.units}
+    assert {"embed.v0", "embed.v1", "embed.v2", "lm_head.v2"} <= ids and "embed" not in ids
+    assert problem.metadata["vocab_groups"] == 3
+    sol = tmp_path / "sol.json"
+    assert main(["solve", str(tmp_path / "p" / "problem.yaml"), "--avg-bits", "4.0",
+                 "--out", str(sol)]) == 0
+    assert main(["compress", *common, "--problem", str(tmp_path / "p" / "problem.yaml"),
+                 "--solution", str(sol), "--quantizer", "rtn", "--out",
+                 str(tmp_path / "m")]) == 0, capsys.readouterr().err
+    lm = load_compressed(tmp_path / "m")
+    emb = next(m for m in lm.model.modules() if isinstance(m, PackedEmbedding))
+    assert {g.start for g in emb.segments} <= {0, 32, 64}
+    assert main(["profile", *common, "--vocab-groups", "17", "--out", str(tmp_path / "x")]) == 2
+    assert "--vocab-groups" in capsys.readouterr().err
