@@ -308,7 +308,7 @@ def assemble(model: nn.Module, plan: Mapping[str, Any],
     its *original* position ``start:stop`` along ``dim``, grouped inside the slice for column
     slices. Nothing is quantized here.
     """
-    from bitsack.kernels.packed import PackedEmbedding, PackedLinear, Segment
+    from bitsack.kernels.packed import PackedEmbedding, PackedLinear
 
     cfg = config or ApplyConfig(quantizer="rtn")
     prep = _prepare(model, plan, cfg)
@@ -327,10 +327,8 @@ def assemble(model: nn.Module, plan: Mapping[str, Any],
             parts.append(_concat(pieces, seg.axis))
         mod = model.get_submodule(name)
         if isinstance(mod, nn.Embedding):
-            segments = [Segment.from_fp16(p, 0, s.start) if isinstance(p, torch.Tensor)
-                        else Segment.from_quantized(p, 0, s.start)
-                        for s, p in zip(segs, parts, strict=True)]
-            packed = PackedEmbedding(mod.weight.shape[0], mod.weight.shape[1], segments,
+            packed = PackedEmbedding(mod.weight.shape[0], mod.weight.shape[1],
+                                     _row_segments(segs, parts),
                                      dtype=mod.weight.dtype)
             set_module(model, name, packed if type(mod) is nn.Embedding
                        else PackedWeightModule(mod, packed))
@@ -389,6 +387,14 @@ def _pieces(weight: torch.Tensor, segs: list[SegmentPlan]):
         yield s, (weight[s.start:s.stop] if s.axis == 0 else weight[:, s.start:s.stop])
 
 
+def _row_segments(segs: list[SegmentPlan], parts: list) -> list:
+    """Row segments of an embedding from its parts (``QuantizedTensor``s, fp16 tensors)."""
+    from bitsack.kernels.packed import Segment
+
+    return [Segment.from_fp16(p, 0, s.start) if isinstance(p, torch.Tensor)
+            else Segment.from_quantized(p, 0, s.start) for s, p in zip(segs, parts, strict=True)]
+
+
 def rtn_parts(weight: torch.Tensor, segs: list[SegmentPlan],
               scale_bits: int | None = None) -> list:
     """RTN-quantized (or fp16) parts of ``weight`` along its segments."""
@@ -430,7 +436,7 @@ def quantize_linear(mod: nn.Module, segs: list[SegmentPlan], hessian, cfg: Apply
 def _replace_embedding(model: nn.Module, name: str, segs: list[SegmentPlan],
                        cfg: ApplyConfig) -> int:
     """An input embedding (or an outside projection such as OPT's project_in), RTN."""
-    from bitsack.kernels.packed import PackedEmbedding, Segment
+    from bitsack.kernels.packed import PackedEmbedding
 
     mod = model.get_submodule(name)
     if not isinstance(mod, nn.Embedding):  # a projection outside the layers: RTN
@@ -439,10 +445,8 @@ def _replace_embedding(model: nn.Module, name: str, segs: list[SegmentPlan],
         return packed.nbytes
     weight = mod.weight.detach().float()
     parts = rtn_parts(weight, segs, cfg.scale_bits)  # row ranges (vocab_groups), or one
-    segments = [Segment.from_fp16(p, 0, s.start) if isinstance(p, torch.Tensor)
-                else Segment.from_quantized(p, 0, s.start)
-                for s, p in zip(segs, parts, strict=True)]
-    packed = PackedEmbedding(weight.shape[0], weight.shape[1], segments, dtype=mod.weight.dtype)
+    packed = PackedEmbedding(weight.shape[0], weight.shape[1], _row_segments(segs, parts),
+                             dtype=mod.weight.dtype)
     if type(mod) is nn.Embedding:
         set_module(model, name, packed)
     else:
@@ -454,7 +458,7 @@ def _replace_head(model: nn.Module, engine, name: str, head_name: str | None,
                   segs: list[SegmentPlan], cfg: ApplyConfig, report: dict) -> int:
     """Quantize an lm_head (``name`` a Linear) or a tied embedding (``name`` the embedding,
     ``head_name`` its lm_head) — GPTQ on the final hidden states when ``engine`` is given."""
-    from bitsack.kernels.packed import PackedEmbedding, PackedLinear, Segment
+    from bitsack.kernels.packed import PackedEmbedding, PackedLinear
 
     mod = model.get_submodule(name)
     head = model.get_submodule(head_name) if head_name else mod
@@ -465,10 +469,7 @@ def _replace_head(model: nn.Module, engine, name: str, head_name: str | None,
         parts, res = gptq_parts(weight, segs, engine.head_hessian(head), cfg)
         report["gptq"][head_name or name] = {"loss": res.loss, "damp": res.damp}
     if head_name:
-        segments = [Segment.from_fp16(p, 0, s.start) if isinstance(p, torch.Tensor)
-                    else Segment.from_quantized(p, 0, s.start) for s, p in zip(segs, parts,
-                                                                               strict=True)]
-        packed = PackedEmbedding(weight.shape[0], weight.shape[1], segments,
+        packed = PackedEmbedding(weight.shape[0], weight.shape[1], _row_segments(segs, parts),
                                  dtype=mod.weight.dtype)
         # an embedding with its own forward (Gemma's scaled one) keeps it
         set_module(model, name, packed if type(mod) is nn.Embedding
