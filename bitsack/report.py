@@ -212,6 +212,7 @@ def write_report(out: str | Path, cfg, units, planned, summary) -> Path:
         lines.append(f"| {kind} | " + " | ".join(str(counts.get(lab, 0)) for lab in labels)
                      + " |")
     lines += ["", "![allocation](allocation.png)", ""]
+    lines += _matrix_unit_lines(units, assignment)
     lines += ["## Stages", "", "| stage | seconds |", "|---|---|"]
     for stage, sec in summary.stage_seconds.items():
         note = " (reused)" if stage in summary.reused else ""
@@ -220,6 +221,19 @@ def write_report(out: str | Path, cfg, units, planned, summary) -> Path:
     with atomic_write(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
+
+
+def _matrix_unit_lines(units, assignment: dict[str, str]) -> list[str]:
+    """The units outside the layers (embeddings, lm_head, their token-id ranges with
+    ``--vocab-groups``), which the heat map does not show: one row each."""
+    rows = [u for u in units if getattr(u, "layer", 0) is None and u.id in assignment]
+    if not rows:
+        return []
+    lines = ["## Embeddings", "", "| unit | rows | option |", "|---|---|---|"]
+    for u in rows:
+        s = u.slices[0]
+        lines.append(f"| {u.id} | {s.start}–{s.stop - 1} | {assignment[u.id]} |")
+    return [*lines, ""]
 
 
 def _search_lines(out: Path, search: dict[str, Any]) -> list[str]:

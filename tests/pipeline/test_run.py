@@ -326,6 +326,8 @@ def test_vocab_groups_split_the_embedding_into_row_ranges(tiny, tmp_path, method
     cert = sol["certificate"]
     packed = sol.get("extra", sol)["packed_bytes"]
     assert cert["usage"]["memory_bytes"] == pytest.approx(packed)
+    report = (out / "report.md").read_text()  # the ranges and their options, one row each
+    assert "| embed.v0 | 0–31 |" in report and "| lm_head.v2 | 64–127 |" in report
 
 
 def test_a_plan_names_its_vocab_ranges_consistently():
