@@ -43,21 +43,24 @@ def _memory_cost(units, plan):
     return total
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
-def test_packed_bytes_equal_the_plans_memory_cost(arch):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "gemma", "phi3"])
+@pytest.mark.parametrize("vocab_groups", [1, 4])
+def test_packed_bytes_equal_the_plans_memory_cost(arch, vocab_groups):
+    # random options per unit, the embedding (and an untied head) in token-id ranges or whole
     model = tiny_model(arch, seed=0)
-    units = model_units(model, mlp_group=MLP)
+    units = model_units(model, mlp_group=MLP, vocab_groups=vocab_groups)
     plan = _random_plan(units)
     res = compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
     assert res.packed_bytes == _memory_cost(units, plan)
     assert res.untouched == ()
 
 
-@pytest.mark.parametrize("arch,quantizer", [("llama", "rtn"), ("llama", "gptq"),
-                                            ("qwen2", "gptq"), ("gpt2", "rtn"), ("opt", "rtn")])
-def test_reload_is_bit_identical(tmp_path, arch, quantizer):
+@pytest.mark.parametrize("arch,quantizer,vocab_groups", [
+    ("llama", "rtn", 1), ("llama", "gptq", 1), ("qwen2", "gptq", 1), ("gpt2", "rtn", 1),
+    ("opt", "rtn", 1), ("llama", "gptq", 3), ("gemma", "rtn", 3), ("gpt2", "gptq", 3)])
+def test_reload_is_bit_identical(tmp_path, arch, quantizer, vocab_groups):
     model = tiny_model(arch, seed=0)
-    plan = _random_plan(model_units(model, mlp_group=MLP), seed=3)
+    plan = _random_plan(model_units(model, mlp_group=MLP, vocab_groups=vocab_groups), seed=3)
     x = _tokens()
     compress(model, plan, x, ApplyConfig(quantizer=quantizer, group_size=G, mlp_group=MLP,
                                          batch_size=2))
