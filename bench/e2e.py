@@ -173,7 +173,8 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     elif search in SEARCHES:  # a variant of a search at this budget and draw: its store
         _share_store(Path(args.runs), run_dir)
     # one profile serves every budget (its record holds no budget): seed it, then share it
-    shared = base_dir.parent / "profile"
+    vocab = cfg_fields.get("vocab_groups", 1)  # other units: another profile
+    shared = base_dir.parent / ("profile" if vocab == 1 else f"profile-v{vocab}")
     _share_profile(shared, run_dir)
     t = time.time()
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg_fields.items()}
