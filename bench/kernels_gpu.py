@@ -47,7 +47,7 @@ from bitsack.kernels.backends import (
 )
 from bitsack.kernels.bounds import layer_error_bound
 from bitsack.kernels.cuda_build import compile_ptx, get_module, kernel_names, sources
-from bitsack.kernels.formats import pack_zero
+from bitsack.kernels.formats import SUPER_COLS, pack_zero
 from bitsack.kernels.packed import PackedLinear, Segment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +62,20 @@ class Case:
     cols: int
     axis: int
     bits: tuple[int, ...]  # one per equal segment along axis
+    group: int = GROUP
+    scale_bits: int | None = None  # S-bit scale codes × fp16 steps instead of fp16 scales
 
 
 def cases() -> list[Case]:
     out = [Case(f"{n}² {b}-bit", n, n, 0, (b,)) for n in (4096, 8192) for b in (2, 3, 4, 8)]
     out.append(Case("8192² mixed rows 2/3/4/8", 8192, 8192, 0, (2, 3, 4, 8)))
     out.append(Case("8192² mixed cols 2/3/4/8", 8192, 8192, 1, (2, 3, 4, 8)))
+    # the kernels reading 6-bit scale codes against the same shapes with fp16 scales, at g32
+    # (where the scales are the most bytes and the decoding the most work)
+    for b in (3, 4):
+        out.append(Case(f"8192² {b}-bit g32", 8192, 8192, 0, (b,), group=32))
+        out.append(Case(f"8192² {b}-bit g32, 6-bit scale codes", 8192, 8192, 0, (b,),
+                        group=32, scale_bits=6))
     return out
 
 
@@ -83,11 +91,18 @@ def random_layer(case: Case, device: str, seed: int = 0) -> PackedLinear:
         words = -(-b * cols // 32)
         q = torch.randint(-2**31, 2**31, (rows, words), dtype=torch.int64, generator=g)
         qdata = q.to(torch.int32).view(torch.uint32)
-        ng = -(-cols // GROUP)  # a short last group when GROUP does not divide cols
-        scale = (torch.rand(rows, ng, generator=g) * 1e-3 + 1e-3).half()
+        ng = -(-cols // case.group)  # a short last group when the group does not divide cols
         zero = pack_zero(torch.randint(0, 2**b, (rows, ng), generator=g), b)
-        segs.append(Segment(case.axis, i * step, (i + 1) * step, b, GROUP, (rows, cols),
-                            qdata=qdata, scale=scale, zero=zero))
+        if case.scale_bits:
+            sb = case.scale_bits
+            dq = {"scale_bits": sb, "scale_codes": pack_zero(
+                      torch.randint(1, 2**sb, (rows, ng), generator=g), sb),
+                  "step": (torch.rand(rows, -(-cols // SUPER_COLS), generator=g) * 1e-4
+                           + 1e-4).half()}
+        else:
+            dq = {"scale": (torch.rand(rows, ng, generator=g) * 1e-3 + 1e-3).half()}
+        segs.append(Segment(case.axis, i * step, (i + 1) * step, b, case.group, (rows, cols),
+                            qdata=qdata, zero=zero, **dq))
     layer = PackedLinear(case.cols, case.rows, segs, backend="torch")
     return layer.to(device)
 
