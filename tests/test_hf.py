@@ -245,3 +245,22 @@ def test_old_folder_loads_with_a_warning(folders, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(_ids()).logits,
                            load_compressed(folders["llama", True, False]).model(_ids()).logits)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_auto_classes_load_an_embedding_in_token_id_ranges(tmp_path, tied, one_thread):
+    # --vocab-groups: the embedding (and an untied head) packed as row segments of their own
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", seed=1, tie_word_embeddings=tied)
+    units = model_units(model, mlp_group=MLP, vocab_groups=3)
+    plan = {u.id: (2, 3, 4, 8)[i % 4] for i, u in enumerate(units)}
+    compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
+    path = save_compressed(model, tmp_path / "v", tokenizer=tiny_tokenizer())
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    emb = loaded.model.embed_tokens
+    assert [(s.start, s.stop, s.bits) for s in emb.segments] == \
+        [(0, 32, plan["embed.v0"]), (32, 64, plan["embed.v1"]), (64, 128, plan["embed.v2"])]
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
