@@ -137,10 +137,13 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValidationError(name, f"{value!r}; valid: a positive integer")
+        from bitsack.plan import MAX_VOCAB_GROUPS
+
         v = self.vocab_groups
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
-            raise ValidationError("vocab_groups", f"{v!r}; valid: an integer 1..16 (row "
-                                  "ranges of the token embedding; 1: one unit)")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_VOCAB_GROUPS:
+            raise ValidationError("vocab_groups", f"{v!r}; valid: an integer "
+                                  f"1..{MAX_VOCAB_GROUPS} (row ranges of the token embedding; "
+                                  "1: one unit)")
         for name in ("screen", "select", "holdout"):
             value = getattr(self, name)
             if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 2

@@ -22,6 +22,10 @@ from typing import Any
 from bitsack.errors import ModelError, ValidationError
 from bitsack.kernels.formats import SUPER_COLS, num_groups
 
+#: The most token-id row ranges a vocabulary matrix may be split into (``vocab_groups``;
+#: ``bitsack.models.adapter.vocab_ranges``).
+MAX_VOCAB_GROUPS = 16
+
 
 @dataclass(frozen=True, order=True)
 class Choice:

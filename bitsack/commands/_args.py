@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from bitsack.plan import MAX_VOCAB_GROUPS
 from bitsack.solver.budget import MAX_AVG_BITS
 from bitsack.solver.numeric import MAX_SEED, MAX_THREADS, MAX_TIME_LIMIT_S
 
@@ -199,7 +200,7 @@ SEQLEN = integer(2, 2**20, what="a number of tokens")
 #: A quantization group size or MLP block (the model's widths are checked later).
 GROUP = integer(1, 2**16, what="a positive integer")
 
-VOCAB_GROUPS = integer(1, 16, what="a number of row ranges")
+VOCAB_GROUPS = integer(1, MAX_VOCAB_GROUPS, what="a number of row ranges")
 VOCAB_GROUPS_HELP = ("the token embedding (and an untied lm_head) as N units of row ranges "
                      "halving towards the front (frequent tokens have low ids), each free to "
                      "take its own option (default 1: one unit; " + VOCAB_GROUPS.valid + ")")

@@ -42,6 +42,7 @@ from bitsack.errors import ModelError
 from bitsack.models.base import Slice, UnitSpec
 from bitsack.models.layer_inputs import LayerInputs, capture_layer_inputs, layer_kwargs
 from bitsack.models.surgery import LayerConfig, PrunedBlock, expand_positions, select_linear
+from bitsack.plan import MAX_VOCAB_GROUPS
 
 __all__ = [
     "DIMS_SCHEMA",
@@ -50,8 +51,8 @@ __all__ = [
     "LayerInputs",
     "PruneResult",
     "PrunedBlock",
-    "expand_positions",
     "check_vocab_groups",
+    "expand_positions",
     "matrix_unit",
     "parse_unit_id",
     "vocab_ranges",
@@ -62,8 +63,6 @@ __all__ = [
 DIMS_SCHEMA = "bitsack.dims/v1"
 #: Unit ids of the matrices indexed by token id (their rows can be split: ``vocab_units``).
 VOCAB_UNITS = ("embed", "lm_head")
-#: The most row ranges a vocabulary matrix may be split into (``vocab_ranges``).
-MAX_VOCAB_GROUPS = 16
 _UNIT_RE = re.compile(r"^L(\d+)\.(attn)\.g(\d+)$|^L(\d+)\.(mlp)\.c(\d+)$")
 
 
