@@ -101,9 +101,9 @@ VARIANTS = {
                     "The tied embedding (21 % of SmolLM2's weights) is six units of token-id "
                     "ranges halving towards the front (`--vocab-groups 6`: ids 0–1535, "
                     "1536–3071, 3072–6143, 6144–12287, 12288–24575, 24576–49151; on "
-                    "WikiText-2 the first 1/32 of the ids carries 54 % of the tokens, the "
-                    "first 1/8 80 %), each free to take its own option; the rest as "
-                    "`search-s6`.", "search-s6"),
+                    "WikiText-2 the first 1/32 of the ids carries 53 % of the tokens, the "
+                    "first 1/8 78 %: `vocab_ranges.md`), each free to take its own option; "
+                    "the rest as `search-s6`.", "search-s6"),
     "search-s6g16": ("Group size 16 on the menu",
                      "The menu gains b2g16, b3g16, b4g16 (with 6-bit scale codes 3g16 costs "
                      "3 + 9/16 + 16/256 = 3.63 bits/weight, between 3g32's 3.34 and 4g128's "
