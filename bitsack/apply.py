@@ -63,6 +63,10 @@ class ApplyConfig:
         device: compute device of the layer engine (default: where the model is).
         scale_bits: None (fp16 scales) or S: every quantized segment stores its scales as
             S-bit codes times an fp16 step per 256 columns (``kernels.formats``).
+        vocab_groups: how many token-id row ranges the plan's embedding units are
+            (``embed.v0`` …; ``bitsack.models.adapter.vocab_ranges``); None: read from the
+            plan's ids, which needs every range named (a plan naming ``embed.v0`` and
+            ``embed.v1`` of six could not be told from a split in two).
     """
 
     quantizer: str = "gptq"
@@ -75,11 +79,18 @@ class ApplyConfig:
     backend: str = "cpu"
     device: str | None = None
     scale_bits: int | None = None
+    vocab_groups: int | None = None
 
     def __post_init__(self) -> None:
         from bitsack.kernels.formats import check_scale_bits
+        from bitsack.plan import MAX_VOCAB_GROUPS
 
         check_scale_bits(self.scale_bits)
+        v = self.vocab_groups
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                              or not 1 <= v <= MAX_VOCAB_GROUPS):
+            raise ValidationError("vocab_groups", f"{v!r}; valid: None (read from the plan) "
+                                  f"or an integer 1..{MAX_VOCAB_GROUPS}")
         if self.quantizer not in QUANTIZERS:
             raise ValidationError("quantizer", f"{self.quantizer!r}; valid: {list(QUANTIZERS)}")
         if self.batch_size < 1:
@@ -111,20 +122,35 @@ class CompressResult:
 _VOCAB_ID = re.compile(r"^(embed|lm_head)\.v(\d+)$")
 
 
-def plan_vocab_groups(plan: Mapping[str, Any]) -> int:
+def plan_vocab_groups(plan: Mapping[str, Any], declared: int | None = None) -> int:
     """How many row-range units the plan's vocabulary matrices are split into
-    (``bitsack.models.adapter.vocab_units``): N when it names ``embed.v0`` … ``embed.v<N−1>``
-    (and/or ``lm_head.v…``), 1 otherwise — a plan says how its units were cut.
+    (``bitsack.models.adapter.vocab_units``). ``declared`` (a run's ``vocab_groups``): checked
+    against the ids — a plan may name only some of its ranges then. None: read from the ids,
+    N when the plan names ``embed.v0`` … ``embed.v<N−1>`` (and/or ``lm_head.v…``), 1 when it
+    names none.
 
     Raises:
-        ValidationError: ``.v<i>`` ids that are not one consecutive 0..N−1 per matrix, or
-            that differ in N between the embedding and the lm_head, or mixed with ``embed``.
+        ValidationError: with ``declared``, an id ``.v<i>`` with i ≥ N or a whole-matrix id
+            beside N > 1; without, ``.v<i>`` ids that are not one consecutive 0..N−1 per
+            matrix, that differ in N between the embedding and the lm_head, or mixed with
+            ``embed``.
     """
     seen: dict[str, set[int]] = {}
     for uid in plan:
         m = _VOCAB_ID.match(uid)
         if m:
             seen.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if declared is not None:
+        for name, idx in seen.items():
+            if declared == 1 or max(idx) >= declared or name in plan:
+                raise ValidationError(f"plan.{name}.v*", f"row-range units {sorted(idx)} "
+                                      f"with vocab_groups={declared}; valid: ids v0 … "
+                                      f"v{declared - 1} (vocab_groups > 1), not beside the "
+                                      "whole-matrix id")
+        if declared > 1 and any(name in plan for name in ("embed", "lm_head")):
+            raise ValidationError("plan.embed", f"a whole-matrix id with vocab_groups="
+                                  f"{declared}; valid: embed.v0 … embed.v{declared - 1}")
+        return declared
     if not seen:
         return 1
     counts = {name: len(idx) for name, idx in seen.items()}
@@ -244,7 +270,8 @@ def compress(model: nn.Module, plan: Mapping[str, Any], calib_tokens: torch.Tens
     _bind_save(model)
     model.bitsack_plan = {uid: c.option_id for uid, c in plan.items()}
     model.bitsack_apply = {"quantizer": cfg.quantizer, "group_size": cfg.group_size,
-                           "mlp_group": cfg.mlp_group}
+                           "mlp_group": cfg.mlp_group,
+                           **({"vocab_groups": prep.vocab} if prep.vocab > 1 else {})}
     return CompressResult(model=model, plan=dict(plan), dims=adapter.dims(),
                           packed_bytes=int(packed_bytes), untouched=prep.untouched,
                           report=report)
@@ -259,6 +286,7 @@ class _Prepared:
     current: dict[str, dict[str, list]]  # unit -> module -> its slices now (same order)
     embed_names: set[str]
     untouched: tuple[str, ...]
+    vocab: int  # token-id row ranges of the embedding units (vocab_groups)
 
 
 def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Prepared:
@@ -266,7 +294,7 @@ def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Pr
     has one contiguous segment per choice (function preserving)."""
     adapter = get_adapter(model)
     plan = normalize_plan(plan, cfg.group_size)
-    vocab = plan_vocab_groups(plan)
+    vocab = plan_vocab_groups(plan, cfg.vocab_groups)
     units = adapter.units(mlp_group=cfg.mlp_group, embeddings=True, vocab_groups=vocab)
     check_plan(units, plan, cfg.mlp_group)
     original = {u.id: _by_module(u) for u in units}
@@ -280,6 +308,12 @@ def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Pr
     if order:
         adapter.permute_units([u.id for u in order], mlp_group=cfg.mlp_group)
     units_now = adapter.units(mlp_group=cfg.mlp_group, embeddings=True, vocab_groups=vocab)
+    # a unit the plan leaves out but whose matrix it packs (a partial plan of an embedding's
+    # token-id ranges) is packed in fp16 there: a packed matrix is tiled by its segments
+    touched = {module_name(s.param) for u in units_now if u.id in plan for s in u.slices}
+    for u in units_now:
+        if u.id not in plan and any(module_name(s.param) in touched for s in u.slices):
+            plan[u.id] = fp16
     planned = [u for u in units_now if u.id in plan]
     return _Prepared(
         adapter=adapter, plan=plan, original=original,
@@ -287,7 +321,7 @@ def _prepare(model: nn.Module, plan: Mapping[str, Any], cfg: ApplyConfig) -> _Pr
         current={u.id: _by_module(u) for u in planned},
         embed_names={module_name(s.param) for u in planned if u.layer is None
                      for s in u.slices},
-        untouched=tuple(u.id for u in units if u.id not in plan))
+        untouched=tuple(u.id for u in units if u.id not in plan), vocab=vocab)
 
 
 def _by_module(unit) -> dict[str, list]:
@@ -343,7 +377,8 @@ def assemble(model: nn.Module, plan: Mapping[str, Any],
     _bind_save(model)
     model.bitsack_plan = {uid: c.option_id for uid, c in prep.plan.items()}
     model.bitsack_apply = {"quantizer": "assembled", "group_size": cfg.group_size,
-                           "mlp_group": cfg.mlp_group}
+                           "mlp_group": cfg.mlp_group,
+                           **({"vocab_groups": prep.vocab} if prep.vocab > 1 else {})}
     return CompressResult(model=model, plan=dict(prep.plan), dims=prep.adapter.dims(),
                           packed_bytes=int(packed_bytes), untouched=prep.untouched,
                           report={"config": cfg.__dict__.copy()})

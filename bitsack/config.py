@@ -144,6 +144,9 @@ class RunConfig:
             raise ValidationError("vocab_groups", f"{v!r}; valid: an integer "
                                   f"1..{MAX_VOCAB_GROUPS} (row ranges of the token embedding; "
                                   "1: one unit)")
+        if v > 1 and "embed" not in self.units:
+            raise ValidationError("vocab_groups", f"{v} with units {list(self.units)}, which "
+                                  "leave the embedding out; valid: 1, or add embed to units")
         for name in ("screen", "select", "holdout"):
             value = getattr(self, name)
             if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 2

@@ -126,7 +126,8 @@ def apply_config(cfg: RunConfig):
     from bitsack.apply import ApplyConfig
 
     return ApplyConfig(quantizer=cfg.quantizer, group_size=cfg.group_size,
-                       mlp_group=cfg.mlp_group, scale_bits=cfg.scale_bits)
+                       mlp_group=cfg.mlp_group, scale_bits=cfg.scale_bits,
+                       vocab_groups=cfg.vocab_groups)
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -193,7 +194,8 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
         cfg.pop("format")
     if cfg["scale_bits"] is None:  # likewise
         cfg.pop("scale_bits")
-    for k, off in (("search_rse", 0.0), ("search_grow", "accept"), ("search_stop_z", 0.0)):
+    for k, off in (("search_rse", 0.0), ("search_grow", "accept"), ("search_stop_z", 0.0),
+                   ("vocab_groups", 1)):
         if cfg[k] == off:  # likewise (the search as before)
             cfg.pop(k)
     return {"model": ctx.model_id, "config": cfg, "packed_layout": LAYOUT_VERSION}

@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     mode = progress_mode(quiet=args.json or args.quiet)
     scale_bits = args.scale_bits if args.scale_bits is not None else meta.get("scale_bits")
     cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
-                      act_order=not args.no_act_order, scale_bits=scale_bits)
+                      act_order=not args.no_act_order, scale_bits=scale_bits,
+                      vocab_groups=int(meta.get("vocab_groups", 1)))
     with Progress("bitsack compress", unit="layers", mode=mode) as prog:
         prog.stage("loading the model")
         lm = load_model(args.model, progress=mode == "bar")

@@ -163,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
     from bitsack.progress import Progress, progress_mode
 
     check_scale_format(args.format, args.scale_bits)
+    if args.vocab_groups != 1 and "embed" not in args.units:
+        from bitsack.errors import ValidationError
+
+        raise ValidationError("--vocab-groups", f"{args.vocab_groups} with --units "
+                              f"{','.join(args.units)}, which leave the embedding out; "
+                              "valid: 1, or add embed to --units")
     cfg = _config(args)
     mode = progress_mode(quiet=args.json or args.quiet)
     # on a terminal the estimators draw their own bars; in a log, a line every 30 s says

@@ -32,7 +32,7 @@ __device__ __forceinline__ unsigned int bs_extract(const unsigned int (&words)[B
 // Value i of a stream of `bits`-bit values: bits at bit i·bits of the little-endian
 // concatenation of the stream's words (formats.pack_zero: a segment's zero points, or its
 // scale codes, form one stream, not one per row). With `bits` a compile-time constant after
-// inlining, as in bs_zero_at, the mask and the straddle test fold away.
+// inlining, as in bs_zero_at, the mask folds away (the straddle test depends on the shift).
 __device__ __forceinline__ unsigned int bs_stream_at(const unsigned int* __restrict__ words,
                                                      size_t i, int bits) {
     const size_t bit = i * bits;

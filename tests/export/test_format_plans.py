@@ -202,3 +202,12 @@ def test_profile_solve_compress_cli_with_vocab_groups(tiny, tmp_path, capsys):
     assert {g.start for g in emb.segments} <= {0, 32, 64}
     assert main(["profile", *common, "--vocab-groups", "17", "--out", str(tmp_path / "x")]) == 2
     assert "--vocab-groups" in capsys.readouterr().err
+
+
+def test_profile_refuses_vocab_groups_without_the_embedding(tiny, tmp_path, capsys):
+    from bitsack.cli import main
+
+    calib, _ = tiny
+    assert main(["profile", "--model", "tiny", "--calib", str(calib), "--units", "heads,mlp",
+                 "--vocab-groups", "3", "--out", str(tmp_path / "p"), "--quiet"]) == 1
+    assert "--vocab-groups: 3 with --units heads,mlp" in capsys.readouterr().err

@@ -340,6 +340,37 @@ def test_a_plan_names_its_vocab_ranges_consistently():
                 {"embed.v0": "b4", "embed.v1": "b4", "lm_head.v0": "b4"}):
         with pytest.raises(ValidationError, match=r"plan\.(embed|lm_head)\.v\*"):
             plan_vocab_groups(bad)
+    # declared (a run's vocab_groups): a plan may name only some of its ranges — read from
+    # the ids alone, {v0, v1} would be a split in two
+    part = {"embed.v0": "b4", "embed.v1": "b2"}
+    assert plan_vocab_groups(part) == 2 and plan_vocab_groups(part, 6) == 6
+    for bad, n in ((part, 1), ({"embed.v6": "b4"}, 6), ({"embed": "b4"}, 3)):
+        with pytest.raises(ValidationError, match=r"plan\.embed"):
+            plan_vocab_groups(bad, n)
+    assert plan_vocab_groups({"embed": "b4"}, 1) == 1
+
+
+def test_a_partial_plan_keeps_its_declared_ranges(tiny, tmp_path):
+    # ApplyConfig.vocab_groups: the two ranges a plan names land on their own rows of a
+    # six-range split (the rest fp16), and the compressed model records the split
+    from bitsack.apply import ApplyConfig, compress
+    from bitsack.kernels.packed import PackedEmbedding
+
+    model = tiny_model("llama", seed=3)
+    res = compress(model, {"embed.v0": "b4g16", "embed.v1": "b2g16"},
+                   config=ApplyConfig(quantizer="rtn", group_size=16, mlp_group=32,
+                                      vocab_groups=6))
+    emb = next(m for m in res.model.modules() if isinstance(m, PackedEmbedding))
+    assert [(g.start, g.stop, g.bits) for g in emb.segments] == [(0, 4, 4), (4, 8, 2),
+                                                                 (8, 128, 16)]
+    assert res.model.bitsack_apply["vocab_groups"] == 6
+    with pytest.raises(ValidationError, match="vocab_groups"):
+        ApplyConfig(vocab_groups=0)
+
+
+def test_vocab_groups_need_the_embedding_among_the_units(tmp_path):
+    with pytest.raises(ValidationError, match="vocab_groups: 3 with units"):
+        RunConfig(out=str(tmp_path), avg_bits=3.0, vocab_groups=3, units=("heads", "mlp"))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
