@@ -83,14 +83,11 @@ class ApplyConfig:
 
     def __post_init__(self) -> None:
         from bitsack.kernels.formats import check_scale_bits
-        from bitsack.plan import MAX_VOCAB_GROUPS
+        from bitsack.plan import check_vocab_groups
 
         check_scale_bits(self.scale_bits)
-        v = self.vocab_groups
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)
-                              or not 1 <= v <= MAX_VOCAB_GROUPS):
-            raise ValidationError("vocab_groups", f"{v!r}; valid: None (read from the plan) "
-                                  f"or an integer 1..{MAX_VOCAB_GROUPS}")
+        if self.vocab_groups is not None:  # None: read from the plan
+            check_vocab_groups(self.vocab_groups)
         if self.quantizer not in QUANTIZERS:
             raise ValidationError("quantizer", f"{self.quantizer!r}; valid: {list(QUANTIZERS)}")
         if self.batch_size < 1:
@@ -140,27 +137,26 @@ def plan_vocab_groups(plan: Mapping[str, Any], declared: int | None = None) -> i
         m = _VOCAB_ID.match(uid)
         if m:
             seen.setdefault(m.group(1), set()).add(int(m.group(2)))
-    if declared is not None:
-        for name, idx in seen.items():
-            if declared == 1 or max(idx) >= declared or name in plan:
-                raise ValidationError(f"plan.{name}.v*", f"row-range units {sorted(idx)} "
-                                      f"with vocab_groups={declared}; valid: ids v0 … "
-                                      f"v{declared - 1} (vocab_groups > 1), not beside the "
-                                      "whole-matrix id")
-        if declared > 1 and any(name in plan for name in ("embed", "lm_head")):
-            raise ValidationError("plan.embed", f"a whole-matrix id with vocab_groups="
-                                  f"{declared}; valid: embed.v0 … embed.v{declared - 1}")
-        return declared
-    if not seen:
-        return 1
-    counts = {name: len(idx) for name, idx in seen.items()}
-    for name, idx in seen.items():
-        if idx != set(range(len(idx))) or name in plan or len(set(counts.values())) > 1:
-            raise ValidationError(f"plan.{name}.v*", f"row-range units {sorted(idx)} (whole "
-                                  f"matrix named too: {name in plan}; per matrix {counts}); "
+    if declared is None:  # read from the ids: every range named, the same N per matrix
+        if not seen:
+            return 1
+        counts = {name: len(idx) for name, idx in seen.items()}
+        if len(set(counts.values())) > 1 or any(idx != set(range(len(idx)))
+                                                for idx in seen.values()):
+            raise ValidationError("plan.embed.v*", f"row-range units {sorted(seen.items())}; "
                                   "valid: exactly v0 … v<N−1>, the same N for embed and "
-                                  "lm_head, and not the whole-matrix id beside them")
-    return next(iter(counts.values()))
+                                  "lm_head (or ApplyConfig.vocab_groups for a partial plan)")
+        declared = next(iter(counts.values()))
+    for name, idx in seen.items():
+        if declared == 1 or max(idx) >= declared:
+            raise ValidationError(f"plan.{name}.v*", f"row-range units {sorted(idx)} with "
+                                  f"vocab_groups={declared}; valid: ids v0 … v{declared - 1} "
+                                  "(vocab_groups > 1)")
+    whole = [name for name in ("embed", "lm_head") if name in plan]
+    if declared > 1 and whole:
+        raise ValidationError(f"plan.{whole[0]}", f"a whole-matrix id with vocab_groups="
+                              f"{declared}; valid: {whole[0]}.v0 … {whole[0]}.v{declared - 1}")
+    return declared
 
 
 def check_plan(units, plan: Mapping[str, Choice], mlp_group: int) -> None:

@@ -137,13 +137,9 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValidationError(name, f"{value!r}; valid: a positive integer")
-        from bitsack.plan import MAX_VOCAB_GROUPS
+        from bitsack.plan import check_vocab_groups
 
-        v = self.vocab_groups
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_VOCAB_GROUPS:
-            raise ValidationError("vocab_groups", f"{v!r}; valid: an integer "
-                                  f"1..{MAX_VOCAB_GROUPS} (row ranges of the token embedding; "
-                                  "1: one unit)")
+        v = check_vocab_groups(self.vocab_groups)
         if v > 1 and "embed" not in self.units:
             raise ValidationError("vocab_groups", f"{v} with units {list(self.units)}, which "
                                   "leave the embedding out; valid: 1, or add embed to units")

@@ -27,6 +27,19 @@ from bitsack.kernels.formats import SUPER_COLS, num_groups
 MAX_VOCAB_GROUPS = 16
 
 
+def check_vocab_groups(value: Any, field: str = "vocab_groups") -> int:
+    """``value`` if it is a valid ``vocab_groups``: an integer 1..MAX_VOCAB_GROUPS.
+
+    Raises:
+        ValidationError: otherwise, naming ``field``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 1 <= value <= MAX_VOCAB_GROUPS:
+        raise ValidationError(field, f"{value!r}; valid: an integer 1..{MAX_VOCAB_GROUPS} "
+                              "(token-id row ranges of the embedding; 1: one unit)")
+    return value
+
+
 @dataclass(frozen=True, order=True)
 class Choice:
     """One unit's fate: ``bits`` 0 (pruned), 1..8 (packed with ``group_size``) or 16 (fp16)."""

@@ -42,7 +42,7 @@ from bitsack.errors import ModelError
 from bitsack.models.base import Slice, UnitSpec
 from bitsack.models.layer_inputs import LayerInputs, capture_layer_inputs, layer_kwargs
 from bitsack.models.surgery import LayerConfig, PrunedBlock, expand_positions, select_linear
-from bitsack.plan import MAX_VOCAB_GROUPS
+from bitsack.plan import check_vocab_groups
 
 __all__ = [
     "DIMS_SCHEMA",
@@ -51,7 +51,6 @@ __all__ = [
     "LayerInputs",
     "PruneResult",
     "PrunedBlock",
-    "check_vocab_groups",
     "expand_positions",
     "matrix_unit",
     "parse_unit_id",
@@ -107,18 +106,6 @@ def matrix_unit(unit_id: str, param: str, weight: torch.Tensor, kind: str = "emb
                                                 tuple(weight.shape)),), prunable=False)
 
 
-def check_vocab_groups(groups: Any) -> int:
-    """``groups`` if it is a valid ``vocab_groups`` (an integer 1..MAX_VOCAB_GROUPS).
-
-    Raises:
-        ModelError: otherwise.
-    """
-    if isinstance(groups, bool) or not isinstance(groups, int) or \
-            not 1 <= groups <= MAX_VOCAB_GROUPS:
-        raise ModelError(f"vocab_groups: {groups!r}; valid: an integer 1..{MAX_VOCAB_GROUPS}")
-    return groups
-
-
 def vocab_ranges(rows: int, groups: int) -> list[tuple[int, int]]:
     """Row ranges ``[start, stop)`` of a matrix indexed by token id, split into ``groups``
     units that halve towards the front: the last range holds the second half of the rows, the
@@ -131,7 +118,8 @@ def vocab_ranges(rows: int, groups: int) -> list[tuple[int, int]]:
     and moves little probability as an output row). ``groups`` 1 is the whole matrix.
 
     Raises:
-        ModelError: ``groups`` not in 1..MAX_VOCAB_GROUPS, or more ranges than rows allow.
+        ValidationError: ``groups`` not in 1..MAX_VOCAB_GROUPS.
+        ModelError: more ranges than the rows allow.
     """
     check_vocab_groups(groups)
     ends = [rows >> (groups - 1 - i) for i in range(groups)]

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from bitsack.errors import ModelError
+from bitsack.errors import ModelError, ValidationError
 from bitsack.models import get_adapter, model_units, supported_model_types
 from bitsack.models.testing import TINY_ARCHS, assert_exact_cover, tiny_model
 
@@ -92,9 +92,11 @@ def test_vocab_ranges_halve_towards_the_front():
     assert vocab_ranges(49152, 6) == [(0, 1536), (1536, 3072), (3072, 6144), (6144, 12288),
                                       (12288, 24576), (24576, 49152)]
     assert vocab_ranges(100, 3) == [(0, 25), (25, 50), (50, 100)]  # odd sizes: floors
-    for rows, groups in ((4, 4), (8, 0), (8, 17), (8, True)):
-        with pytest.raises(ModelError, match="vocab_groups"):
-            vocab_ranges(rows, groups)
+    with pytest.raises(ModelError, match="vocab_groups: 4 ranges .* need at least 8 rows"):
+        vocab_ranges(4, 4)  # more ranges than the rows allow
+    for groups in (0, 17, True):  # not a valid number of ranges at all
+        with pytest.raises(ValidationError, match="vocab_groups: .*; valid: an integer 1..16"):
+            vocab_ranges(8, groups)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -117,5 +119,5 @@ def test_vocab_groups_split_only_the_token_matrices(arch):
             parts[-1].slices[0].stop == w.slices[0].shape[0]
     # GPT-2's position embedding is not indexed by token id: it stays whole
     assert ("pos_embed" in {u.id for u in split}) == (arch == "gpt2")
-    with pytest.raises(ModelError, match="vocab_groups: 0"):
+    with pytest.raises(ValidationError, match="vocab_groups: 0"):
         model_units(model, vocab_groups=0)
