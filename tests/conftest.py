@@ -26,14 +26,21 @@ def one_thread():
 @pytest.fixture
 def fake_load_model(monkeypatch):
     """``use(model)``: ``bitsack.models.loading.load_model`` returns ``model`` (a tiny model with
-    the byte tokenizer) for any spec."""
+    the byte tokenizer) for any spec; ``use(make)`` with a function: a fresh ``make()`` on
+    every call (a pipeline loads, and compresses in place, more than once)."""
+    from torch import nn
+
     from bitsack.models import loading
     from bitsack.models.testing import ByteTokenizer
 
     def use(model):
-        fake = loading.LoadedModel(model=model, tokenizer=ByteTokenizer(),
-                                   source={"kind": "test", "spec": "tiny"})
-        monkeypatch.setattr(loading, "load_model", lambda *a, **k: fake)
-        return fake
+        make = (lambda: model) if isinstance(model, nn.Module) else model
+
+        def fake(*args, **kwargs):
+            return loading.LoadedModel(model=make(), tokenizer=ByteTokenizer(),
+                                       source={"kind": "test", "spec": "tiny"})
+
+        monkeypatch.setattr(loading, "load_model", fake)
+        return fake()
 
     return use

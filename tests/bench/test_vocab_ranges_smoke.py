@@ -7,21 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from bitsack.models.testing import ByteTokenizer, tiny_model
+from bitsack.models.testing import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "vocab_ranges.py"
 
 
-def test_shares_per_range(tmp_path, monkeypatch):
+def test_shares_per_range(tmp_path, monkeypatch, fake_load_model):
     from bitsack import data
-    from bitsack.models import loading
 
-    def fake(*args, **kwargs):
-        return loading.LoadedModel(model=tiny_model("llama", seed=3), tokenizer=ByteTokenizer(),
-                                   source={"kind": "test", "spec": "tiny"})
-
-    monkeypatch.setattr(loading, "load_model", fake)
+    fake_load_model(tiny_model("llama", seed=3))
     text = tmp_path / "t.txt"
     text.write_text("abc " * 50 + "~" * 10)
     real = data.eval_tokens

@@ -374,20 +374,17 @@ def test_vocab_groups_need_the_embedding_among_the_units(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_vocab_groups_on_a_tied_embedding(tiny, tmp_path, monkeypatch, arch):
+def test_vocab_groups_on_a_tied_embedding(tiny, tmp_path, fake_load_model, arch):
     # a tied embedding is one matrix (embed.v0.. only; the head follows it): searched, packed
-    # in row segments, reloaded with the same logits; compress from the problem and solution
-    # infers the split from the plan's unit ids
+    # in row segments, reloaded with the same logits
     from bitsack.checkpoint import load_compressed
-    from bitsack.models import loading
 
-    def fake(*args, **kwargs):
+    def make():
         model = tiny_model(arch, seed=3, tie_word_embeddings=True)
         model.tie_weights()
-        return loading.LoadedModel(model=model, tokenizer=ByteTokenizer(),
-                                   source={"kind": "test", "spec": "tiny"})
+        return model
 
-    monkeypatch.setattr(loading, "load_model", fake)
+    fake_load_model(make)  # after the `tiny` fixture's loader: a fresh tied model per load
     out = tmp_path / "tied"
     s = run(_cfg(tiny, out, method="search", avg_bits=3.5, vocab_groups=2, search_budget=150.0))
     assert s.bits_per_weight <= 3.5 + 1e-9
