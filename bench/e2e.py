@@ -9,7 +9,8 @@ bitsack one-shot, bitsack searched — a thin driver over ``bitsack.pipeline.run
 Cells: ``uniform:b<k>g<G>`` (k 2/3/4, G 32/64/128: budget-free, measured once; a
 ``s<S>`` tail, ``uniform:b3g32s6``, stores the scales as S-bit codes: ``--scale-bits S``),
 ``oneshot@B`` and ``search@B`` for each budget B in bits per original weight (overhead
-included), ``<method>@lat`` for the latency-bound case; a ``~s<N>`` tail (``search@3.5~s1``)
+included), ``<method>@lat`` for the latency-bound case (any method, a search variant
+included: ``search-s6@lat~s3``); a ``~s<N>`` tail (``search@3.5~s1``)
 runs the cell from calibration draw N instead of 0 (GPTQ's calibration, the search's splits:
 the method's side of a comparison against GPTQ's noise floor). Each cell is one ``bitsack run`` into
 ``--runs/<cell>`` (resumable: stage records, the search's checkpoint); its result is written
@@ -142,13 +143,13 @@ def cell_config(cell: str, args) -> dict[str, Any]:
         if scale_bits:
             out["scale_bits"] = int(scale_bits)
         return out
-    if budget == "lat":
-        return {**common, "method": method, "avg_bits": LATENCY_AVG_BITS,
-                "budgets": {"prefill_latency_us": args.latency_limit}}
+    if budget == "lat":  # the latency-bound case: bits/weight and a prefill latency
+        common["budgets"] = {"prefill_latency_us": args.latency_limit}
+    bits = LATENCY_AVG_BITS if budget == "lat" else float(budget)
     search, rewalks = _rounds(method)
-    if search not in SEARCHES:
-        return {**common, "method": method, "avg_bits": float(budget)}
-    out = {**common, "method": "search", "avg_bits": float(budget), **SEARCHES[search]}
+    if search not in SEARCHES or (budget == "lat" and method == "search"):
+        return {**common, "method": method, "avg_bits": bits}
+    out = {**common, "method": "search", "avg_bits": bits, **SEARCHES[search]}
     if rewalks:  # N rounds more, the store re-walked each time
         out["search_rewalks"] = rewalks
     return out
@@ -635,8 +636,9 @@ def main(argv=None) -> int:
         for b in [b.strip() for b in args.budgets.split(",") if b.strip()]:
             cells += [f"{k}@{b}" for k in ("oneshot", "search") if k in kinds]
         if args.latency:
-            args.latency_limit = latency_limit(args)
             cells += [f"{k}@lat" for k in ("search", "sequential", "oneshot")]
+        if any(split_cell(c)[1] == "lat" for c in cells):  # named one by one or --latency
+            args.latency_limit = latency_limit(args)
         for cell in cells:
             run_cell(cell, args, base_dir)
     print(write_report(args))
