@@ -49,6 +49,11 @@ LATENCY_AVG_BITS = 3.5
 LATENCY_FRACTION = 0.85
 #: the searches a cell can run: method -> its RunConfig fields besides the common ones (the
 #: default splits stated: they are hashed into the key); ``<method>-rewalk[N]`` adds N rounds
+#: RunConfig fields every cell runs with unless it names them: the defaults the recorded cells
+#: ran under (``scale_bits`` became 6 by default with format bitsack on 2026-12-04; a cell
+#: wanting codes names them: ``search-s6``, ``uniform:b3g32s6``)
+PINNED = {"scale_bits": None}
+
 SEARCHES = {
     "search": {"screen": [16, 256], "select": [48, 256]},
     # the splits before 2026-12-02: a third of the tokens
@@ -188,7 +193,7 @@ def run_cell(cell: str, args, base_dir: Path) -> dict[str, Any]:
     _share_profile(shared, run_dir)
     t = time.time()
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg_fields.items()}
-    summary = run(RunConfig(out=str(run_dir), **fields),
+    summary = run(RunConfig(out=str(run_dir), **{**PINNED, **fields}),
                   progress=lambda m: print(f"[{cell} {time.time() - t:6.0f} s] {m}",
                                            file=sys.stderr, flush=True))
     _share_profile(run_dir, shared)

@@ -204,7 +204,8 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
 def _solution_dict(cfg: RunConfig, p: Planned) -> dict[str, Any]:
     """``solution.json``: the solver's ``Solution`` of a one-shot plan (``bitsack check``
     reads it; run facts under ``extra``), else the plan with its usage and search record."""
-    extra = {"method": cfg.method, "packed_bytes": p.packed_bytes}
+    extra = {"method": cfg.method, "packed_bytes": p.packed_bytes,
+             "scale_bits": cfg.scale_bits}  # how it was priced (`bitsack compress` reads it)
     if p.solution is not None:
         d = p.solution.to_dict()
         d["extra"] = {**d.get("extra", {}), **extra}

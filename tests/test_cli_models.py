@@ -96,9 +96,10 @@ def test_scale_codes_through_profile_solve_and_compress(tiny, tmp_path, capsys):
     common = ["--model", "tiny", "--calib", str(tiny), "--bits", "2,3,4", "--group-size", "16",
               "--mlp-group", "32", "--nsamples", "2", "--seqlen", "16", "--units", "heads,mlp",
               "--estimator", "layerwise", "--json"]
-    assert run_cli(capsys, "profile", *common, "--out", str(tmp_path / "p"))[0] == 0
-    assert run_cli(capsys, "profile", *common, "--scale-bits", "6",
-                   "--out", str(tmp_path / "p6"))[0] == 0
+    assert run_cli(capsys, "profile", *common, "--scale-bits", "fp16",
+                   "--out", str(tmp_path / "p"))[0] == 0
+    # the default with format bitsack: 6-bit codes
+    assert run_cli(capsys, "profile", *common, "--out", str(tmp_path / "p6"))[0] == 0
 
     def solve(problem, name, *extra):
         code, out, _ = run_cli(capsys, "solve", str(problem), "--avg-bits", "3.5", "--out",
@@ -118,13 +119,19 @@ def test_scale_codes_through_profile_solve_and_compress(tiny, tmp_path, capsys):
     priced = solve(tmp_path / "p6" / "problem.yaml", "s6.json")
     got, err = compress(tmp_path / "p6" / "problem.yaml", "s6.json", "c6")
     assert got["scale_bits"] == 6 and got["packed_bytes"] == priced and "warning" not in err
-    # re-priced at solve time: the same bytes; compress is told
+    # re-priced at solve time: the same bytes; the solution records the pricing, so compress
+    # packs the codes without being told
     assert solve(plain, "r6.json", "--scale-bits", "6") == priced
-    got, err = compress(plain, "r6.json", "r6", "--scale-bits", "6")
-    assert got["packed_bytes"] == priced and "warning" not in err
-    # ... and if it is not, it packs fp16 scales over the plan's bytes and says so
-    got, err = compress(plain, "r6.json", "r16")
+    assert json.loads((tmp_path / "r6.json").read_text())["extra"]["scale_bits"] == 6
+    got, err = compress(plain, "r6.json", "r6")
+    assert got["scale_bits"] == 6 and got["packed_bytes"] == priced and "warning" not in err
+    # ... told otherwise, it packs fp16 scales over the plan's bytes and says so
+    got, err = compress(plain, "r6.json", "r16", "--scale-bits", "fp16")
     assert got["packed_bytes"] > priced and "solution was priced at" in err
+    # and a problem priced with codes re-prices to fp16 scales: the plain problem's bytes
+    fp16 = solve(plain, "f.json")
+    assert solve(tmp_path / "p6" / "problem.yaml", "f16.json", "--scale-bits", "fp16") == fp16
+    assert json.loads((tmp_path / "f16.json").read_text())["extra"]["scale_bits"] is None
     code, _, err = run_cli(capsys, "solve", str(plain), "--avg-bits", "3.5", "--format", "gguf",
                            "--scale-bits", "6")
     assert code == 1 and "scale_bits: 6 with format 'gguf'" in err

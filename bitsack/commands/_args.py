@@ -220,18 +220,37 @@ BITS_LIST = int_list(1, 8, extra=(16,), what="bit-widths")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def add_scale_bits_arg(p: argparse.ArgumentParser, what: str) -> None:
-    """``--scale-bits S``: bitsack's double-quantized scales (profile, solve, compress)."""
+def scale_bits_arg() -> Validator:
+    """``--scale-bits``: S (an int of ``SCALE_BITS``), ``fp16`` (None: fp16 scales) or
+    ``auto`` (the default; what it means is the command's: by format for ``run`` and
+    ``profile``, as priced for ``solve`` and ``compress``)."""
     from bitsack.kernels.formats import SCALE_BITS
 
-    p.add_argument("--scale-bits", type=int, default=None, choices=SCALE_BITS, metavar="S",
+    valid = f"{SCALE_BITS[0]}..{SCALE_BITS[-1]}, fp16 or auto"
+
+    def convert(text: str) -> int | str | None:
+        t = text.strip().lower()
+        if t in ("auto", "fp16"):
+            return None if t == "fp16" else t
+        if t.isdigit() and int(t) in SCALE_BITS:
+            return int(t)
+        raise argparse.ArgumentTypeError(f"{_shown(text)}; valid: {valid}")
+
+    return Validator(convert, valid, "scale_bits")
+
+
+def add_scale_bits_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--scale-bits S|fp16|auto``: bitsack's double-quantized scales (profile, solve,
+    compress); ``what`` says what the command does with them and what ``auto`` means."""
+    kind = scale_bits_arg()
+    p.add_argument("--scale-bits", type=kind, default="auto", metavar="S",
                    help="group scales stored as S-bit codes times an fp16 step per 256 "
-                   f"columns ({SCALE_BITS[0]}..{SCALE_BITS[-1]}; format bitsack): {what}")
+                   f"columns ({kind.valid}; format bitsack): {what}")
 
 
 def check_scale_format(fmt: str | None, scale_bits: int | None) -> None:
     """Refuse ``--scale-bits`` with a format that stores fp16 scales, before any work."""
-    if scale_bits is not None and fmt not in (None, "bitsack"):
+    if scale_bits not in (None, "auto") and fmt not in (None, "bitsack"):
         from bitsack.solver.costs.memory import MemoryModel
 
         MemoryModel(format=fmt, scale_bits=scale_bits)  # raises, naming both

@@ -36,8 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
     from bitsack.commands._args import add_scale_bits_arg
 
-    add_scale_bits_arg(p, "as the solution was priced (default: the problem's metadata "
-                       "scale_bits, else fp16 scales)")
+    add_scale_bits_arg(p, "as the solution was priced (default auto: the solution's "
+                       "record, else the problem's metadata scale_bits, else fp16 scales)")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "
@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     group_size = args.group_size or int(meta.get("group_size", 64))
     mlp_group = args.mlp_group or int(meta.get("mlp_group", 128))
     mode = progress_mode(quiet=args.json or args.quiet)
-    scale_bits = args.scale_bits if args.scale_bits is not None else meta.get("scale_bits")
+    scale_bits = args.scale_bits
+    if scale_bits == "auto":  # as the solution was priced
+        scale_bits = solution.extra.get("scale_bits", meta.get("scale_bits"))
     cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
                       act_order=not args.no_act_order, scale_bits=scale_bits,
                       vocab_groups=int(meta.get("vocab_groups", 1)))

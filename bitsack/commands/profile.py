@@ -61,7 +61,8 @@ def register(subparsers) -> None:
     from bitsack.commands._args import add_scale_bits_arg
 
     add_scale_bits_arg(p, "memory_bytes priced with them, recorded in the problem's metadata "
-                       "for `bitsack compress` (default: fp16 scales)")
+                       "for `bitsack compress` (default auto: 6 with --format bitsack, fp16 "
+                       "scales with a format that stores them)")
     p.add_argument("--cost-model", action="append", dest="cost_models", metavar="NAME",
                    help="cost model (repeatable; default memory and roofline)")
     p.add_argument("--device", default="h200", help="roofline device table entry (h200, "
@@ -158,10 +159,12 @@ def _rank_main(dist, cfg: dict[str, Any], stage: Callable[[str], None] | None = 
 
 def run(args: argparse.Namespace) -> int:
     from bitsack.commands._args import check_scale_format
+    from bitsack.config import resolve_scale_bits
     from bitsack.profiling.distributed import Dist, spawn
     from bitsack.profiling.run import write_profile
     from bitsack.progress import Progress, progress_mode
 
+    args.scale_bits = resolve_scale_bits(args.scale_bits, args.format)
     check_scale_format(args.format, args.scale_bits)
     if args.vocab_groups != 1 and "embed" not in args.units:
         from bitsack.errors import ValidationError

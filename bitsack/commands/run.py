@@ -70,11 +70,13 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
         add_format_arg,
         name_list,
         real,
+        scale_bits_arg,
     )
     from bitsack.kernels.formats import SCALE_BITS
     from bitsack.pipeline import METHODS, RunConfig
 
-    d = {**asdict(RunConfig(avg_bits=4.0)), **(defaults or {})}
+    # scale_bits: the field's default ("auto", resolved by format), not the resolved value
+    d = {**asdict(RunConfig(avg_bits=4.0)), "scale_bits": "auto", **(defaults or {})}
     p.add_argument("--method", default=d["method"], choices=METHODS,
                    help=f"how the plan is made (default {d['method']}; see the description)")
     p.add_argument("--menu", type=_str_list, default=d["menu"],
@@ -151,10 +153,13 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    help=f"profiling tokens per sequence (default {d['profile_seqlen']})")
     p.add_argument("--quantizer", default=d["quantizer"], choices=["gptq", "rtn"],
                    help="apply quantizer (default gptq: sequential GPTQ)")
-    p.add_argument("--scale-bits", type=int, default=d["scale_bits"], choices=SCALE_BITS,
-                   help="store each group's scale as an S-bit code times an fp16 step per "
-                   "256 columns instead of fp16 (3-bit g32: 3.34 bits/weight instead of "
-                   "3.59); every method, --format bitsack only (default: fp16 scales)")
+    p.add_argument("--scale-bits", type=scale_bits_arg(), default=d["scale_bits"],
+                   metavar="S", help="store each group's scale as an S-bit code times an fp16 "
+                   f"step per 256 columns ({SCALE_BITS[0]}..{SCALE_BITS[-1]}; fp16: fp16 scales) "
+                   "instead of fp16 "
+                   "(3-bit g32: 3.34 bits/weight with 6, 3.59 with fp16); every method, "
+                   "--format bitsack only (default auto: 6 with --format bitsack, fp16 with "
+                   "a format that stores fp16 scales)")
     p.add_argument("--profile-quantizer", default=d["profile_quantizer"],
                    choices=["gptq", "rtn"], help="quantizer of the one-shot profile's "
                    "perturbations (default: the apply quantizer; rtn profiles faster)")

@@ -37,8 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_format_arg(p, default=None)
     from bitsack.commands._args import add_scale_bits_arg
 
-    add_scale_bits_arg(p, "memory_bytes re-priced with them (a problem priced with fp16 "
-                       "scales; compress the solution with the same --scale-bits)")
+    add_scale_bits_arg(p, "memory_bytes re-priced with them, fp16 included (default auto: "
+                       "as the problem is priced; `bitsack compress` reads the pricing from "
+                       "the solution)")
     p.add_argument("--per-layer", action="store_true", help="also print the plan per layer")
     p.add_argument("--json", action="store_true", help="print the solution as one JSON object "
                    "(also when infeasible)")
@@ -199,14 +200,17 @@ def run(args: argparse.Namespace) -> int:
     out = out_file(args.out) if args.out else None
     check_scale_format(args.format, args.scale_bits)
     problem = load_problem(args.problem)
-    if args.format is not None or args.scale_bits is not None:
+    if args.format is not None or args.scale_bits != "auto":
         from bitsack.solver.costs.formats import retarget, with_scale_bits
 
         if args.format is not None:
             problem = retarget(problem, args.format)
-        problem = with_scale_bits(problem, args.scale_bits)
+        if args.scale_bits != "auto":
+            problem = with_scale_bits(problem, args.scale_bits)
     problem = budget.apply(problem)
     solution = solve(problem, args.solver, options)
+    # how its memory_bytes were priced: `bitsack compress` packs the scales so
+    solution.extra.setdefault("scale_bits", problem.metadata.get("scale_bits"))
     if out is not None:
         write_json(out, solution.to_dict())
     if args.json:

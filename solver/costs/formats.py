@@ -363,18 +363,25 @@ def retarget(problem: Problem, fmt: str,
 def with_scale_bits(problem: Problem, scale_bits: int | None,
                     shapes: Sequence[UnitShape] | None = None) -> Problem:
     """``problem`` (format ``bitsack``) with ``memory_bytes`` priced for S-bit scale codes
-    (``scale_bits``; None: fp16 scales, the problem as it is). The losses stay the profile's:
-    sensitivities are estimated on the fp16-scale grid, so one profile serves both.
+    (``scale_bits``), or for fp16 scales (None; a problem already priced so is returned as it
+    is). The losses stay the profile's: sensitivities are estimated on the fp16-scale grid, so
+    one profile serves both.
 
     Raises:
         ValidationError: a problem built for another format, or no geometry.
     """
-    if scale_bits is None:
+    if scale_bits is None and problem.metadata.get("scale_bits") is None:
         return problem
     current = problem.metadata.get("format", "bitsack")
     model = MemoryModel(format=current, scale_bits=scale_bits)  # refuses other formats
     shapes = list(shapes) if shapes is not None else shapes_from_metadata(problem)
-    return _repriced(problem, shapes, model, problem.constraints, {"scale_bits": scale_bits})
+    out = _repriced(problem, shapes, model, problem.constraints, {"scale_bits": scale_bits})
+    if scale_bits is None:  # fp16 scales: the metadata as a problem priced so has it
+        import dataclasses
+
+        meta = {k: v for k, v in out.metadata.items() if k != "scale_bits"}
+        out = dataclasses.replace(out, metadata=meta)
+    return out
 
 
 def _repriced(problem: Problem, shapes: Sequence[UnitShape], model: MemoryModel,

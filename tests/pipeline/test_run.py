@@ -258,8 +258,8 @@ def test_uniform_with_double_quantized_scales_fits_more_bits_and_reloads(tiny, t
     # 4 bits/weight: with fp16 scales b3g32 fits (3 + 19/16 = 3.59), b3g16 does not (4.19);
     # with 6-bit scales b3g16 does: 3 + 9/16 + one fp16 step per 64-wide row (0.25) = 3.81
     # (wider rows share a step among 256 columns: 3.62 on SmolLM2)
-    plain = run(_cfg(tiny, tmp_path / "p", method="uniform", avg_bits=4.0))
-    dq = run(_cfg(tiny, tmp_path / "d", method="uniform", avg_bits=4.0, scale_bits=6))
+    plain = run(_cfg(tiny, tmp_path / "p", method="uniform", avg_bits=4.0, scale_bits=None))
+    dq = run(_cfg(tiny, tmp_path / "d", method="uniform", avg_bits=4.0))  # 6: the default
     labels = {lab for counts in dq.plan_counts.values() for lab in counts}
     assert labels == {"b3g16"}
     assert {lab for c in plain.plan_counts.values() for lab in c} == {"b3g32"}
