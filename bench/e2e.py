@@ -7,7 +7,8 @@ bitsack one-shot, bitsack searched — a thin driver over ``bitsack.pipeline.run
     python bench/e2e.py --report                         # rebuild e2e.md and the plot
 
 Cells: ``uniform:b<k>g<G>`` (k 2/3/4, G 32/64/128: budget-free, measured once; a
-``s<S>`` tail, ``uniform:b3g32s6``, stores the scales as S-bit codes: ``--scale-bits S``),
+``s<S>`` tail, ``uniform:b3g32s6``, stores the scales as S-bit codes: ``--scale-bits S``;
+a ``-<grid>`` tail, ``uniform:b3g32s6-mse``, chooses the groups' parameters so: ``--grid``),
 ``oneshot@B`` and ``search@B`` for each budget B in bits per original weight (overhead
 included), ``<method>@lat`` for the latency-bound case (any method, a search variant
 included: ``search-s6@lat~s3``); a ``~s<N>`` tail (``search@3.5~s1``)
@@ -47,13 +48,14 @@ BUDGETS = ("2.5", "3", "3.25", "3.5", "4", "4.25")
 UNIFORM = ("b3g64", "b3g128", "b3g32", "b4g128", "b2g32", "b2g64", "b4g64", "b4g32", "b2g128")
 LATENCY_AVG_BITS = 3.5
 LATENCY_FRACTION = 0.85
+#: RunConfig fields every cell runs with unless it names them: the defaults the recorded cells
+#: ran under (on 2026-12-04 ``scale_bits`` became 6 by default with format bitsack and
+#: ``grid`` became mse; a cell wanting them names them: ``search-s6``, ``uniform:b3g32s6``,
+#: ``uniform:b3g32s6-mse``, ``search-s6v6-mse``)
+PINNED = {"scale_bits": None, "grid": "minmax"}
+
 #: the searches a cell can run: method -> its RunConfig fields besides the common ones (the
 #: default splits stated: they are hashed into the key); ``<method>-rewalk[N]`` adds N rounds
-#: RunConfig fields every cell runs with unless it names them: the defaults the recorded cells
-#: ran under (``scale_bits`` became 6 by default with format bitsack on 2026-12-04; a cell
-#: wanting codes names them: ``search-s6``, ``uniform:b3g32s6``)
-PINNED = {"scale_bits": None}
-
 SEARCHES = {
     "search": {"screen": [16, 256], "select": [48, 256]},
     # the splits before 2026-12-02: a third of the tokens
@@ -83,6 +85,10 @@ SEARCHES = {
                        "menu": ["b2g128", "b2g64", "b2g32", "b2g16", "b3g128", "b3g64", "b3g32",
                                 "b3g16", "b4g128", "b4g64", "b4g32", "b4g16", "b8g64", "b16"]},
 }
+# and each with the MSE grid (``--grid mse``: each group's range shrunk to the smallest squared
+# error; the default of `bitsack run` since 2026-12-04)
+for _name in ("search-s6", "search-s6v6", "search-s6v6g16"):
+    SEARCHES[f"{_name}-mse"] = {**SEARCHES[_name], "grid": "mse"}
 #: cells that change one thing of a search: method -> (heading, what changed, the search
 #: it is compared with)
 VARIANTS = {
@@ -124,6 +130,11 @@ VARIANTS = {
                        "`--vocab-groups 6` and the menu of `search-s6g16`; the rest as "
                        "`search-s6`.", "search-s6v6"),
 }
+for _name in ("search-s6", "search-s6v6", "search-s6v6g16"):
+    VARIANTS[f"{_name}-mse"] = (
+        f"The MSE grid (`{_name}-mse`)",
+        "Each group's range shrunk to the smallest squared error of its weights (`--grid "
+        f"mse`, factors 1, 0.975, …, 0.5; default: min-max); the rest as `{_name}`.", _name)
 
 
 def split_cell(cell: str) -> tuple[str, str, int]:
@@ -143,10 +154,13 @@ def cell_config(cell: str, args) -> dict[str, Any]:
               args.eval_windows, "compress_nsamples": args.compress_nsamples, "seed": seed,
               "search_budget": args.search_budget}
     if method.startswith("uniform:"):
-        option, _, scale_bits = method.split(":", 1)[1].partition("s")
+        spec, _, grid = method.split(":", 1)[1].partition("-")
+        option, _, scale_bits = spec.partition("s")
         out = {**common, "method": "uniform", "menu": [option], "avg_bits": 16.0}
         if scale_bits:
             out["scale_bits"] = int(scale_bits)
+        if grid:  # uniform:b3g64s6-mse
+            out["grid"] = grid
         return out
     if budget == "lat":  # the latency-bound case: bits/weight and a prefill latency
         common["budgets"] = {"prefill_latency_us": args.latency_limit}

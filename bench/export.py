@@ -92,8 +92,9 @@ def run_plan(args, name: str, pruned: tuple[str, ...], tokens, site) -> dict:
             calib = calibration_tokens(args.calib, lm.tokenizer, args.calib_nsamples,
                                        args.calib_seqlen, seed=0)
         t = time.perf_counter()
-        compress(lm.model, plan, calib, ApplyConfig(quantizer=args.quantizer,
-                                                    group_size=args.group_size, mlp_group=128))
+        compress(lm.model, plan, calib, ApplyConfig(quantizer=args.quantizer,  # as recorded
+                                                    group_size=args.group_size, mlp_group=128,
+                                                    grid="minmax"))
         t_compress = time.perf_counter() - t
         save_compressed(lm.model, src, tokenizer=lm.tokenizer, force=True,
                         extra={"base_model": lm.source, "bench_key": key,

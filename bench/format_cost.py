@@ -119,7 +119,8 @@ def run_cell(cell: str, args) -> dict[str, Any]:
                               "config": cfg_fields, "command": _command(args.argv),
                               "machine": machine()}
     try:
-        summary = run(RunConfig(out=str(run_dir), **{"scale_bits": None, **fields}),
+        pinned = {"scale_bits": None, "grid": "minmax"}  # the defaults the cells ran under
+        summary = run(RunConfig(out=str(run_dir), **{**pinned, **fields}),
                       progress=lambda m: print(f"[{cell} {time.time() - t:6.0f} s] {m}",
                                                file=sys.stderr, flush=True))
     except ValidationError as exc:  # no plan of this format meets the budget: a result too

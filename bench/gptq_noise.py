@@ -51,7 +51,7 @@ def uniform_run(option: str, seed: int, out: Path, args, e2e, tag: str):
                             avg_bits=16.0, calib="c4", eval="wikitext2",
                             eval_windows=args.eval_windows,
                             compress_nsamples=args.compress_nsamples, seed=seed,
-                            scale_bits=None),  # as recorded (before codes were the default)
+                            scale_bits=None, grid="minmax"),  # as recorded (the defaults before)
                   progress=lambda m: print(f"[{tag} {time.time() - t:5.0f} s] {m}",
                                            file=sys.stderr, flush=True))
     return summary, e2e.c4_perplexity(out / "model", args.eval_windows, args.model)

@@ -63,6 +63,9 @@ class ApplyConfig:
         device: compute device of the layer engine (default: where the model is).
         scale_bits: None (fp16 scales) or S: every quantized segment stores its scales as
             S-bit codes times an fp16 step per 256 columns (``kernels.formats``).
+        grid: how each group's scale and zero are chosen (``bitsack.kernels.grid.GRIDS``):
+            ``"mse"`` (default: the group's range shrunk to the smallest squared error) or
+            ``"minmax"`` (its whole range; what bitsack did before 2026-12-04).
         vocab_groups: how many token-id row ranges the plan's embedding units are
             (``embed.v0`` …; ``bitsack.models.adapter.vocab_ranges``); None: read from the
             plan's ids, which needs every range named (a plan naming ``embed.v0`` and
@@ -80,12 +83,14 @@ class ApplyConfig:
     device: str | None = None
     scale_bits: int | None = None
     vocab_groups: int | None = None
+    grid: str = "mse"
 
     def __post_init__(self) -> None:
-        from bitsack.kernels.formats import check_scale_bits
+        from bitsack.kernels.formats import check_grid, check_scale_bits
         from bitsack.plan import check_vocab_groups
 
         check_scale_bits(self.scale_bits)
+        check_grid(self.grid)
         if self.vocab_groups is not None:  # None: read from the plan
             check_vocab_groups(self.vocab_groups)
         if self.quantizer not in QUANTIZERS:
@@ -266,7 +271,7 @@ def compress(model: nn.Module, plan: Mapping[str, Any], calib_tokens: torch.Tens
     _bind_save(model)
     model.bitsack_plan = {uid: c.option_id for uid, c in plan.items()}
     model.bitsack_apply = {"quantizer": cfg.quantizer, "group_size": cfg.group_size,
-                           "mlp_group": cfg.mlp_group,
+                           "mlp_group": cfg.mlp_group, "grid": cfg.grid,
                            **({"vocab_groups": prep.vocab} if prep.vocab > 1 else {})}
     return CompressResult(model=model, plan=dict(plan), dims=adapter.dims(),
                           packed_bytes=int(packed_bytes), untouched=prep.untouched,
@@ -373,7 +378,7 @@ def assemble(model: nn.Module, plan: Mapping[str, Any],
     _bind_save(model)
     model.bitsack_plan = {uid: c.option_id for uid, c in prep.plan.items()}
     model.bitsack_apply = {"quantizer": "assembled", "group_size": cfg.group_size,
-                           "mlp_group": cfg.mlp_group,
+                           "mlp_group": cfg.mlp_group, "grid": cfg.grid,
                            **({"vocab_groups": prep.vocab} if prep.vocab > 1 else {})}
     return CompressResult(model=model, plan=dict(prep.plan), dims=prep.adapter.dims(),
                           packed_bytes=int(packed_bytes), untouched=prep.untouched,
@@ -427,12 +432,12 @@ def _row_segments(segs: list[SegmentPlan], parts: list) -> list:
 
 
 def rtn_parts(weight: torch.Tensor, segs: list[SegmentPlan],
-              scale_bits: int | None = None) -> list:
+              scale_bits: int | None = None, grid: str = "minmax") -> list:
     """RTN-quantized (or fp16) parts of ``weight`` along its segments."""
     from bitsack.kernels.quantizers import rtn_quantize
 
-    return [piece.to(torch.float16) if s.bits == 16 else rtn_quantize(piece, s.bits,
-                                                                     s.group_size, scale_bits)
+    return [piece.to(torch.float16) if s.bits == 16 else
+            rtn_quantize(piece, s.bits, s.group_size, scale_bits, grid)
             for s, piece in _pieces(weight, segs)]
 
 
@@ -441,7 +446,7 @@ def gptq_parts(weight: torch.Tensor, segs: list[SegmentPlan], hessian, cfg: Appl
     from bitsack.kernels.quantizers import GPTQ, SegmentSpec
 
     specs = [SegmentSpec(s.axis, s.start, s.stop, s.bits, s.group_size or weight.shape[1],
-                         cfg.scale_bits if s.bits != 16 else None) for s in segs]
+                         cfg.scale_bits if s.bits != 16 else None, cfg.grid) for s in segs]
     res = GPTQ.from_hessian(hessian).quantize_segments(weight, specs, damp=cfg.damp,
                                                       act_order=cfg.act_order)
     return list(res.parts), res
@@ -455,7 +460,7 @@ def quantize_linear(mod: nn.Module, segs: list[SegmentPlan], hessian, cfg: Apply
 
     weight = dense_weight(mod)
     if hessian is None or all(s.bits == 16 for s in segs):  # nothing for GPTQ to do
-        parts = rtn_parts(weight, segs, cfg.scale_bits)
+        parts = rtn_parts(weight, segs, cfg.scale_bits, cfg.grid)
     else:
         parts, res = gptq_parts(weight, segs, hessian, cfg)
         if report is not None:
@@ -475,7 +480,7 @@ def _replace_embedding(model: nn.Module, name: str, segs: list[SegmentPlan],
         set_module(model, name, packed)
         return packed.nbytes
     weight = mod.weight.detach().float()
-    parts = rtn_parts(weight, segs, cfg.scale_bits)  # row ranges (vocab_groups), or one
+    parts = rtn_parts(weight, segs, cfg.scale_bits, cfg.grid)  # row ranges (vocab_groups), or one
     packed = PackedEmbedding(weight.shape[0], weight.shape[1], _row_segments(segs, parts),
                              dtype=mod.weight.dtype)
     if type(mod) is nn.Embedding:
@@ -495,7 +500,7 @@ def _replace_head(model: nn.Module, engine, name: str, head_name: str | None,
     head = model.get_submodule(head_name) if head_name else mod
     weight = mod.weight.detach().float()
     if engine is None or all(s.bits == 16 for s in segs):
-        parts = rtn_parts(weight, segs, cfg.scale_bits)
+        parts = rtn_parts(weight, segs, cfg.scale_bits, cfg.grid)
     else:
         parts, res = gptq_parts(weight, segs, engine.head_hessian(head), cfg)
         report["gptq"][head_name or name] = {"loss": res.loss, "damp": res.damp}

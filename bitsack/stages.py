@@ -127,7 +127,7 @@ def apply_config(cfg: RunConfig):
 
     return ApplyConfig(quantizer=cfg.quantizer, group_size=cfg.group_size,
                        mlp_group=cfg.mlp_group, scale_bits=cfg.scale_bits,
-                       vocab_groups=cfg.vocab_groups)
+                       vocab_groups=cfg.vocab_groups, grid=cfg.grid)
 
 
 # ---- evaluation ---------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def _plan_inputs(ctx: Context) -> dict[str, Any]:
     if cfg["scale_bits"] is None:  # likewise
         cfg.pop("scale_bits")
     for k, off in (("search_rse", 0.0), ("search_grow", "accept"), ("search_stop_z", 0.0),
-                   ("vocab_groups", 1)):
+                   ("vocab_groups", 1), ("grid", "minmax")):
         if cfg[k] == off:  # likewise (the search as before)
             cfg.pop(k)
     return {"model": ctx.model_id, "config": cfg, "packed_layout": LAYOUT_VERSION}
@@ -379,6 +379,8 @@ def _search(ctx: Context, lm, units) -> Planned:
         store_key["format"] = cfg.format
     if cfg.scale_bits is not None:  # absent: fp16 scales (stores built before stay valid)
         store_key["scale_bits"] = cfg.scale_bits
+    if cfg.grid != "minmax":  # likewise: min-max groups
+        store_key["grid"] = cfg.grid
     outcome = measured_search(
         lm.model, units, menu=menu, unit_costs=costs, limits=limits, splits=splits,
         calib_tokens=calibration(cfg, lm.tokenizer), apply=apply_config(cfg), config=config,

@@ -46,6 +46,24 @@ FP16_SIGNIFICANT_BITS = 11
 #: Scale-code widths with a layout: the step keeps at least 5 significant bits.
 SCALE_BITS = (2, 3, 4, 5, 6)
 
+#: How a group's scale and zero are chosen (``bitsack.kernels.grid.group_params``): its
+#: min-max range, or the shrunk range of smallest squared error. Not stored: both are the
+#: same affine grid, so a packed file does not depend on it.
+GRIDS = ("minmax", "mse")
+
+
+def check_grid(grid: Any, field: str = "grid") -> str:
+    """``grid`` as one of ``GRIDS``.
+
+    Raises:
+        ValidationError: anything else (the message names ``field`` and the valid values).
+    """
+    if not isinstance(grid, str) or grid not in GRIDS:
+        raise ValidationError(field, f"{grid!r}; valid: {', '.join(GRIDS)} (a group's "
+                              "min-max range, or its range shrunk to the smallest squared "
+                              "error)")
+    return grid
+
 
 class PackFormat(str, enum.Enum):
     """How one segment of a weight matrix is stored.
@@ -125,7 +143,8 @@ def check_scale_bits(scale_bits: Any, field: str = "scale_bits") -> int | None:
         return None
     if isinstance(scale_bits, bool) or not isinstance(scale_bits, (int, np.integer)) \
             or int(scale_bits) not in SCALE_BITS:
-        raise ValidationError(field, f"{scale_bits!r}; valid: none (fp16 scales) or one of "
+        raise ValidationError(field, f"{scale_bits!r}; valid: None (fp16 scales; 'fp16' or "
+                              "'auto' where a run config resolves it) or one of "
                               f"{', '.join(map(str, SCALE_BITS))} (bits of a group's scale "
                               f"code, times an fp16 step per {SUPER_COLS} columns)")
     return int(scale_bits)

@@ -29,10 +29,10 @@ from bitsack.kernels.formats import (
 )
 from bitsack.kernels.grid import (
     QuantizedTensor,
+    check_grid,
     check_weight,
-    dq_params,
     dq_steps,
-    minmax_params,
+    group_params,
     super_ranges,
 )
 from bitsack.kernels.hessian import Hessian
@@ -88,6 +88,9 @@ class SegmentSpec:
         scale_bits: None (fp16 scales) or S-bit double-quantized scales: the steps of the
             segment's super-blocks are fixed from the original weights before the pass
             (``grid.dq_steps``), each group's scale is rounded up onto them (``grid.dq_params``).
+        grid: ``"minmax"`` (each group's min-max range) or ``"mse"`` (its range shrunk to the
+            smallest squared error of the group's weights when its parameters are set:
+            ``grid.group_params``).
     """
 
     axis: int
@@ -96,6 +99,7 @@ class SegmentSpec:
     bits: int
     group_size: int
     scale_bits: int | None = None
+    grid: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.axis not in (0, 1):
@@ -111,6 +115,7 @@ class SegmentSpec:
         check_bits(self.bits, allow_16=True, field="segment.bits")
         check_group_size(self.group_size, field="segment.group_size")
         check_scale_bits(self.scale_bits, field="segment.scale_bits")
+        check_grid(self.grid, field="segment.grid")
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,7 @@ class _Rect:
     fp16: torch.Tensor | None = None  # 16-bit rectangles' weights when no .weight is returned
     scale_bits: int | None = None  # double-quantized scales: S, and the fp16 steps
     step: torch.Tensor | None = None  # [r1 - r0, ceil((c1 - c0) / SUPER_COLS)]
+    grid: str = "minmax"  # how each group's parameters are chosen (``grid.group_params``)
 
 
 @dataclass
@@ -452,6 +458,7 @@ class GPTQ:
                        torch.full((r1 - r0, ng), sp.bits, dtype=torch.int64, device=dev),
                        torch.ones((r1 - r0, ng), dtype=torch.float16, device=dev),
                        torch.zeros((r1 - r0, ng), dtype=torch.float16, device=dev))
+            rc.grid = sp.grid
             if sp.scale_bits is not None and sp.bits != 16:
                 # the steps from the original weights: with static groups (act_order) no
                 # group is clipped; dynamic groups wider than their super-block's step clamp
@@ -587,7 +594,7 @@ class GPTQ:
     @staticmethod
     def _set_params(ev: _Event, values: torch.Tensor, a: int, s_out: torch.Tensor,
                     z_out: torch.Tensor) -> None:
-        """Min-max parameters of one group from ``values`` [rows, span]; stored in the
+        """Grid parameters of one group from ``values`` [rows, span]; stored in the
         rectangle (fp16) and written (float64) into s_out / z_out (the group's rows)."""
         rc = ev.rect
         rows = slice(ev.ra + a - rc.r0, ev.rb + a - rc.r0)
@@ -598,9 +605,9 @@ class GPTQ:
         # 16-bit rows get throwaway parameters (maxq 1 keeps the division finite).
         if rc.step is not None:  # a double-quantized segment (never 16-bit rows)
             step = rc.step[rows, (ev.gi * rc.group_size) // SUPER_COLS]
-            s, z = dq_params(values, ev.maxq, step, rc.scale_bits)
+            s, z = group_params(values, ev.maxq, rc.grid, step, rc.scale_bits)
         else:
-            s, z = minmax_params(values, ev.maxq.clamp(min=1))
+            s, z = group_params(values, ev.maxq.clamp(min=1), rc.grid)
         s = torch.where(ev.is16, rc.scale[rows, ev.gi], s)
         z = torch.where(ev.is16, rc.zero[rows, ev.gi], z)
         rc.scale[rows, ev.gi] = s

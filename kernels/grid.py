@@ -25,6 +25,15 @@ scale; up to the float64 rounding of ``x/s + z``, ≤ 2⁻⁴⁰·s — see ``RT
 Holding 0 in the range keeps z a small integer (exact in fp16) whatever the offset of the
 group, and represents exact zeros exactly. An all-zero group gets s = 2⁻²⁴ (the smallest fp16)
 and z = 0, so it dequantizes to exact zeros.
+
+MSE grid (``grid="mse"``, ``group_params``): the same grid family, each group's range shrunk
+by the factor p of ``CLIP_SHRINKS`` (1, 0.975, …, 0.5) that gives the smallest squared error
+``Σ (ŵ − x)²`` over the group's own values (p = 1 is min-max; ties keep the wider range). The
+values beyond the shrunk range are clamped: the bound ``|ŵ − x| ≤ s/2`` (and
+``bitsack.kernels.bounds.rtn_error_bound``) holds for min-max groups only. Measured on
+SmolLM2-135M (uniform GPTQ, 6-bit scale codes, WikiText-2, 16 windows): 2-bit g32 4,456 →
+718, 3-bit g64 59.6 → 55.3 (the idea is the reference GPTQ quantizer's optional MSE search
+and AWQ's clip search; written here from the description).
 """
 
 from __future__ import annotations
@@ -37,8 +46,10 @@ import torch
 from bitsack.errors import ValidationError
 from bitsack.kernels.formats import (
     FP16_SIGNIFICANT_BITS,
+    GRIDS,
     SUPER_COLS,
     check_bits,
+    check_grid,
     check_group_size,
     check_scale_bits,
     num_groups,
@@ -46,16 +57,26 @@ from bitsack.kernels.formats import (
 )
 
 __all__ = [
+    "CLIP_SHRINKS",
+    "GRIDS",
     "QuantizedTensor",
+    "check_grid",
     "check_weight",
     "dequantize_codes",
     "expand_scales",
+    "group_params",
     "minmax_params",
     "rtn_quantize",
 ]
 
 #: Scale given to an all-zero group: the smallest positive fp16 (subnormal 2⁻²⁴).
 _ZERO_GROUP_SCALE = 2.0**-24
+
+#: Range factors the MSE grid tries, widest first.
+CLIP_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))
+#: Largest (values × factors) the MSE search evaluates in one batch (float64: 64 MiB);
+#: larger inputs loop over the factors.
+_MSE_BATCH = 1 << 23
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,6 +312,53 @@ def dq_params(x: torch.Tensor, maxq: torch.Tensor | int, step: torch.Tensor,
     return s64.to(torch.float16), zero.to(torch.float16)
 
 
+def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax",
+                 step: torch.Tensor | None = None, scale_bits: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of groups ``x`` ``[..., group_size]`` on the ``grid`` (``GRIDS``):
+    ``minmax_params`` (``step`` None) or ``dq_params`` (a double-quantized segment), of the
+    groups' own range or (``"mse"``) of the shrunk range of smallest squared error.
+
+    ``maxq`` may be a tensor broadcastable to ``x.shape[:-1]`` (GPTQ's per-row bit-widths).
+    """
+    def params(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if step is None:
+            return minmax_params(v, maxq)
+        return dq_params(v, maxq, step, scale_bits)
+
+    if check_grid(grid) == "minmax":
+        return params(x)
+    x = x.to(torch.float64)
+    mq = torch.as_tensor(maxq, dtype=torch.float64, device=x.device)
+    mq = mq.unsqueeze(-1) if mq.dim() else mq
+
+    def sq_error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        s64, z64 = s.to(torch.float64).unsqueeze(-1), z.to(torch.float64).unsqueeze(-1)
+        return (s64 * (_codes(x, s64, z64, mq) - z64) - x).square().sum(-1)
+
+    if x.numel() * len(CLIP_SHRINKS) <= _MSE_BATCH:  # every factor at once (small groups)
+        shrinks = torch.tensor(CLIP_SHRINKS, dtype=torch.float64, device=x.device)
+        xs = x.unsqueeze(0) * shrinks.reshape(-1, *([1] * x.dim()))
+        if step is None:
+            s_all, z_all = minmax_params(xs, maxq)
+        else:
+            s_all, z_all = dq_params(xs, maxq, step.expand(xs.shape[:-1]), scale_bits)
+        err = sq_error(s_all, z_all)  # [factors, ...]
+        # the first (widest) of the smallest errors: argmin returns the first minimum
+        pick = err.argmin(0, keepdim=True)
+        return s_all.gather(0, pick)[0], z_all.gather(0, pick)[0]
+    best_s, best_z = params(x)
+    best = sq_error(best_s, best_z)
+    for p in CLIP_SHRINKS[1:]:
+        s, z = params(x * p)  # the shrunk range's grid; codes still of the values themselves
+        err = sq_error(s, z)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            maxq: torch.Tensor | int) -> torch.Tensor:
     """Nearest codes of x (float64) on the stored grid; shapes broadcast like ``x``."""
@@ -300,8 +368,8 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
-                 scale_bits: int | None = None) -> QuantizedTensor:
-    """Min-max affine round-to-nearest quantization per group of columns.
+                 scale_bits: int | None = None, grid: str = "minmax") -> QuantizedTensor:
+    """Affine round-to-nearest quantization per group of columns (min-max or MSE grid).
 
     Args:
         w: ``[rows, cols]`` weight (``[out_features, in_features]``), any float dtype, finite.
@@ -309,8 +377,10 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
         group_size: columns per group, any positive integer; when it does not divide
             ``cols`` the last group is shorter and has its own min-max parameters.
         scale_bits: None (fp16 scales) or S-bit double-quantized scales (``dq_params``; the
-            steps from the weight's own ranges, so no group is clipped: ``|ŵ − x| ≤ s/2``
-            still holds).
+            steps from the weight's own ranges, so no min-max group is clipped:
+            ``|ŵ − x| ≤ s/2`` still holds).
+        grid: ``"minmax"`` or ``"mse"`` (``group_params``; clamps, so the s/2 bound does not
+            hold for it).
 
     Returns:
         The ``QuantizedTensor`` on ``w``'s device.
@@ -326,15 +396,15 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
     maxq = (1 << bits) - 1
     x = w.detach().to(torch.float64)
     scale_bits = check_scale_bits(scale_bits)
+    check_grid(grid)
     step = None
     if scale_bits is not None:
         step = dq_steps(super_ranges(x, g), maxq, scale_bits)
         group_step = super_steps(step, cols, g)
 
     def params(groups: torch.Tensor, gs: slice):
-        if step is None:
-            return minmax_params(groups, maxq)
-        return dq_params(groups, maxq, group_step[:, gs], scale_bits)
+        return group_params(groups, maxq, grid, None if step is None else group_step[:, gs],
+                            scale_bits)
 
     full = cols // g
     scales, zeros, codes = [], [], []

@@ -95,6 +95,7 @@ _REQUIRED = {
     "eval": ["--model", "m"],
     "generate-text": ["--model", "m", "--prompt", "hi"],
     "profile": ["--model", "m", "--out", "o"],
+    "run": ["--avg-bits", "3.5"],
 }
 
 REFUSALS = [
@@ -147,6 +148,7 @@ def test_out_of_range_number_is_a_one_line_usage_error(capsys, monkeypatch, comm
 @pytest.mark.parametrize("command, flag, value", [
     ("eval", "--dtype", "float8"), ("generate-text", "--dtype", "int4"),
     ("profile", "--dtype", "half"), ("compress", "--quantizer", "awq"),
+    ("compress", "--grid", "mean"), ("run", "--grid", "mean"),
 ])
 def test_unknown_choice_is_a_one_line_usage_error(capsys, command, flag, value):
     code = main([command, *_REQUIRED[command], flag, value])

@@ -115,7 +115,7 @@ def test_scale_codes_through_profile_solve_and_compress(tiny, tmp_path, capsys):
         return json.loads(out), err
 
     plain = tmp_path / "p" / "problem.yaml"
-    # priced with the codes at profile time: compress reads scale_bits from the metadata
+    # priced with the codes at profile time: the solution records them, compress packs them
     priced = solve(tmp_path / "p6" / "problem.yaml", "s6.json")
     got, err = compress(tmp_path / "p6" / "problem.yaml", "s6.json", "c6")
     assert got["scale_bits"] == 6 and got["packed_bytes"] == priced and "warning" not in err
@@ -127,7 +127,10 @@ def test_scale_codes_through_profile_solve_and_compress(tiny, tmp_path, capsys):
     assert got["scale_bits"] == 6 and got["packed_bytes"] == priced and "warning" not in err
     # ... told otherwise, it packs fp16 scales over the plan's bytes and says so
     got, err = compress(plain, "r6.json", "r16", "--scale-bits", "fp16")
-    assert got["packed_bytes"] > priced and "solution was priced at" in err
+    assert got["packed_bytes"] > priced and "solution was priced with scale_bits 6" in err
+    assert "over its budget" in err
+    got, err = compress(plain, "r6.json", "r4", "--scale-bits", "4")  # fewer bytes: said too
+    assert got["packed_bytes"] < priced and "solution was priced with scale_bits 6" in err
     # and a problem priced with codes re-prices to fp16 scales: the plain problem's bytes
     fp16 = solve(plain, "f.json")
     assert solve(tmp_path / "p6" / "problem.yaml", "f16.json", "--scale-bits", "fp16") == fp16

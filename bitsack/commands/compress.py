@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from bitsack.commands._args import GROUP, POSITIVE_INT, SEED, SEQLEN
+from bitsack.commands._args import GROUP, POSITIVE_INT, SEED, SEQLEN, check_scale_format
 
 
 def register(subparsers) -> None:
@@ -38,6 +38,12 @@ def register(subparsers) -> None:
 
     add_scale_bits_arg(p, "as the solution was priced (default auto: the solution's "
                        "record, else the problem's metadata scale_bits, else fp16 scales)")
+    from bitsack.kernels.formats import GRIDS
+
+    p.add_argument("--grid", default="mse", choices=GRIDS,
+                   help="how each group's scale and zero are chosen: mse (its range shrunk to "
+                   "the smallest squared error of its weights) or minmax (its whole range); "
+                   "default mse")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "
@@ -76,10 +82,19 @@ def run(args: argparse.Namespace) -> int:
     mlp_group = args.mlp_group or int(meta.get("mlp_group", 128))
     mode = progress_mode(quiet=args.json or args.quiet)
     scale_bits = args.scale_bits
+    priced = solution.extra.get("scale_bits", meta.get("scale_bits"))
+    if meta.get("format", "bitsack") != "bitsack":  # a target format stores fp16 scales
+        priced = None
+        check_scale_format(meta.get("format"), None if scale_bits == "auto" else scale_bits)
     if scale_bits == "auto":  # as the solution was priced
-        scale_bits = solution.extra.get("scale_bits", meta.get("scale_bits"))
+        scale_bits = priced
+    elif scale_bits != priced:
+        print(f"bitsack compress: warning: --scale-bits {scale_bits or 'fp16'}, but the "
+              f"solution was priced with {'scale_bits ' + str(priced) if priced else 'fp16 scales'}"
+              ": its packed bytes will differ from the plan's (drop --scale-bits to pack as "
+              "priced)", file=sys.stderr)
     cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
-                      act_order=not args.no_act_order, scale_bits=scale_bits,
+                      act_order=not args.no_act_order, scale_bits=scale_bits, grid=args.grid,
                       vocab_groups=int(meta.get("vocab_groups", 1)))
     with Progress("bitsack compress", unit="layers", mode=mode) as prog:
         prog.stage("loading the model")
@@ -102,10 +117,9 @@ def run(args: argparse.Namespace) -> int:
                                      "solution_status": solution.status,
                                      "calibration": calibration, "plan_memory_bytes": usage})
     if usage is not None and result.packed_bytes > usage * (1 + 1e-9):
-        # the plan's budget was priced in other bytes (e.g. solved with --scale-bits)
+        # the plan's budget was priced in other bytes (e.g. another --scale-bits)
         print(f"bitsack compress: warning: packed {result.packed_bytes:,} bytes, but the "
-              f"solution was priced at {usage:,.0f}: compress with the --scale-bits the "
-              "problem was solved with", file=sys.stderr)
+              f"solution was priced at {usage:,.0f}: over its budget", file=sys.stderr)
     summary = {"out": str(out), "packed_bytes": result.packed_bytes,
                "plan_memory_bytes": usage, "scale_bits": scale_bits,
                "untouched_units": list(result.untouched),

@@ -72,7 +72,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
         real,
         scale_bits_arg,
     )
-    from bitsack.kernels.formats import SCALE_BITS
+    from bitsack.kernels.formats import GRIDS, SCALE_BITS
     from bitsack.pipeline import METHODS, RunConfig
 
     # scale_bits: the field's default ("auto", resolved by format), not the resolved value
@@ -160,6 +160,10 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    "(3-bit g32: 3.34 bits/weight with 6, 3.59 with fp16); every method, "
                    "--format bitsack only (default auto: 6 with --format bitsack, fp16 with "
                    "a format that stores fp16 scales)")
+    p.add_argument("--grid", default=d["grid"], choices=GRIDS,
+                   help="how each group's scale and zero are chosen: mse (its range shrunk to "
+                   "the smallest squared error of its weights) or minmax (its whole range); "
+                   f"default {d['grid']}")
     p.add_argument("--profile-quantizer", default=d["profile_quantizer"],
                    choices=["gptq", "rtn"], help="quantizer of the one-shot profile's "
                    "perturbations (default: the apply quantizer; rtn profiles faster)")
@@ -203,7 +207,7 @@ def config_from_args(args: argparse.Namespace, model: str, out: str):
         profile_nsamples=args.nsamples, profile_seqlen=args.seqlen,
         format=args.format,
         quantizer=args.quantizer, profile_quantizer=args.profile_quantizer,
-        scale_bits=args.scale_bits,
+        scale_bits=args.scale_bits, grid=args.grid,
         compress_nsamples=args.compress_nsamples, compress_seqlen=args.compress_seqlen,
         search_start=args.search_start, search_budget=args.search_budget,
         search_k=args.trust_region, search_window=args.search_window,

@@ -210,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
     problem = budget.apply(problem)
     solution = solve(problem, args.solver, options)
     # how its memory_bytes were priced: `bitsack compress` packs the scales so
-    solution.extra.setdefault("scale_bits", problem.metadata.get("scale_bits"))
+    solution.extra.setdefault("scale_bits", problem.metadata.get("scale_bits")
+                              if problem.metadata.get("format", "bitsack") == "bitsack"
+                              else None)
     if out is not None:
         write_json(out, solution.to_dict())
     if args.json:

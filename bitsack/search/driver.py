@@ -142,7 +142,7 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     store_cfg = StoreConfig(quantizer=apply.quantizer, damp=apply.damp,
                             act_order=apply.act_order, batch_size=apply.batch_size,
                             true_sequential=apply.true_sequential,
-                            scale_bits=apply.scale_bits)
+                            scale_bits=apply.scale_bits, grid=apply.grid)
 
     def tick(done: int, total: int) -> None:
         if done == total or done % max(1, total // 5) == 0:

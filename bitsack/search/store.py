@@ -63,6 +63,7 @@ class StoreConfig:
     batch_size: int = 8
     true_sequential: bool = True
     scale_bits: int | None = None  # double-quantized scales (``bitsack.kernels.formats``)
+    grid: str = "minmax"  # how groups' parameters are chosen (``bitsack.kernels.grid``)
 
 
 def write_weight(mod: nn.Module, weight: torch.Tensor) -> None:
@@ -118,16 +119,17 @@ def quantize_choices(weight: torch.Tensor, hessian, choices: Iterable[Choice],
     if hessian is None or cfg.quantizer == "rtn":
         for c in quant:
             out[c] = tuple(Piece(1, a, b, rtn_quantize(weight[:, a:b], c.bits, c.group_size,
-                                                       cfg.scale_bits))
+                                                       cfg.scale_bits, cfg.grid))
                            for a, b in bounds) if bounds else \
-                (Piece(0, 0, rows, rtn_quantize(weight, c.bits, c.group_size, cfg.scale_bits)),)
+                (Piece(0, 0, rows, rtn_quantize(weight, c.bits, c.group_size, cfg.scale_bits,
+                                                cfg.grid)),)
         return out
     gptq = GPTQ.from_hessian(hessian)
     opts = {"damp": cfg.damp, "act_order": cfg.act_order, "return_weight": False}
     if bounds:
         for c in quant:
             res = gptq.quantize_segments(weight, [SegmentSpec(1, a, b, c.bits, c.group_size,
-                                                              cfg.scale_bits)
+                                                              cfg.scale_bits, cfg.grid)
                                                   for a, b in bounds], **opts)
             out[c] = tuple(Piece(1, a, b, q) for (a, b), q in zip(bounds, res.parts,
                                                                   strict=True))
@@ -136,7 +138,7 @@ def quantize_choices(weight: torch.Tensor, hessian, choices: Iterable[Choice],
     for k in range(0, len(quant), per_call):
         batch = quant[k:k + per_call]
         specs = [SegmentSpec(0, j * rows, (j + 1) * rows, c.bits, c.group_size,
-                             cfg.scale_bits) for j, c in enumerate(batch)]
+                             cfg.scale_bits, cfg.grid) for j, c in enumerate(batch)]
         res = gptq.quantize_segments(weight.repeat(len(batch), 1), specs, **opts)
         for c, q in zip(batch, res.parts, strict=True):
             out[c] = (Piece(0, 0, rows, q),)
@@ -172,6 +174,7 @@ class VariantStore:
                  walk: Mapping[str, Choice] | None = None, scale_bits: int | None = None):
         self.menu = menu
         self.scale_bits = scale_bits
+        self.grid = "minmax"  # how ``build`` chose the groups' parameters (``StoreConfig``)
         self.incumbent = incumbent
         self.walk = dict(walk) if walk is not None else None
         self.root = Path(root) if root is not None else None
@@ -310,6 +313,7 @@ class VariantStore:
             raise ValidationError("calib_tokens", "None; gptq needs calibration tokens")
         store = cls(menu, incumbent, Path(root) if root is not None else None, walk=plan,
                     scale_bits=cfg.scale_bits)
+        store.grid = cfg.grid
         if store.root is not None:
             store._open(key)
         place = store._placer(model, units)
@@ -426,7 +430,8 @@ class VariantStore:
         for name in outside:
             self._add(name, quantize_choices(dense_weight(model.get_submodule(name)), None,
                                              choices, StoreConfig(quantizer="rtn",
-                                                                  scale_bits=self.scale_bits)))
+                                                                  scale_bits=self.scale_bits,
+                                                                  grid=self.grid)))
         return outside
 
     @property

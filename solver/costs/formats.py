@@ -357,7 +357,13 @@ def retarget(problem: Problem, fmt: str,
     meta = {"format": fmt}
     if left_out:
         meta["format_left_out"] = dict(sorted(left_out.items()))
-    return _repriced(out, shapes, MemoryModel(format=fmt), constraints, meta)
+    out = _repriced(out, shapes, MemoryModel(format=fmt), constraints, meta)
+    if "scale_bits" in out.metadata:  # priced with the format's fp16 scales now
+        import dataclasses
+
+        out = dataclasses.replace(out, metadata={k: v for k, v in out.metadata.items()
+                                                 if k != "scale_bits"})
+    return out
 
 
 def with_scale_bits(problem: Problem, scale_bits: int | None,

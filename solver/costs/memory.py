@@ -50,7 +50,8 @@ def _share(total: int, s: SliceShape) -> int:
 def _check_scale_format(fmt: str, scale_bits: int | None) -> None:
     if scale_bits is not None and fmt != "bitsack":
         raise ValidationError("scale_bits", f"{scale_bits} with format {fmt!r}, which stores "
-                              "fp16 scales; valid: none, or format 'bitsack'")
+                              "fp16 scales; valid: no scale codes (--scale-bits fp16 or "
+                              "auto; None in Python), or format 'bitsack'")
 
 
 def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int,

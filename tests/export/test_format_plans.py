@@ -158,6 +158,8 @@ def test_profile_and_solve_cli_take_a_format(tiny, tmp_path, capsys):
     free = load_problem(tmp_path / "free" / "problem.yaml")
     gguf = load_problem(tmp_path / "gguf" / "problem.yaml")
     assert "format" not in free.metadata and gguf.metadata["format"] == "gguf"
+    # the free profile is priced with 6-bit codes (the default), the gguf one with fp16 scales
+    assert free.metadata["scale_bits"] == 6 and "scale_bits" not in gguf.metadata
     assert json.loads((tmp_path / "gguf" / "profile.json").read_text())["format"] == "gguf"
     # solving the free profile for gguf is solving the gguf profile
     sols = []
@@ -168,6 +170,9 @@ def test_profile_and_solve_cli_take_a_format(tiny, tmp_path, capsys):
     assert sols[0]["assignment"] == sols[1]["assignment"]
     assert sols[0]["certificate"]["usage"]["memory_bytes"] == \
         sols[1]["certificate"]["usage"]["memory_bytes"]
+    # retargeted, the plan is priced with the format's fp16 scales, and says so: compress
+    # packs fp16 scales for it
+    assert sols[0]["extra"]["scale_bits"] is None and sols[1]["extra"]["scale_bits"] is None
     assert [c.type for c in gguf.constraints].count("same_bits") == 4
     # a gguf problem cannot be solved as another format
     assert main(["solve", str(tmp_path / "gguf" / "problem.yaml"), "--avg-bits", "5.5",

@@ -468,3 +468,66 @@ def test_finiteness_check_by_blocks_sees_every_row():
     gp = _gptq(7)
     with pytest.raises(ValidationError, match="weight: holds NaN or infinite"):
         gp.quantize_segments(t, [SegmentSpec(0, 0, 50, 4, 4)])
+
+
+# ---- the MSE grid (``grid="mse"``) ----------------------------------------------------------
+def _group_sq_error(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
+    """Squared error of each group ``[rows, groups]`` (the last group may be short)."""
+    err = (q.dequantize(torch.float64) - w.to(torch.float64)).square()
+    g = q.group_size
+    pad = -w.shape[1] % g
+    return torch.nn.functional.pad(err, (0, pad)).reshape(w.shape[0], -1, g).sum(-1)
+
+
+@pytest.mark.parametrize("scale_bits", [None, 6])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_grid_never_worse_than_minmax_per_group(bits, scale_bits):
+    """Each group's squared error on the MSE grid is at most its min-max error (p = 1 is a
+    candidate), strictly smaller somewhere, with codes and scale codes in range; outliers
+    make clipping pay."""
+    torch.manual_seed(3)
+    w = torch.randn(24, 300) * torch.rand(24, 1)
+    w[::5, ::37] *= 6.0  # outliers
+    mm = rtn_quantize(w, bits, 32, scale_bits, "minmax")
+    mse = rtn_quantize(w, bits, 32, scale_bits, "mse")
+    e_mm, e_mse = _group_sq_error(mm, w), _group_sq_error(mse, w)
+    assert bool((e_mse <= e_mm * (1 + 1e-12)).all())
+    assert float(e_mse.sum()) < 0.9 * float(e_mm.sum()) if bits == 2 else \
+        float(e_mse.sum()) < float(e_mm.sum())
+    assert int(mse.codes.max()) <= (1 << bits) - 1
+    if scale_bits is not None:
+        assert int(mse.scale_codes().max()) <= (1 << scale_bits) - 1
+        assert torch.equal(mse.step, mm.step)  # steps from the weights' ranges, as before
+    again = rtn_quantize(w, bits, 32, scale_bits, "mse")  # deterministic
+    assert torch.equal(again.codes, mse.codes) and torch.equal(again.scale, mse.scale)
+
+
+def test_mse_grid_keeps_minmax_where_it_is_best():
+    """Two-level groups sit exactly on the min-max grid: nothing to gain by shrinking."""
+    w = torch.tensor([[0.0, 1.0] * 16, [-2.0, 0.0] * 16])
+    assert torch.equal(rtn_quantize(w, 1, 32, grid="mse").scale,
+                       rtn_quantize(w, 1, 32, grid="minmax").scale)
+
+
+@pytest.mark.parametrize("grid", ["minmax", "mse"])
+def test_gptq_with_a_diagonal_hessian_is_rtn_on_its_grid(grid):
+    """With a diagonal H no column's error moves another, so GPTQ (dynamic groups) is RTN —
+    on the same grid, min-max or MSE, bit for bit."""
+    torch.manual_seed(5)
+    rows, cols, g = 8, 96, 32
+    w = torch.randn(rows, cols)
+    gp = GPTQ.from_hessian(torch.diag(torch.rand(cols, dtype=torch.float64) + 0.5))
+    for sb in (None, 6):
+        res = gp.quantize_segments(w, [SegmentSpec(0, 0, rows, 2, g, sb, grid)])
+        ref = rtn_quantize(w, 2, g, sb, grid)
+        assert torch.equal(res.parts[0].codes, ref.codes)
+        assert torch.equal(res.parts[0].scale, ref.scale)
+        assert torch.equal(res.parts[0].zero, ref.zero)
+
+
+def test_grid_errors():
+    w = torch.randn(4, 32)
+    with pytest.raises(ValidationError, match="grid: 'mean'; valid: minmax, mse"):
+        rtn_quantize(w, 2, 32, grid="mean")
+    with pytest.raises(ValidationError, match="segment.grid: 'x'"):
+        SegmentSpec(0, 0, 4, 2, 32, None, "x")

@@ -100,7 +100,8 @@ def test_run_and_compress_give_byte_identical_models(tiny, tmp_path, capsys, voc
 
 def test_uniform_is_the_largest_menu_option_that_fits(tiny, tmp_path):
     s = run(_cfg(tiny, tmp_path / "u", method="uniform", avg_bits=4.5))
-    # (16 + bits)/G bits/weight of scale and zero point: b3g16 (4.19) fits, b4g32 (4.63) not
+    # 6-bit scale codes (the default) and a bits-wide zero point per group, one fp16 step per
+    # 64-wide row here: b3g16 (3.81) fits, b4g32 (4.56) does not
     (label,) = {lab for counts in s.plan_counts.values() for lab in counts}
     assert label == "b3g16"
     assert s.bits_per_weight <= 4.5 + 1e-9
@@ -295,6 +296,24 @@ def test_search_and_oneshot_price_and_build_double_quantized_scales(tiny, tmp_pa
     assert segs and all(g.scale_bits == 6 for g in segs)
     if method == "search":  # the variant store was built on the same grid
         assert json.loads((out / "store" / "store.json").read_text())["scale_bits"] == 6
+
+
+def test_grid_is_a_run_setting_recorded_and_keyed(tiny, tmp_path):
+    """``grid``: mse by default, recorded in the model's apply record; another grid in the same
+    folder compresses again (the stage key holds it) to the same bytes on other codes."""
+    from bitsack.checkpoint import load_compressed
+
+    with pytest.raises(ValidationError, match="grid: 'mean'; valid: minmax, mse"):
+        _cfg(tiny, tmp_path / "x", grid="mean")
+    out = tmp_path / "u"
+    mse = run(_cfg(tiny, out, method="uniform", avg_bits=3.5))
+    assert json.loads((out / "summary.json").read_text())["config"]["grid"] == "mse"
+    assert load_compressed(out / "model").model.bitsack_apply["grid"] == "mse"
+    codes = (out / "model" / "model.safetensors").read_bytes()
+    mm = run(_cfg(tiny, out, method="uniform", avg_bits=3.5, grid="minmax"))
+    assert "compress" not in mm.reused
+    assert mm.memory_after_bytes == mse.memory_after_bytes
+    assert (out / "model" / "model.safetensors").read_bytes() != codes
 
 
 def test_double_quantized_scales_are_refused_where_not_stored(tiny, tmp_path):
