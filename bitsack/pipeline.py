@@ -19,6 +19,7 @@ matches is not run again, so an interrupted or re-parameterised run redoes only 
 
     out/
       profile/problem.yaml, profile.json          (bitsack.profiling; oneshot, search start)
+      problem.yaml                                (oneshot / sequential: the problem solved)
       solution.json                               (the plan: solver certificate, search record)
       store/, search.json                         (bitsack.search)
       model/ (safetensors + bitsack.json)         (bitsack.apply, bitsack.checkpoint)

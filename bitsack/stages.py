@@ -325,6 +325,11 @@ def _oneshot(ctx: Context, lm, units) -> Planned:
 
         problem = sequential(problem)
     sol = solve_problem(ctx, problem)
+    from bitsack.solver.schema import dump_problem
+
+    # the problem exactly as solved (re-priced for the format and scale codes, the budget
+    # applied): `bitsack check OUT/problem.yaml OUT/solution.json` re-checks the certificate
+    dump_problem(problem, ctx.out / "problem.yaml")
     plan = plan_from_solution(problem, sol)
     ctx.say(f"compress: {cfg.quantizer}, {sum(c.pruned for c in plan.values())} units pruned")
     res = compress(lm.model, plan, calibration(cfg, lm.tokenizer), apply_config(cfg),

@@ -65,6 +65,11 @@ def test_oneshot_writes_every_stage_and_a_consistent_summary(tiny, tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["schema"] == "bitsack.run/v2" and saved["ppl_after"] == s.ppl_after
     assert "Certificate: status" in (out / "report.md").read_text()
+    # the problem as solved (priced with the run's 6-bit scale codes, budget applied) is
+    # written beside the solution, so the certificate can be re-checked as it stands
+    from bitsack.cli import main
+    assert main(["check", str(out / "problem.yaml"), str(out / "solution.json"),
+                 "--json"]) == 0
 
 
 def test_run_resumes_finished_stages_and_redoes_what_changed(tiny, tmp_path):
