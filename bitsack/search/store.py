@@ -63,7 +63,7 @@ class StoreConfig:
     batch_size: int = 8
     true_sequential: bool = True
     scale_bits: int | None = None  # double-quantized scales (``bitsack.kernels.formats``)
-    grid: str = "minmax"  # how groups' parameters are chosen (``bitsack.kernels.grid``)
+    grid: str = "mse"  # how groups' parameters are chosen (``bitsack.kernels.grid``)
 
 
 def write_weight(mod: nn.Module, weight: torch.Tensor) -> None:
@@ -412,6 +412,7 @@ class VariantStore:
                 for u, o in manifest["walk"].items()} if "walk" in manifest else None
         store = cls(menu, parse_choice(manifest["incumbent"], 64, "store.incumbent"), root,
                     walk=walk, scale_bits=manifest.get("scale_bits"))
+        store.grid = manifest.get("grid", "minmax")  # absent: built before the MSE grid
         store.tied = dict(tied_pairs(model))
         n_layers = len(get_adapter(model).layers())
         for i in range(n_layers + 1):
@@ -457,6 +458,8 @@ class VariantStore:
             want["walk"] = {u: c.option_id for u, c in sorted(self.walk.items())}
         if self.scale_bits is not None:  # absent: fp16 scales (stores built before stay valid)
             want["scale_bits"] = self.scale_bits
+        if self.grid != "minmax":  # likewise: min-max groups
+            want["grid"] = self.grid
         if manifest.is_file():
             try:
                 have = json.loads(manifest.read_text())
