@@ -349,9 +349,25 @@ def load_results(results: Path) -> dict[str, dict]:
     return out
 
 
-def best_uniform(results: dict[str, dict], budget: float) -> dict | None:
+def cell_grid(cell: str, record: dict | None = None) -> str:
+    """The grid a cell's groups were chosen on: its config's ``grid`` (the pinned min-max
+    when it names none)."""
+    cfg = (record or {}).get("config") or {}
+    if "grid" in cfg:
+        return cfg["grid"]
+    method = split_cell(cell)[0]
+    if method.startswith("uniform:"):
+        return method.partition("-")[2] or PINNED["grid"]
+    return SEARCHES.get(_rounds(method)[0], {}).get("grid", PINNED["grid"])
+
+
+def best_uniform(results: dict[str, dict], budget: float,
+                 grid: str | None = None) -> dict | None:
+    """The uniform cell of ``results`` with the lowest WikiText-2 whose bytes fit ``budget``
+    (of ``grid`` only, if given: the same quantizer as the cell it is compared with)."""
     fits = [r for c, r in results.items() if c.startswith("uniform:")
-            and r["bits_per_weight"] <= budget + 1e-9]
+            and r["bits_per_weight"] <= budget + 1e-9
+            and (grid is None or cell_grid(c, r) == grid)]
     return min(fits, key=lambda r: r["wikitext2"]) if fits else None
 
 
@@ -388,21 +404,26 @@ def write_report(args) -> Path:
                  f"{_f(r['c4'])} |")
     L += ["", "## At each budget", "",
           "Every bitsack cell at a budget beside the best uniform configuration that fits it "
-          "(lowest WikiText-2 among the uniform cells of the same draw whose bytes fit).", "",
+          "(lowest WikiText-2 among the uniform cells of the same draw whose bytes fit) with "
+          "the same quantizer — the same grid, min-max or MSE (`--grid`; a `-mse` cell) — and, "
+          "last column, its WikiText-2 over the best uniform of either grid.", "",
           "| budget | best uniform that fits (bits) | WikiText-2 | C4 | bitsack | bits | "
-          "WikiText-2 | C4 | bitsack / uniform (Wiki, C4) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "WikiText-2 | C4 | bitsack / uniform (Wiki, C4) | vs either grid (Wiki) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     budgets = sorted({split_cell(c)[1] for c in res if "@" in c and not c.endswith("@lat")},
                      key=float)
     for b in budgets:
-        u = best_uniform(res, float(b))
-        ucol = (f"{u['cell'][8:].split('~')[0]} ({u['bits_per_weight']:.3f}) | "
-                f"{_f(u['wikitext2'])} | {_f(u['c4'])}" if u else "none fits | — | —")
+        best_any = best_uniform(res, float(b))
         for c in sorted((c for c in res if split_cell(c)[1] == b),
                         key=lambda c: (c.split("@")[0] != "oneshot", c)):
             r = res[c]
+            u = best_uniform(res, float(b), cell_grid(c, r))
+            ucol = (f"{u['cell'][8:].split('~')[0]} ({u['bits_per_weight']:.3f}) | "
+                    f"{_f(u['wikitext2'])} | {_f(u['c4'])}" if u else "none fits | — | —")
+            any_col = f"{r['wikitext2'] / best_any['wikitext2']:.3f} " \
+                f"({best_any['cell'][8:].split('~')[0]})" if best_any else "—"
             L.append(f"| {b} | {ucol} | {c.split('@')[0]} | {r['bits_per_weight']:.3f} | "
-                     f"{_f(r['wikitext2'])} | {_f(r['c4'])} | {_ratios(r, u)} |")
+                     f"{_f(r['wikitext2'])} | {_f(r['c4'])} | {_ratios(r, u)} | {any_col} |")
     for method, (title, what, ref) in VARIANTS.items():
         cells = sorted((c for c in res if split_cell(c)[0] == method),
                        key=lambda c: float(split_cell(c)[1]))
@@ -414,7 +435,8 @@ def write_report(args) -> Path:
               "|---|---|---|---|---|---|---|---|---|"]
         for c in cells:
             b, r = split_cell(c)[1], res[c]
-            u, s = best_uniform(res, float(b)), res.get(c.replace(method + "@", ref + "@", 1))
+            u = best_uniform(res, float(b), cell_grid(c, r))
+            s = res.get(c.replace(method + "@", ref + "@", 1))
             srch = r["summary"].get("search") or {}
             steps = srch.get("steps", [])
             L.append(f"| {b} | {r['bits_per_weight']:.3f} | {_f(r['wikitext2'])} | "
@@ -440,7 +462,8 @@ def write_report(args) -> Path:
             m, b, _ = split_cell(c)
             r = res[c]
             first = res.get(c.replace(m + "@", _rounds(m)[0] + "@", 1))
-            u, srch = best_uniform(res, float(b)), r["summary"].get("search") or {}
+            u, srch = best_uniform(res, float(b), cell_grid(c, r)), \
+                r["summary"].get("search") or {}
             walks = []
             for rd in srch.get("start", {}).get("rounds") or []:
                 sel = rd.get("select") or {}
@@ -520,16 +543,18 @@ def draws_section(every: dict[str, dict], results: Path) -> list[str]:
             uniform[(m[8:], r["machine"]["platform"], s)] = r
             bits[m[8:]] = r["bits_per_weight"]
 
-    def best(budget: float, host: str, draw: int) -> tuple[str, dict] | None:
+    def best(budget: float, host: str, draw: int, grid: str) -> tuple[str, dict] | None:
         fits = [(cfg, r) for (cfg, h, d), r in uniform.items()
-                if (h, d) == (host, draw) and cfg in bits and bits[cfg] <= budget + 1e-9]
+                if (h, d) == (host, draw) and cfg in bits and bits[cfg] <= budget + 1e-9
+                and cell_grid(f"uniform:{cfg}", r) == grid]
         return min(fits, key=lambda t: t[1]["wikitext2"]) if fits else None
 
     L = ["", "## Calibration draws", "",
          "A cell run from calibration draws 0, 1, 2 … (`<cell>~s<N>`: GPTQ's calibration "
          "sequences and the search's splits drawn with seed N) beside the best uniform "
          "configuration that fits the budget (best WikiText-2 among the uniform cells measured "
-         "from the same draw on the same host; bits per weight in this layout). One GPTQ "
+         "from the same draw on the same host with the same grid; bits per weight in this "
+         "layout). One GPTQ "
          "result moves by ±5 % with its draw (`gptq_noise.md`): a claim at a budget is the "
          "mean over draws.", "",
          "| cell | host | draw | WikiText-2 | C4 | uniform | WikiText-2 | C4 | ratio (Wiki, C4) |",
@@ -541,7 +566,7 @@ def draws_section(every: dict[str, dict], results: Path) -> list[str]:
         for c in cells:
             r, draw = every[c], split_cell(c)[2]
             h = r["machine"]["platform"]
-            found = best(float(b), h, draw) if b != "lat" else None
+            found = best(float(b), h, draw, cell_grid(c, r)) if b != "lat" else None
             config, u = found if found else (None, None)
             if u:
                 ratios.append((r["wikitext2"] / u["wikitext2"], r["c4"] / u["c4"]))
