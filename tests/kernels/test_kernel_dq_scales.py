@@ -36,8 +36,9 @@ def test_bytes_worked_example():
     assert packed_nbytes(rows, cols, 3, 32) - want == rows * 18 * 10 // 8 - rows * 3 * 2
     assert abs(want - packed_nbytes(rows, cols, 3, 64)) * 8 / (rows * cols) < 0.07
     for bad in (1, 7, 8, True, "6"):
-        with pytest.raises(ValidationError, match=r"scale_bits: .*valid: none \(fp16 scales\) "
-                           r"or one of 2, 3, 4, 5, 6"):
+        with pytest.raises(ValidationError, match=r"scale_bits: .*valid: None \(fp16 scales; "
+                           r"'fp16' or 'auto' where a run config resolves it\) or one of 2, 3, "
+                           r"4, 5, 6"):
             check_scale_bits(bad)
 
 
