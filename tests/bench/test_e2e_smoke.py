@@ -139,3 +139,25 @@ def test_a_uniform_cell_with_scale_codes(e2e):
     cfg = e2e.cell_config("uniform:b3g32s6~s2", args)
     assert (cfg["menu"], cfg["scale_bits"], cfg["seed"]) == (["b3g32"], 6, 2)
     assert "scale_bits" not in e2e.cell_config("uniform:b3g32", args)
+
+
+def test_cells_name_their_grid_and_meet_the_uniform_of_the_same_grid(e2e):
+    """``-mse`` cells run on the MSE grid; cells naming none run on the pinned min-max grid
+    (as recorded); a cell is compared with the best uniform of its own grid."""
+    args = e2e.argparse.Namespace(model="tiny", eval_windows=2, compress_nsamples=4,
+                                  search_budget=30.0, latency_limit=None)
+    assert e2e.cell_config("uniform:b3g32s6-mse~s2", args)["grid"] == "mse"
+    assert e2e.cell_config("search-s6v6-mse@2.5", args)["grid"] == "mse"
+    assert "grid" not in e2e.cell_config("search-s6@2.5", args)
+    assert e2e.PINNED["grid"] == "minmax"
+    assert [e2e.cell_grid(c) for c in ("uniform:b3g32s6-mse", "uniform:b3g32s6",
+                                       "search-s6v6-mse@3.5~s3", "search@3.5")] == \
+        ["mse", "minmax", "mse", "minmax"]
+    res = {"uniform:b3g32s6": {"bits_per_weight": 3.4, "wikitext2": 50.0},
+           "uniform:b3g32s6-mse": {"bits_per_weight": 3.4, "wikitext2": 45.0},
+           "uniform:b4g32s6-mse": {"bits_per_weight": 4.5, "wikitext2": 30.0}}
+    for c, r in res.items():
+        r["cell"] = c
+    assert e2e.best_uniform(res, 3.5)["cell"] == "uniform:b3g32s6-mse"
+    assert e2e.best_uniform(res, 3.5, "minmax")["cell"] == "uniform:b3g32s6"
+    assert e2e.best_uniform(res, 3.0, "mse") is None
