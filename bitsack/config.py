@@ -144,12 +144,10 @@ class RunConfig:
         from bitsack.solver.costs.memory import check_format
 
         check_format(self.format)
-        from bitsack.kernels.formats import check_scale_bits
+        from bitsack.kernels.formats import check_grid, check_scale_bits
 
         object.__setattr__(self, "scale_bits", resolve_scale_bits(self.scale_bits,
                                                                   self.format))
-        from bitsack.kernels.formats import check_grid
-
         check_grid(self.grid)
 
         if check_scale_bits(self.scale_bits) is not None and self.format != "bitsack":

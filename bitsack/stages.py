@@ -384,8 +384,6 @@ def _search(ctx: Context, lm, units) -> Planned:
         store_key["format"] = cfg.format
     if cfg.scale_bits is not None:  # absent: fp16 scales (stores built before stay valid)
         store_key["scale_bits"] = cfg.scale_bits
-    if cfg.grid != "minmax":  # likewise: min-max groups
-        store_key["grid"] = cfg.grid
     outcome = measured_search(
         lm.model, units, menu=menu, unit_costs=costs, limits=limits, splits=splits,
         calib_tokens=calibration(cfg, lm.tokenizer), apply=apply_config(cfg), config=config,

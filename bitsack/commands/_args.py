@@ -220,6 +220,11 @@ BITS_LIST = int_list(1, 8, extra=(16,), what="bit-widths")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+#: ``--grid``'s help (run, demo, compress).
+GRID_HELP = ("how each group's scale and zero are chosen: mse (its range shrunk to the "
+             "smallest squared error of its weights) or minmax (its whole range)")
+
+
 def scale_bits_arg() -> Validator:
     """``--scale-bits``: S (an int of ``SCALE_BITS``), ``fp16`` (None: fp16 scales) or
     ``auto`` (the default; what it means is the command's: by format for ``run`` and

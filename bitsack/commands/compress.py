@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from bitsack.commands._args import GROUP, POSITIVE_INT, SEED, SEQLEN, check_scale_format
+from bitsack.commands._args import (
+    GRID_HELP,
+    GROUP,
+    POSITIVE_INT,
+    SEED,
+    SEQLEN,
+    check_scale_format,
+)
 
 
 def register(subparsers) -> None:
@@ -41,9 +48,7 @@ def register(subparsers) -> None:
     from bitsack.kernels.formats import GRIDS
 
     p.add_argument("--grid", default="mse", choices=GRIDS,
-                   help="how each group's scale and zero are chosen: mse (its range shrunk to "
-                   "the smallest squared error of its weights) or minmax (its whole range); "
-                   "default mse")
+                   help=f"{GRID_HELP}; default mse")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "

@@ -59,6 +59,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
     from bitsack.commands._args import (
         BITS_LIST,
         GAP,
+        GRID_HELP,
         GROUP,
         NONNEG_INT,
         POSITIVE_INT,
@@ -161,9 +162,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    "--format bitsack only (default auto: 6 with --format bitsack, fp16 with "
                    "a format that stores fp16 scales)")
     p.add_argument("--grid", default=d["grid"], choices=GRIDS,
-                   help="how each group's scale and zero are chosen: mse (its range shrunk to "
-                   "the smallest squared error of its weights) or minmax (its whole range); "
-                   f"default {d['grid']}")
+                   help=f"{GRID_HELP}; default {d['grid']}")
     p.add_argument("--profile-quantizer", default=d["profile_quantizer"],
                    choices=["gptq", "rtn"], help="quantizer of the one-shot profile's "
                    "perturbations (default: the apply quantizer; rtn profiles faster)")

@@ -171,10 +171,11 @@ class VariantStore:
     """
 
     def __init__(self, menu: Menu, incumbent: Choice, root: Path | None = None,
-                 walk: Mapping[str, Choice] | None = None, scale_bits: int | None = None):
+                 walk: Mapping[str, Choice] | None = None, scale_bits: int | None = None,
+                 grid: str = "minmax"):
         self.menu = menu
         self.scale_bits = scale_bits
-        self.grid = "minmax"  # how ``build`` chose the groups' parameters (``StoreConfig``)
+        self.grid = grid  # how the groups' parameters were chosen (``StoreConfig.grid``)
         self.incumbent = incumbent
         self.walk = dict(walk) if walk is not None else None
         self.root = Path(root) if root is not None else None
@@ -312,8 +313,7 @@ class VariantStore:
         if cfg.quantizer == "gptq" and calib_tokens is None:
             raise ValidationError("calib_tokens", "None; gptq needs calibration tokens")
         store = cls(menu, incumbent, Path(root) if root is not None else None, walk=plan,
-                    scale_bits=cfg.scale_bits)
-        store.grid = cfg.grid
+                    scale_bits=cfg.scale_bits, grid=cfg.grid)
         if store.root is not None:
             store._open(key)
         place = store._placer(model, units)
@@ -411,8 +411,8 @@ class VariantStore:
         walk = {u: parse_choice(o, 64, "store.walk")
                 for u, o in manifest["walk"].items()} if "walk" in manifest else None
         store = cls(menu, parse_choice(manifest["incumbent"], 64, "store.incumbent"), root,
-                    walk=walk, scale_bits=manifest.get("scale_bits"))
-        store.grid = manifest.get("grid", "minmax")  # absent: built before the MSE grid
+                    walk=walk, scale_bits=manifest.get("scale_bits"),
+                    grid=manifest.get("grid", "minmax"))  # absent: built before the MSE grid
         store.tied = dict(tied_pairs(model))
         n_layers = len(get_adapter(model).layers())
         for i in range(n_layers + 1):
