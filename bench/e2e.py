@@ -89,6 +89,8 @@ SEARCHES = {
 # error; the default of `bitsack run` since 2026-12-04)
 for _name in ("search-s6", "search-s6v6", "search-s6v6g16"):
     SEARCHES[f"{_name}-mse"] = {**SEARCHES[_name], "grid": "mse"}
+    # and weighted as GPTQ's loss weighs each column (``--grid hmse``)
+    SEARCHES[f"{_name}-hmse"] = {**SEARCHES[_name], "grid": "hmse"}
 #: cells that change one thing of a search: method -> (heading, what changed, the search
 #: it is compared with)
 VARIANTS = {
@@ -132,9 +134,13 @@ VARIANTS = {
 }
 for _name in ("search-s6", "search-s6v6", "search-s6v6g16"):
     VARIANTS[f"{_name}-mse"] = (
-        f"The MSE grid (`{_name}-mse`)",
+        "The MSE grid",
         "Each group's range shrunk to the smallest squared error of its weights (`--grid "
         f"mse`, factors 1, 0.975, …, 0.5; default: min-max); the rest as `{_name}`.", _name)
+    VARIANTS[f"{_name}-hmse"] = (
+        "The MSE grid weighted as GPTQ weighs columns",
+        "As `-mse`, each column's squared error weighted by GPTQ's own weight for it, "
+        f"1 / [chol(H⁻¹)]ⱼⱼ² (`--grid hmse`); the rest as `{_name}-mse`.", f"{_name}-mse")
 
 
 def split_cell(cell: str) -> tuple[str, str, int]:

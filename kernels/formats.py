@@ -49,7 +49,7 @@ SCALE_BITS = (2, 3, 4, 5, 6)
 #: How a group's scale and zero are chosen (``bitsack.kernels.grid.group_params``): its
 #: min-max range, or the shrunk range of smallest squared error. Not stored: both are the
 #: same affine grid, so a packed file does not depend on it.
-GRIDS = ("minmax", "mse")
+GRIDS = ("minmax", "mse", "hmse")
 
 
 def check_grid(grid: Any, field: str = "grid") -> str:
@@ -60,8 +60,9 @@ def check_grid(grid: Any, field: str = "grid") -> str:
     """
     if not isinstance(grid, str) or grid not in GRIDS:
         raise ValidationError(field, f"{grid!r}; valid: {', '.join(GRIDS)} (a group's "
-                              "min-max range, or its range shrunk to the smallest squared "
-                              "error)")
+                              "min-max range, its range shrunk to the smallest squared "
+                              "error, or to the smallest error weighted as GPTQ weighs "
+                              "its columns)")
     return grid
 
 

@@ -90,7 +90,8 @@ class SegmentSpec:
             (``grid.dq_steps``), each group's scale is rounded up onto them (``grid.dq_params``).
         grid: ``"minmax"`` (each group's min-max range) or ``"mse"`` (its range shrunk to the
             smallest squared error of the group's weights when its parameters are set:
-            ``grid.group_params``).
+            ``grid.group_params``) or ``"hmse"`` (the same with each column's error weighted
+            as GPTQ's loss weighs it, ``1 / [chol(H⁻¹)]_jj²``).
     """
 
     axis: int
@@ -593,9 +594,10 @@ class GPTQ:
 
     @staticmethod
     def _set_params(ev: _Event, values: torch.Tensor, a: int, s_out: torch.Tensor,
-                    z_out: torch.Tensor) -> None:
+                    z_out: torch.Tensor, col_weight: torch.Tensor | None = None) -> None:
         """Grid parameters of one group from ``values`` [rows, span]; stored in the
-        rectangle (fp16) and written (float64) into s_out / z_out (the group's rows)."""
+        rectangle (fp16) and written (float64) into s_out / z_out (the group's rows).
+        ``col_weight`` [span]: the weight of each column's squared error (``"hmse"``)."""
         rc = ev.rect
         rows = slice(ev.ra + a - rc.r0, ev.rb + a - rc.r0)
         if ev.all16:
@@ -605,9 +607,9 @@ class GPTQ:
         # 16-bit rows get throwaway parameters (maxq 1 keeps the division finite).
         if rc.step is not None:  # a double-quantized segment (never 16-bit rows)
             step = rc.step[rows, (ev.gi * rc.group_size) // SUPER_COLS]
-            s, z = group_params(values, ev.maxq, rc.grid, step, rc.scale_bits)
+            s, z = group_params(values, ev.maxq, rc.grid, step, rc.scale_bits, col_weight)
         else:
-            s, z = group_params(values, ev.maxq.clamp(min=1), rc.grid)
+            s, z = group_params(values, ev.maxq.clamp(min=1), rc.grid, col_weight=col_weight)
         s = torch.where(ev.is16, rc.scale[rows, ev.gi], s)
         z = torch.where(ev.is16, rc.zero[rows, ev.gi], z)
         rc.scale[rows, ev.gi] = s
@@ -632,6 +634,10 @@ class GPTQ:
         f64 = torch.float64
         events = self._events(rects, a, b, dev)
         any16 = any(bool(ev.is16.any()) for ev in events)
+        # "hmse": a column's squared error weighs as in GPTQ's loss, 1 / [chol(H⁻¹)]_jj²
+        # (in quantization order, like Hinv)
+        err_w = torch.diagonal(Hinv).reciprocal().square() \
+            if any(rc.grid == "hmse" for rc in rects) else None
         is16_col = None
         if perm is not None:
             # The transpose is built in the quantization order directly (one pass), and the
@@ -659,7 +665,8 @@ class GPTQ:
             for ev in events:
                 sl = slice(ev.ra, ev.rb)
                 pos = invperm[ev.c:ev.end]
-                self._set_params(ev, Wt[pos, sl].t(), a, s_tmp[sl], z_tmp[sl])
+                self._set_params(ev, Wt[pos, sl].t(), a, s_tmp[sl], z_tmp[sl],
+                                 None if err_w is None else err_w[pos])
                 S[pos, sl] = s_tmp[sl]
                 Z[pos, sl] = z_tmp[sl]
                 if M is not None:
@@ -715,7 +722,8 @@ class GPTQ:
                             rest = Wt[i2:ev.end, sl].t() - \
                                 Err1[:j, sl].t() @ Hinv[i1:i1 + j, i2:ev.end]
                             cur = torch.cat([cur, rest], dim=1)
-                        self._set_params(ev, cur, a, cur_s[sl], cur_z[sl])
+                        self._set_params(ev, cur, a, cur_s[sl], cur_z[sl],
+                                         None if err_w is None else err_w[ev.c:ev.end])
                         cur_m[sl] = ev.maxq
                         if cur16 is not None:
                             cur16[sl] = ev.is16

@@ -313,11 +313,14 @@ def dq_params(x: torch.Tensor, maxq: torch.Tensor | int, step: torch.Tensor,
 
 
 def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax",
-                 step: torch.Tensor | None = None, scale_bits: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 step: torch.Tensor | None = None, scale_bits: int | None = None,
+                 col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of groups ``x`` ``[..., group_size]`` on the ``grid`` (``GRIDS``):
     ``minmax_params`` (``step`` None) or ``dq_params`` (a double-quantized segment), of the
-    groups' own range or (``"mse"``) of the shrunk range of smallest squared error.
+    groups' own range or (``"mse"``, ``"hmse"``) of the shrunk range of smallest squared
+    error, each column's error weighted by ``col_weight`` (``[group_size]``, positive) when
+    given: ``"hmse"`` in GPTQ passes the weights its loss gives the columns; without weights
+    (RTN) ``"hmse"`` is ``"mse"``.
 
     ``maxq`` may be a tensor broadcastable to ``x.shape[:-1]`` (GPTQ's per-row bit-widths).
     """
@@ -331,10 +334,13 @@ def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax"
     x = x.to(torch.float64)
     mq = torch.as_tensor(maxq, dtype=torch.float64, device=x.device)
     mq = mq.unsqueeze(-1) if mq.dim() else mq
+    if col_weight is not None:
+        col_weight = col_weight.to(dtype=torch.float64, device=x.device)
 
     def sq_error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         s64, z64 = s.to(torch.float64).unsqueeze(-1), z.to(torch.float64).unsqueeze(-1)
-        return (s64 * (_codes(x, s64, z64, mq) - z64) - x).square().sum(-1)
+        e2 = (s64 * (_codes(x, s64, z64, mq) - z64) - x).square()
+        return (e2 if col_weight is None else e2 * col_weight).sum(-1)
 
     if x.numel() * len(CLIP_SHRINKS) <= _MSE_BATCH:  # every factor at once (small groups)
         shrinks = torch.tensor(CLIP_SHRINKS, dtype=torch.float64, device=x.device)

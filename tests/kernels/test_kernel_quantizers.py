@@ -525,9 +525,63 @@ def test_gptq_with_a_diagonal_hessian_is_rtn_on_its_grid(grid):
         assert torch.equal(res.parts[0].zero, ref.zero)
 
 
+def test_column_weights_of_one_change_nothing():
+    """``col_weight`` of ones is the unweighted MSE grid, bit for bit."""
+    from bitsack.kernels.grid import group_params
+
+    torch.manual_seed(4)
+    x = torch.randn(6, 5, 32)
+    plain = group_params(x, 3, "mse")
+    ones = group_params(x, 3, "hmse", col_weight=torch.ones(32))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones, strict=True))
+
+
+def test_hmse_with_a_diagonal_hessian_minimises_the_weighted_error():
+    """With a diagonal H GPTQ is RTN and its loss is Σ H_jj·e_j²: ``"hmse"`` picks, per
+    group, a grid whose H-weighted error is at most the min-max and the MSE grid's (both are
+    among its candidates), strictly smaller in total when the columns' weights differ."""
+    torch.manual_seed(6)
+    rows, cols, g = 16, 128, 32
+    w = torch.randn(rows, cols)
+    h = torch.exp(2 * torch.randn(cols, dtype=torch.float64))
+    gp = GPTQ.from_hessian(torch.diag(h))
+    lam = 0.01 * float(h.mean())  # GPTQ's default damping
+
+    def weighted(grid):
+        q = gp.quantize_segments(w, [SegmentSpec(0, 0, rows, 2, g, 6, grid)]).parts[0]
+        e2 = (q.dequantize(torch.float64) - w.to(torch.float64)).square() * (h + lam)
+        return e2.reshape(rows, -1, g).sum(-1)
+
+    e_h, e_mse, e_mm = weighted("hmse"), weighted("mse"), weighted("minmax")
+    assert bool((e_h <= e_mse * (1 + 1e-9)).all()) and bool((e_h <= e_mm * (1 + 1e-9)).all())
+    assert float(e_h.sum()) < 0.95 * float(e_mse.sum())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_hmse_lowers_gptq_output_error(act_order):
+    """On inputs whose columns carry uneven energy (as real activations do), weighting the
+    clip search as GPTQ's loss weighs the columns lowers the output error ‖(W − Ŵ)Xᵀ‖² against
+    the unweighted MSE grid (measured here: about 0.6–0.8×)."""
+    torch.manual_seed(0)
+    rows, cols, n = 64, 192, 1024
+    x = (torch.randn(n, cols) @ (torch.randn(cols, cols) / cols**0.5)) \
+        * torch.exp(torch.randn(cols))
+    w = torch.randn(rows, cols) * 0.05
+    gp = GPTQ(cols)
+    gp.add_batch(x)
+
+    def out_err(grid):
+        q = gp.quantize_segments(w, [SegmentSpec(0, 0, rows, 3, 32, 6, grid)],
+                                 act_order=act_order).parts[0]
+        return float(((w.double() - q.dequantize(torch.float64)) @ x.double().t()).square()
+                     .sum())
+
+    assert out_err("hmse") < 0.9 * out_err("mse")
+
+
 def test_grid_errors():
     w = torch.randn(4, 32)
-    with pytest.raises(ValidationError, match="grid: 'mean'; valid: minmax, mse"):
+    with pytest.raises(ValidationError, match="grid: 'mean'; valid: minmax, mse, hmse"):
         rtn_quantize(w, 2, 32, grid="mean")
     with pytest.raises(ValidationError, match="segment.grid: 'x'"):
         SegmentSpec(0, 0, 4, 2, 32, None, "x")

@@ -319,6 +319,11 @@ def test_grid_is_a_run_setting_recorded_and_keyed(tiny, tmp_path):
     assert "compress" not in mm.reused
     assert mm.memory_after_bytes == mse.memory_after_bytes
     assert (out / "model" / "model.safetensors").read_bytes() != codes
+    # hmse: GPTQ weighs the clip search by its own column weights: other codes again
+    hm = run(_cfg(tiny, out, method="uniform", avg_bits=3.5, grid="hmse"))
+    assert "compress" not in hm.reused and hm.memory_after_bytes == mse.memory_after_bytes
+    assert load_compressed(out / "model").model.bitsack_apply["grid"] == "hmse"
+    assert (out / "model" / "model.safetensors").read_bytes() != codes
 
 
 def test_double_quantized_scales_are_refused_where_not_stored(tiny, tmp_path):
