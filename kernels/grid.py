@@ -338,9 +338,13 @@ def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax"
         col_weight = col_weight.to(dtype=torch.float64, device=x.device)
 
     def sq_error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        # (s·(codes − z) − x)², as ``_codes`` computes the codes, in one buffer (the same
+        # operations in the same order: the same values)
         s64, z64 = s.to(torch.float64).unsqueeze(-1), z.to(torch.float64).unsqueeze(-1)
-        e2 = (s64 * (_codes(x, s64, z64, mq) - z64) - x).square()
-        return (e2 if col_weight is None else e2 * col_weight).sum(-1)
+        e = torch.div(x, s64).add_(z64).round_().clamp_(min=0.0)
+        torch.minimum(e, mq, out=e) if mq.dim() else e.clamp_(max=float(mq))
+        e.sub_(z64).mul_(s64).sub_(x).square_()
+        return (e if col_weight is None else e.mul_(col_weight)).sum(-1)
 
     if x.numel() * len(CLIP_SHRINKS) <= _MSE_BATCH:  # every factor at once (small groups)
         shrinks = torch.tensor(CLIP_SHRINKS, dtype=torch.float64, device=x.device)
