@@ -344,7 +344,7 @@ def _search(ctx: Context, lm, units) -> Planned:
 
     from bitsack.data import calibration_splits
     from bitsack.search.driver import measured_search, uniform_fits
-    from bitsack.search.loop import SearchConfig
+    from bitsack.search.types import SearchConfig
     from bitsack.solver.costs.formats import stores_pruned
 
     cfg = ctx.cfg

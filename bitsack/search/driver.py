@@ -28,10 +28,11 @@ from torch import nn
 from bitsack.apply import ApplyConfig, CompressResult, assemble, compress
 from bitsack.errors import ValidationError
 from bitsack.plan import Choice
-from bitsack.search.loop import Search, SearchConfig, SearchResult, Step
+from bitsack.search.loop import Search
 from bitsack.search.menu import Menu
 from bitsack.search.meter import KLMeter, Paired
 from bitsack.search.store import StoreConfig, VariantStore
+from bitsack.search.types import SearchConfig, SearchResult, Step
 
 
 @dataclass

@@ -15,10 +15,11 @@ from bitsack.models.testing import tiny_model
 from bitsack.plan import parse_choice
 from bitsack.profiling.build import make_cost_models, unit_shapes
 from bitsack.search import RELINEARISE
-from bitsack.search.loop import Search, SearchConfig, groups_of, unit_costs
+from bitsack.search.loop import Search, groups_of, unit_costs
 from bitsack.search.menu import DEFAULT_MENU, Menu, nominal_bits
 from bitsack.search.meter import KLMeter, Paired
 from bitsack.search.store import StoreConfig, VariantStore
+from bitsack.search.types import SearchConfig
 
 MLP = 32
 MENU = ("b2g32", "b2g16", "b3g32", "b3g16", "b4g32", "b4g16", "b8g16", "b16")
@@ -650,7 +651,7 @@ def test_sequential_screening_settles_large_deltas_on_half_the_split(setup, rse)
 def test_trust_region_moves_by_the_ratio_of_measured_to_predicted(setup):
     """grow "ratio": after an accepted step k doubles (ρ ≥ 0.75), stays (0.25 ≤ ρ < 0.75) or
     halves (ρ < 0.25, and every group is linearised again); a rejected step halves k."""
-    from bitsack.search.loop import Step, trust_ratio
+    from bitsack.search.types import Step, trust_ratio
 
     _, model, units, meter, store, costs = setup()
     s = Search(model, units, store, meter, costs, _limit(units, 2.85),
