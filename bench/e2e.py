@@ -86,7 +86,7 @@ SEARCHES = {
                                 "b3g16", "b4g128", "b4g64", "b4g32", "b4g16", "b8g64", "b16"]},
 }
 # and each with the MSE grid (``--grid mse``: each group's range shrunk to the smallest squared
-# error; the default of `bitsack run` since 2026-12-04)
+# error) and the weighted one (``--grid hmse``, the default of `bitsack run`)
 for _name in ("search-s6", "search-s6v6", "search-s6v6g16"):
     SEARCHES[f"{_name}-mse"] = {**SEARCHES[_name], "grid": "mse"}
     # and weighted as GPTQ's loss weighs each column (``--grid hmse``)

@@ -64,8 +64,9 @@ class ApplyConfig:
         scale_bits: None (fp16 scales) or S: every quantized segment stores its scales as
             S-bit codes times an fp16 step per 256 columns (``kernels.formats``).
         grid: how each group's scale and zero are chosen (``bitsack.kernels.grid.GRIDS``):
-            ``"mse"`` (default: the group's range shrunk to the smallest squared error) or
-            ``"minmax"`` (its whole range; what bitsack did before 2026-12-04).
+            ``"hmse"`` (default: the group's range shrunk to the smallest squared error,
+            each column's error weighted as GPTQ's loss weighs it), ``"mse"`` (unweighted)
+            or ``"minmax"`` (its whole range; what bitsack did before 2026-12-04).
         vocab_groups: how many token-id row ranges the plan's embedding units are
             (``embed.v0`` …; ``bitsack.models.adapter.vocab_ranges``); None: read from the
             plan's ids, which needs every range named (a plan naming ``embed.v0`` and
@@ -83,7 +84,7 @@ class ApplyConfig:
     device: str | None = None
     scale_bits: int | None = None
     vocab_groups: int | None = None
-    grid: str = "mse"
+    grid: str = "hmse"
 
     def __post_init__(self) -> None:
         from bitsack.kernels.formats import check_grid, check_scale_bits

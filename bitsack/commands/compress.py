@@ -47,7 +47,7 @@ def register(subparsers) -> None:
                        "record, else the problem's metadata scale_bits, else fp16 scales)")
     from bitsack.kernels.formats import GRIDS
 
-    p.add_argument("--grid", default="mse", choices=GRIDS,
+    p.add_argument("--grid", default="hmse", choices=GRIDS,
                    help=f"{GRID_HELP}; default mse")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")

@@ -63,7 +63,7 @@ class StoreConfig:
     batch_size: int = 8
     true_sequential: bool = True
     scale_bits: int | None = None  # double-quantized scales (``bitsack.kernels.formats``)
-    grid: str = "mse"  # how groups' parameters are chosen (``bitsack.kernels.grid``)
+    grid: str = "hmse"  # how groups' parameters are chosen (``bitsack.kernels.grid``)
 
 
 def write_weight(mod: nn.Module, weight: torch.Tensor) -> None:

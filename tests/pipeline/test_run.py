@@ -304,26 +304,24 @@ def test_search_and_oneshot_price_and_build_double_quantized_scales(tiny, tmp_pa
 
 
 def test_grid_is_a_run_setting_recorded_and_keyed(tiny, tmp_path):
-    """``grid``: mse by default, recorded in the model's apply record; another grid in the same
-    folder compresses again (the stage key holds it) to the same bytes on other codes."""
+    """``grid``: hmse by default, recorded in the model's apply record; another grid in the
+    same folder compresses again (the stage key holds it) to the same bytes on other codes."""
     from bitsack.checkpoint import load_compressed
 
-    with pytest.raises(ValidationError, match="grid: 'mean'; valid: minmax, mse"):
+    with pytest.raises(ValidationError, match="grid: 'mean'; valid: minmax, mse, hmse"):
         _cfg(tiny, tmp_path / "x", grid="mean")
     out = tmp_path / "u"
-    mse = run(_cfg(tiny, out, method="uniform", avg_bits=3.5))
-    assert json.loads((out / "summary.json").read_text())["config"]["grid"] == "mse"
-    assert load_compressed(out / "model").model.bitsack_apply["grid"] == "mse"
-    codes = (out / "model" / "model.safetensors").read_bytes()
-    mm = run(_cfg(tiny, out, method="uniform", avg_bits=3.5, grid="minmax"))
-    assert "compress" not in mm.reused
-    assert mm.memory_after_bytes == mse.memory_after_bytes
-    assert (out / "model" / "model.safetensors").read_bytes() != codes
-    # hmse: GPTQ weighs the clip search by its own column weights: other codes again
-    hm = run(_cfg(tiny, out, method="uniform", avg_bits=3.5, grid="hmse"))
-    assert "compress" not in hm.reused and hm.memory_after_bytes == mse.memory_after_bytes
+    hm = run(_cfg(tiny, out, method="uniform", avg_bits=3.5))
+    assert json.loads((out / "summary.json").read_text())["config"]["grid"] == "hmse"
     assert load_compressed(out / "model").model.bitsack_apply["grid"] == "hmse"
-    assert (out / "model" / "model.safetensors").read_bytes() != codes
+    seen = {(out / "model" / "model.safetensors").read_bytes()}
+    for grid in ("mse", "minmax"):
+        other = run(_cfg(tiny, out, method="uniform", avg_bits=3.5, grid=grid))
+        assert "compress" not in other.reused
+        assert other.memory_after_bytes == hm.memory_after_bytes
+        assert load_compressed(out / "model").model.bitsack_apply["grid"] == grid
+        seen.add((out / "model" / "model.safetensors").read_bytes())
+    assert len(seen) == 3  # three grids, three sets of codes
 
 
 def test_double_quantized_scales_are_refused_where_not_stored(tiny, tmp_path):

@@ -88,7 +88,8 @@ def test_paired_standard_error():
 
 @pytest.mark.parametrize("arch, scale_bits, grid", [
     ("llama", None, "minmax"), ("gpt2", None, "minmax"), ("llama", 6, "minmax"),
-    ("gpt2", 4, "minmax"), ("llama", None, "mse"), ("gpt2", 6, "mse")])
+    ("gpt2", 4, "minmax"), ("llama", None, "mse"), ("gpt2", 6, "mse"), ("llama", 6, "hmse"),
+    ("gpt2", None, "hmse")])
 def test_stitched_uniform_is_compress_and_assemble_packs_any_plan(setup, arch, scale_bits,
                                                                    grid):
     base, model, units, _, store, _ = setup(arch, incumbent="b3g16", scale_bits=scale_bits,
@@ -196,7 +197,7 @@ def test_a_persisted_store_opens_without_a_walk(tmp_path, arch, scale_bits, one_
 def test_a_store_walked_along_a_plan_holds_that_plans_sequential_apply(setup, arch):
     from bitsack.search.store import Stitcher
 
-    base, _, units, _, uniform, _ = setup(arch, incumbent="b3g16", grid="mse")  # the defaults
+    base, _, units, _, uniform, _ = setup(arch, incumbent="b3g16", grid="hmse")  # the defaults
     # one choice per (layer, kind) group: every matrix has one choice, so the plan's own
     # variants of a walk along it are exactly its sequential apply
     rng = np.random.default_rng(1)
