@@ -221,7 +221,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 #: ``--grid``'s help (run, demo, compress).
-GRID_HELP = ("how each group's scale and zero are chosen: hmse (default: its range shrunk "
+GRID_HELP = ("how each group's scale and zero are chosen: hmse (its range shrunk "
              "to the smallest squared error of its weights, each column's error weighted as "
              "GPTQ's loss weighs it; as mse where no Hessian is known), mse (the same "
              "unweighted) or minmax (its whole range)")

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     from bitsack.kernels.formats import GRIDS
 
     p.add_argument("--grid", default="hmse", choices=GRIDS,
-                   help=f"{GRID_HELP}; default mse")
+                   help=f"{GRID_HELP}; default hmse")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "
