@@ -16,7 +16,7 @@ import torch
 
 from bitsack.errors import ValidationError
 from bitsack.kernels.formats import check_bits
-from bitsack.kernels.gptq import GPTQ, GPTQResult, SegmentSpec
+from bitsack.kernels.gptq import GPTQ
 from bitsack.kernels.grid import (
     QuantizedTensor,
     check_weight,
@@ -24,6 +24,7 @@ from bitsack.kernels.grid import (
     minmax_params,
     rtn_quantize,
 )
+from bitsack.kernels.segments import GPTQResult, SegmentSpec
 
 __all__ = [
     "GPTQ",

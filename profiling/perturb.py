@@ -195,7 +195,8 @@ class Perturbations:
 
     def _store(self, entry: ParamEntry, hessian: torch.Tensor | None,
                gptq_options: Mapping[str, object]) -> None:
-        from bitsack.kernels.gptq import GPTQ, SegmentSpec
+        from bitsack.kernels.gptq import GPTQ
+        from bitsack.kernels.segments import SegmentSpec
 
         w = entry.view(entry.param.detach())
         tiles = column_tiles(entry)

@@ -10,9 +10,10 @@ import torch
 
 from bitsack.errors import ValidationError
 from bitsack.kernels.formats import SUPER_COLS, check_scale_bits, packed_nbytes
-from bitsack.kernels.gptq import GPTQ, SegmentSpec
+from bitsack.kernels.gptq import GPTQ
 from bitsack.kernels.grid import dq_params, dq_steps, rtn_quantize, super_ranges, super_steps
 from bitsack.kernels.packed import PackedLinear, Segment
+from bitsack.kernels.segments import SegmentSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
