@@ -534,6 +534,10 @@ def test_column_weights_of_one_change_nothing():
     plain = group_params(x, 3, "mse")
     ones = group_params(x, 3, "hmse", col_weight=torch.ones(32))
     assert all(torch.equal(a, b) for a, b in zip(plain, ones, strict=True))
+    # RTN has no Hessian: "hmse" is "mse" there
+    w = torch.randn(8, 80)
+    a, b = rtn_quantize(w, 3, 32, 6, "hmse"), rtn_quantize(w, 3, 32, 6, "mse")
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
 def test_hmse_with_a_diagonal_hessian_minimises_the_weighted_error():
