@@ -143,6 +143,12 @@ for _name in ("search-s6", "search-s6v6", "search-s6v6g16"):
         f"1 / [chol(H⁻¹)]ⱼⱼ² (`--grid hmse`); the rest as `{_name}-mse`.", f"{_name}-mse")
 
 
+def numeric_budgets(cells) -> list[str]:
+    """The bits/weight budgets of ``cells`` in increasing order (not the uniform cells', not
+    the latency case's ``@lat`` of any draw)."""
+    return sorted({split_cell(c)[1] for c in cells} - {"", "lat"}, key=float)
+
+
 def split_cell(cell: str) -> tuple[str, str, int]:
     """A cell's method, budget and calibration draw: ``search@3.5~s1`` -> (search, 3.5, 1),
     ``uniform:b3g64`` -> (uniform:b3g64, "", 0)."""
@@ -416,8 +422,7 @@ def write_report(args) -> Path:
           "| budget | best uniform that fits (bits) | WikiText-2 | C4 | bitsack | bits | "
           "WikiText-2 | C4 | bitsack / uniform (Wiki, C4) | vs either grid (Wiki) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
-    budgets = sorted({split_cell(c)[1] for c in res if "@" in c and not c.endswith("@lat")},
-                     key=float)
+    budgets = numeric_budgets(res)
     for b in budgets:
         best_any = best_uniform(res, float(b))
         for c in sorted((c for c in res if split_cell(c)[1] == b),

@@ -161,3 +161,9 @@ def test_cells_name_their_grid_and_meet_the_uniform_of_the_same_grid(e2e):
     assert e2e.best_uniform(res, 3.5)["cell"] == "uniform:b3g32s6-mse"
     assert e2e.best_uniform(res, 3.5, "minmax")["cell"] == "uniform:b3g32s6"
     assert e2e.best_uniform(res, 3.0, "mse") is None
+
+
+def test_numeric_budgets_leave_out_the_latency_case_of_any_draw(e2e):
+    cells = ["search@3.5~s3", "sequential@lat~s3", "search@lat", "uniform:b3g64~s3",
+             "search-s6@2.5", "oneshot@10"]
+    assert e2e.numeric_budgets(cells) == ["2.5", "3.5", "10"]
