@@ -417,8 +417,9 @@ def write_report(args) -> Path:
     L += ["", "## At each budget", "",
           "Every bitsack cell at a budget beside the best uniform configuration that fits it "
           "(lowest WikiText-2 among the uniform cells of the same draw whose bytes fit) with "
-          "the same quantizer — the same grid, min-max or MSE (`--grid`; a `-mse` cell) — and, "
-          "last column, its WikiText-2 over the best uniform of either grid.", "",
+          "the same quantizer — the same grid: min-max, MSE or weighted MSE (`--grid`; "
+          "`-mse`, `-hmse` cells) — and, last column, its WikiText-2 over the best uniform of "
+          "any grid.", "",
           "| budget | best uniform that fits (bits) | WikiText-2 | C4 | bitsack | bits | "
           "WikiText-2 | C4 | bitsack / uniform (Wiki, C4) | vs either grid (Wiki) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
