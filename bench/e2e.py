@@ -421,7 +421,7 @@ def write_report(args) -> Path:
           "`-mse`, `-hmse` cells) — and, last column, its WikiText-2 over the best uniform of "
           "any grid.", "",
           "| budget | best uniform that fits (bits) | WikiText-2 | C4 | bitsack | bits | "
-          "WikiText-2 | C4 | bitsack / uniform (Wiki, C4) | vs either grid (Wiki) |",
+          "WikiText-2 | C4 | bitsack / uniform (Wiki, C4) | vs any grid (Wiki) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     budgets = numeric_budgets(res)
     for b in budgets:
