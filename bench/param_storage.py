@@ -145,8 +145,8 @@ def double_quantized_scales(scale_bits: int, super_cols: int,
             for rc in rects:
                 tables.pop(id(rc), None)
 
-    def set_params(ev, values, a, s_out, z_out):
-        set0(ev, values, a, s_out, z_out)
+    def set_params(ev, values, a, s_out, z_out, col_weight=None):
+        set0(ev, values, a, s_out, z_out, col_weight)
         if ev.all16:
             return
         rc = ev.rect
