@@ -346,12 +346,9 @@ def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax"
         col_weight = col_weight.to(dtype=torch.float64, device=x.device)
 
     def sq_error(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        # (s·(codes − z) − x)², as ``_codes`` computes the codes, in one buffer (the same
-        # operations in the same order: the same values)
+        # (s·(codes − z) − x)² in the codes' own buffer
         s64, z64 = s.to(torch.float64).unsqueeze(-1), z.to(torch.float64).unsqueeze(-1)
-        e = torch.div(x, s64).add_(z64).round_().clamp_(min=0.0)
-        torch.minimum(e, mq, out=e) if mq.dim() else e.clamp_(max=float(mq))
-        e.sub_(z64).mul_(s64).sub_(x).square_()
+        e = _codes(x, s64, z64, mq).sub_(z64).mul_(s64).sub_(x).square_()
         return (e if col_weight is None else e.mul_(col_weight)).sum(-1)
 
     if x.numel() * len(CLIP_SHRINKS) <= _MSE_BATCH:  # every factor at once (small groups)
@@ -379,10 +376,11 @@ def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax"
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
            maxq: torch.Tensor | int) -> torch.Tensor:
-    """Nearest codes of x (float64) on the stored grid; shapes broadcast like ``x``."""
+    """Nearest codes of x (float64) on the stored grid, a new tensor of the broadcast shape
+    (computed in place in it)."""
     maxq_t = torch.as_tensor(maxq, dtype=torch.float64, device=x.device)
-    q = torch.round(x / scale.to(torch.float64) + zero.to(torch.float64))
-    return torch.minimum(q.clamp(min=0.0), maxq_t)
+    q = torch.div(x, scale.to(torch.float64)).add_(zero.to(torch.float64)).round_()
+    return torch.minimum(q.clamp_(min=0.0), maxq_t, out=q)
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
