@@ -527,6 +527,19 @@ def write_report(args) -> Path:
                  f"{r['wall_s'] * r['machine']['threads'] / 60:.0f} | {fin.get('kept')} "
                  f"({_f(fin.get('stitched_holdout_kl'))} / "
                  f"{_f(fin.get('sequential_holdout_kl'))}) |")
+    phased = {c: r["summary"]["search"]["seconds"] for c, r in sorted(every.items())
+              if (r["summary"].get("search") or {}).get("seconds")}
+    if phased:
+        names = list(dict.fromkeys(k for ph in phased.values() for k in ph))
+        L += ["", "Wall seconds per phase of the search stage (cells run since the phases are "
+              "recorded): the base distributions of the KL splits, the variant store (GPTQ of "
+              "every matrix at every option in the window), the search's start (uniform "
+              "candidates measured, the descent), its linearisations, its steps (propose, "
+              "screen, select, decide), the rest (checkpoints), and the final plan applied "
+              "for real and compared.", "",
+              "| cell | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        L += [f"| {c} | " + " | ".join(f"{ph.get(k, 0):.0f}" for k in names) + " |"
+              for c, ph in phased.items()]
     png = plot(res, results / "e2e_ppl.png", draw)
     if png:
         L += ["", f"![perplexity vs bits per weight]({png.name})", ""]

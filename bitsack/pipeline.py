@@ -97,7 +97,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None,
         ppl_before=ppl_before, ppl_after=ppl_after, memory_before_bytes=memory_before,
         memory_after_bytes=tensor_bytes(planned.model),
         bits_per_weight=8 * planned.packed_bytes / params if params else None,
-        packed_bytes=planned.packed_bytes, search=planned.search,
+        packed_bytes=planned.packed_bytes,
+        search={**planned.search, "seconds": planned.seconds} if planned.search and
+        planned.seconds else planned.search,
         stage_seconds=dict(ctx.stages.seconds), reused=tuple(ctx.stages.reused))
     write_json(out / "summary.json", {"schema": RUN_SCHEMA, "config": _config_dict(cfg),
                                       **asdict(summary)})

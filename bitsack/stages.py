@@ -29,6 +29,9 @@ class Planned:
     predicted: float | None = None
     search: dict[str, Any] | None = None
     solution: Any = None  # the solver's Solution of a one-shot plan
+    #: wall seconds per phase of a search run in this process (summary.json only: the
+    #: solution stays the same file for the same inputs)
+    seconds: dict[str, float] | None = None
 
 
 def run_units(model, cfg: RunConfig) -> list:
@@ -396,7 +399,7 @@ def _search(ctx: Context, lm, units) -> Planned:
             "last_proposal": accepted[-1].certificate if accepted else None}
     return Planned(model=outcome.compressed.model, plan=outcome.result.plan,
                    packed_bytes=outcome.compressed.packed_bytes, status="feasible",
-                   certificate=cert, predicted=None, search=record)
+                   certificate=cert, predicted=None, search=record, seconds=outcome.seconds)
 
 
 def _layer_progress(ctx: Context):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,8 @@ class SearchOutcome:
     result: SearchResult
     compressed: CompressResult
     final: dict[str, Any] = field(default_factory=dict)
+    #: wall seconds per phase in this process (a resumed search counts only what it redid)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def uniform_fits(choice: Choice, unit_costs: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -121,11 +124,20 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     ``prune_starts`` (the search then measures pruning moves if it starts there).
     """
     say = progress or (lambda msg: None)
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        seconds[phase] = seconds.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
+
     base = copy.deepcopy(model)
     head_layers = _head_layers(model, units)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in splits.items())
     say(f"search: base distributions on {shapes}")
     meter = KLMeter(model, splits, batch_size=batch_size, head_layers=head_layers)
+    lap("base distributions")
     incumbent = store_walk(menu, unit_costs, limits)
     if window is not None:
         menu = menu.window(incumbent, window)
@@ -151,11 +163,13 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
 
     store = VariantStore.build(model, units, menu, incumbent, calib_tokens, store_cfg,
                                root=run_dir / "store", key=store_key, progress=tick)
+    lap("store")
     ck_file = run_dir / "search.json"
     search = Search(model, units, store, meter, unit_costs, limits, config, progress=say,
                     checkpoint=_checkpointer(ck_file, store_key, config),
                     constraints=constraints)
     result = search.run(extra_starts=starts, resume=_resume(ck_file, store_key, config, say))
+    searches = [search]
     rounds = [result]
     for r in range(1, config.rewalks + 1):
         if config.budget_forwards <= 0:
@@ -163,11 +177,13 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
         # round r: a store walked along the incumbent, then the search from there
         prev_kl = dict(search.kl)
         say(f"search: round {r + 1}: the variant store walked along the incumbent")
+        lap("search")
         _load_weights(model, base)
         key = {"store": store_key, "round": r}
         walked = VariantStore.build(model, units, menu, result.plan, calib_tokens, store_cfg,
                                     root=run_dir / f"store_round{r + 1}", key=key,
                                     progress=tick)
+        lap("store")
         rcfg = replace(config, budget_forwards=config.budget_forwards * (r + 1))
         ck_r = run_dir / f"search_round{r + 1}.json"
         nxt = Search(model, units, walked, meter, unit_costs, limits, rcfg, progress=say,
@@ -195,7 +211,9 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
         else:
             nxt_result = nxt.run(resume=resume, round=r)
         search, store, result = nxt, walked, nxt_result
+        searches.append(nxt)
         rounds.append(result)
+    lap("search")
     result = _merged(rounds)
     plan = dict(result.plan)
     x = {"stitched_holdout_kl": result.kl["holdout"]}
@@ -220,7 +238,20 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
     x["stitched_minus_sequential"] = x["stitched_holdout_kl"] - x["sequential_holdout_kl"]
     say(f"search: kept the {x['kept']} model (holdout KL stitched "
         f"{x['stitched_holdout_kl']:.5f}, sequential {x['sequential_holdout_kl']:.5f})")
-    return SearchOutcome(result=result, compressed=compressed, final=x)
+    lap("final")
+    return SearchOutcome(result=result, compressed=compressed, final=x,
+                         seconds=_phases(seconds, searches))
+
+
+def _phases(seconds: Mapping[str, float], searches: Sequence[Search]) -> dict[str, float]:
+    """Wall seconds per phase: the driver's laps, the search's split into its own phases
+    (what they did not count — checkpoints, a round's adoption — is ``search: other``)."""
+    out = {k: v for k, v in seconds.items() if k != "search"}
+    inner = {k: sum(s.seconds[k] for s in searches) for k in searches[0].seconds}
+    rest = seconds.get("search", 0.0) - sum(inner.values())
+    out.update({f"search: {k}": v for k, v in inner.items()})
+    out["search: other"] = max(0.0, rest)
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def _checkpointer(path: Path, key: Any, config: SearchConfig) -> Callable[[dict], None]:

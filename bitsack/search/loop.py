@@ -48,6 +48,7 @@ the incumbent, so the search never ends worse (on held-out tokens) than where it
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -118,6 +119,17 @@ class Search:
         # relinearise "moved": per descended start, the Δ's its descent measured for groups
         # it did not move (still Δ's of those groups' moves from the descended plan)
         self._descents: dict[str, dict[tuple[str, int], tuple[Paired, dict[str, Choice]]]] = {}
+        #: wall seconds of this process in each phase of ``run``: choosing the start (its
+        #: descent included), linearising, and the steps (propose, screen, select, decide)
+        self.seconds = {"start": 0.0, "linearise": 0.0, "steps": 0.0}
+
+    def _timed(self, phase: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, its wall time added to ``seconds[phase]``."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
 
     # ---- plans --------------------------------------------------------------------------
     def usage(self, plan: Mapping[str, Choice]) -> dict[str, float]:
@@ -455,7 +467,7 @@ class Search:
                                   kl=dict(kl))
             state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach}
         else:
-            info = self.start(extra_starts)
+            info = self._timed("start", self.start, extra_starts)
             result = SearchResult(start=info, plan=dict(self.plan),
                                   kl={s: self._mean(s) for s in SPLITS})
             state = {"k": cfg.k, "stale": None, "since_refresh": 0, "reach": cfg.reach}
@@ -470,12 +482,12 @@ class Search:
             if state["stale"] is None or state["stale"]:
                 # before the first linearisation the only Δ's are a descent's carried ones
                 first = result.linearisations == 0
-                self.linearise(state["stale"], keep=frozenset(
-                    (g, d) for g, d in self.deltas if first and d in (+1, -1, 0)))
+                keep = frozenset((g, d) for g, d in self.deltas if first and d in (+1, -1, 0))
+                self._timed("linearise", self.linearise, state["stale"], keep=keep)
                 result.linearisations += 1
                 state["stale"] = []
-            step = self._step(len(result.steps) + 1, state["k"],
-                              state.get("reach", cfg.reach), floor=self._floor(result.steps))
+            step = self._timed("steps", self._step, len(result.steps) + 1, state["k"],
+                               state.get("reach", cfg.reach), floor=self._floor(result.steps))
             if isinstance(step, str):
                 result.stopped = step
                 break

@@ -118,6 +118,12 @@ def test_search_run_records_its_trail_and_resumes(tiny, tmp_path):
                  search_budget=400.0))
     assert s.search is not None and s.search["steps"]
     assert s.search["final"]["kept"] in ("stitched", "sequential")
+    # wall seconds per phase: every phase ran, the search's own phases partition its time
+    phases = s.search["seconds"]
+    assert set(phases) == {"base distributions", "store", "search: start",
+                           "search: linearise", "search: steps", "search: other", "final"}
+    assert all(v >= 0 for v in phases.values()) and phases["search: linearise"] > 0
+    assert "seconds" not in json.loads((out / "solution.json").read_text())["search"]
     assert s.bits_per_weight <= 3.5 + 1e-9
     assert (out / "search.json").is_file() and (out / "store" / "store.json").is_file()
     report = (out / "report.md").read_text()
