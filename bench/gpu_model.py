@@ -86,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpu_model.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--eval", default="wikitext2", help="evaluation data (bitsack's specs)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU configurations only (a test that the script runs; no GPU figure)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("gpu_model: no CUDA device", file=sys.stderr)
         return 1
     from bitsack.data import eval_tokens
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer is None:
         print(f"gpu_model: {args.model_dir} holds no tokenizer", file=sys.stderr)
         return 1
-    tokens = eval_tokens("wikitext2", tokenizer)
+    tokens = eval_tokens(args.eval, tokenizer)
     first = tokens[:, :args.seqlen]
     prompt = tokens[:, :8]
     meta = json.loads((args.model_dir / "bitsack.json").read_text())
@@ -108,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                ("cupy kernels, GPU, fp32", "cuda", "cupy", torch.float32),
                ("torch backend, GPU, fp16", "cuda", "torch", torch.float16),
                ("dense fp16 (dequantized once), GPU", "cuda", "torch", torch.float16)]
+    if args.smoke:
+        configs = [(label.replace("GPU", "CPU (smoke)").replace("fp16", "fp32"), "cpu", backend,
+                    torch.float32)
+                   for label, device, backend, _ in configs if backend != "cupy"]
     rows, ref_logits = [], None
     for label, device, backend, dtype in configs:
         model = _load(args.model_dir, device, backend, dtype).model.eval()
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = float((logits - ref_logits).abs().max())
         row = {"config": label, "ppl": ppl.ppl, "eval_s": eval_s, "max_logit_diff": diff,
                "logit_scale": float(ref_logits.abs().max())}
-        if device == "cuda":
+        if device == "cuda" or args.smoke and len(rows):
             row["decode_ms"] = _decode_ms(model, prompt.to(device), args.decode, device)
             row["prefill_ms"] = _prefill_ms(model, first.to(device), device)
         rows.append(row)
@@ -131,17 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    gpu = torch.cuda.get_device_name(0)
+    gpu = torch.cuda.get_device_name(0) if not args.smoke else "none (smoke run on the CPU)"
     ref = rows[0]["ppl"]
     L = ["# A compressed model on the GPU: the CuPy kernels against the CPU path", "",
          f"Command: `python bench/gpu_model.py {args.model_dir.name} --windows {args.windows} "
+         f"--eval {args.eval} "
          f"--seqlen {args.seqlen} --decode {args.decode}` ({time.strftime('%Y-%m-%d')})", "",
          f"Machine: {gpu}, torch {torch.__version__}, Python {platform.python_version()}, "
          f"{platform.machine()}.", "",
          f"Model: `{args.model_dir.name}` ({meta['model_type']}, {meta['packed_bytes']:,} packed "
          f"bytes, apply {json.dumps(meta.get('apply', {}), sort_keys=True)}).",
          "",
-         f"WikiText-2, first {args.windows} windows of {args.seqlen} tokens. Logit difference: "
+         f"{args.eval}, first {args.windows} windows of {args.seqlen} tokens. Logit difference: "
          f"largest |Δ| on the first window against the CPU's (its largest |logit| "
          f"{rows[0]['logit_scale']:.3g}). Decode: median of {args.decode} single-token steps "
          "at batch 1 after an 8-token prompt, synchronised per step. Prefill: best of 3, one "
