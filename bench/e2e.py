@@ -49,10 +49,10 @@ UNIFORM = ("b3g64", "b3g128", "b3g32", "b4g128", "b2g32", "b2g64", "b4g64", "b4g
 LATENCY_AVG_BITS = 3.5
 LATENCY_FRACTION = 0.85
 #: RunConfig fields every cell runs with unless it names them: the defaults the recorded cells
-#: ran under (on 2026-12-04 ``scale_bits`` became 6 by default with format bitsack and
-#: ``grid`` became mse; a cell wanting them names them: ``search-s6``, ``uniform:b3g32s6``,
-#: ``uniform:b3g32s6-mse``, ``search-s6v6-mse``)
-PINNED = {"scale_bits": None, "grid": "minmax"}
+#: ran under (on 2026-12-04 ``scale_bits`` became 6 by default with format bitsack,
+#: ``grid`` became hmse and ``search_start`` auto; a cell wanting them names them:
+#: ``search-s6``, ``uniform:b3g32s6``, ``uniform:b3g32s6-mse``, ``search-s6v6-hmse``)
+PINNED = {"scale_bits": None, "grid": "minmax", "search_start": "both"}
 
 #: the searches a cell can run: method -> its RunConfig fields besides the common ones (the
 #: default splits stated: they are hashed into the key); ``<method>-rewalk[N]`` adds N rounds

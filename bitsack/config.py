@@ -19,6 +19,8 @@ RUN_SCHEMA = "bitsack.run/v2"
 #: The scale codes' bits a config with ``scale_bits="auto"`` gets with format ``bitsack``.
 DEFAULT_SCALE_BITS = 6
 METHODS = ("search", "oneshot", "uniform", "sequential")
+#: where the search starts (``RunConfig.search_start``)
+SEARCH_STARTS = ("auto", "both", "uniform")
 #: ``--units`` names -> the adapters' unit kinds.
 UNIT_KINDS = {"heads": "head_group", "mlp": "mlp_group", "embed": "embedding"}
 
@@ -114,7 +116,7 @@ class RunConfig:
     compress_nsamples: int = 32
     compress_seqlen: int = 512
     # the search
-    search_start: str = "both"
+    search_start: str = "auto"
     search_budget: float = 3000.0
     search_k: int = 48
     search_window: int = 3
@@ -155,9 +157,10 @@ class RunConfig:
             raise ValidationError("scale_bits", f"{self.scale_bits} with format "
                                   f"{self.format!r}, which stores fp16 scales; valid: "
                                   "--format bitsack, or no --scale-bits")
-        if self.search_start not in ("both", "uniform"):
-            raise ValidationError("search_start", f"{self.search_start!r}; valid: both "
-                                  "(uniform and one-shot), uniform")
+        if self.search_start not in SEARCH_STARTS:
+            raise ValidationError("search_start", f"{self.search_start!r}; valid: auto "
+                                  "(one-shot too where pruning takes part), both (uniform "
+                                  "and one-shot), uniform")
         bad = [u for u in self.units if u not in UNIT_KINDS]
         if bad or not self.units:
             raise ValidationError("units", f"{list(self.units)}; valid: a non-empty subset of "

@@ -360,7 +360,7 @@ def _search(ctx: Context, lm, units) -> Planned:
         menu = replace(menu, prune=True)
         ctx.say("search: no uniform plan meets the budget; pruning moves are measured too")
     starts = {}
-    if cfg.search_start == "both":
+    if cfg.search_start == "both" or cfg.search_start == "auto" and menu.prune:
         from bitsack.plan import plan_from_solution
 
         problem = profile_problem(ctx, lm.model, lm.tokenizer, units)

@@ -73,6 +73,7 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
         real,
         scale_bits_arg,
     )
+    from bitsack.config import SEARCH_STARTS
     from bitsack.kernels.formats import GRIDS, SCALE_BITS
     from bitsack.pipeline import METHODS, RunConfig
 
@@ -91,9 +92,12 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    default=d["search_budget"], help="forward passes the search may spend "
                    "(one full forward of one calibration sequence = 1; default "
                    f"{d['search_budget']:g})")
-    p.add_argument("--search-start", default=d["search_start"], choices=("both", "uniform"),
-                   help="the search starts from the better of uniform and the one-shot plan "
-                   "(both, default) or from uniform only (skips the profile)")
+    p.add_argument("--search-start", default=d["search_start"], choices=SEARCH_STARTS,
+                   help="the search starts from the better, measured, of the uniform plans "
+                   "and the one-shot plan of the profile (both), from the uniform plans only "
+                   "(uniform: no profile stage), or (auto, default) from both where pruning "
+                   "takes part and from uniform where bits alone meet the budgets (the "
+                   "one-shot start won only where pruning did: bench/results/e2e.md)")
     p.add_argument("--search-window", type=POSITIVE_INT, default=d["search_window"],
                    help="the variant store keeps the menu options within this many steps of "
                    f"the uniform start (default {d['search_window']}): fewer is a faster store")

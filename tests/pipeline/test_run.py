@@ -427,3 +427,27 @@ def test_vocab_groups_on_a_tied_embedding(tiny, tmp_path, fake_load_model, arch)
     head = lm.model.get_output_embeddings()
     assert torch.equal(lm.model.get_input_embeddings()(ids)[0],
                        head.dequantize()[ids[0]].to(lm.model.dtype))
+
+
+def test_search_start_auto_profiles_only_where_pruning_takes_part(tiny, tmp_path):
+    from bitsack.models import model_units
+    from bitsack.profiling.build import make_cost_models, unit_shapes
+
+    # bits alone meet 3.5 bits/weight: the uniform starts only, no profile stage
+    kw = dict(method="search", search_start="auto", search_budget=60.0, quantizer="rtn",
+              avg_bits=3.5)
+    bits = run(_cfg(tiny, tmp_path / "bits", **kw))
+    assert "oneshot" not in bits.search["start"]["select_kl"]
+    assert not (tmp_path / "bits" / "profile.stage.json").exists()
+    # a prefill latency below what quantization alone reaches: pruning takes part, and the
+    # one-shot plan of the profile is a start too
+    model = tiny_model("llama", seed=3)
+    shapes = unit_shapes(model, model_units(model, mlp_group=32))
+    roofline = make_cost_models(["roofline"], {"roofline": {"device": "h200"}})[0]
+    low = sum(min(roofline.cost(s, b, g)["prefill_latency_us"] for b in (2, 3, 4)
+                  for g in (16, 32)) for s in shapes)
+    pruned = run(_cfg(tiny, tmp_path / "pruned", budgets={"prefill_latency_us": 0.85 * low},
+                      **kw))
+    assert "oneshot" in pruned.search["start"]["select_kl"]
+    assert (tmp_path / "pruned" / "profile.stage.json").is_file()
+    assert any("prune" in counts for counts in pruned.plan_counts.values())
