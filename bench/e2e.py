@@ -91,6 +91,9 @@ for _name in ("search-s6", "search-s6v6", "search-s6v6g16"):
     SEARCHES[f"{_name}-mse"] = {**SEARCHES[_name], "grid": "mse"}
     # and weighted as GPTQ's loss weighs each column (``--grid hmse``)
     SEARCHES[f"{_name}-hmse"] = {**SEARCHES[_name], "grid": "hmse"}
+# `bitsack run`'s defaults, as they are (6-bit codes, the weighted MSE grid, the one-shot start
+# only where pruning takes part): the cost target is stated for them
+SEARCHES["search-default"] = {**SEARCHES["search-s6-hmse"], "search_start": "auto"}
 #: cells that change one thing of a search: method -> (heading, what changed, the search
 #: it is compared with)
 VARIANTS = {
