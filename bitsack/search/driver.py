@@ -246,11 +246,11 @@ def measured_search(model: nn.Module, units: Sequence[Any], *, menu: Menu,
 def _phases(seconds: Mapping[str, float], searches: Sequence[Search]) -> dict[str, float]:
     """Wall seconds per phase: the driver's laps, the search's split into its own phases
     (what they did not count — checkpoints, a round's adoption — is ``search: other``)."""
-    out = {k: v for k, v in seconds.items() if k != "search"}
     inner = {k: sum(s.seconds[k] for s in searches) for k in searches[0].seconds}
-    rest = seconds.get("search", 0.0) - sum(inner.values())
+    out = {k: seconds.get(k, 0.0) for k in ("base distributions", "store")}
     out.update({f"search: {k}": v for k, v in inner.items()})
-    out["search: other"] = max(0.0, rest)
+    out["search: other"] = max(0.0, seconds.get("search", 0.0) - sum(inner.values()))
+    out["final"] = seconds.get("final", 0.0)
     return {k: round(v, 1) for k, v in out.items()}
 
 
