@@ -641,14 +641,18 @@ def plot(res: dict[str, dict], path: Path, draw: int = 0) -> Path | None:
                      if c.startswith("uniform:") and split_cell(c)[0].endswith(f"g{g}"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker + "-", label=f"uniform GPTQ g{g}")
-    dq = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
-                if c.startswith("uniform:") and "s" in split_cell(c)[0].split(":", 1)[1])
-    if dq:
-        ax.plot(*zip(*dq, strict=True), "o--", label="uniform GPTQ, S-bit scales")
+    for grid, name in (("minmax", "min-max"), ("mse", "MSE"), ("hmse", "weighted MSE")):
+        dq = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
+                    if c.startswith("uniform:") and "s" in split_cell(c)[0].split(":", 1)[1]
+                    and cell_grid(c, r) == grid)
+        if dq:
+            ax.plot(*zip(*dq, strict=True), "o--", label=f"uniform GPTQ, 6-bit codes, {name}")
     for method, style in (("oneshot", "x--"), ("search-narrow", "P:"), ("search-moved", "v:"),
                           ("search-moved-rse", "<:"), ("search-moved-rse-ratio", ">:"),
                           ("search", "*-"), ("search-s6", "*-"), ("search-s6g16", "h:"),
-                          ("search-s6v6", "p-"),
+                          ("search-s6v6", "p-"), ("search-s6v6-mse", "p--"),
+                          ("search-s6v6-hmse", "P-"), ("search-s6v6g16-mse", "h--"),
+                          ("search-default", "X"),
                           ("search-rewalk", "D:"), ("search-moved-rewalk", "d:")):
         pts = sorted((r["bits_per_weight"], r["wikitext2"]) for c, r in res.items()
                      if split_cell(c)[0] == method and split_cell(c)[1] not in ("", "lat"))
