@@ -251,7 +251,7 @@ def _phases(seconds: Mapping[str, float], searches: Sequence[Search]) -> dict[st
     out.update({f"search: {k}": v for k, v in inner.items()})
     out["search: other"] = max(0.0, seconds.get("search", 0.0) - sum(inner.values()))
     out["final"] = seconds.get("final", 0.0)
-    return {k: round(v, 1) for k, v in out.items()}
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def _checkpointer(path: Path, key: Any, config: SearchConfig) -> Callable[[dict], None]:

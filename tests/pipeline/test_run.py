@@ -122,7 +122,8 @@ def test_search_run_records_its_trail_and_resumes(tiny, tmp_path):
     phases = s.search["seconds"]
     assert set(phases) == {"base distributions", "store", "search: start",
                            "search: linearise", "search: steps", "search: other", "final"}
-    assert all(v >= 0 for v in phases.values()) and phases["search: linearise"] > 0
+    assert all(v >= 0 for v in phases.values())
+    assert phases["store"] > 0 and phases["search: start"] + phases["search: steps"] > 0
     assert "seconds" not in json.loads((out / "solution.json").read_text())["search"]
     assert s.bits_per_weight <= 3.5 + 1e-9
     assert (out / "search.json").is_file() and (out / "store" / "store.json").is_file()
