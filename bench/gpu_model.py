@@ -97,15 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     from bitsack.evaluate import perplexity
     from bitsack.models.checkpoint import cache_dequantized
 
-    tokenizer = _load(args.model_dir, "cpu", "cpu", None).tokenizer
-    if tokenizer is None:
-        print(f"gpu_model: {args.model_dir} holds no tokenizer", file=sys.stderr)
-        return 1
-    tokens = eval_tokens(args.eval, tokenizer)
-    first = tokens[:, :args.seqlen]
-    prompt = tokens[:, :8]
-    meta = json.loads((args.model_dir / "bitsack.json").read_text())
-
     configs = [("cpu backend, CPU, fp32", "cpu", "cpu", torch.float32),
                ("cupy kernels, GPU, fp16", "cuda", "cupy", torch.float16),
                ("cupy kernels, GPU, fp32", "cuda", "cupy", torch.float32),
@@ -115,9 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         configs = [(label.replace("GPU", "CPU (smoke)").replace("fp16", "fp32"), "cpu", backend,
                     torch.float32)
                    for label, device, backend, _ in configs if backend != "cupy"]
+    reference = _load(args.model_dir, *configs[0][1:])  # its tokenizer, and the first row's
+    tokenizer = reference.tokenizer
+    if tokenizer is None:
+        print(f"gpu_model: {args.model_dir} holds no tokenizer", file=sys.stderr)
+        return 1
+    tokens = eval_tokens(args.eval, tokenizer)
+    first = tokens[:, :args.seqlen]
+    prompt = tokens[:, :8]
+    meta = json.loads((args.model_dir / "bitsack.json").read_text())
+
     rows, ref_logits = [], None
-    for label, device, backend, dtype in configs:
-        model = _load(args.model_dir, device, backend, dtype).model.eval()
+    for i, (label, device, backend, dtype) in enumerate(configs):
+        lm = reference if i == 0 else _load(args.model_dir, device, backend, dtype)
+        model = lm.model.eval()
         if label.startswith("dense"):
             cache_dequantized(model)
         t0 = time.perf_counter()
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             row["prefill_ms"] = _prefill_ms(model, first.to(device), device)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del model
+        del model, lm
+        reference = None
         if device == "cuda":
             torch.cuda.empty_cache()
 

@@ -9,35 +9,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitsack.apply import ApplyConfig, compress, load_compressed, save_compressed
+from bitsack.apply import load_compressed, save_compressed
 from bitsack.kernels.backends import get_backend
 from bitsack.kernels.packed import PackedEmbedding, PackedLinear
-from bitsack.models import model_units
-from bitsack.models.testing import tiny_model, tiny_tokenizer
+from bitsack.models.testing import tiny_tokenizer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not get_backend("cupy").is_available(),
                                  reason="no CUDA device / CuPy")]
 
 
-def _folder(tmp_path, arch: str, scale_bits: int | None, pruned: bool):
-    model = tiny_model(arch, seed=0, tie_word_embeddings=True)
-    units = model_units(model, mlp_group=32)
-    plan = {u.id: (2, 3, 4, 8)[i % 4] for i, u in enumerate(units)}
-    if pruned:
-        plan["L0.attn.g1"] = 0
-        plan["L1.mlp.c0"] = 0
-    compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=16, mlp_group=32,
-                                              scale_bits=scale_bits))
-    return save_compressed(model, tmp_path / f"{arch}-{scale_bits}-{pruned}",
-                           tokenizer=tiny_tokenizer())
-
-
 @pytest.mark.parametrize("arch,scale_bits,pruned", [("llama", None, False), ("llama", 6, True),
                                                     ("qwen2", 6, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpu_model_matches_the_cpu(tmp_path, arch, scale_bits, pruned, dtype):
-    path = _folder(tmp_path, arch, scale_bits, pruned)
+def test_gpu_model_matches_the_cpu(tmp_path, tiny_compressed, arch, scale_bits, pruned, dtype):
+    model = tiny_compressed(arch, pruned, scale_bits=scale_bits, tie_word_embeddings=True)
+    path = save_compressed(model, tmp_path / "m", tokenizer=tiny_tokenizer())
     cpu = load_compressed(path).model.eval()
     gpu = load_compressed(path, device="cuda", backend="cupy", dtype=dtype).model.eval()
     packed = [m for m in gpu.modules() if isinstance(m, (PackedLinear, PackedEmbedding))]

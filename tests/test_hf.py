@@ -19,25 +19,14 @@ from bitsack.models.testing import tiny_model, tiny_tokenizer
 G, MLP = 16, 32
 
 
-def _compressed(arch: str, pruned: bool, seed: int = 0, **dims):
-    model = tiny_model(arch, seed=seed, **dims)
-    units = model_units(model, mlp_group=MLP)
-    plan = {u.id: (2, 3, 4, 8)[i % 4] for i, u in enumerate(units)}
-    if pruned:
-        plan["L0.attn.g1"] = 0
-        plan["L1.mlp.c0"] = 0
-    compress(model, plan, config=ApplyConfig(quantizer="rtn", group_size=G, mlp_group=MLP))
-    return model
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, tiny_compressed):
     """Saved folders: (arch, tied, pruned) -> path."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
     for arch, tied in (("llama", False), ("llama", True), ("qwen2", True), ("qwen2", False)):
         for pruned in (False, True):
-            model = _compressed(arch, pruned, tie_word_embeddings=tied)
+            model = tiny_compressed(arch, pruned, tie_word_embeddings=tied)
             out[arch, tied, pruned] = save_compressed(
                 model, root / f"{arch}-{tied}-{pruned}", tokenizer=tiny_tokenizer())
     return out
@@ -80,8 +69,8 @@ def test_auto_classes_build_the_packed_model(folders, arch, tied, pruned, one_th
     assert model.name_or_path == str(path)
 
 
-def test_tie_weights_on_a_freshly_compressed_tied_model(one_thread):
-    model = _compressed("qwen2", pruned=True, tie_word_embeddings=True)
+def test_tie_weights_on_a_freshly_compressed_tied_model(tiny_compressed, one_thread):
+    model = tiny_compressed("qwen2", pruned=True, tie_word_embeddings=True)
     ids = _ids()
     with torch.no_grad():
         before = model(ids).logits
