@@ -35,9 +35,11 @@ split S (``bitsack.search.meter``); splits ``screen`` (linearise, screen candida
    both rejected proposals moved units two steps down, predicted −0.02 / −0.03, measured
    +0.12 / +0.13); below ``k_min`` the search stops.
 5. Stop when the forward budget (sequence-forwards: one full forward of one sequence = 1) is
-   spent, k < k_min, or (``stop_z`` > 0, off by default) the search has converged: no
-   proposal is predicted to gain ``stop_z`` standard errors of the last ``select``
-   measurement.
+   spent or cannot pay for the next linearisation (estimated at the last one's forwards per
+   group: one begun runs to its end, and on ``make demo`` a last one begun at 780 of 800
+   forwards cost 519 and ended in a rejected step), k < k_min, or (``stop_z`` > 0, off by
+   default) the search has converged: no proposal is predicted to gain ``stop_z`` standard
+   errors of the last ``select`` measurement.
 
 Why bounded steps: a linearisation is only trustworthy near where it was measured
 (ExLlamaV3's optimizer ends worse than uniform when it moves far: issue #108); SPDY measures
@@ -480,10 +482,19 @@ class Search:
                 result.stopped = f"trust region below k_min={cfg.k_min}"
                 break
             if state["stale"] is None or state["stale"]:
+                todo = len(self.groups) if state["stale"] is None else len(state["stale"])
+                need = state.get("per_group", 0.0) * todo  # the last linearisation's rate
+                if self.meter.forwards + need > cfg.budget_forwards:
+                    result.stopped = (f"forward budget cannot pay for a linearisation (about "
+                                      f"{need:.0f} forwards, "
+                                      f"{cfg.budget_forwards - self.meter.forwards:.0f} left)")
+                    break
                 # before the first linearisation the only Δ's are a descent's carried ones
                 first = result.linearisations == 0
                 keep = frozenset((g, d) for g, d in self.deltas if first and d in (+1, -1, 0))
+                spent = self.meter.forwards
                 self._timed("linearise", self.linearise, state["stale"], keep=keep)
+                state["per_group"] = (self.meter.forwards - spent) / max(1, todo)
                 result.linearisations += 1
                 state["stale"] = []
             step = self._timed("steps", self._step, len(result.steps) + 1, state["k"],

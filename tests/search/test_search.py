@@ -317,6 +317,35 @@ def test_interrupted_search_resumes_to_the_identical_result(setup, bits, relinea
     assert resumed == full
 
 
+def test_the_search_does_not_begin_a_linearisation_its_budget_cannot_pay_for(setup):
+    """A linearisation begun runs to its end: the search starts one only when the budget
+    left pays for it at the last one's forwards per group (steps scripted: each is
+    rejected with nothing to propose, so every group is linearised again)."""
+    from bitsack.search.types import Step
+
+    def run(budget):
+        _, model, units, meter, store, costs = setup()
+        s = Search(model, units, store, meter, costs, _limit(units, 2.85),
+                   SearchConfig(budget_forwards=budget, k=16, k_min=2, descend=False))
+        s._step = lambda it, k, reach, floor=0.0: Step(it, k, {}, 0.0, None, None, None,
+                                                       False, "scripted", 0, meter.forwards,
+                                                       reach=reach)
+        spent, linearise = [], s.linearise
+        s.linearise = lambda groups=None, **kw: (spent.append(meter.forwards),
+                                                 linearise(groups, **kw))
+        return s.run(), spent
+
+    full, before = run(1e9)
+    assert full.stopped == "trust region below k_min=2" and len(before) == 4
+    cost = full.forwards - before[-1]  # every linearisation here measures every group
+    assert cost > 0 and before[2] - before[1] == pytest.approx(cost)
+    short, _ = run(before[2] + cost / 2)  # pays for two, not for the third
+    assert short.stopped.startswith("forward budget cannot pay for a linearisation (about "
+                                    f"{cost:.0f} forwards")
+    assert short.linearisations == 2 and short.forwards == before[2]
+    assert [st.iteration for st in short.steps] == [1, 2]
+
+
 def test_a_larger_budget_continues_a_finished_search_to_the_identical_result(setup):
     from dataclasses import asdict
 
