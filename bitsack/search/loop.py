@@ -124,6 +124,9 @@ class Search:
         #: wall seconds of this process in each phase of ``run``: choosing the start (its
         #: descent included), linearising, and the steps (propose, screen, select, decide)
         self.seconds = {"start": 0.0, "linearise": 0.0, "steps": 0.0}
+        # forwards per one-step Δ due in the last linearisation (a descent's included; two-step
+        # Δ's ride along): what the next one will cost
+        self.rate = 0.0
 
     def _timed(self, phase: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, its wall time added to ``seconds[phase]``."""
@@ -277,6 +280,23 @@ class Search:
     def linearise(self, groups: Sequence[str] | None = None,
                   directions: Sequence[int] = (+1, -1, 0),
                   keep: frozenset[tuple[str, int]] = frozenset()) -> None:
+        """``_linearise``, and its forwards per one-step Δ due (``rate``)."""
+        due = self._due(groups, directions, keep)
+        spent = self.meter.forwards
+        self._linearise(groups, directions, keep)
+        if due:
+            self.rate = (self.meter.forwards - spent) / due
+
+    def _due(self, groups: Sequence[str] | None, directions: Sequence[int],
+             keep: frozenset[tuple[str, int]]) -> int:
+        """The one-step Δ's a linearisation of ``groups`` (None: all) measures."""
+        todo = list(self.groups) if groups is None else groups
+        return sum(1 for g in todo for d in directions
+                   if (d or self.menu.prune) and (g, d) not in keep and self._move(g, d))
+
+    def _linearise(self, groups: Sequence[str] | None = None,
+                   directions: Sequence[int] = (+1, -1, 0),
+                   keep: frozenset[tuple[str, int]] = frozenset()) -> None:
         """Measure Δ(g, d) on ``screen`` for ``groups`` (default: all) and ``directions``:
         d = ±1, the group's units one menu step up / down; d = 0 (menu with prune), its one
         prunable kept unit whose weights are smallest (``VariantStore.error`` of pruning)
@@ -482,19 +502,16 @@ class Search:
                 result.stopped = f"trust region below k_min={cfg.k_min}"
                 break
             if state["stale"] is None or state["stale"]:
-                todo = len(self.groups) if state["stale"] is None else len(state["stale"])
-                need = state.get("per_group", 0.0) * todo  # the last linearisation's rate
+                # before the first linearisation the only Δ's are a descent's carried ones
+                first = result.linearisations == 0
+                keep = frozenset((g, d) for g, d in self.deltas if first and d in (+1, -1, 0))
+                need = self.rate * self._due(state["stale"], (+1, -1, 0), keep)
                 if self.meter.forwards + need > cfg.budget_forwards:
                     result.stopped = (f"forward budget cannot pay for a linearisation (about "
                                       f"{need:.0f} forwards, "
                                       f"{cfg.budget_forwards - self.meter.forwards:.0f} left)")
                     break
-                # before the first linearisation the only Δ's are a descent's carried ones
-                first = result.linearisations == 0
-                keep = frozenset((g, d) for g, d in self.deltas if first and d in (+1, -1, 0))
-                spent = self.meter.forwards
                 self._timed("linearise", self.linearise, state["stale"], keep=keep)
-                state["per_group"] = (self.meter.forwards - spent) / max(1, todo)
                 result.linearisations += 1
                 state["stale"] = []
             step = self._timed("steps", self._step, len(result.steps) + 1, state["k"],
@@ -612,7 +629,7 @@ class Search:
                    "moved": {u: c.option_id for u, c in moved.items()}}
                   for (g, d), (paired, moved) in sorted(self.deltas.items())]
         return {"result": result.to_dict(), "state": dict(state), "deltas": deltas,
-                "forwards": self.meter.forwards}
+                "forwards": self.meter.forwards, "rate": self.rate}
 
     def _restore(self, ck: Mapping[str, Any]) -> tuple[SearchResult, dict]:
         r = ck["result"]
@@ -625,6 +642,7 @@ class Search:
         self._set(result.plan)
         self._prune_if_pruned()
         self.meter.forwards = float(ck["forwards"])
+        self.rate = float(ck.get("rate", 0.0))  # (absent from a checkpoint before the estimate)
         self.deltas = {(d["group"], int(d["d"])): (Paired(d["delta"], d["se"], d["n"]),
                                                    {u: self._choice(o)
                                                     for u, o in d["moved"].items()})

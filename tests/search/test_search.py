@@ -319,14 +319,15 @@ def test_interrupted_search_resumes_to_the_identical_result(setup, bits, relinea
 
 def test_the_search_does_not_begin_a_linearisation_its_budget_cannot_pay_for(setup):
     """A linearisation begun runs to its end: the search starts one only when the budget
-    left pays for it at the last one's forwards per group (steps scripted: each is
-    rejected with nothing to propose, so every group is linearised again)."""
+    left pays for it, estimated as its Δ's times the mean forwards of a Δ so far (steps
+    scripted: each is rejected with nothing to propose, so every group is linearised
+    again)."""
     from bitsack.search.types import Step
 
-    def run(budget):
+    def run(budget, descend=False):
         _, model, units, meter, store, costs = setup()
         s = Search(model, units, store, meter, costs, _limit(units, 2.85),
-                   SearchConfig(budget_forwards=budget, k=16, k_min=2, descend=False))
+                   SearchConfig(budget_forwards=budget, k=16, k_min=2, descend=descend))
         s._step = lambda it, k, reach, floor=0.0: Step(it, k, {}, 0.0, None, None, None,
                                                        False, "scripted", 0, meter.forwards,
                                                        reach=reach)
@@ -340,10 +341,15 @@ def test_the_search_does_not_begin_a_linearisation_its_budget_cannot_pay_for(set
     cost = full.forwards - before[-1]  # every linearisation here measures every group
     assert cost > 0 and before[2] - before[1] == pytest.approx(cost)
     short, _ = run(before[2] + cost / 2)  # pays for two, not for the third
-    assert short.stopped.startswith("forward budget cannot pay for a linearisation (about "
-                                    f"{cost:.0f} forwards")
+    assert short.stopped.startswith("forward budget cannot pay for a linearisation (about ")
     assert short.linearisations == 2 and short.forwards == before[2]
     assert [st.iteration for st in short.steps] == [1, 2]
+    # a descended start measured Δ's: the first linearisation is estimated from them
+    started, _ = run(0.0, descend=True)
+    assert started.start["incumbent"].endswith("descended") and not started.linearisations
+    short, _ = run(started.forwards + 1, descend=True)
+    assert short.stopped.startswith("forward budget cannot pay") and not short.linearisations
+    assert short.forwards == started.forwards
 
 
 def test_a_larger_budget_continues_a_finished_search_to_the_identical_result(setup):
@@ -360,7 +366,7 @@ def test_a_larger_budget_continues_a_finished_search_to_the_identical_result(set
         return s.run(resume=resume).to_dict(), saved
 
     short, saved = run(200)
-    assert short["stopped"] == "forward budget spent"
+    assert short["stopped"].startswith("forward budget")  # spent, or cannot pay for more
     full, _ = run(500)
     assert len(full["steps"]) > len(short["steps"])
     continued, _ = run(500, resume=saved[-1])
