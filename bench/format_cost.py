@@ -51,19 +51,32 @@ GROUP = {"bitsack": 64, "compressed-tensors": 64, "gguf": 32}
 
 
 def cells_of(args) -> list[str]:
-    return [f"{m}:{f}@{b}" for b in args.budgets for m in args.methods for f in args.formats]
+    return [f"{m}:{f}{'' if g == 'minmax' else '+' + g}@{b}" for b in args.budgets
+            for m in args.methods for f in args.formats for g in args.grids]
 
 
 def cell_config(cell: str, args) -> dict[str, Any]:
-    """The ``RunConfig`` fields of a cell (JSON-able; hashed into the cell's record)."""
+    """The ``RunConfig`` fields of a cell (JSON-able; hashed into the cell's record). A cell
+    ``method:format+grid/S/mN@budget`` runs on that grid with S-bit scale codes (``/S`` left
+    out: fp16 scales) and MLP blocks of N channels (``/mN`` left out: the default 128);
+    without ``+…`` on the pinned min-max grid with fp16 scales."""
     method_fmt, _, budget = cell.partition("@")
-    method, _, fmt = method_fmt.partition(":")
-    return {"model": args.model, "method": method, "format": fmt, "avg_bits": float(budget),
-            "units": list(args.units), "group_size": GROUP[fmt], "calib": "c4",
-            "eval": "wikitext2", "eval_windows": args.eval_windows,
-            "profile_nsamples": args.profile_nsamples, "profile_quantizer":
-            args.profile_quantizer, "compress_nsamples": args.compress_nsamples,
-            "search_budget": args.search_budget, "search_start": args.search_start, "seed": 0}
+    method, _, fmt_grid = method_fmt.partition(":")
+    fmt, _, grid_spec = fmt_grid.partition("+")
+    cfg = {"model": args.model, "method": method, "format": fmt, "avg_bits": float(budget),
+           "units": list(args.units), "group_size": GROUP[fmt], "calib": "c4",
+           "eval": "wikitext2", "eval_windows": args.eval_windows,
+           "profile_nsamples": args.profile_nsamples, "profile_quantizer":
+           args.profile_quantizer, "compress_nsamples": args.compress_nsamples,
+           "search_budget": args.search_budget, "search_start": args.search_start, "seed": 0}
+    if grid_spec:  # (only then: the keys of the pinned cells stay as they were)
+        grid, *rest = grid_spec.split("/")
+        codes = [int(x) for x in rest if x.isdigit()]
+        cfg.update(grid=grid, scale_bits=codes[0] if codes else None)
+        mlp = [int(x[1:]) for x in rest if x.startswith("m")]
+        if mlp:
+            cfg["mlp_group"] = mlp[0]
+    return cfg
 
 
 def _name(cell: str) -> str:
@@ -85,7 +98,8 @@ def _seed_run_dir(run_dir: Path, runs: Path, cfg: dict[str, Any]) -> None:
             continue
         inputs = json.loads(rec.read_text()).get("inputs", {})
         if inputs.get("group_size") == cfg["group_size"] and \
-                inputs.get("units") == cfg["units"]:
+                inputs.get("units") == cfg["units"] and \
+                inputs.get("mlp_group", 128) == cfg.get("mlp_group", 128):
             shutil.copytree(other / "profile", run_dir / "profile", dirs_exist_ok=True)
             shutil.copy(rec, run_dir / "profile.stage.json")
             return
@@ -237,7 +251,7 @@ def write_report(args, argv: list[str]) -> Path:
         cfg = r["config"]
         free = res.get(f"{cfg['method']}:bitsack@{_b(cfg['avg_bits'])}")
         if r.get("status") == "no plan":
-            L.append(f"| {_b(cfg['avg_bits'])} | {cfg['method']} | {cfg['format']} | — | — | "
+            L.append(f"| {_b(cfg['avg_bits'])} | {cfg['method']} | {_fmt(cfg)} | — | — | "
                      f"— | no plan: {_short(r['reason'])} | — | — |")
             continue
         ratio = (f"{r['wikitext2'] / free['wikitext2']:.3f}"
@@ -249,7 +263,7 @@ def write_report(args, argv: list[str]) -> Path:
                                      f"{exp['architecture']})" if exp["equal"] else
                                      f"NO: {exp['unit_tensor_bytes']:,} vs "
                                      f"{exp['certificate_bytes']:,}")
-        L.append(f"| {_b(cfg['avg_bits'])} | {cfg['method']} | {cfg['format']} | "
+        L.append(f"| {_b(cfg['avg_bits'])} | {cfg['method']} | {_fmt(cfg)} | "
                  f"{_f(r['bits_per_weight'])} | {_f(r['wikitext2'])} | {ratio} | {plan} | "
                  f"{r['pruned']} | {exp_s} |")
     path = results / "format_cost.md"
@@ -265,9 +279,19 @@ def _command(argv: list[str]) -> str:
 
 def _order(cell: str) -> tuple:
     mf, _, b = cell.partition("@")
-    m, _, f = mf.partition(":")
+    m, _, fg = mf.partition(":")
+    f, _, g = fg.partition("+")
     return (float(b), METHODS.index(m) if m in METHODS else 9,
-            FORMATS.index(f) if f in FORMATS else 9)
+            FORMATS.index(f) if f in FORMATS else 9, g)
+
+
+def _fmt(cfg: dict[str, Any]) -> str:
+    """The cell's format and, where it is not the pinned min-max with fp16 scales, grid."""
+    if "grid" not in cfg:
+        return cfg["format"]
+    codes = f", {cfg['scale_bits']}-bit scale codes" if cfg.get("scale_bits") else ""
+    mlp = f", MLP blocks of {cfg['mlp_group']}" if cfg.get("mlp_group") else ""
+    return f"{cfg['format']} ({cfg['grid']}{codes}{mlp})"
 
 
 def _short(text: str, n: int = 120) -> str:
@@ -300,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="uniform, oneshot, search (default uniform,oneshot: search cells take "
                    "about an hour each on 2 cores)")
     p.add_argument("--formats", type=_list(FORMATS), default=FORMATS)
+    p.add_argument("--grids", type=_list(None), default=("minmax",),
+                   help="grids as GRID[/S][/mN] (S-bit scale codes, default fp16 scales; MLP "
+                   "blocks of N channels, default 128), e.g. sym-hmse/4/m256; minmax "
+                   "(default) is the pinned grid the first cells ran on")
     p.add_argument("--budgets", type=_list(None), default=("3.5", "4.5"),
                    help="bits per weight (default 3.5,4.5)")
     p.add_argument("--units", type=_list(("heads", "mlp", "embed")), default=("heads", "mlp"))

@@ -54,12 +54,14 @@ class RunConfig:
 
     ``scale_bits``: None (fp16 scales) or S: every quantized group's scale stored as an S-bit
     code times an fp16 step per 256 columns (``bitsack.kernels.formats``; 3-bit g32 costs
-    3.34 bits/weight instead of 3.59), format ``bitsack`` only. Every method prices its
+    3.34 bits/weight instead of 3.59), format ``bitsack`` or ``gguf`` (where, with a
+    symmetric ``grid``, they open the K-quants: ``kernels.formats.gguf_type``; a legacy
+    type stores the scale as fp16, so there codes only cost precision). Every method prices its
     options with it; the search's variant store quantizes on that grid; the one-shot
     profile's sensitivity estimates perturb on the fp16-scale grid (its costs are exact).
-    Default ``"auto"``: ``DEFAULT_SCALE_BITS`` (6) with format ``bitsack``, None (fp16) with a
-    format that stores fp16 scales — resolved when the config is made, so a config always
-    holds the value it ran with (measured: ``bench/results/e2e.md``, at 3.5 bits/weight the
+    Default ``"auto"``: ``DEFAULT_SCALE_BITS`` (6) with format ``bitsack``, None (fp16) with
+    the other formats — resolved when the config is made, so a config always holds the
+    value it ran with (measured: ``bench/results/e2e.md``, at 3.5 bits/weight the
     search with 6-bit codes scores 0.811 / 0.824 of the best uniform that fits, with fp16
     scales 0.979 / 0.942 of it).
 
@@ -68,8 +70,11 @@ class RunConfig:
     squared error of its weights, each column's error weighted as GPTQ's loss weighs it;
     uniform GPTQ with 6-bit codes on SmolLM2, WikiText-2: 2-bit g32 366, 3-bit g64 46.2),
     ``"mse"`` (the same unweighted; 718 and 55.3) or ``"minmax"`` (the whole range; 4,456 and
-    59.6). Every method and quantizer uses it (RTN, which has no Hessian, takes ``"hmse"`` as
-    ``"mse"``); the one-shot profile's perturbations stay min-max.
+    59.6). ``"sym"``, ``"sym-mse"``, ``"sym-hmse"``: the same with every zero point fixed at
+    ``2**(bits − 1)`` — what ggml's Q4_0 / Q5_0 and the K-quants store exactly, so with
+    ``format="gguf"`` they buy cheaper tensor types (``bitsack.export.ggml_blocks``). Every
+    method and quantizer uses it (RTN, which has no Hessian, takes ``"hmse"`` as ``"mse"``);
+    the one-shot profile's perturbations stay min-max.
 
     ``vocab_groups``: the token embedding (and an untied lm_head) as this many units of row
     ranges that halve towards the front (``bitsack.models.adapter.vocab_ranges``: frequent
@@ -153,10 +158,11 @@ class RunConfig:
                                                                   self.format))
         check_grid(self.grid)
 
-        if check_scale_bits(self.scale_bits) is not None and self.format != "bitsack":
+        if check_scale_bits(self.scale_bits) is not None \
+                and self.format == "compressed-tensors":
             raise ValidationError("scale_bits", f"{self.scale_bits} with format "
                                   f"{self.format!r}, which stores fp16 scales; valid: "
-                                  "--format bitsack, or no --scale-bits")
+                                  "--format bitsack or gguf, or no --scale-bits")
         if self.search_start not in SEARCH_STARTS:
             raise ValidationError("search_start", f"{self.search_start!r}; valid: auto "
                                   "(one-shot too where pruning takes part), both (uniform "

@@ -14,7 +14,7 @@ from typing import Any
 from bitsack.config import UNIT_KINDS, Context, RunConfig
 from bitsack.errors import ValidationError
 from bitsack.io import file_sha256, write_json
-from bitsack.kernels.formats import LAYOUT_VERSION
+from bitsack.kernels.formats import LAYOUT_VERSION, symmetric
 
 
 @dataclass
@@ -69,7 +69,8 @@ def unit_costs_for(model, units, menu, cfg: RunConfig):
 
     models = make_cost_models(cfg.cost_models, {"roofline": {"device": cfg.device},
                                                 "memory": {"format": cfg.format,
-                                                           "scale_bits": cfg.scale_bits}})
+                                                           "scale_bits": cfg.scale_bits,
+                                                           "symmetric": symmetric(cfg.grid)}})
     return unit_costs(unit_shapes(model, units), menu, models)
 
 
@@ -86,7 +87,8 @@ def run_menu(ctx: Context, model, units):
 
     left_out: dict[str, str] = {}
     ids = target_menu(cfg.format, unit_shapes(model, units),
-                      [c.option_id for c in menu.steps], cfg.group_size, left_out)
+                      [c.option_id for c in menu.steps], cfg.group_size, left_out,
+                      cfg.scale_bits, symmetric(cfg.grid))
     if left_out:
         ctx.say(f"format {cfg.format}: menu {', '.join(ids)}; left out "
                 + "; ".join(f"{o} ({r})" for o, r in left_out.items()))
@@ -294,7 +296,10 @@ def profile_problem(ctx: Context, model, tokenizer, units):
         from bitsack.solver.costs.formats import retarget, with_scale_bits
 
         shapes = unit_shapes(model, units)
-        problem = with_scale_bits(retarget(problem, cfg.format, shapes), cfg.scale_bits, shapes)
+        if cfg.format == "bitsack":
+            problem = with_scale_bits(problem, cfg.scale_bits, shapes)
+        else:
+            problem = retarget(problem, cfg.format, shapes, cfg.scale_bits, symmetric(cfg.grid))
     problem = cfg.budget.apply(problem)
     problem = with_interaction_weight(problem, cfg.interactions)
     if not cfg.prune:

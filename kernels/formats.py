@@ -47,9 +47,22 @@ FP16_SIGNIFICANT_BITS = 11
 SCALE_BITS = (2, 3, 4, 5, 6)
 
 #: How a group's scale and zero are chosen (``bitsack.kernels.grid.group_params``): its
-#: min-max range, or the shrunk range of smallest squared error. Not stored: both are the
-#: same affine grid, so a packed file does not depend on it.
-GRIDS = ("minmax", "mse", "hmse")
+#: min-max range, or the shrunk range of smallest squared error; ``sym…``: the same with the
+#: zero point fixed at ``2**(bits − 1)`` (the symmetric grids ggml's Q4_0/Q5_0 and K-quants
+#: store exactly, ``bitsack.export.ggml_blocks``). Not stored: all are the same affine
+#: grid ``s·(q − z)``, so a packed file does not depend on it.
+GRIDS = ("minmax", "mse", "hmse", "sym", "sym-mse", "sym-hmse")
+
+
+def symmetric(grid: str) -> bool:
+    """Whether ``grid`` fixes every zero point at ``2**(bits − 1)``."""
+    return check_grid(grid).startswith("sym")
+
+
+def clip_search(grid: str) -> str:
+    """``grid``'s range choice, ``"minmax"``, ``"mse"`` or ``"hmse"`` (symmetric or not)."""
+    g = check_grid(grid)
+    return "minmax" if g == "sym" else g.removeprefix("sym-")
 
 
 def check_grid(grid: Any, field: str = "grid") -> str:
@@ -62,7 +75,8 @@ def check_grid(grid: Any, field: str = "grid") -> str:
         raise ValidationError(field, f"{grid!r}; valid: {', '.join(GRIDS)} (a group's "
                               "min-max range, its range shrunk to the smallest squared "
                               "error, or to the smallest error weighted as GPTQ weighs "
-                              "its columns)")
+                              "its columns; sym: the same with the zero point fixed at "
+                              "2**(bits - 1))")
     return grid
 
 
@@ -234,19 +248,71 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int,
 #: Where a plan can go: bitsack's own folder (any mix inside a matrix), or an export.
 TARGET_FORMATS = ("bitsack", "compressed-tensors", "gguf")
 
-#: ggml's block: weights per block of every quantized GGUF type bitsack writes.
+#: ggml's block of the legacy types (Q4_0 … Q8_0): 32 weights.
 GGUF_BLOCK = 32
+#: ggml's K-quant super-block: 256 weights (and ``SUPER_COLS``, bitsack's step width).
+GGUF_SUPER = 256
 
-#: Bytes per block of ``GGUF_BLOCK`` weights of the ggml types bitsack writes
-#: (``ggml-common.h``: ``block_q4_1`` d, m fp16 + 16 nibble bytes; ``block_q5_1`` d, m + 4
-#: high-bit bytes + 16; ``block_q8_0`` d fp16 + 32 int8).
-GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q5_1": 24, "Q8_0": 34}
+#: The ggml types the GGUF export writes: (weights per block, bytes per block), from
+#: ``ggml-common.h``: ``block_q4_0`` d fp16 + 16 nibble bytes; ``q4_1`` d, m + 16; ``q5_0`` d
+#: + 4 high-bit bytes + 16; ``q5_1`` d, m + 4 + 16; ``q8_0`` d + 32 int8; ``q2_K`` 16 scale
+#: bytes + 64 + d, dmin; ``q3_K`` 32 hmask + 64 + 12 scale bytes + d; ``q6_K`` 128 ql + 64
+#: qh + 16 int8 scales + d. Not Q4_K / Q5_K: every bitsack grid they hold exactly (symmetric,
+#: ``dmin = z₀·d``) Q4_0 / Q5_0 hold too, at the same 4.5 / 5.5 bits per weight.
+GGUF_TYPES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+              "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q6_K": (256, 210)}
+#: Bytes per block of each type (``GGUF_TYPES``).
+GGUF_BLOCK_BYTES = {k: b for k, (_, b) in GGUF_TYPES.items()}
+
+#: Types with one scale per block and codes centred on a fixed offset h (``x = d·(q' − h)``,
+#: Q6_K: ``d·sc·(q' − 32)`` per 16): they hold a grid exactly when every ``q − z`` lies in
+#: ``[−h, h − 1]`` — a min-max grid of ``b`` bits when ``2**b ≤ h``, a symmetric one when
+#: ``2**(b − 1) ≤ h``.
+_CENTRED = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128, "Q6_K": 32, "Q3_K": 4}
+#: Types with a scale and an offset per block (``x = d·q − m``): any grid of up to b bits.
+_OFFSET = {"Q4_1": 4, "Q5_1": 5}
+#: K-quants with mins (``x = d·sc·q − dmin·m`` per sub-block): a symmetric grid of up to b
+#: bits, ``dmin = z₀·d`` and ``m = sc`` (``z₀ = 2**(b − 1)``, the fixed zero point).
+_K_MINS = {"Q2_K": 2}
+#: K-quants: (weights per sub-block scale, largest positive scale code): Q2_K's are 4-bit,
+#: Q3_K's 6-bit signed (``sc − 32``), Q6_K's int8.
+_K_SCALES = {"Q2_K": (16, 15), "Q3_K": (16, 31), "Q6_K": (16, 127)}
 
 
-def gguf_type(bits: int) -> str:
-    """The ggml type the GGUF export stores a ``bits``-bit grid in: 1..4 ``Q4_1`` (the codes
-    as nibbles), 5 ``Q5_1``, 6..8 ``Q8_0`` (8 bits re-rounded where a block's codes leave
-    ±127 around its zero point), 16 ``F16``.
+def gguf_holds(kind: str, bits: int, group_size: int, scale_bits: int | None, sym: bool,
+               cols: int) -> bool:
+    """Whether ggml type ``kind`` stores a ``bits``-bit grid exactly (every weight the same
+    fp32 number): groups of ``group_size`` (whole blocks or sub-blocks), scale codes of
+    ``scale_bits`` bits (K-quants: a scale is ``code·d`` with one fp16 ``d`` per 256, which
+    is what bitsack's double-quantized scales are), zero points fixed at ``2**(bits − 1)``
+    (``sym``), rows of ``cols`` columns (whole blocks; K-quants: whole super-blocks)."""
+    block = GGUF_TYPES[kind][0]
+    if cols % block:
+        return False
+    if kind in _K_SCALES:
+        sub, top = _K_SCALES[kind]
+        if scale_bits is None or (1 << scale_bits) - 1 > top or group_size % sub \
+                or GGUF_SUPER % group_size:
+            return False
+    elif group_size % GGUF_BLOCK:
+        return False
+    if kind in _K_MINS:
+        return sym and bits <= _K_MINS[kind]
+    if kind in _OFFSET:
+        return bits <= _OFFSET[kind]
+    return (1 << (bits - 1 if sym else bits)) <= _CENTRED[kind]
+
+
+def gguf_type(bits: int, group_size: int = GGUF_BLOCK, scale_bits: int | None = None,
+              sym: bool = False, cols: int = GGUF_BLOCK) -> str:
+    """The ggml type the GGUF export stores a ``bits``-bit grid in: the one of fewest bytes
+    per weight that holds it exactly (``gguf_holds``; of equal sizes the legacy type, then
+    the order of ``GGUF_TYPES``), ``F16`` for 16 bits. Only an 8-bit min-max grid has none:
+    it goes to Q8_0, re-rounded where a block's codes leave ±127 around its zero point.
+
+    With fp16 scales, a min-max grid: 1–3 bits Q4_0, 4 Q4_1, 5 Q5_1, 6–8 Q8_0. Symmetric
+    (rows of whole super-blocks, S-bit scale codes): 2 bits Q2_K (S ≤ 4), 3 Q3_K (S ≤ 5),
+    4 Q4_0, 5 Q5_0, 6 Q6_K, 8 Q8_0.
 
     Raises:
         ValidationError: bits outside 1..8 and 16.
@@ -254,27 +320,33 @@ def gguf_type(bits: int) -> str:
     bits = check_bits(bits, allow_16=True)
     if bits == 16:
         return "F16"
-    return "Q4_1" if bits <= 4 else "Q5_1" if bits == 5 else "Q8_0"
+    fits = [k for k in GGUF_TYPES if gguf_holds(k, bits, group_size, scale_bits, sym, cols)]
+    if not fits:
+        return "Q8_0"  # 8-bit min-max (re-rounded), or a grid ggml's blocks cannot tile
+    return min(fits, key=lambda k: (GGUF_BLOCK_BYTES[k] / GGUF_TYPES[k][0], k.endswith("_K")))
 
 
-def gguf_nbytes(rows: int, cols: int, bits: int) -> int:
+def gguf_nbytes(rows: int, cols: int, bits: int, group_size: int = GGUF_BLOCK,
+                scale_bits: int | None = None, sym: bool = False,
+                matrix_cols: int | None = None) -> int:
     """Bytes of a ``rows × cols`` matrix (or of ``rows`` rows / a block-aligned column range of
-    one) in the GGUF export: ``rows · cols/32 · block bytes`` of ``gguf_type(bits)``, 2 per
-    weight at 16 bits, 0 when pruned. Every block carries its own scale, so the group size
-    does not change the size.
+    one) in the GGUF export: ``rows · cols/block · block bytes`` of its ``gguf_type``, 2 per
+    weight at 16 bits, 0 when pruned. ``matrix_cols``: the width of the whole rows the range
+    lies in, when it is a column range (its type is the matrix's).
 
     Raises:
-        ValidationError: ``cols`` not a multiple of 32, or bits outside 0..8 and 16.
+        ValidationError: ``cols`` not whole blocks of the type, or bits outside 0..8 and 16.
     """
     if bits == 0:
         return 0
-    kind = gguf_type(bits)
+    kind = gguf_type(bits, group_size, scale_bits, sym, matrix_cols or cols)
     if kind == "F16":
         return 2 * rows * cols
-    if cols % GGUF_BLOCK:
-        raise ValidationError("cols", f"{cols} is not a multiple of {GGUF_BLOCK}, ggml's block; "
-                              f"valid: whole blocks of {GGUF_BLOCK} weights per row")
-    return rows * (cols // GGUF_BLOCK) * GGUF_BLOCK_BYTES[kind]
+    block = GGUF_TYPES[kind][0]
+    if cols % block:
+        raise ValidationError("cols", f"{cols} is not a multiple of {block}, {kind}'s block; "
+                              f"valid: whole blocks of {block} weights per row")
+    return rows * (cols // block) * GGUF_BLOCK_BYTES[kind]
 
 
 def compressed_tensors_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:

@@ -23,7 +23,9 @@ from bitsack.kernels.formats import (
     SUPER_COLS,
     check_group_size,
     check_tiling,
+    clip_search,
     num_groups,
+    symmetric,
 )
 from bitsack.kernels.grid import (
     QuantizedTensor,
@@ -285,8 +287,10 @@ class GPTQ:
                 # the steps from the original weights: with static groups (act_order) no
                 # group is clipped; dynamic groups wider than their super-block's step clamp
                 rc.scale_bits = sp.scale_bits
-                rc.step = dq_steps(super_ranges(W0[r0:r1, c0:c1], sp.group_size),
-                                   (1 << sp.bits) - 1, sp.scale_bits)
+                maxq = (1 << sp.bits) - 1
+                rc.step = dq_steps(super_ranges(W0[r0:r1, c0:c1], sp.group_size,
+                                                sym_maxq=maxq if symmetric(sp.grid) else None),
+                                   maxq, sp.scale_bits)
             rects.append(rc)
         ranges = [(sp.start, sp.stop) for sp in segs] if axis == 0 else [(0, rows)]
         col_loss = axis == 1 and len(segs) > 1
@@ -458,7 +462,7 @@ class GPTQ:
         # "hmse": a column's squared error weighs as in GPTQ's loss, 1 / [chol(H⁻¹)]_jj²
         # (in quantization order, like Hinv)
         err_w = torch.diagonal(Hinv).reciprocal().square() \
-            if any(rc.grid == "hmse" for rc in rects) else None
+            if any(clip_search(rc.grid) == "hmse" for rc in rects) else None
         is16_col = None
         if perm is not None:
             # The transpose is built in the quantization order directly (one pass), and the

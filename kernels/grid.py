@@ -60,7 +60,9 @@ from bitsack.kernels.formats import (
     check_grid,
     check_group_size,
     check_scale_bits,
+    clip_search,
     num_groups,
+    symmetric,
     unpack_zero,
 )
 
@@ -230,12 +232,38 @@ def _fp16_round_up(s: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def minmax_params(x: torch.Tensor, maxq: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+def _needed(x: torch.Tensor, maxq_t: torch.Tensor, sym: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The smallest scale whose grid holds groups ``x`` (float64) whole, their ``lo`` (≤ 0)
+    and, symmetric, the fixed zero ``z₀ = (maxq + 1) // 2``: min-max ``(hi − lo)/maxq``;
+    symmetric ``max(−lo/z₀, hi/(maxq − z₀))`` (1 bit: no code above z₀, so ``−lo/z₀``)."""
+    lo = x.amin(-1).clamp(max=0.0)
+    hi = x.amax(-1).clamp(min=0.0)
+    if not sym:
+        return (hi - lo) / maxq_t, lo, None
+    z0 = torch.div(maxq_t + 1, 2, rounding_mode="floor")
+    up = maxq_t - z0
+    s = torch.maximum(-lo / z0, torch.where(up > 0, hi / up.clamp(min=1.0), 0.0))
+    return s, lo, z0
+
+
+def _zero(lo: torch.Tensor, s64: torch.Tensor, maxq_t: torch.Tensor,
+          z0: torch.Tensor | None) -> torch.Tensor:
+    if z0 is not None:
+        return z0.expand_as(s64).to(torch.float16)
+    return torch.minimum(torch.round(-lo / s64), maxq_t.expand_as(s64)).clamp(min=0.0) \
+        .to(torch.float16)
+
+
+def minmax_params(x: torch.Tensor, maxq: torch.Tensor | int,
+                  sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored fp16 scale and zero of min-max groups (see the module docstring).
 
     Args:
         x: groups ``[..., group_size]`` (any float dtype; computed in float64).
         maxq: ``2**bits − 1``, an int or an integer tensor broadcastable to ``x.shape[:-1]``.
+        sym: zero fixed at ``2**(bits − 1)`` and the scale the smallest that holds the
+            group (``_needed``), rounded up to fp16.
 
     Returns:
         ``(scale, zero)``, fp16 of shape ``x.shape[:-1]``.
@@ -245,18 +273,14 @@ def minmax_params(x: torch.Tensor, maxq: torch.Tensor | int) -> tuple[torch.Tens
     """
     x = x.to(torch.float64)
     maxq_t = torch.as_tensor(maxq, dtype=torch.float64, device=x.device)
-    lo = x.amin(-1).clamp(max=0.0)
-    hi = x.amax(-1).clamp(min=0.0)
-    s = (hi - lo) / maxq_t
+    s, lo, z0 = _needed(x, maxq_t, sym)
     s = torch.where(s > 0, s, torch.full_like(s, _ZERO_GROUP_SCALE))
     scale = _fp16_round_up(s)
     if not bool(torch.isfinite(scale).all()):
-        worst = float((hi - lo).max())
+        worst = float((x.amax(-1).clamp(min=0.0) - lo).max())
         raise ValidationError("w", f"a group spans {worst:.6g}, whose scale exceeds the fp16 "
                               "maximum 65504; valid: (max − min)/(2**bits − 1) ≤ 65504")
-    s64 = scale.to(torch.float64)
-    zero = torch.minimum(torch.round(-lo / s64), maxq_t.expand_as(s64)).clamp(min=0.0)
-    return scale, zero.to(torch.float16)
+    return scale, _zero(lo, scale.to(torch.float64), maxq_t, z0)
 
 
 def super_steps(step: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
@@ -267,16 +291,21 @@ def super_steps(step: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
 
 
 def super_ranges(x: torch.Tensor, group_size: int,
-                 super_cols: int = SUPER_COLS) -> torch.Tensor:
+                 super_cols: int = SUPER_COLS, sym_maxq: int | None = None) -> torch.Tensor:
     """Per row and super-block of ``super_cols`` columns of ``x`` ``[rows, cols]``: the
     largest min-max range (max − min with 0 in the range, as the grid takes it) of the groups
-    starting in it, float64 ``[rows, ceil(cols / super_cols)]``."""
+    starting in it, float64 ``[rows, ceil(cols / super_cols)]``. ``sym_maxq``: of a
+    symmetric grid with that ``maxq``, the range ``maxq·`` (the scale that holds the group)."""
     x = x.detach().to(torch.float64)
     rows, cols = x.shape
     ng = num_groups(cols, group_size)
     pad = ng * group_size - cols
     xp = torch.nn.functional.pad(x, (0, pad)).reshape(rows, ng, group_size)
-    rng = xp.amax(-1).clamp(min=0.0) - xp.amin(-1).clamp(max=0.0)  # padding zeros are in
+    if sym_maxq is None:
+        rng = xp.amax(-1).clamp(min=0.0) - xp.amin(-1).clamp(max=0.0)  # padding zeros are in
+    else:
+        mq = torch.tensor(float(sym_maxq), dtype=torch.float64, device=x.device)
+        rng = _needed(xp, mq, True)[0] * sym_maxq
     sb = (torch.arange(ng, device=x.device) * group_size) // super_cols
     out = torch.zeros((rows, num_groups(cols, super_cols)), dtype=torch.float64,
                       device=x.device)
@@ -302,22 +331,21 @@ def dq_steps(ranges: torch.Tensor, maxq: int, scale_bits: int) -> torch.Tensor:
 
 
 def dq_params(x: torch.Tensor, maxq: torch.Tensor | int, step: torch.Tensor,
-              scale_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+              scale_bits: int, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of min-max groups ``x`` ``[..., group_size]`` on a double-quantized
     grid: the min-max scale rounded up to the next multiple ``k·step`` (k ≤ 2**S − 1; a group
-    wider than ``(2**S − 1)·step`` gets that and clamps its outliers), zero as ``minmax_params``.
-    ``step`` (fp16, shape ``x.shape[:-1]``) comes from ``dq_steps``; the scale is an exact fp16.
+    wider than ``(2**S − 1)·step`` gets that and clamps its outliers), zero as ``minmax_params``
+    (``sym`` likewise). ``step`` (fp16, shape ``x.shape[:-1]``) comes from ``dq_steps``; the
+    scale is an exact fp16.
     """
     x = x.to(torch.float64)
     levels = float((1 << scale_bits) - 1)
     maxq_t = torch.as_tensor(maxq, dtype=torch.float64, device=x.device)
-    lo = x.amin(-1).clamp(max=0.0)
-    hi = x.amax(-1).clamp(min=0.0)
+    s, lo, z0 = _needed(x, maxq_t, sym)
     d = step.to(torch.float64)
-    k = torch.ceil((hi - lo) / maxq_t / d * (1 - 2.0**-40)).clamp(min=1.0, max=levels)
+    k = torch.ceil(s / d * (1 - 2.0**-40)).clamp(min=1.0, max=levels)
     s64 = k * d
-    zero = torch.minimum(torch.round(-lo / s64), maxq_t.expand_as(s64)).clamp(min=0.0)
-    return s64.to(torch.float16), zero.to(torch.float16)
+    return s64.to(torch.float16), _zero(lo, s64, maxq_t, z0)
 
 
 def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax",
@@ -332,12 +360,14 @@ def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax"
 
     ``maxq`` may be a tensor broadcastable to ``x.shape[:-1]`` (GPTQ's per-row bit-widths).
     """
+    sym = symmetric(grid)
+
     def params(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if step is None:
-            return minmax_params(v, maxq)
-        return dq_params(v, maxq, step, scale_bits)
+            return minmax_params(v, maxq, sym)
+        return dq_params(v, maxq, step, scale_bits, sym)
 
-    if check_grid(grid) == "minmax":
+    if clip_search(grid) == "minmax":
         return params(x)
     x = x.to(torch.float64)
     mq = torch.as_tensor(maxq, dtype=torch.float64, device=x.device)
@@ -355,9 +385,9 @@ def group_params(x: torch.Tensor, maxq: torch.Tensor | int, grid: str = "minmax"
         shrinks = torch.tensor(CLIP_SHRINKS, dtype=torch.float64, device=x.device)
         xs = x.unsqueeze(0) * shrinks.reshape(-1, *([1] * x.dim()))
         if step is None:
-            s_all, z_all = minmax_params(xs, maxq)
+            s_all, z_all = minmax_params(xs, maxq, sym)
         else:
-            s_all, z_all = dq_params(xs, maxq, step.expand(xs.shape[:-1]), scale_bits)
+            s_all, z_all = dq_params(xs, maxq, step.expand(xs.shape[:-1]), scale_bits, sym)
         err = sq_error(s_all, z_all)  # [factors, ...]
         # the first (widest) of the smallest errors: argmin returns the first minimum
         pick = err.argmin(0, keepdim=True)
@@ -415,7 +445,8 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
     check_grid(grid)
     step = None
     if scale_bits is not None:
-        step = dq_steps(super_ranges(x, g), maxq, scale_bits)
+        step = dq_steps(super_ranges(x, g, sym_maxq=maxq if symmetric(grid) else None), maxq,
+                        scale_bits)
         group_step = super_steps(step, cols, g)
 
     def params(groups: torch.Tensor, gs: slice):

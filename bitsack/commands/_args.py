@@ -224,7 +224,9 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 GRID_HELP = ("how each group's scale and zero are chosen: hmse (its range shrunk "
              "to the smallest squared error of its weights, each column's error weighted as "
              "GPTQ's loss weighs it; as mse where no Hessian is known), mse (the same "
-             "unweighted) or minmax (its whole range)")
+             "unweighted) or minmax (its whole range); sym, sym-mse, sym-hmse: the same with "
+             "every zero point at 2**(bits-1), what GGUF's Q4_0/Q5_0 and K-quants store "
+             "(with --format gguf they buy cheaper tensor types)")
 
 
 def scale_bits_arg() -> Validator:
@@ -252,12 +254,12 @@ def add_scale_bits_arg(p: argparse.ArgumentParser, what: str) -> None:
     kind = scale_bits_arg()
     p.add_argument("--scale-bits", type=kind, default="auto", metavar="S",
                    help="group scales stored as S-bit codes times an fp16 step per 256 "
-                   f"columns ({kind.valid}; format bitsack): {what}")
+                   f"columns ({kind.valid}; format bitsack or gguf): {what}")
 
 
 def check_scale_format(fmt: str | None, scale_bits: int | None) -> None:
     """Refuse ``--scale-bits`` with a format that stores fp16 scales, before any work."""
-    if scale_bits not in (None, "auto") and fmt not in (None, "bitsack"):
+    if scale_bits not in (None, "auto") and fmt not in (None, "bitsack", "gguf"):
         from bitsack.solver.costs.memory import MemoryModel
 
         MemoryModel(format=fmt, scale_bits=scale_bits)  # raises, naming both

@@ -47,8 +47,9 @@ def register(subparsers) -> None:
                        "record, else the problem's metadata scale_bits, else fp16 scales)")
     from bitsack.kernels.formats import GRIDS
 
-    p.add_argument("--grid", default="hmse", choices=GRIDS,
-                   help=f"{GRID_HELP}; default hmse")
+    p.add_argument("--grid", default=None, choices=GRIDS,
+                   help=f"{GRID_HELP}; default sym-hmse where the problem was priced for "
+                   "symmetric grids (GGUF), else hmse")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bitsack.errors import ValidationError
     from bitsack.io import check_output_dir
+    from bitsack.kernels.formats import symmetric
     from bitsack.models.loading import load_model
     from bitsack.progress import Progress, progress_mode
     from bitsack.solver.schema import load_problem
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     mode = progress_mode(quiet=args.json or args.quiet)
     scale_bits = args.scale_bits
     priced = solution.extra.get("scale_bits", meta.get("scale_bits"))
-    if meta.get("format", "bitsack") != "bitsack":  # a target format stores fp16 scales
+    if meta.get("format", "bitsack") == "compressed-tensors":  # it stores fp16 scales
         priced = None
         check_scale_format(meta.get("format"), None if scale_bits == "auto" else scale_bits)
     if scale_bits == "auto":  # as the solution was priced
@@ -98,8 +100,14 @@ def run(args: argparse.Namespace) -> int:
               f"solution was priced with {'scale_bits ' + str(priced) if priced else 'fp16 scales'}"
               ": its packed bytes will differ from the plan's (drop --scale-bits to pack as "
               "priced)", file=sys.stderr)
+    grid = args.grid or ("sym-hmse" if meta.get("symmetric") else "hmse")
+    if bool(meta.get("symmetric")) != symmetric(grid):
+        print(f"bitsack compress: warning: --grid {grid}, but the problem was priced for "
+              f"{'symmetric' if meta.get('symmetric') else 'min-max'} grids: its exported "
+              "bytes will differ from the plan's (drop --grid to quantize as priced)",
+              file=sys.stderr)
     cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
-                      act_order=not args.no_act_order, scale_bits=scale_bits, grid=args.grid,
+                      act_order=not args.no_act_order, scale_bits=scale_bits, grid=grid,
                       vocab_groups=int(meta.get("vocab_groups", 1)))
     with Progress("bitsack compress", unit="layers", mode=mode) as prog:
         prog.stage("loading the model")

@@ -163,8 +163,9 @@ def add_job_args(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = N
                    f"step per 256 columns ({SCALE_BITS[0]}..{SCALE_BITS[-1]}; fp16: fp16 scales) "
                    "instead of fp16 "
                    "(3-bit g32: 3.34 bits/weight with 6, 3.59 with fp16); every method, "
-                   "--format bitsack only (default auto: 6 with --format bitsack, fp16 with "
-                   "a format that stores fp16 scales)")
+                   "--format bitsack or gguf (there, with --grid sym..., they open the "
+                   "K-quants: 2-bit Q2_K with S <= 4, 3-bit Q3_K with S <= 5) (default auto: "
+                   "6 with --format bitsack, fp16 with the other formats)")
     p.add_argument("--grid", default=d["grid"], choices=GRIDS,
                    help=f"{GRID_HELP}; default {d['grid']}")
     p.add_argument("--profile-quantizer", default=d["profile_quantizer"],

@@ -203,15 +203,17 @@ def run(args: argparse.Namespace) -> int:
     if args.format is not None or args.scale_bits != "auto":
         from bitsack.solver.costs.formats import retarget, with_scale_bits
 
-        if args.format is not None:
-            problem = retarget(problem, args.format)
-        if args.scale_bits != "auto":
-            problem = with_scale_bits(problem, args.scale_bits)
+        codes = None if args.scale_bits == "auto" else args.scale_bits
+        if args.format is not None:  # a target format prices its own scale codes
+            problem = retarget(problem, args.format,
+                               scale_bits=codes if args.format != "bitsack" else None)
+        if codes is not None and args.format in (None, "bitsack"):
+            problem = with_scale_bits(problem, codes)
     problem = budget.apply(problem)
     solution = solve(problem, args.solver, options)
     # how its memory_bytes were priced: `bitsack compress` packs the scales so
     solution.extra.setdefault("scale_bits", problem.metadata.get("scale_bits")
-                              if problem.metadata.get("format", "bitsack") == "bitsack"
+                              if problem.metadata.get("format", "bitsack") != "compressed-tensors"
                               else None)
     if out is not None:
         write_json(out, solution.to_dict())

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bitsack.errors import ValidationError
+from bitsack.kernels.formats import SUPER_COLS
 
 #: Base model types whose modules the exports know (Llama family, transformers names).
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
@@ -55,6 +56,10 @@ class GridMatrix:
         codes: uint8 ``[rows, cols]``, values ``< 2**bits``.
         scale: float16 ``[rows, groups]``.
         zero: float16 ``[rows, groups]`` (integers ``0..2**bits − 1``).
+        scale_bits: with double-quantized scales, S: every scale is ``k·step`` (k < 2**S).
+        step: float16 ``[rows, ceil(cols / 256)]``, the step of each row's super-block of 256
+            columns counted from column 0 (None without scale codes, or when the segments'
+            super-blocks do not line up with the matrix's).
     """
 
     name: str
@@ -63,6 +68,8 @@ class GridMatrix:
     codes: np.ndarray
     scale: np.ndarray
     zero: np.ndarray
+    scale_bits: int | None = None
+    step: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -87,7 +94,8 @@ class GridMatrix:
     def take_rows(self, index: np.ndarray) -> GridMatrix:
         """The grid of rows ``index`` (in that order): rows carry their own groups."""
         return GridMatrix(self.name, self.bits, self.group_size, self.codes[index],
-                          self.scale[index], self.zero[index])
+                          self.scale[index], self.zero[index], self.scale_bits,
+                          None if self.step is None else self.step[index])
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,14 @@ class Source:
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
 
+    def symmetric_grid(self) -> bool:
+        """Whether the folder records that it was quantized on a symmetric grid (zero points
+        fixed at ``2**(bits − 1)``; older folders record no grid: False)."""
+        from bitsack.kernels.formats import GRIDS, symmetric
+
+        grid = (self.meta.get("apply") or {}).get("grid")
+        return grid in GRIDS and symmetric(grid)
+
     def layer_dims(self) -> list[dict]:
         return list(self.meta["dims"]["layers"])
 
@@ -299,7 +315,21 @@ def matrix_of(name: str, module: Any, fmt: str) -> GridMatrix | DenseMatrix:
         name, bits, group,
         np.ascontiguousarray(np.concatenate([s.codes().numpy() for s in segs], axis=axis)),
         np.ascontiguousarray(np.concatenate([s.scales().numpy() for s in segs], axis=axis)),
-        np.ascontiguousarray(np.concatenate([s.zeros().numpy() for s in segs], axis=axis)))
+        np.ascontiguousarray(np.concatenate([s.zeros().numpy() for s in segs], axis=axis)),
+        *_steps(segs, axis))
+
+
+def _steps(segs: list, axis: int) -> tuple[int | None, np.ndarray | None]:
+    """The segments' scale-code width and their steps as the matrix's super-blocks of 256
+    columns (column segments restart theirs at their first column: they line up only when
+    every segment but the last is whole super-blocks wide); (None, None) otherwise."""
+    sb = {s.scale_bits for s in segs}
+    if len(sb) != 1 or None in sb:
+        return None, None
+    if axis == 1 and any(s.shape[1] % SUPER_COLS for s in segs[:-1]):
+        return None, None
+    return sb.pop(), np.ascontiguousarray(np.concatenate([s.step.numpy() for s in segs],
+                                                         axis=axis))
 
 
 def _describe(module: Any) -> str:

@@ -1,31 +1,43 @@
-"""ggml block encodings of bitsack's grids: Q4_1, Q5_1, Q8_0 (and F16 / F32 for dense weights).
+"""ggml block encodings of bitsack's grids: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q2_K,
+Q3_K, Q6_K (and F16 / F32 for dense weights).
 
 Every packed matrix is first one grid (``bitsack.export.common``), then written block by
-block in the ggml type that holds it best. Block layouts are ggml's
-(``ggml/src/ggml-common.h``: ``block_q4_1``, ``block_q5_1``, ``block_q8_0``; dequantization in
-``ggml-quants.c``), all blocks of 32 consecutive weights of a row, little-endian:
+block in the ggml type of fewest bytes that holds it exactly (``kernels.formats.gguf_type``,
+the table the solver prices with). Block layouts are ggml's (``ggml/src/ggml-common.h``;
+dequantization in ``ggml-quants.c``), little-endian; ``s·(q − z)`` is bitsack's weight, ``c =
+q − z`` its centred code, ``z₀ = 2**(bits − 1)`` a symmetric grid's fixed zero point:
 
-=========  ==============================  =====================================  =========
-bits       ggml type (bytes / 32 weights)  mapping of bitsack's ``s·(q − z)``     exact?
-=========  ==============================  =====================================  =========
-1–4        Q4_1 (20: d, m fp16; 16 nibble  ``d = s``, ``m = fp16(−s·z)``,          up to m
-           bytes, ``x = d·q + m``)          the codes as they are                  (below)
-5          Q5_1 (24: d, m, 4 high-bit      same as Q4_1                           up to m
-           bytes, 16 nibble bytes)
-6, 7       Q8_0 (34: d fp16, 32 int8,      ``d = s``, ``q8 = q − z`` (fits int8)   yes
-           ``x = d·q8``)
-8          Q8_0                            per block: ``d = s, q8 = q − z`` when   where it
-                                           all ``|q − z| ≤ 127``; else re-rounded  fits
-                                           (``d = fp16↑(max|w|/127)``)
-16         F16                             the fp16 weights                        yes
-=========  ==============================  =====================================  =========
+=======  ===================================  ============================================
+type     block (bytes / weights)              mapping                          exact?
+=======  ===================================  ============================================
+Q4_0     d; 16 nibbles (18 / 32)              ``d = s``, ``q' = c + 8``         yes
+Q5_0     d; 4 high-bit bytes; 16 (22 / 32)    ``d = s``, ``q' = c + 16``        yes
+Q4_1     d, m; 16 nibbles (20 / 32)           ``d = s``, ``m = fp16(−s·z)``,    up to m
+                                              ``q' = q``                        (below)
+Q5_1     d, m; 4; 16 (24 / 32)                as Q4_1                          up to m
+Q8_0     d; 32 int8 (34 / 32)                 ``d = s``, ``q' = c``             where
+                                              (else re-rounded, 8-bit min-max)  |c| fits
+Q2_K     16 scale/min nibbles; 64; d, dmin    ``d = step``, ``sc = m = k``,     yes
+         (84 / 256)                           ``dmin = z₀·d``, ``q' = q``
+Q3_K     32 hmask; 64; 12 scale bytes; d      ``d = step``, ``sc = k + 32``,    yes
+         (110 / 256)                          ``q' = c + 4``
+Q6_K     128 ql; 64 qh; 16 int8 sc; d         ``d = step``, ``sc = k``,         yes
+         (210 / 256)                          ``q' = c + 32``
+=======  ===================================  ============================================
 
-Every block has one scale (and offset), so the group size must be a multiple of 32 (and rows a
-multiple of 32, ggml's block; a short last group then is too). ``m = −s·z`` is rounded to fp16
-once: each weight moves by ``|fp16(m) − m| ≤ 2⁻¹¹·|m| ≤ 2⁻¹¹·(2^b − 1)·s`` — under 1/136 of a
-quantization step at 4 bits (0 where ``s·z`` is an fp16 number, e.g. z = 0). The 8-bit
-re-rounding moves a weight by at most ``d/2``; the number of re-rounded blocks and the largest
-change are reported in ``notes``.
+(k: the scale code of a double-quantized group, ``s = k·step``, with one fp16 step per row
+and 256 columns: exactly a K-quant's super-block scale times its sub-block scales.) Which
+grids each type holds is ``kernels.formats.gguf_holds``: a centred type holds every grid
+whose ``c`` stays in its range (Q4_0: any grid of 1–3 bits, a symmetric one of 4), the
+K-quants need symmetric grids (Q2_K 2 bits, Q3_K 3) with scale codes of at most 4 / 5 bits,
+groups of whole 16-weight sub-blocks and rows of whole 256-weight super-blocks. Every product
+ggml forms (``d·sc``, then ``·q'``, and Q2_K's ``− dmin·m``) is exact in fp32, so a weight
+read back is bitsack's to the bit.
+
+``m = −s·z`` of Q4_1 / Q5_1 is rounded to fp16 once: each weight moves by ``|fp16(m) − m| ≤
+2⁻¹¹·|m| ≤ 2⁻¹¹·(2^b − 1)·s`` — under 1/136 of a quantization step at 4 bits (0 where ``s·z``
+is an fp16 number, e.g. z = 0). The 8-bit re-rounding moves a weight by at most ``d/2``; the
+number of re-rounded blocks and the largest change are reported in ``notes``.
 """
 
 from __future__ import annotations
@@ -36,17 +48,31 @@ from typing import Any
 import numpy as np
 
 from bitsack.export.common import DenseMatrix, ExportError, GridMatrix
-from bitsack.kernels.formats import GGUF_BLOCK, GGUF_BLOCK_BYTES, gguf_type
+from bitsack.kernels.formats import (
+    GGUF_BLOCK,
+    GGUF_BLOCK_BYTES,
+    GGUF_SUPER,
+    gguf_type,
+)
 
-__all__ = ["BLOCK_BYTES", "QK", "Encoded", "encode", "encode_q4_1", "encode_q5_1",
+__all__ = ["BLOCK_BYTES", "QK", "Encoded", "encode", "encode_q2_k", "encode_q3_k",
+           "encode_q4_0", "encode_q4_1", "encode_q5_0", "encode_q5_1", "encode_q6_k",
            "encode_q8_0"]
 
 #: ggml block: weights per block of every quantized type written here.
 QK = GGUF_BLOCK
 
+_Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
+_Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))])
 _Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", (16,))])
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", (32,))])
+_Q2_K = np.dtype([("scales", "u1", (16,)), ("qs", "u1", (64,)), ("d", "<f2"),
+                  ("dmin", "<f2")])
+_Q3_K = np.dtype([("hmask", "u1", (32,)), ("qs", "u1", (64,)), ("scales", "u1", (12,)),
+                  ("d", "<f2")])
+_Q6_K = np.dtype([("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)),
+                  ("d", "<f2")])
 
 #: Bytes per block, as the solver prices them (``kernels.formats.GGUF_BLOCK_BYTES``; a test
 #: checks the block dtypes above against it).
@@ -120,12 +146,153 @@ def _encoded(type_name: str, out: np.ndarray, **facts: Any) -> Encoded:
     return Encoded(type_name, out.view(np.uint8).reshape(rows, -1), blocks=rows * nb, **facts)
 
 
+def _centred(m: GridMatrix, type_name: str, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centred codes ``c = q − z`` ``[rows, nb, 32]`` (int16) and the fp16 scale of each block
+    ``[rows, nb]``, checked to lie in ``[−half, half − 1]``."""
+    _check_blocks_in_groups(m, type_name)
+    q, s, z = _blocks(m)
+    c = q.astype(np.int16) - z.astype(np.int16)[:, :, None]
+    _check_range(m, type_name, c, half)
+    return c, s
+
+
+def _check_range(m: GridMatrix, type_name: str, c: np.ndarray, half: int) -> None:
+    if c.size and (int(c.min()) < -half or int(c.max()) > half - 1):
+        raise ExportError(m.name, f"codes minus zero points span {int(c.min())}..{int(c.max())}"
+                          f"; {type_name} holds {-half}..{half - 1}; valid: a grid "
+                          "kernels.formats.gguf_holds admits")
+
+
+def _nibbles(v: np.ndarray) -> np.ndarray:
+    """ggml's nibble order of 32 values: byte j holds value j (low) and j + 16 (high)."""
+    return v[..., :16] | (v[..., 16:] << 4)
+
+
+def _high_bits(v: np.ndarray) -> np.ndarray:
+    """Bit 4 of value j of 32 values in bit j of a uint32 (Q5_0 / Q5_1's ``qh``)."""
+    high = ((v >> 4) & 1).astype(np.uint32)
+    return (high << np.arange(QK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+
+
+def encode_q4_0(m: GridMatrix) -> Encoded:
+    """Q4_0 blocks of a grid whose ``c = q − z`` lies in −8..7: ``d = s``, ``q' = c + 8``."""
+    c, s = _centred(m, "Q4_0", 8)
+    out = np.zeros(c.shape[:2], dtype=_Q4_0)
+    out["d"] = s
+    out["qs"] = _nibbles((c + 8).astype(np.uint8))
+    return _encoded("Q4_0", out)
+
+
+def encode_q5_0(m: GridMatrix) -> Encoded:
+    """Q5_0 blocks of a grid whose ``c`` lies in −16..15: ``d = s``, ``q' = c + 16``."""
+    c, s = _centred(m, "Q5_0", 16)
+    v = (c + 16).astype(np.uint8)
+    out = np.zeros(c.shape[:2], dtype=_Q5_0)
+    out["d"] = s
+    out["qs"] = _nibbles(v & 0x0F)
+    out["qh"] = _high_bits(v)
+    return _encoded("Q5_0", out)
+
+
+def _super_blocks(m: GridMatrix, type_name: str, top: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Codes and centred codes ``[rows, nsb, 256]``, the super-block scales ``d`` (the
+    steps, fp16 ``[rows, nsb]``) and the scale code of each 16-weight sub-block ``[rows, nsb,
+    16]`` (int64, checked: ``k·d`` is the group's scale exactly, ``1 ≤ k ≤ top``)."""
+    rows, cols = m.shape
+    if cols % GGUF_SUPER or m.step is None or m.group_size % 16:
+        raise ExportError(m.name, f"{type_name} needs rows of whole super-blocks of "
+                          f"{GGUF_SUPER}, groups of whole 16-weight sub-blocks and scale codes "
+                          f"on steps per {GGUF_SUPER} columns; valid: a grid "
+                          "kernels.formats.gguf_holds admits")
+    nsb = cols // GGUF_SUPER
+    g = (np.arange(nsb * 16) * 16) // m.group_size  # the group of each sub-block
+    s = m.scale[:, g].astype(np.float64).reshape(rows, nsb, 16)
+    d = m.step[:, :nsb]
+    k = np.rint(s / d.astype(np.float64)[:, :, None])
+    if not (k * d.astype(np.float64)[:, :, None] == s).all() or k.min(initial=1) < 1 \
+            or k.max(initial=1) > top:
+        raise ExportError(m.name, f"a scale is not k·step for an integer k in 1..{top}; "
+                          f"{type_name} stores sub-block scales so; valid: scale codes of at "
+                          f"most {top.bit_length()} bits")
+    q = m.codes.reshape(rows, nsb, GGUF_SUPER)
+    z = m.zero[:, m.group_index()].astype(np.int16).reshape(rows, nsb, GGUF_SUPER)
+    return q, q.astype(np.int16) - z, d, k.astype(np.int64)
+
+
+def _two_bit_planes(v: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K's low bits: of each half of 128 values, byte l (0..31) holds bits 2j..2j+1
+    = the two low bits of value 32j + l, j = 0..3 → ``[..., 64]``."""
+    v = (v & 3).astype(np.uint8).reshape(*v.shape[:-1], 2, 4, 32)
+    out = v[..., 0, :] | (v[..., 1, :] << 2) | (v[..., 2, :] << 4) | (v[..., 3, :] << 6)
+    return out.reshape(*v.shape[:-3], 64)
+
+
+def encode_q2_k(m: GridMatrix) -> Encoded:
+    """Q2_K super-blocks of a symmetric grid of ≤ 2 bits, scale codes ≤ 15: ``d = step``, a
+    sub-block's scale and min nibbles both ``k``, ``dmin = z₀·d``, ``q' = q``."""
+    q, _, d, k = _super_blocks(m, "Q2_K", 15)
+    z0 = 1 << (m.bits - 1)
+    if (m.zero != z0).any():
+        raise ExportError(m.name, f"zero points other than {z0}; Q2_K stores a symmetric "
+                          "grid; valid: grid sym, sym-mse or sym-hmse")
+    dmin = d.astype(np.float64) * z0
+    if not np.isfinite(dmin.astype(np.float16)).all():
+        raise ExportError(m.name, f"a step times {z0} exceeds fp16; Q2_K's dmin holds it")
+    out = np.zeros(d.shape, dtype=_Q2_K)
+    out["scales"] = (k | (k << 4)).astype(np.uint8)
+    out["qs"] = _two_bit_planes(q)
+    out["d"] = d
+    out["dmin"] = dmin.astype(np.float16)
+    return _encoded("Q2_K", out)
+
+
+def encode_q3_k(m: GridMatrix) -> Encoded:
+    """Q3_K super-blocks of a grid whose ``c`` lies in −4..3, scale codes ≤ 31: ``d = step``,
+    6-bit sub-block scales ``k + 32`` (ggml subtracts 32), ``q' = c + 4`` (two low bits in
+    ``qs``, the third in ``hmask``)."""
+    _, c, d, k = _super_blocks(m, "Q3_K", 31)
+    _check_range(m, "Q3_K", c, 4)
+    v = (c + 4).astype(np.uint8)
+    out = np.zeros(d.shape, dtype=_Q3_K)
+    hb = (v >> 2).reshape(*v.shape[:-1], 8, 32)  # bit n·4 + j of hmask[l]: value 32(4n+j) + l
+    out["hmask"] = (hb << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=-2, dtype=np.uint8)
+    out["qs"] = _two_bit_planes(v)
+    sc = (k + 32).astype(np.uint8)  # 16 six-bit scales: low nibbles, then the high pairs
+    out["scales"][..., :8] = (sc[..., :8] & 0x0F) | ((sc[..., 8:] & 0x0F) << 4)
+    hi = sc >> 4
+    out["scales"][..., 8:] = hi[..., 0:4] | (hi[..., 4:8] << 2) | (hi[..., 8:12] << 4) \
+        | (hi[..., 12:16] << 6)
+    out["d"] = d
+    return _encoded("Q3_K", out)
+
+
+def encode_q6_k(m: GridMatrix) -> Encoded:
+    """Q6_K super-blocks of a grid whose ``c`` lies in −32..31, scale codes ≤ 127: ``d =
+    step``, int8 sub-block scales ``k``, ``q' = c + 32`` (low nibbles in ``ql``, two high
+    bits in ``qh``; each half of 128 values in ggml's order: l, l+32, l+64, l+96)."""
+    _, c, d, k = _super_blocks(m, "Q6_K", 127)
+    _check_range(m, "Q6_K", c, 32)
+    v = (c + 32).astype(np.uint8).reshape(*c.shape[:-1], 2, 4, 32)
+    low, high = v & 0x0F, v >> 4
+    out = np.zeros(d.shape, dtype=_Q6_K)
+    ql = np.concatenate([low[..., 0, :] | (low[..., 2, :] << 4),
+                         low[..., 1, :] | (low[..., 3, :] << 4)], axis=-1)
+    out["ql"] = ql.reshape(*d.shape, 128)
+    qh = high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) \
+        | (high[..., 3, :] << 6)
+    out["qh"] = qh.reshape(*d.shape, 64)
+    out["scales"] = k.astype(np.int8)
+    out["d"] = d
+    return _encoded("Q6_K", out)
+
+
 def encode_q4_1(m: GridMatrix) -> Encoded:
     """Q4_1 blocks of a 1..4-bit grid: ``d = s``, ``m = fp16(−s·z)``, nibbles ``q``."""
     if not 1 <= m.bits <= 4:
         raise ExportError(m.name, f"{m.bits} bits do not fit Q4_1; valid: 1..4")
     q, out, err = _offset_blocks(m, "Q4_1", _Q4_1)
-    out["qs"] = q[:, :, :16] | (q[:, :, 16:] << 4)
+    out["qs"] = _nibbles(q)
     return _encoded("Q4_1", out, max_error=err)
 
 
@@ -134,21 +301,20 @@ def encode_q5_1(m: GridMatrix) -> Encoded:
     if m.bits != 5:
         raise ExportError(m.name, f"{m.bits} bits are not Q5_1's; valid: 5")
     q, out, err = _offset_blocks(m, "Q5_1", _Q5_1)
-    low = q & 0x0F
-    out["qs"] = low[:, :, :16] | (low[:, :, 16:] << 4)
-    high = ((q >> 4) & 1).astype(np.uint32)
-    out["qh"] = (high << np.arange(QK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+    out["qs"] = _nibbles(q & 0x0F)
+    out["qh"] = _high_bits(q)
     return _encoded("Q5_1", out, max_error=err)
 
 
 def encode_q8_0(m: GridMatrix) -> Encoded:
-    """Q8_0 blocks: exact (``d = s``, ``q8 = q − z``) for every block whose ``|q − z| ≤ 127``
-    (always for ≤ 7 bits); other blocks are re-rounded to their own symmetric grid."""
+    """Q8_0 blocks: exact (``d = s``, ``q8 = q − z``) for every block whose ``q − z`` lies in
+    −128..127 (always for ≤ 7 bits and symmetric 8 bits); other blocks are re-rounded to
+    their own symmetric grid."""
     _check_blocks_in_groups(m, "Q8_0")
     q, s, z = _blocks(m)
     rows, nb, _ = q.shape
     centred = q.astype(np.int16) - z.astype(np.int16)[:, :, None]
-    fits = np.abs(centred).max(axis=-1) <= 127
+    fits = (centred.min(axis=-1) >= -128) & (centred.max(axis=-1) <= 127)
     out = np.zeros((rows, nb), dtype=_Q8_0)
     d = s.copy()
     q8 = np.where(fits[:, :, None], centred, 0).astype(np.int8)
@@ -178,14 +344,22 @@ def _fp16_round_up(x: np.ndarray) -> np.ndarray:
     return h.astype(np.float64)
 
 
-def encode(m: GridMatrix | DenseMatrix) -> Encoded:
-    """The ggml tensor for one matrix (see the module docstring's table)."""
+def encode(m: GridMatrix | DenseMatrix, sym: bool = False) -> Encoded:
+    """The ggml tensor for one matrix: the type of fewest bytes that holds its grid exactly
+    (``gguf_type``, the table the solver prices with; see the module docstring). ``sym``: the
+    folder was quantized on a symmetric grid (its zero points are checked)."""
     if isinstance(m, DenseMatrix):
         w = m.weight
         return Encoded("F16" if w.dtype == np.float16 else "F32",
                        w if w.dtype == np.float16 else w.astype(np.float32))
-    # the type table is shared with the solver's GGUF pricing (kernels.formats.gguf_type)
-    return _ENCODERS[gguf_type(m.bits)](m)
+    if sym and (m.zero != (1 << (m.bits - 1))).any():
+        raise ExportError(m.name, f"the folder records a symmetric grid, yet a zero point is "
+                          f"not {1 << (m.bits - 1)}; valid: an intact bitsack folder")
+    kind = gguf_type(m.bits, m.group_size, m.scale_bits if m.step is not None else None, sym,
+                     m.shape[1])
+    return _ENCODERS[kind](m)
 
 
-_ENCODERS = {"Q4_1": encode_q4_1, "Q5_1": encode_q5_1, "Q8_0": encode_q8_0}
+_ENCODERS = {"Q4_0": encode_q4_0, "Q4_1": encode_q4_1, "Q5_0": encode_q5_0,
+             "Q5_1": encode_q5_1, "Q8_0": encode_q8_0, "Q2_K": encode_q2_k,
+             "Q3_K": encode_q3_k, "Q6_K": encode_q6_k}

@@ -1,9 +1,13 @@
 """Export to GGUF (llama.cpp): per-tensor ggml types, arch ``llama`` or ``deci``.
 
 **Tensor types.** Every packed matrix is first one grid (``bitsack.export.common``), then
-written block by block in the ggml type that holds it best (``bitsack.export.ggml_blocks``:
-Q4_1 for 1–4 bits, Q5_1 for 5, Q8_0 for 6–8, F16 for 16; the table of mappings and their
-errors is there). Norms are F32; other unpacked weights keep their dtype (F32 / F16).
+written block by block in the ggml type of fewest bytes that holds it exactly
+(``bitsack.export.ggml_blocks``; min-max grids with fp16 scales: Q4_0 for 1–3 bits, Q4_1
+for 4, Q5_1 for 5, Q8_0 for 6–8; symmetric grids (``--grid sym…``): Q4_0 / Q5_0 for 4 / 5
+bits, and with scale codes on rows of whole 256-weight super-blocks the K-quants Q2_K (2
+bits, ``--scale-bits 4``), Q3_K (3 bits, ≤ 5), Q6_K (6 bits); F16 for 16; the table of
+mappings and their errors is there). Norms are F32; other unpacked weights keep their dtype
+(F32 / F16).
 
 **Architectures.** An unpruned model (a bits-only plan; bitsack's consistent permutation of
 heads and channels changes no output) is written as arch ``llama``, which llama.cpp and
@@ -61,6 +65,7 @@ from bitsack.export.ggml_blocks import (  # noqa: F401 - the encoders are re-exp
     encode_q5_1,
     encode_q8_0,
 )
+from bitsack.kernels.formats import GGUF_TYPES
 
 FORMAT = "gguf"
 GGUF_FILE = "model.gguf"
@@ -306,7 +311,8 @@ def export_gguf(source_dir: str | os.PathLike, out: str | os.PathLike, *,
     hp = hyperparameters(src)
     tok = tokenizer_source(src, tokenizer_gguf)
     plan = _tensors(src, hp)
-    encoded = [(name, encode(m), source) for name, m, source in plan]
+    sym = src.symmetric_grid()
+    encoded = [(name, encode(m, sym), source) for name, m, source in plan]
     return write_folder(out, FORMAT, force,
                         lambda tmp: _write(src, hp, tok, encoded, tmp))
 
@@ -341,8 +347,9 @@ def _write(src: Source, hp: Hyper, tok: Path, encoded: list[tuple[str, Encoded, 
         else:
             writer.add_tensor(name, np.ascontiguousarray(enc.data),
                               raw_dtype=gguf.GGMLQuantizationType[enc.type])
-        shape = (enc.data.shape[0], enc.data.shape[1] // BLOCK_BYTES[enc.type] * QK) \
-            if enc.type in BLOCK_BYTES else tuple(enc.data.shape)
+        shape = (enc.data.shape[0], enc.data.shape[1] // BLOCK_BYTES[enc.type]
+                 * GGUF_TYPES[enc.type][0]) if enc.type in BLOCK_BYTES \
+            else tuple(enc.data.shape)
         tensors.append(ExportedTensor(name, enc.type, shape, int(enc.data.nbytes), source))
     notes.extend(_deviation_notes(encoded))
     if hp.zero_ffn_layers:
@@ -377,7 +384,7 @@ def _deviation_notes(encoded: list[tuple[str, Encoded, str | None]]) -> list[str
         if re:
             worst = max(re, key=lambda t: t[1].max_error)
             notes.append(f"Q8_0 ({len(q8)} tensors): {n_re} of {total} blocks had codes beyond "
-                         f"+-127 around their zero point and were re-rounded to a symmetric "
+                         f"-128..127 around their zero point and were re-rounded to a symmetric "
                          f"grid (error <= d/2); largest change {worst[1].max_error:.3g} "
                          f"({worst[0]}); the other blocks are exact")
         else:

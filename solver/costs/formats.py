@@ -18,11 +18,14 @@ format ``compressed-tensors`` or ``gguf``, a problem (or a search menu) is *reta
    - ``compressed-tensors``: bits 1–8 (``pack-quantized``) with a group size dividing every
      row and every column slice of a unit, and 16 (fp16). No pruning (the export refuses
      pruned models). Embeddings are written fp16 at any option, so only ``b16`` is left there.
-   - ``gguf``: 1–4 bits as Q4_1, 5 as Q5_1, 6–8 as Q8_0 (8 re-rounded), 16 as F16, and
-     pruning (arch ``deci``); rows must be whole blocks of 32, group sizes multiples of 32
-     that divide every column slice. Dominated: 1–3 bits (Q4_1 at 4 bits' bytes), 6–7 bits
-     (Q8_0 at 8 bits') and groups coarser than the finest stored (every block of 32 has its
-     own scale, so the group size does not change the bytes).
+   - ``gguf``: every option some ggml type holds exactly (``kernels.formats.gguf_type``:
+     min-max grids with fp16 scales 1–3 bits as Q4_0, 4 as Q4_1, 5 as Q5_1, 6–8 as Q8_0 (8
+     re-rounded); symmetric grids 4 / 5 bits as Q4_0 / Q5_0 and, with scale codes on rows of
+     whole 256-weight super-blocks, 2 bits as Q2_K, 3 as Q3_K, 6 as Q6_K), 16 as F16, and
+     pruning (arch ``deci``); group sizes must divide every column slice. Dominated: e.g.
+     1–3 bits of a min-max grid (Q4_0 at 4 bits' bytes of a symmetric one), 6–7 bits (Q8_0
+     at 8 bits') and groups coarser than the finest stored (every block has its own scales,
+     so the group size does not change the bytes).
 
 3. **Constraints** (``target_constraints``), per group of two or more units: ``same_option``
    (compressed-tensors; gguf without pruning), or for gguf with pruning ``same_bits`` — a
@@ -47,9 +50,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitsack.errors import ValidationError
-from bitsack.kernels.formats import GGUF_BLOCK, TARGET_FORMATS
+from bitsack.kernels.formats import GGUF_BLOCK, TARGET_FORMATS, gguf_holds, gguf_type
 from bitsack.solver.costs.base import SliceShape, UnitShape
-from bitsack.solver.costs.memory import MemoryModel, check_format, unit_nbytes
+from bitsack.solver.costs.memory import MemoryModel, check_format, type_cols, unit_nbytes
 from bitsack.solver.problem import Constraint, Problem, ProblemSettings, parse_option
 
 __all__ = ["TARGET_FORMATS", "check_format", "geometry_metadata", "matrix_groups", "refusal",
@@ -62,10 +65,12 @@ def stores_pruned(fmt: str) -> bool:
     return check_format(fmt) != "compressed-tensors"
 
 
-def refusal(fmt: str, unit: UnitShape, option: str, settings: ProblemSettings) -> str | None:
+def refusal(fmt: str, unit: UnitShape, option: str, settings: ProblemSettings,
+            scale_bits: int | None = None, symmetric: bool = False) -> str | None:
     """Why ``fmt`` cannot store ``unit`` at ``option``, or None when it can.
 
-    ``settings.group_size`` is what a plain ``b<k>`` means.
+    ``settings.group_size`` is what a plain ``b<k>`` means; ``scale_bits`` and ``symmetric``
+    describe the grid (they open GGUF types: ``kernels.formats.gguf_type``).
     """
     check_format(fmt)
     spec = parse_option(option)
@@ -82,8 +87,13 @@ def refusal(fmt: str, unit: UnitShape, option: str, settings: ProblemSettings) -
         if fmt == "gguf":
             if cols % GGUF_BLOCK:
                 return f"{cols}-wide rows are not whole ggml blocks of {GGUF_BLOCK}"
-            if g % GGUF_BLOCK:
-                return f"group size {g} is not a multiple of ggml's block of {GGUF_BLOCK}"
+            width = type_cols(s)
+            kind = gguf_type(spec.bits, g, scale_bits, symmetric, width)
+            re_rounded = kind == "Q8_0" and g % GGUF_BLOCK == 0 and width % GGUF_BLOCK == 0
+            if not (re_rounded or gguf_holds(kind, spec.bits, g, scale_bits, symmetric, width)):
+                return (f"no ggml type holds {spec.bits}-bit groups of {g} exactly (legacy "
+                        f"types: groups of whole blocks of {GGUF_BLOCK}; K-quants: symmetric "
+                        "grids with scale codes, groups of whole 16-weight sub-blocks)")
         elif cols % g:
             return f"group size {g} does not divide {cols}-wide rows"
         if s.dim == 1 and s.width % g:
@@ -123,14 +133,15 @@ def _rank(option: str, settings: ProblemSettings) -> tuple[int, int]:
 
 
 def _undominated(fmt: str, members: Sequence[UnitShape], options: Sequence[str],
-                 settings: ProblemSettings) -> dict[str, str]:
+                 settings: ProblemSettings, grid: tuple[int | None, bool] = (None, False)
+                 ) -> dict[str, str]:
     """Option -> the option that dominates it on every unit of ``members``, for the
     dominated ones among ``options`` (of twins that dominate each other, the first listed
     stays)."""
     if fmt == "bitsack":
         return {}
     rank = {o: _rank(o, settings) for o in options}
-    cost = {o: [unit_nbytes(fmt, u, *rank[o]) for u in members] for o in options}
+    cost = {o: [unit_nbytes(fmt, u, *rank[o], *grid) for u in members] for o in options}
 
     def dominates(b: str, a: str) -> bool:
         (bb, gb), (ba, ga) = rank[b], rank[a]
@@ -152,18 +163,20 @@ def _undominated(fmt: str, members: Sequence[UnitShape], options: Sequence[str],
 
 
 def _restrict(fmt: str, members: Sequence[UnitShape], options: Sequence[str],
-              settings: ProblemSettings) -> tuple[tuple[str, ...], dict[str, str]]:
+              settings: ProblemSettings, grid: tuple[int | None, bool] = (None, False)
+              ) -> tuple[tuple[str, ...], dict[str, str]]:
     """The options ``fmt`` stores on every unit of ``members`` and none dominates, and why
-    each other one is left out."""
+    each other one is left out; ``grid``: (scale bits, symmetric)."""
     why: dict[str, str] = {}
     stored = []
     for o in options:
-        reason = next(((u.id, r) for u in members if (r := refusal(fmt, u, o, settings))), None)
+        reason = next(((u.id, r) for u in members
+                       if (r := refusal(fmt, u, o, settings, *grid))), None)
         if reason is None:
             stored.append(o)
         else:
             why[o] = f"{reason[0]}: {reason[1]}"
-    beaten = _undominated(fmt, members, stored, settings)
+    beaten = _undominated(fmt, members, stored, settings, grid)
     for o, by in beaten.items():
         why[o] = f"dominated by {by} (at least as many bits, groups as fine, no more bytes)"
     return tuple(o for o in stored if o not in beaten), why
@@ -172,12 +185,14 @@ def _restrict(fmt: str, members: Sequence[UnitShape], options: Sequence[str],
 def target_options(fmt: str, shapes: Sequence[UnitShape],
                    options: Mapping[str, Sequence[str]],
                    settings: ProblemSettings | int = 64,
-                   left_out: dict[str, str] | None = None) -> dict[str, tuple[str, ...]]:
+                   left_out: dict[str, str] | None = None, scale_bits: int | None = None,
+                   symmetric: bool = False) -> dict[str, tuple[str, ...]]:
     """Unit id -> the options of ``options[unit]`` that ``fmt`` stores and no other dominates,
     the same for every unit of a matrix group (module docstring, step 2; order kept).
 
     ``left_out``, when given, is filled with option id -> why it was left out (one reason
-    per option, from the first group that left it out).
+    per option, from the first group that left it out). ``scale_bits``, ``symmetric``: the
+    grid the options will be quantized on (``refusal``).
 
     Raises:
         ValidationError: a group left with no option (names the unit and why).
@@ -196,7 +211,7 @@ def target_options(fmt: str, shapes: Sequence[UnitShape],
     for group in matrix_groups([by_id[u] for u in options]):
         members = [by_id[u] for u in group]
         common = [o for o in options[group[0]] if all(o in options[u] for u in group)]
-        kept, why = _restrict(fmt, members, common, settings)
+        kept, why = _restrict(fmt, members, common, settings, (scale_bits, symmetric))
         if not kept:
             detail = "; ".join(f"{o}: {r}" for o, r in why.items()) or "no option in common"
             raise ValidationError(f"units.{group[0]}", f"{fmt} can store none of its options "
@@ -212,10 +227,11 @@ def target_options(fmt: str, shapes: Sequence[UnitShape],
 
 def target_menu(fmt: str, shapes: Sequence[UnitShape], options: Sequence[str],
                 settings: ProblemSettings | int = 64,
-                left_out: dict[str, str] | None = None) -> tuple[str, ...]:
+                left_out: dict[str, str] | None = None, scale_bits: int | None = None,
+                symmetric: bool = False) -> tuple[str, ...]:
     """The menu choices (one list for every unit) ``fmt`` stores on every unit, minus those
-    another choice dominates on every unit (order kept); ``left_out`` as in
-    ``target_options``.
+    another choice dominates on every unit (order kept); ``left_out``, ``scale_bits`` and
+    ``symmetric`` as in ``target_options``.
 
     Raises:
         ValidationError: no choice is left (names the refusals).
@@ -225,7 +241,7 @@ def target_menu(fmt: str, shapes: Sequence[UnitShape], options: Sequence[str],
         settings = ProblemSettings(group_size=settings)
     if fmt == "bitsack":
         return tuple(options)
-    kept, why = _restrict(fmt, shapes, options, settings)
+    kept, why = _restrict(fmt, shapes, options, settings, (scale_bits, symmetric))
     if not kept:
         detail = "; ".join(f"{o}: {r}" for o, r in why.items())
         raise ValidationError("menu", f"{fmt} stores none of {list(options)} ({detail}); "
@@ -325,7 +341,8 @@ def shapes_from_metadata(problem: Problem) -> list[UnitShape]:
 
 
 def retarget(problem: Problem, fmt: str,
-             shapes: Sequence[UnitShape] | None = None) -> Problem:
+             shapes: Sequence[UnitShape] | None = None, scale_bits: int | None = None,
+             symmetric: bool = False) -> Problem:
     """``problem`` for target format ``fmt``: options restricted, ``memory_bytes`` in the
     format's bytes, its constraints added, ``metadata.format`` set (module docstring).
 
@@ -351,18 +368,24 @@ def retarget(problem: Problem, fmt: str,
     settings = problem.settings
     offered = {u.id: [o.id for o in u.options] for u in problem.units}
     left_out: dict[str, str] = {}
-    allowed = target_options(fmt, shapes, offered, settings, left_out)
+    allowed = target_options(fmt, shapes, offered, settings, left_out, scale_bits, symmetric)
     out = restrict_options(problem, allowed)
     constraints = out.constraints + target_constraints(fmt, shapes, allowed, settings)
-    meta = {"format": fmt}
+    meta: dict[str, Any] = {"format": fmt}
+    if symmetric and fmt == "gguf":
+        meta["symmetric"] = True
     if left_out:
         meta["format_left_out"] = dict(sorted(left_out.items()))
-    out = _repriced(out, shapes, MemoryModel(format=fmt), constraints, meta)
-    if "scale_bits" in out.metadata:  # priced with the format's fp16 scales now
+    out = _repriced(out, shapes, MemoryModel(fmt, scale_bits, symmetric), constraints, meta)
+    if scale_bits is None and "scale_bits" in out.metadata:  # priced with fp16 scales now
         import dataclasses
 
         out = dataclasses.replace(out, metadata={k: v for k, v in out.metadata.items()
                                                  if k != "scale_bits"})
+    elif scale_bits is not None:
+        import dataclasses
+
+        out = dataclasses.replace(out, metadata={**out.metadata, "scale_bits": scale_bits})
     return out
 
 
@@ -379,7 +402,8 @@ def with_scale_bits(problem: Problem, scale_bits: int | None,
     if scale_bits is None and problem.metadata.get("scale_bits") is None:
         return problem
     current = problem.metadata.get("format", "bitsack")
-    model = MemoryModel(format=current, scale_bits=scale_bits)  # refuses other formats
+    # refuses compressed-tensors
+    model = MemoryModel(current, scale_bits, bool(problem.metadata.get("symmetric")))
     shapes = list(shapes) if shapes is not None else shapes_from_metadata(problem)
     out = _repriced(problem, shapes, model, problem.constraints, {"scale_bits": scale_bits})
     if scale_bits is None:  # fp16 scales: the metadata as a problem priced so has it

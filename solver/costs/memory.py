@@ -8,9 +8,12 @@ type per tensor, so its sizes are sizes of whole matrices (``bitsack.kernels.for
 ``gguf_nbytes``, ``compressed_tensors_nbytes``, the functions the export tests check against
 the written files):
 
-- ``gguf``: every block of 32 weights of a row carries its own scale, so a unit's slice costs
-  its own blocks (``rows · cols/32 · block bytes``) and the sum over units is the tensor's
-  size whatever the units choose; a pruned unit leaves the tensor (arch ``deci``), 0.
+- ``gguf``: every block of a row (32 weights; 256 for a K-quant) carries its own scales, so
+  a unit's slice costs its own blocks (``rows · cols/block · block bytes``) and the sum over
+  units is the tensor's size whatever the units choose; a pruned unit leaves the tensor (arch
+  ``deci``), 0. The type is the one of fewest bytes that holds the option's grid exactly
+  (``kernels.formats.gguf_type``: bits, group size, scale codes, symmetric or not, and the
+  row width — ``type_cols``).
 - ``compressed-tensors``: the zero points are packed along the rows and each module has a
   shape tensor, so a matrix's bytes ``X`` do not split by rows exactly. Each slice gets a
   telescoping share: rows (or columns) ``[a, b)`` of an ``n``-long axis cost
@@ -22,6 +25,8 @@ the written files):
 """
 
 from __future__ import annotations
+
+import math
 
 from bitsack.errors import ValidationError
 from bitsack.kernels.formats import (
@@ -48,16 +53,27 @@ def _share(total: int, s: SliceShape) -> int:
 
 
 def _check_scale_format(fmt: str, scale_bits: int | None) -> None:
-    if scale_bits is not None and fmt != "bitsack":
+    if scale_bits is not None and fmt == "compressed-tensors":
         raise ValidationError("scale_bits", f"{scale_bits} with format {fmt!r}, which stores "
                               "fp16 scales; valid: no scale codes (--scale-bits fp16 or "
-                              "auto; None in Python), or format 'bitsack'")
+                              "auto; None in Python), or format 'bitsack' or 'gguf'")
+
+
+def type_cols(s: SliceShape) -> int:
+    """The row width that decides a slice's ggml type: a block tiles a column slice, and the
+    matrix it lies in, only when it divides the slice's start, stop and the matrix's width —
+    their greatest common divisor stands for the width (a row slice: the matrix's width)."""
+    if s.dim == 0 or s.extent is None:
+        return s.cols
+    return math.gcd(s.start, s.stop, s.extent)
 
 
 def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int,
-                scale_bits: int | None = None) -> int:
+                scale_bits: int | None = None, symmetric: bool = False) -> int:
     """Bytes of ``unit`` at ``bits`` (0 = pruned, 16 = fp16) and ``group_size`` in format
-    ``fmt`` (see the module docstring); ``scale_bits``: bitsack's double-quantized scales.
+    ``fmt`` (see the module docstring); ``scale_bits``: bitsack's double-quantized scales;
+    ``symmetric``: a grid with zero points fixed at ``2**(bits − 1)`` (GGUF: the types it
+    opens, ``kernels.formats.gguf_type``).
 
     Raises:
         ValidationError: an unknown format, or an option the format cannot store (a group
@@ -70,7 +86,8 @@ def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int,
     if bits == 0:
         return 0
     if fmt == "gguf":
-        return sum(gguf_nbytes(s.rows, s.cols, bits) for s in unit.slices)
+        return sum(gguf_nbytes(s.rows, s.cols, bits, group_size, scale_bits, symmetric,
+                               type_cols(s)) for s in unit.slices)
     if unit.kind == "embedding":  # compressed-tensors writes embeddings fp16
         return 2 * unit.params
     return sum(_share(compressed_tensors_nbytes(*s.matrix, bits, group_size), s)
@@ -93,21 +110,27 @@ class MemoryModel(CostModel):
     resources = ("memory_bytes",)
 
     def __init__(self, format: str = "bitsack",  # noqa: A002 - the user-facing name
-                 scale_bits: int | None = None):
+                 scale_bits: int | None = None, symmetric: bool = False):
         self.format = check_format(format)
         self.scale_bits = check_scale_bits(scale_bits)
+        self.symmetric = bool(symmetric)
         _check_scale_format(self.format, self.scale_bits)
 
     def cost(self, unit: UnitShape, bits: int, group_size: int) -> dict[str, float]:
         return {"memory_bytes": float(unit_nbytes(self.format, unit, bits, group_size,
-                                                  self.scale_bits))}
+                                                  self.scale_bits, self.symmetric))}
 
     def describe(self) -> dict:
         if self.format == "gguf":
-            formula = ("per slice: rows*cols/32 * block bytes of the ggml type (Q4_1 20 for "
-                       "1-4 bits, Q5_1 24 for 5, Q8_0 34 for 6-8); 16 bits: 2*rows*cols; "
-                       "pruned: 0")
-        elif self.format == "compressed-tensors":
+            return {"name": self.name, "resources": list(self.resources),
+                    "format": self.format, "scale_bits": self.scale_bits,
+                    "symmetric": self.symmetric,
+                    "formula": "per slice: rows*cols/block * block bytes of the ggml type of "
+                               "fewest bytes that holds the grid (kernels.formats.gguf_type: "
+                               "Q4_0 18/32, Q4_1 20/32, Q5_0 22/32, Q5_1 24/32, Q8_0 34/32, "
+                               "Q2_K 84/256, Q3_K 110/256, Q6_K 210/256); 16 bits: "
+                               "2*rows*cols; pruned: 0"}
+        if self.format == "compressed-tensors":
             formula = ("per matrix X = rows*ceil(bits*cols/32)*4 + rows*(cols/g)*2 + "
                        "ceil(rows*bits/32)*(cols/g)*4 + 16, slice [a,b) of n: "
                        "floor(X*b/n) - floor(X*a/n); embeddings and 16 bits: 2*rows*cols")

@@ -144,7 +144,7 @@ def _expected(module, name, head_dim):
 
 
 def test_reader_reads_back_every_tensor(tmp_path, tokenizer_gguf):
-    # Q4_1 (4/2-bit), Q8_0 (8-bit MLP), F16 (16-bit lm_head)
+    # Q4_1 (4-bit), Q4_0 (2-bit embedding), Q8_0 (8-bit MLP), F16 (16-bit lm_head)
     src = make_folder(tmp_path / "c", dict(attn="b4g32", mlp="b8g32", embed="b2g64",
                                            head="b16"))
     res = export_model(src, tmp_path / "g", "gguf", tokenizer_gguf=tokenizer_gguf)
@@ -182,11 +182,11 @@ def test_reader_reads_back_every_tensor(tmp_path, tokenizer_gguf):
         assert t.tensor_type.name == types[gname]
         module = model.get_submodule(mname)
         bits = module.segments[0].bits
-        assert types[gname] == {2: "Q4_1", 4: "Q4_1", 8: "Q8_0", 16: "F16"}[bits], gname
+        assert types[gname] == {2: "Q4_0", 4: "Q4_1", 8: "Q8_0", 16: "F16"}[bits], gname
         got = _dequantized(t)
         want = _expected(module, gname, cfg.head_dim)
         assert got.shape == want.shape, gname
-        if bits == 16:
+        if bits in (2, 16):  # F16, Q4_0: exact
             assert np.array_equal(got, want), gname
         elif bits <= 4:  # only m's fp16 rounding
             packed = module.segments[0]

@@ -583,6 +583,35 @@ def test_hmse_lowers_gptq_output_error(act_order):
     assert out_err("hmse") < 0.9 * out_err("mse")
 
 
+@pytest.mark.parametrize("scale_bits", [None, 4, 6])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_a_symmetric_grid_keeps_every_zero_point_fixed(scale_bits, act_order):
+    """``sym-hmse``: GPTQ's groups keep ``z = 2**(bits − 1)`` (what ggml's Q4_0 / K-quants
+    store), mixed bit-widths per row included; scale codes stay ``k·step``; the weighted clip
+    search is no worse on GPTQ's own loss than the plain symmetric grid."""
+    torch.manual_seed(1)
+    rows, cols = 24, 256
+    x = torch.randn(512, cols) * torch.exp(torch.randn(cols))
+    w = torch.randn(rows, cols) * 0.05
+    gp = GPTQ(cols)
+    gp.add_batch(x)
+    specs = [SegmentSpec(0, 0, 8, 2, 32, scale_bits, "sym-hmse"),
+             SegmentSpec(0, 8, 16, 3, 16, scale_bits, "sym-hmse"),
+             SegmentSpec(0, 16, 24, 6, 64, scale_bits, "sym")]
+    res = gp.quantize_segments(w, specs, act_order=act_order)
+    for spec, q in zip(specs, res.parts, strict=True):
+        assert bool((q.zero == 2 ** (spec.bits - 1)).all())
+        if scale_bits is not None:
+            q.scale_codes()  # raises unless every scale is k·step, 1 ≤ k < 2**S
+
+    def loss(grid):
+        q = gp.quantize_segments(w[:8], [SegmentSpec(0, 0, 8, 3, 32, scale_bits, grid)],
+                                 act_order=act_order)
+        return float(q.loss)
+
+    assert loss("sym-hmse") <= loss("sym") * 1.02
+
+
 def test_grid_errors():
     w = torch.randn(4, 32)
     with pytest.raises(ValidationError, match="grid: 'mean'; valid: minmax, mse, hmse"):

@@ -60,17 +60,17 @@ def test_gguf_keeps_stored_undominated_options_and_prices_blocks():
     left: dict[str, str] = {}
     allowed = target_options("gguf", SHAPES, {s.id: opts if s.kind != "embedding" else opts[1:]
                                               for s in SHAPES}, 64, left)
-    assert allowed["h0.0"] == ("prune", "b4g32", "b5g32", "b8g32", "b16")
-    assert allowed["emb"] == ("b4g32", "b5g32", "b8g32", "b16")
-    assert "multiple of ggml's block" in left["b4g16"]
-    assert left["b2g32"].startswith("dominated by b4g32")
+    assert allowed["h0.0"] == ("prune", "b3g32", "b4g32", "b5g32", "b8g32", "b16")
+    assert allowed["emb"] == ("b3g32", "b4g32", "b5g32", "b8g32", "b16")
+    assert "no ggml type holds 4-bit groups of 16" in left["b4g16"]
+    assert left["b2g32"].startswith("dominated by b3g32")  # both Q4_0
     assert left["b8g64"].startswith("dominated by b8g32")
-    # a block of 32 weights: Q4_1 20 bytes, Q5_1 24, Q8_0 34; F16 2 per weight
+    # a block of 32 weights: Q4_0 18 bytes, Q4_1 20, Q5_1 24, Q8_0 34; F16 2 per weight
     unit = SHAPES[1]
     n = unit.params
-    for bits, per32 in ((4, 20), (5, 24), (8, 34), (16, 64)):
+    for bits, per32 in ((3, 18), (4, 20), (5, 24), (8, 34), (16, 64)):
         assert unit_nbytes("gguf", unit, bits, 32) == n // 32 * per32
-    assert [gguf_type(b) for b in (1, 4, 5, 6, 8, 16)] == ["Q4_1", "Q4_1", "Q5_1", "Q8_0",
+    assert [gguf_type(b) for b in (1, 4, 5, 6, 8, 16)] == ["Q4_0", "Q4_1", "Q5_1", "Q8_0",
                                                           "Q8_0", "F16"]
 
 
@@ -133,8 +133,8 @@ def test_menu_is_what_every_unit_stores():
             "b8g64", "b16")
     # g64 and g128 split the 32 columns a unit holds of c and e; g128 does not divide 64
     left: dict[str, str] = {}
-    assert target_menu("gguf", SHAPES, menu, 64, left) == ("b4g32", "b16")
-    assert left["b3g32"].startswith("dominated by b4g32")
+    assert target_menu("gguf", SHAPES, menu, 64, left) == ("b3g32", "b4g32", "b16")
+    assert left["b2g32"].startswith("dominated by b3g32")
     assert "32 columns" in left["b8g64"]
     # the embedding's quantized options cost fp16 in compressed-tensors, but not the others'
     assert target_menu("compressed-tensors", SHAPES, menu, 64) == ("b2g32", "b3g32", "b4g32",
@@ -143,7 +143,7 @@ def test_menu_is_what_every_unit_stores():
         SliceShape(s.rows * 4, s.cols, 0, s.param, s.start * 4, s.extent * 4) if s.dim == 0
         else SliceShape(s.rows, s.cols * 4, 1, s.param, s.start * 4, s.extent * 4)
         for s in u.slices), u.layer) for u in _layer(0)]
-    assert target_menu("gguf", wide, menu, 64) == ("b4g32", "b8g64", "b16")
+    assert target_menu("gguf", wide, menu, 64) == ("b3g32", "b4g32", "b8g64", "b16")
     assert target_menu("bitsack", SHAPES, menu, 64) == menu
     with pytest.raises(ValidationError, match="stores none"):
         target_menu("gguf", SHAPES, ("b4g16",), 64)
@@ -191,8 +191,14 @@ def test_retarget_restricts_prices_and_constrains_a_problem():
             if fmt == "compressed-tensors":
                 assert "prune" not in {sol.assignment[u] for u in group}
     gguf = retarget(problem, "gguf")
-    assert [o.id for o in gguf.units[1].options] == ["prune", "b4", "b8", "b16"]
-    assert gguf.metadata["format_left_out"]["b2"].startswith("dominated by b4")
+    # b2 is Q4_0 (4.5 bits per weight), b4 Q4_1 (5): neither dominates
+    assert [o.id for o in gguf.units[1].options] == ["prune", "b2", "b4", "b8", "b16"]
+    assert "format_left_out" not in gguf.metadata
+    sym = retarget(problem, "gguf", scale_bits=4, symmetric=True)
+    assert sym.metadata["symmetric"] is True and sym.metadata["scale_bits"] == 4
+    # symmetric: b4 is Q4_0 too, and dominates b2 (no row here is a whole super-block)
+    assert [o.id for o in sym.units[1].options] == ["prune", "b4", "b8", "b16"]
+    assert sym.metadata["format_left_out"]["b2"].startswith("dominated by b4")
 
 
 def test_scale_codes_reprice_a_bitsack_problem_and_keep_its_losses():
@@ -211,8 +217,8 @@ def test_scale_codes_reprice_a_bitsack_problem_and_keep_its_losses():
                 "bitsack", shape, o.bits, o.spec.group_size or 32, 6)
             cheaper += p.cost["memory_bytes"] < o.cost["memory_bytes"]
     assert cheaper  # 6-bit codes instead of fp16 scales
-    with pytest.raises(ValidationError, match="scale_bits: 6 with format 'gguf'"):
-        with_scale_bits(retarget(problem, "gguf"), 6)
+    with pytest.raises(ValidationError, match="scale_bits: 6 with format 'compressed-tensors'"):
+        with_scale_bits(retarget(problem, "compressed-tensors"), 6)
 
 
 def test_retarget_needs_geometry():
