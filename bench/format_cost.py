@@ -80,7 +80,7 @@ def cell_config(cell: str, args) -> dict[str, Any]:
 
 
 def _name(cell: str) -> str:
-    return cell.replace(":", "-").replace("@", "_")
+    return cell.replace(":", "-").replace("@", "_").replace("/", "-")
 
 
 def _seed_run_dir(run_dir: Path, runs: Path, cfg: dict[str, Any]) -> None:

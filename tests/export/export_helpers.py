@@ -31,7 +31,7 @@ def plan_for(model, attn="b4g32", mlp="b4g32", embed="b4g32", head=None, pruned=
 
 
 def make_folder(path: Path, plan_kwargs=None, arch="llama", seed=0, quantizer="rtn",
-                scale_bits=None, **dims) -> Path:
+                scale_bits=None, grid="hmse", **dims) -> Path:
     """Compress a tiny random ``arch`` model with ``plan_for(**plan_kwargs)`` and save it."""
     model = tiny_model(arch, seed=seed, **dims)
     plan = plan_for(model, **(plan_kwargs or {}))
@@ -42,7 +42,8 @@ def make_folder(path: Path, plan_kwargs=None, arch="llama", seed=0, quantizer="r
         calib = torch.randint(0, model.config.vocab_size, (4, 32),
                               generator=torch.Generator().manual_seed(seed))
     compress(model, plan, calib, ApplyConfig(quantizer=quantizer, group_size=32, mlp_group=MLP,
-                                             batch_size=4, scale_bits=scale_bits))
+                                             batch_size=4, scale_bits=scale_bits,
+                                             grid=grid))
     return save_compressed(model, path)
 
 

@@ -63,6 +63,28 @@ def test_llama_cpp_runs_tiny_exports_and_needs_the_zero_ffn(tmp_path, site, toke
     assert abs(bare / own - 1) > 10 * abs(ratios["deci"])
 
 
+def test_llama_cpp_runs_k_quants(tmp_path, site, tokenizer_gguf):
+    """Q2_K, Q3_K, Q4_0 and exact Q8_0 tensors of symmetric grids (rows of whole super-blocks):
+    llama.cpp's perplexity is bitsack's own within 1 % (it multiplies against 8-bit
+    activations)."""
+    from export_helpers import make_folder
+
+    from bitsack.apply import load_compressed
+    from bitsack.evaluate import perplexity
+    from bitsack.export.llama_cpp import gguf_perplexity
+
+    tokens = torch.randint(0, 128, (1, 4 * 64), generator=torch.Generator().manual_seed(1))
+    windows = tokens[0].reshape(4, 64).numpy()
+    src = make_folder(tmp_path / "k", dict(attn="b3g32", mlp="b2g32", embed="b8g32",
+                                           head="b4g32"), scale_bits=4, grid="sym-mse",
+                      hidden_size=256, head_dim=64, intermediate_size=512, init_std=0.05)
+    res = export_model(src, tmp_path / "k.g", "gguf", tokenizer_gguf=tokenizer_gguf)
+    assert {"Q2_K", "Q3_K", "Q4_0", "Q8_0"} <= set(res.type_counts())
+    own = perplexity(load_compressed(src).model, tokens, 64, progress=False).ppl
+    got = gguf_perplexity(res.out / "model.gguf", windows, site).ppl
+    assert abs(got / own - 1) < 0.01, (got, own)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from bitsack.data import eval_tokens
