@@ -70,3 +70,19 @@ def write_tokenizer_gguf(path: Path, n_vocab: int) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def patch_tiny_run(monkeypatch, tmp_path: Path, **dims) -> tuple[Path, Path]:
+    """``load_model`` returns a fresh (identical) tiny Llama of ``dims`` each call (a run
+    consumes it); returns (calibration, evaluation) text files for ``bitsack.pipeline.run``."""
+    from bitsack.models import loading
+    from bitsack.models.testing import ByteTokenizer
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loading.LoadedModel(
+        model=tiny_model("llama", seed=3, **dims), tokenizer=ByteTokenizer(),
+        source={"kind": "test", "spec": "tiny"}))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    ev = tmp_path / "eval.txt"
+    ev.write_text("Pack my box with five dozen liquor jugs, said the sphinx. " * 30)
+    return calib, ev

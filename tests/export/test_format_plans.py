@@ -16,7 +16,7 @@ from bitsack.export.compressed_tensors import grid_tensors
 from bitsack.export.ggml_blocks import encode
 from bitsack.kernels.formats import compressed_tensors_nbytes, gguf_type
 from bitsack.models import model_units
-from bitsack.models.testing import ByteTokenizer, tiny_model
+from bitsack.models.testing import tiny_model
 from bitsack.pipeline import RunConfig, run
 from bitsack.solver.costs.formats import matrix_groups
 
@@ -46,16 +46,9 @@ def test_compressed_tensors_size_is_the_written_arrays(bits, rows, cols, g):
 @pytest.fixture
 def tiny(monkeypatch, tmp_path, one_thread):
     """``load_model`` returns a fresh (identical) tiny Llama each call (a run consumes it)."""
-    from bitsack.models import loading
+    from export_helpers import patch_tiny_run
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loading.LoadedModel(
-        model=tiny_model("llama", seed=3), tokenizer=ByteTokenizer(),
-        source={"kind": "test", "spec": "tiny"}))
-    calib = tmp_path / "calib.txt"
-    calib.write_text("The quick brown fox jumps over the lazy dog. " * 60)
-    ev = tmp_path / "eval.txt"
-    ev.write_text("Pack my box with five dozen liquor jugs, said the sphinx. " * 30)
-    return calib, ev
+    return patch_tiny_run(monkeypatch, tmp_path)
 
 
 def _settings(tiny, **kw) -> dict:

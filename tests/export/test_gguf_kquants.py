@@ -124,18 +124,10 @@ MLP = 256
 
 @pytest.fixture
 def wide(monkeypatch, tmp_path, one_thread):
-    """``load_model`` returns a fresh tiny Llama whose rows are whole super-blocks."""
-    from bitsack.models import loading
-    from bitsack.models.testing import ByteTokenizer, tiny_model
+    """A tiny Llama whose rows are whole super-blocks, and run inputs."""
+    from export_helpers import patch_tiny_run
 
-    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loading.LoadedModel(
-        model=tiny_model("llama", seed=3, **WIDE), tokenizer=ByteTokenizer(),
-        source={"kind": "test", "spec": "tiny"}))
-    calib = tmp_path / "calib.txt"
-    calib.write_text("The quick brown fox jumps over the lazy dog. " * 60)
-    ev = tmp_path / "eval.txt"
-    ev.write_text("Pack my box with five dozen liquor jugs, said the sphinx. " * 30)
-    return calib, ev
+    return patch_tiny_run(monkeypatch, tmp_path, **WIDE)
 
 
 def test_a_k_quant_plan_exports_its_certified_bytes_and_runs_in_transformers(
