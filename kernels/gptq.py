@@ -1,6 +1,6 @@
 """GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization
 for Generative Pre-trained Transformers", Algorithm 1), onto the grids of
-``bitsack.kernels.grid`` (min-max, MSE, weighted MSE).
+``bitsack.kernels.grid`` (min-max, MSE, weighted MSE, and their symmetric forms).
 
 GPTQ quantizes one column at a time and spreads each column's error over the not yet quantized
 columns through the inverse Hessian of the layer-wise objective ‖WX − QX‖², H = 2XXᵀ/n. Paper

@@ -42,6 +42,14 @@ column, once the later columns have absorbed what they can, costs ``e²/[chol(H�
 a column whose inputs carry much energy gets its range kept, a quiet one gets clipped.
 Without a Hessian (RTN) it is ``"mse"``. Measured as above: 2-bit g32 718 → 366, 3-bit g64
 55.3 → 46.2 (``bench/results/e2e.md``, ``-hmse`` cells).
+
+Symmetric grids (``"sym"``, ``"sym-mse"``, ``"sym-hmse"``): the same three with every zero
+point fixed at ``z₀ = 2**(bits − 1)`` (codes ``−z₀ … z₀ − 1`` times s) and s the smallest
+that holds the group, ``max(−lo/z₀, hi/(z₀ − 1))`` rounded up (``_needed``; 1 bit: ``−lo``,
+and positive values clamp to 0). They cost the same bytes in bitsack's format and fit worse
+(a zero point is free there); they are the grids ggml's Q4_0 and K-quants store exactly
+(``bitsack.export.ggml_blocks``), so GGUF prices them lower. ``"sym"`` keeps the half-step
+bound for ≥ 2 bits.
 """
 
 from __future__ import annotations
@@ -425,8 +433,8 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int,
         scale_bits: None (fp16 scales) or S-bit double-quantized scales (``dq_params``; the
             steps from the weight's own ranges, so no min-max group is clipped:
             ``|ŵ − x| ≤ s/2`` still holds).
-        grid: ``"minmax"`` or ``"mse"`` (``group_params``; clamps, so the s/2 bound does not
-            hold for it).
+        grid: one of ``GRIDS`` (``group_params``; the MSE grids clamp, so the s/2 bound does
+            not hold for them; without a Hessian ``"hmse"`` is ``"mse"``).
 
     Returns:
         The ``QuantizedTensor`` on ``w``'s device.

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
               ": its packed bytes will differ from the plan's (drop --scale-bits to pack as "
               "priced)", file=sys.stderr)
     grid = args.grid or ("sym-hmse" if meta.get("symmetric") else "hmse")
-    if bool(meta.get("symmetric")) != symmetric(grid):
+    if meta.get("format") == "gguf" and bool(meta.get("symmetric")) != symmetric(grid):
         print(f"bitsack compress: warning: --grid {grid}, but the problem was priced for "
               f"{'symmetric' if meta.get('symmetric') else 'min-max'} grids: its exported "
               "bytes will differ from the plan's (drop --grid to quantize as priced)",
