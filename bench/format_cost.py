@@ -138,6 +138,8 @@ def run_cell(cell: str, args) -> dict[str, Any]:
                       progress=lambda m: print(f"[{cell} {time.time() - t:6.0f} s] {m}",
                                                file=sys.stderr, flush=True))
     except ValidationError as exc:  # no plan of this format meets the budget: a result too
+        if exc.path not in ("budget", "menu") and not exc.path.startswith("units."):
+            raise  # anything else is a fault, not a result
         result.update({"status": "no plan", "reason": str(exc), "wall_s": time.time() - t})
         write_json(path, result)
         return result

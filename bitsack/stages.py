@@ -92,7 +92,7 @@ def run_menu(ctx: Context, model, units):
     if left_out:
         ctx.say(f"format {cfg.format}: menu {', '.join(ids)}; left out "
                 + "; ".join(f"{o} ({r})" for o, r in left_out.items()))
-    return Menu.parse(ids, cfg.group_size, prune=menu.prune)
+    return Menu.parse(ids, cfg.group_size, prune=menu.prune, scale_bits=cfg.scale_bits)
 
 
 def format_constraints(cfg: RunConfig, model, units, menu) -> tuple:

@@ -130,8 +130,9 @@ def wide(monkeypatch, tmp_path, one_thread):
     return patch_tiny_run(monkeypatch, tmp_path, **WIDE)
 
 
+@pytest.mark.parametrize("method", ["uniform", "search"])
 def test_a_k_quant_plan_exports_its_certified_bytes_and_runs_in_transformers(
-        wide, tmp_path, tokenizer_gguf):
+        wide, tmp_path, tokenizer_gguf, method):
     from transformers import AutoModelForCausalLM
 
     from bitsack.checkpoint import load_compressed
@@ -141,7 +142,8 @@ def test_a_k_quant_plan_exports_its_certified_bytes_and_runs_in_transformers(
     calib, ev = wide
     out = tmp_path / "run"
     s = run(RunConfig(model="tiny", out=str(out), calib=str(calib), eval=str(ev),
-                      method="uniform", format="gguf", grid="sym-mse", scale_bits=4,
+                      method=method, format="gguf", grid="sym-mse", scale_bits=4,
+                      search_budget=60.0, search_k=4,
                       quantizer="rtn", avg_bits=3.0, group_size=32, mlp_group=MLP,
                       menu=("b2g32", "b3g32", "b4g32", "b8g32", "b16"), eval_seqlen=32,
                       eval_windows=1, compress_nsamples=4, compress_seqlen=24,
