@@ -5,10 +5,10 @@ written block by block in the ggml type of fewest bytes that holds it exactly
 (``bitsack.export.ggml_blocks``; min-max grids with fp16 scales: Q4_0 for 1–3 bits, Q4_1
 for 4, Q5_1 for 5, Q8_0 for 6–8; symmetric grids (``--grid sym…``): Q4_0 / Q5_0 for 4 / 5
 bits, and with scale codes on rows of whole 256-weight super-blocks the K-quants Q2_K (2
-bits, ``--scale-bits 4``), Q3_K (3 bits, ≤ 5), Q6_K (6 bits); F16 for 16 — of which packed
-folders, 1–4 and 8 bits, reach all but Q5_0, Q5_1 and Q6_K; the table of mappings and their
-errors is there). Norms are F32; other unpacked weights keep their dtype
-(F32 / F16).
+bits, ``--scale-bits 4``), Q3_K (3 bits, ≤ 5), Q6_K (6 bits, or any ≤ 5-bit grid in groups
+of 16); F16 for 16 — of which packed folders, 1–4 and 8 bits, reach all but Q5_0 and Q5_1;
+the table of mappings and their errors is there). Norms are F32; other unpacked weights keep
+their dtype (F32 / F16).
 
 **Architectures.** An unpruned model (a bits-only plan; bitsack's consistent permutation of
 heads and channels changes no output) is written as arch ``llama``, which llama.cpp and
