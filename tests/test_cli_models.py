@@ -135,9 +135,12 @@ def test_scale_codes_through_profile_solve_and_compress(tiny, tmp_path, capsys):
     fp16 = solve(plain, "f.json")
     assert solve(tmp_path / "p6" / "problem.yaml", "f16.json", "--scale-bits", "fp16") == fp16
     assert json.loads((tmp_path / "f16.json").read_text())["extra"]["scale_bits"] is None
-    code, _, err = run_cli(capsys, "solve", str(plain), "--avg-bits", "3.5", "--format", "gguf",
-                           "--scale-bits", "6")
-    assert code == 1 and "scale_bits: 6 with format 'gguf'" in err
+    code, _, err = run_cli(capsys, "solve", str(plain), "--avg-bits", "3.5", "--format",
+                           "compressed-tensors", "--scale-bits", "6")
+    assert code == 1 and "scale_bits: 6 with format 'compressed-tensors'" in err
+    # GGUF takes them (its K-quants store scale codes); the solution records them
+    assert solve(plain, "g6.json", "--format", "gguf", "--scale-bits", "6") > 0
+    assert json.loads((tmp_path / "g6.json").read_text())["extra"]["scale_bits"] == 6
 
 
 def test_a_refusal_inside_a_long_stage_is_still_one_line(monkeypatch, tmp_path, capsys):

@@ -203,11 +203,12 @@ def run(args: argparse.Namespace) -> int:
     if args.format is not None or args.scale_bits != "auto":
         from bitsack.solver.costs.formats import retarget, with_scale_bits
 
-        codes = None if args.scale_bits == "auto" else args.scale_bits
+        told = args.scale_bits != "auto"  # S, or None for fp16 scales
+        codes = args.scale_bits if told else None
         if args.format is not None:  # a target format prices its own scale codes
             problem = retarget(problem, args.format,
                                scale_bits=codes if args.format != "bitsack" else None)
-        if codes is not None and args.format in (None, "bitsack"):
+        if told and args.format in (None, "bitsack"):
             problem = with_scale_bits(problem, codes)
     problem = budget.apply(problem)
     solution = solve(problem, args.solver, options)

@@ -46,10 +46,9 @@ def test_cells_exports_and_cache(bench, tmp_path, capsys):
     res = {p.stem: json.loads(p.read_text())
            for p in (tmp_path / "res" / "format_cost").glob("*.json")}
     assert len(res) == 6
-    # gguf stores nothing below Q4_1's 5 bits per weight: uniform has no plan at 4.5,
-    # one-shot prunes
-    assert res["uniform-gguf_4.5"]["status"] == "no plan"
-    assert res["oneshot-gguf_4.5"]["pruned"] > 0
+    # gguf stores 1-3-bit grids as Q4_0, 4.5 bits per weight: uniform 3-bit fits exactly
+    assert res["uniform-gguf_4.5"]["status"] != "no plan"
+    assert set(res["uniform-gguf_4.5"]["export"]["types"]) <= {"Q4_0", "F32", "F16"}
     for name, r in res.items():
         if r["status"] == "no plan":
             continue
@@ -60,7 +59,13 @@ def test_cells_exports_and_cache(bench, tmp_path, capsys):
     reused = [r["summary"]["reused"] for n, r in res.items() if n.startswith("oneshot")]
     assert sum("profile" in x for x in reused) == 2
     md = (tmp_path / "res" / "format_cost.md").read_text()
-    assert "| 4.5 | oneshot | gguf |" in md and "no plan" in md and "Machine:" in md
+    assert "| 4.5 | oneshot | gguf |" in md and "Machine:" in md
     capsys.readouterr()
     assert bench.main(args) == 0
     assert capsys.readouterr().err.count("cached") == 6
+    # below Q4_0's 4.5 nothing uniform fits gguf here: a cell with no plan, recorded
+    assert bench.main(["--methods", "uniform", "--formats", "gguf", "--budgets", "2.0",
+                       *args[4:]]) == 0
+    low = json.loads((tmp_path / "res" / "format_cost" / "uniform-gguf_2.0.json").read_text())
+    assert low["status"] == "no plan" and low["reason"].startswith("budget")
+    assert "no plan" in (tmp_path / "res" / "format_cost.md").read_text()
