@@ -48,8 +48,9 @@ def register(subparsers) -> None:
     from bitsack.kernels.formats import GRIDS
 
     p.add_argument("--grid", default=None, choices=GRIDS,
-                   help=f"{GRID_HELP}; default sym-hmse where the problem was priced for "
-                   "symmetric grids (GGUF), else hmse")
+                   help=f"{GRID_HELP}; default: the grid the solution records (solve "
+                   "--grid), sym-hmse where the problem was priced for symmetric grids "
+                   "(GGUF), else hmse")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "bitsack model folder (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "
@@ -100,10 +101,13 @@ def run(args: argparse.Namespace) -> int:
               f"solution was priced with {'scale_bits ' + str(priced) if priced else 'fp16 scales'}"
               ": its packed bytes will differ from the plan's (drop --scale-bits to pack as "
               "priced)", file=sys.stderr)
-    grid = args.grid or ("sym-hmse" if meta.get("symmetric") else "hmse")
-    if meta.get("format") == "gguf" and bool(meta.get("symmetric")) != symmetric(grid):
-        print(f"bitsack compress: warning: --grid {grid}, but the problem was priced for "
-              f"{'symmetric' if meta.get('symmetric') else 'min-max'} grids: its exported "
+    # the grid the plan was priced for: the solution's record (solve --grid), else the
+    # problem's (a gguf problem priced for symmetric grids)
+    priced_grid = solution.extra.get("grid") or ("sym-hmse" if meta.get("symmetric") else None)
+    grid = args.grid or priced_grid or "hmse"
+    if priced_grid is not None and symmetric(priced_grid) != symmetric(grid):
+        print(f"bitsack compress: warning: --grid {grid}, but the plan was priced for "
+              f"{'symmetric' if symmetric(priced_grid) else 'min-max'} grids: its exported "
               "bytes will differ from the plan's (drop --grid to quantize as priced)",
               file=sys.stderr)
     cfg = ApplyConfig(quantizer=args.quantizer, group_size=group_size, mlp_group=mlp_group,
@@ -129,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                               extra={"base_model": lm.source, "problem": problem.name,
                                      "solution_status": solution.status,
                                      "calibration": calibration, "plan_memory_bytes": usage})
-    if usage is not None and result.packed_bytes > usage * (1 + 1e-9):
+    fmt = solution.extra.get("format", meta.get("format", "bitsack"))
+    if usage is not None and fmt == "bitsack" and result.packed_bytes > usage * (1 + 1e-9):
         # the plan's budget was priced in other bytes (e.g. another --scale-bits)
         print(f"bitsack compress: warning: packed {result.packed_bytes:,} bytes, but the "
               f"solution was priced at {usage:,.0f}: over its budget", file=sys.stderr)

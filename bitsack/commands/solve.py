@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_scale_bits_arg(p, "memory_bytes re-priced with them, fp16 included (default auto: "
                        "as the problem is priced; `bitsack compress` reads the pricing from "
                        "the solution)")
+    from bitsack.kernels.formats import GRIDS
+
+    p.add_argument("--grid", default=None, choices=GRIDS,
+                   help="the grid `bitsack compress` will quantize on, for --format gguf's "
+                   "pricing: a symmetric one (sym, sym-mse, sym-hmse) stores 4 bits as Q4_0 "
+                   "and, with --scale-bits, 2 / 3 bits as Q2_K / Q3_K; recorded in the "
+                   "solution, which compress follows (default: as the problem is priced)")
     p.add_argument("--per-layer", action="store_true", help="also print the plan per layer")
     p.add_argument("--json", action="store_true", help="print the solution as one JSON object "
                    "(also when infeasible)")
@@ -190,7 +197,9 @@ def apply_budgets(problem: Problem, args: argparse.Namespace) -> Problem:
 
 def run(args: argparse.Namespace) -> int:
     from bitsack.commands._args import check_scale_format
+    from bitsack.errors import ValidationError
     from bitsack.io import write_json
+    from bitsack.kernels.formats import symmetric
     from bitsack.solver import solve
     from bitsack.solver.schema import load_problem
 
@@ -199,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
     budget = budget_of(args)
     out = out_file(args.out) if args.out else None
     check_scale_format(args.format, args.scale_bits)
+    if args.grid is not None and args.format != "gguf":
+        raise ValidationError("grid", f"{args.grid!r} without --format gguf; valid: --grid "
+                              "with --format gguf (only there does the grid change the bytes)")
     problem = load_problem(args.problem)
     if args.format is not None or args.scale_bits != "auto":
         from bitsack.solver.costs.formats import retarget, with_scale_bits
@@ -207,7 +219,13 @@ def run(args: argparse.Namespace) -> int:
         codes = args.scale_bits if told else None
         if args.format is not None:  # a target format prices its own scale codes
             problem = retarget(problem, args.format,
-                               scale_bits=codes if args.format != "bitsack" else None)
+                               scale_bits=codes if args.format != "bitsack" else None,
+                               symmetric=args.grid is not None and symmetric(args.grid))
+            if args.grid is not None and \
+                    bool(problem.metadata.get("symmetric")) != symmetric(args.grid):
+                raise ValidationError("grid", f"{args.grid!r}, but {args.problem} is already "
+                                      "priced for gguf on another grid; valid: a format-free "
+                                      "profile (bitsack profile without --format)")
         if told and args.format in (None, "bitsack"):
             problem = with_scale_bits(problem, codes)
     problem = budget.apply(problem)
@@ -216,6 +234,10 @@ def run(args: argparse.Namespace) -> int:
     solution.extra.setdefault("scale_bits", problem.metadata.get("scale_bits")
                               if problem.metadata.get("format", "bitsack") != "compressed-tensors"
                               else None)
+    if args.grid is not None:  # `bitsack compress` quantizes on the grid it was priced for
+        solution.extra["grid"] = args.grid
+    if problem.metadata.get("format", "bitsack") != "bitsack":  # its bytes are that file's
+        solution.extra.setdefault("format", problem.metadata["format"])
     if out is not None:
         write_json(out, solution.to_dict())
     if args.json:

@@ -173,6 +173,39 @@ def test_profile_and_solve_cli_take_a_format(tiny, tmp_path, capsys):
     assert "was built for 'gguf'" in capsys.readouterr().err
 
 
+def test_solve_prices_a_symmetric_grid_for_gguf_and_compress_quantizes_on_it(
+        tiny, tmp_path, capsys, tokenizer_gguf):
+    from bitsack.cli import main
+
+    calib, _ = tiny
+    common = ["--model", "tiny", "--calib", str(calib), "--mlp-group", str(MLP), "--quiet"]
+    assert main(["profile", *common, "--bits", "2,3,4,8", "--group-size", "32", "--nsamples",
+                 "4", "--seqlen", "24", "--scale-bits", "fp16", "--out",
+                 str(tmp_path / "p")]) == 0
+    problem = tmp_path / "p" / "problem.yaml"
+    # a grid without --format gguf changes no bytes: refused before any work
+    assert main(["solve", str(problem), "--avg-bits", "4.5", "--grid", "sym-hmse"]) == 1
+    assert "--grid with --format gguf" in capsys.readouterr().err
+    usage = {}
+    for grid in ("hmse", "sym-hmse"):
+        sol = tmp_path / f"{grid}.json"
+        assert main(["solve", str(problem), "--avg-bits", "4.5", "--format", "gguf", "--grid",
+                     grid, "--out", str(sol), "--json"]) == 0
+        usage[grid] = json.loads(capsys.readouterr().out)["certificate"]["usage"]
+        assert json.loads(sol.read_text())["extra"]["grid"] == grid
+        # compress follows the solution's grid; the export holds the certified bytes
+        assert main(["compress", "--model", "tiny", "--problem", str(problem), "--solution",
+                     str(sol), "--quantizer", "rtn", "--out", str(tmp_path / f"c-{grid}"),
+                     "--quiet"]) == 0
+        assert "warning" not in capsys.readouterr().err
+        res = export_model(tmp_path / f"c-{grid}", tmp_path / f"g-{grid}", format="gguf",
+                           tokenizer_gguf=tokenizer_gguf)
+        assert _unit_tensor_bytes(res, tmp_path / f"c-{grid}") == \
+            usage[grid]["memory_bytes"]
+        if grid == "sym-hmse":  # 4 bits fit Q4_0 there (Q4_1 on a min-max grid)
+            assert "Q4_1" not in res.type_counts()
+
+
 def test_profile_solve_compress_cli_with_vocab_groups(tiny, tmp_path, capsys):
     # profile --vocab-groups 3 -> units embed.v0..v2 (lm_head.v0..v2: untied), recorded in
     # the metadata; solve; compress infers the split from the solution's ids
