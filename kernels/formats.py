@@ -315,15 +315,22 @@ def gguf_type(bits: int, group_size: int = GGUF_BLOCK, scale_bits: int | None = 
     4 Q4_0, 5 Q5_0, 6 Q6_K, 8 Q8_0.
 
     Raises:
-        ValidationError: bits outside 1..8 and 16.
+        ValidationError: bits outside 1..8 and 16, or a grid no type holds (groups or rows
+            that are no whole blocks).
     """
     bits = check_bits(bits, allow_16=True)
     if bits == 16:
         return "F16"
     fits = [k for k in GGUF_TYPES if gguf_holds(k, bits, group_size, scale_bits, sym, cols)]
-    if not fits:
-        return "Q8_0"  # 8-bit min-max (re-rounded), or a grid ggml's blocks cannot tile
-    return min(fits, key=lambda k: (GGUF_BLOCK_BYTES[k] / GGUF_TYPES[k][0], k.endswith("_K")))
+    if fits:
+        return min(fits, key=lambda k: (GGUF_BLOCK_BYTES[k] / GGUF_TYPES[k][0],
+                                        k.endswith("_K")))
+    if bits == 8 and group_size % GGUF_BLOCK == 0 and cols % GGUF_BLOCK == 0:
+        return "Q8_0"  # an 8-bit min-max grid: re-rounded where a block's codes do not fit
+    raise ValidationError("grid", f"no ggml type holds {bits}-bit groups of {group_size} on "
+                          f"{cols}-wide rows exactly; valid: groups and rows of whole blocks "
+                          f"of {GGUF_BLOCK} (K-quants: a symmetric grid with scale codes, "
+                          f"groups of whole 16-weight sub-blocks, rows of whole {GGUF_SUPER})")
 
 
 def gguf_nbytes(rows: int, cols: int, bits: int, group_size: int = GGUF_BLOCK,

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from bitsack.errors import ValidationError
 from bitsack.export.common import DenseMatrix, ExportError, GridMatrix
 from bitsack.kernels.formats import (
     GGUF_BLOCK,
@@ -355,8 +356,11 @@ def encode(m: GridMatrix | DenseMatrix, sym: bool = False) -> Encoded:
     if sym and (m.zero != (1 << (m.bits - 1))).any():
         raise ExportError(m.name, f"the folder records a symmetric grid, yet a zero point is "
                           f"not {1 << (m.bits - 1)}; valid: an intact bitsack folder")
-    kind = gguf_type(m.bits, m.group_size, m.scale_bits if m.step is not None else None, sym,
-                     m.shape[1])
+    try:
+        kind = gguf_type(m.bits, m.group_size, m.scale_bits if m.step is not None else None,
+                         sym, m.shape[1])
+    except ValidationError as exc:
+        raise ExportError(m.name, str(exc).removeprefix("grid: ")) from None
     return _ENCODERS[kind](m)
 
 

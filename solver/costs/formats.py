@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitsack.errors import ValidationError
-from bitsack.kernels.formats import GGUF_BLOCK, TARGET_FORMATS, gguf_holds, gguf_type
+from bitsack.kernels.formats import GGUF_BLOCK, TARGET_FORMATS, gguf_type
 from bitsack.solver.costs.base import SliceShape, UnitShape
 from bitsack.solver.costs.memory import MemoryModel, check_format, type_cols, unit_nbytes
 from bitsack.solver.problem import Constraint, Problem, ProblemSettings, parse_option
@@ -87,13 +87,10 @@ def refusal(fmt: str, unit: UnitShape, option: str, settings: ProblemSettings,
         if fmt == "gguf":
             if cols % GGUF_BLOCK:
                 return f"{cols}-wide rows are not whole ggml blocks of {GGUF_BLOCK}"
-            width = type_cols(s)
-            kind = gguf_type(spec.bits, g, scale_bits, symmetric, width)
-            re_rounded = kind == "Q8_0" and g % GGUF_BLOCK == 0 and width % GGUF_BLOCK == 0
-            if not (re_rounded or gguf_holds(kind, spec.bits, g, scale_bits, symmetric, width)):
-                return (f"no ggml type holds {spec.bits}-bit groups of {g} exactly (legacy "
-                        f"types: groups of whole blocks of {GGUF_BLOCK}; K-quants: symmetric "
-                        "grids with scale codes, groups of whole 16-weight sub-blocks)")
+            try:
+                gguf_type(spec.bits, g, scale_bits, symmetric, type_cols(s))
+            except ValidationError as exc:
+                return str(exc).removeprefix("grid: ")
         elif cols % g:
             return f"group size {g} does not divide {cols}-wide rows"
         if s.dim == 1 and s.width % g:

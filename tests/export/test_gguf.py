@@ -104,12 +104,18 @@ def test_q8_0_of_eight_bits_is_exact_where_codes_fit_and_bounded_elsewhere():
 
 
 def test_block_types_refuse_what_they_cannot_hold():
-    with pytest.raises(ExportError, match="group size 16 is not a multiple of 32"):
+    with pytest.raises(ExportError, match="m: no ggml type holds 4-bit groups of 16 on "
+                       "128-wide rows exactly; valid: groups and rows of whole blocks of 32"):
         encode(_grid(4, g=16))
-    with pytest.raises(ExportError, match="8-bit group size 16 is not a multiple of 32; Q8_0"):
+    with pytest.raises(ExportError, match="no ggml type holds 8-bit groups of 16 on 128-wide"):
         encode(_grid(8, g=16))
-    with pytest.raises(ExportError, match="40 columns are not a multiple of 32"):
+    with pytest.raises(ExportError, match="no ggml type holds 8-bit groups of 32 on 40-wide"):
         encode(_grid(8, cols=40, g=32))
+    # the encoders refuse on their own too, called directly
+    with pytest.raises(ExportError, match="8-bit group size 16 is not a multiple of 32; Q8_0"):
+        encode_q8_0(_grid(8, g=16))
+    with pytest.raises(ExportError, match="40 columns are not a multiple of 32"):
+        encode_q8_0(_grid(8, cols=40, g=32))
 
 
 def test_rope_permutation_interleaves_the_two_halves_of_each_head():
@@ -278,7 +284,8 @@ def test_layer_zero_without_heads_is_refused(tmp_path, tokenizer_gguf):
 
 def test_refusals(tmp_path, tokenizer_gguf):
     g16 = make_folder(tmp_path / "g16", dict(attn="b4g16", mlp="b4g32", embed="b16"))
-    with pytest.raises(ExportError, match=r"self_attn\.q_proj: 4-bit group size 16"):
+    with pytest.raises(ExportError, match=r"self_attn\.q_proj: no ggml type holds 4-bit "
+                       "groups of 16"):
         export_model(g16, tmp_path / "o1", "gguf", tokenizer_gguf=tokenizer_gguf)
     ok = make_folder(tmp_path / "ok")
     with pytest.raises(ExportError, match="tokenizer_gguf: not given"):

@@ -76,8 +76,11 @@ def test_the_type_table():
     assert [gguf_type(b) for b in range(1, 9)] == ["Q4_0"] * 3 + ["Q4_1", "Q5_1"] + \
         ["Q8_0"] * 3
     # symmetric grids with 4-bit scale codes on rows of whole super-blocks
-    assert [gguf_type(b, 16, 4, True, 512) for b in range(1, 9)] == \
-        ["Q2_K", "Q2_K", "Q3_K", "Q6_K", "Q6_K", "Q6_K", "Q8_0", "Q8_0"]
+    assert [gguf_type(b, 16, 4, True, 512) for b in range(1, 7)] == \
+        ["Q2_K", "Q2_K", "Q3_K", "Q6_K", "Q6_K", "Q6_K"]
+    for bits in (7, 8):  # Q8_0's blocks of 32 cannot hold groups of 16: refused, not re-rounded
+        with pytest.raises(ValidationError, match=f"no ggml type holds {bits}-bit groups of 16"):
+            gguf_type(bits, 16, 4, True, 512)
     assert [gguf_type(b, 32, 4, True, 512) for b in range(2, 7)] == \
         ["Q2_K", "Q3_K", "Q4_0", "Q5_0", "Q6_K"]
     # Q3_K's signed 6-bit sub-block scales hold 5-bit codes, Q2_K's 4-bit ones
@@ -112,7 +115,7 @@ def test_k_quants_refuse_what_they_cannot_hold():
     with pytest.raises(ExportError, match="span"):
         encode_q3_k(asym)  # min-max 3-bit codes leave −4..3
     # 288-wide rows are no whole super-block, and groups of 16 no whole block of 32
-    with pytest.raises(ExportError, match="group size 16 is not a multiple of 32"):
+    with pytest.raises(ExportError, match="no ggml type holds 2-bit groups of 16 on 288-wide"):
         encode(_matrix(2, 16, 4, "sym", cols=288), sym=True)
 
 

@@ -100,7 +100,8 @@ def test_compressed_tensors_shares_add_up_to_each_matrix(bits, g):
 
 
 def test_gguf_sizes_refuse_partial_blocks():
-    with pytest.raises(ValidationError, match="multiple of 32"):
+    with pytest.raises(ValidationError, match="4-bit groups of 32 on 48-wide rows exactly; "
+                       "valid: groups and rows of whole blocks of 32"):
         gguf_nbytes(4, 48, 4)
     with pytest.raises(ValidationError, match="does not divide"):
         compressed_tensors_nbytes(4, 96, 4, 64)
