@@ -12,7 +12,9 @@ own model; export to compressed-tensors and load that with transformers
 llama.cpp (llama-cpp-python built from its sdist, cached in ``.cache/llama-cpp``). Perplexity:
 the GPTQ protocol on WikiText-2 test, the first ``--windows`` non-overlapping windows of
 ``--seqlen`` tokens, the same token windows for all three engines. Optionally
-(``--pruned``) a second plan prunes a few structures and exercises the GGUF ``deci`` path.
+(``--pruned``) a second plan prunes a few structures and exercises the GGUF ``deci`` path and
+the compressed-tensors DeciLM (Nemotron-NAS) layout, which transformers runs with the model code
+the export carries.
 
 Torch runs on one thread (the machine is shared); llama.cpp on ``--threads``.
 """
@@ -117,23 +119,25 @@ def run_plan(args, name: str, pruned: tuple[str, ...], tokens, site) -> dict:
 
     windows = tokens[0, : args.seqlen * args.windows].reshape(args.windows, args.seqlen)
 
-    if not pruned:
-        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-        t = time.perf_counter()
-        ct = export_model(src, work / "compressed-tensors", "compressed-tensors", force=True)
-        t_export = time.perf_counter() - t
-        hf = AutoModelForCausalLM.from_pretrained(
-            ct.out, dtype=torch.float32,
-            quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-        t = time.perf_counter()
-        with torch.no_grad():
-            ppl = perplexity(hf, tokens, args.seqlen, windows=args.windows, progress=False)
-        row["compressed-tensors"] = {
-            "ppl": ppl.ppl, "eval_s": time.perf_counter() - t, "export_s": t_export,
-            "files": ct.files, "weights_bytes": ct.files["model.safetensors"],
-            "types": ct.type_counts(), "notes": list(ct.notes), "engine": "transformers"}
-        del hf
+    t = time.perf_counter()
+    ct = export_model(src, work / "compressed-tensors", "compressed-tensors", force=True)
+    t_export = time.perf_counter() - t
+    # a pruned export is DeciLM (Nemotron-NAS): transformers runs it with the model code
+    # the export carries (trust_remote_code); compressed-tensors decompresses at load
+    hf = AutoModelForCausalLM.from_pretrained(
+        ct.out, dtype=torch.float32, trust_remote_code=bool(pruned),
+        quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        ppl = perplexity(hf, tokens, args.seqlen, windows=args.windows, progress=False)
+    row["compressed-tensors"] = {
+        "ppl": ppl.ppl, "eval_s": time.perf_counter() - t, "export_s": t_export,
+        "files": ct.files, "weights_bytes": ct.files["model.safetensors"],
+        "types": ct.type_counts(), "notes": list(ct.notes), "engine": "transformers",
+        "architecture": ct.layout["architecture"]}
+    del hf
 
     t = time.perf_counter()
     gg = export_model(src, work / "gguf", "gguf", force=True)

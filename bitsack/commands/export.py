@@ -13,14 +13,15 @@ def register(subparsers) -> None:
         "export", help="export a compressed model to compressed-tensors (vLLM) or GGUF "
         "(llama.cpp)",
         description="Write the compressed model folder DIR in another engine's format, "
-        "without re-quantizing: compressed-tensors pack-quantized (vLLM, transformers) or "
-        "GGUF (llama.cpp; arch llama, or deci for pruned models). Engines store one type per "
-        "tensor, so every matrix must have one bit-width and group size; what a format "
-        "cannot store is refused with the module and the reason.")
+        "without re-quantizing: compressed-tensors pack-quantized (vLLM, transformers; "
+        "pruned models as DeciLM / Nemotron-NAS with their model code, "
+        "trust_remote_code) or GGUF (llama.cpp; arch llama, or deci for pruned models). "
+        "Engines store one type per tensor, so every matrix must have one bit-width and "
+        "group size; what a format cannot store is refused with the module and the reason.")
     p.add_argument("dir", metavar="DIR", help="a compressed model folder (bitsack compress / "
                    "bitsack run)")
     p.add_argument("--format", required=True, choices=FORMATS,
-                   help="compressed-tensors (bits-only models) or gguf")
+                   help="compressed-tensors (pruned models: DeciLM layout) or gguf")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier "
                    "export of the same format (replaced atomically); anything else is refused")
     p.add_argument("--force", action="store_true", help="replace --out even when it is a "

@@ -1,7 +1,8 @@
 """Exports of compressed model folders to other engines' formats.
 
 - ``compressed-tensors`` (``export_compressed_tensors``): ``pack-quantized``, read by vLLM and
-  transformers; bitsack's packed words relabelled, no re-quantization; bits-only models.
+  transformers; bitsack's packed words relabelled, no re-quantization; pruned models in the
+  DeciLM / Nemotron-NAS layout (zero-padded, with its model code; ``bitsack.export.decilm``).
 - ``gguf`` (``export_gguf``): llama.cpp; per-tensor ggml types (Q4_1 / Q5_1 / Q8_0 / F16),
   arch ``llama`` for bits-only models and ``deci`` (per-layer head and FFN sizes) for pruned
   ones.

@@ -97,6 +97,48 @@ class GridMatrix:
                           self.scale[index], self.zero[index], self.scale_bits,
                           None if self.step is None else self.step[index])
 
+    def spread_rows(self, index: np.ndarray, rows: int) -> GridMatrix:
+        """The grid of ``rows`` rows whose row ``index[i]`` is row ``i`` and every other row
+        zero (codes, scale and zero point 0: it dequantizes to exactly 0)."""
+        return GridMatrix(self.name, self.bits, self.group_size,
+                          _spread(self.codes, index, rows, 0), _spread(self.scale, index, rows, 0),
+                          _spread(self.zero, index, rows, 0), self.scale_bits,
+                          None if self.step is None else _spread(self.step, index, rows, 0))
+
+    def spread_columns(self, index: np.ndarray, cols: int) -> GridMatrix:
+        """The grid of ``cols`` columns whose column ``index[j]`` is column ``j`` and every
+        other column zero. Groups move whole: each must land on consecutive columns that start
+        a group of the new grid (the scale codes' super-blocks are dropped: they no longer line
+        up).
+
+        Raises:
+            ExportError: a group would be split or land off the group boundaries.
+        """
+        g = self.group_size
+        dest = np.asarray(index).reshape(-1, g) if self.shape[1] % g == 0 else None
+        if dest is None or cols % g or bool((dest[:, 0] % g).any()) or \
+                not np.array_equal(dest, dest[:, :1] + np.arange(g)):
+            raise ExportError(self.name, f"its groups of {g} columns cannot move whole into "
+                              f"the {cols}-column layout (they would be split or land off "
+                              "the group boundaries); valid: a group size that divides the "
+                              "columns of every head (head_dim) and every padding")
+        starts = dest[:, 0] // g
+        return GridMatrix(self.name, self.bits, g, _spread(self.codes, index, cols, 1),
+                          _spread(self.scale, starts, cols // g, 1),
+                          _spread(self.zero, starts, cols // g, 1))
+
+
+def _spread(a: np.ndarray, index: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``a`` placed at positions ``index`` of a zero array of ``size`` along ``axis``."""
+    shape = list(a.shape)
+    shape[axis] = size
+    out = np.zeros(shape, dtype=a.dtype)
+    if axis == 0:
+        out[index] = a
+    else:
+        out[:, index] = a
+    return out
+
 
 @dataclass(frozen=True)
 class DenseMatrix:
@@ -111,6 +153,18 @@ class DenseMatrix:
     name: str
     weight: np.ndarray
     exact: bool = True
+
+    def spread_rows(self, index: np.ndarray, rows: int) -> DenseMatrix:
+        """``rows`` rows: row ``index[i]`` is row ``i``, the others zero."""
+        return DenseMatrix(self.name, _spread(self.weight, index, rows, 0), self.exact)
+
+    def spread_columns(self, index: np.ndarray, cols: int) -> DenseMatrix:
+        """``cols`` columns: column ``index[j]`` is column ``j``, the others zero."""
+        return DenseMatrix(self.name, _spread(self.weight, index, cols, 1), self.exact)
+
+
+#: A matrix as an export writes it.
+Matrix = GridMatrix | DenseMatrix
 
 
 @dataclass(frozen=True)

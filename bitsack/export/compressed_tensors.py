@@ -31,12 +31,18 @@ What is written:
   (the scales are fp16, which bfloat16 would round, and vLLM's low-bit kernels run in
   float16 / bfloat16; a changed dtype is reported in ``notes``); the tokenizer's files.
 
+**Pruned models** are written in the DeciLM / Nemotron-NAS layout, the one vLLM serves with
+per-layer head and MLP sizes (``bitsack.export.decilm``): ``model_type: nemotron-nas``,
+``block_configs`` per layer, pruned query heads and MLP channels zero-padded back where that
+layout fixes them (no output changes; the bytes it adds are in ``notes``), and the folder
+carries its own configuration and model code (``configuration_decilm.py``,
+``modeling_decilm.py``; ``trust_remote_code``), with which transformers runs it. vLLM itself
+cannot run here (no GPU, not installed): that it serves the folder is inferred from its
+``nemotron_nas.py``, not tested.
+
 Refused (``ExportError``): a matrix that mixes (bits, group size); a group size that does not
-divide its rows (compressed-tensors requires it); pruned models — vLLM carries per-layer head
-and FFN sizes only through its DeciLM / Nemotron-NAS model (``block_configs``, query-head count
-fixed, so pruned query heads would have to be zero-padded back), which cannot be run or checked
-here (transformers 5.24 has no such model; vLLM does not run on this machine). A pruned model
-exports to GGUF (arch ``deci``).
+divide its rows (compressed-tensors requires it); for pruned models, what the DeciLM layout
+cannot hold (biases, a sliding window, groups that the padding would split).
 
 Known loader limits (compressed-tensors 0.20.1 + transformers 5.24, not of this file):
 transformers' default path cannot load *any* asymmetric pack-quantized checkpoint (it sizes
@@ -56,12 +62,14 @@ from typing import Any
 
 import numpy as np
 
+from bitsack.export import decilm
 from bitsack.export.common import (
     DenseMatrix,
     ExportedTensor,
     ExportError,
     ExportResult,
     GridMatrix,
+    Matrix,
     Source,
     dense_state,
     matrix_of,
@@ -151,32 +159,58 @@ def export_compressed_tensors(source_dir: str | os.PathLike, out: str | os.PathL
     check_output_dir(out, what=f"bitsack {FORMAT} export", is_ours=is_export_dir(FORMAT),
                      force=force)
     src = open_source(source_dir)
-    pruned = src.pruned_layers()
-    if pruned:
-        listed = "; ".join(f"layer {i}: {d}" for i, d in list(pruned.items())[:4])
-        more = f" (and {len(pruned) - 4} more)" if len(pruned) > 4 else ""
-        raise ExportError("model", f"is pruned ({listed}{more}); compressed-tensors carries "
-                          "per-layer head and FFN sizes only through vLLM's DeciLM / "
-                          "Nemotron-NAS layout (block_configs, query heads zero-padded back to "
-                          "num_attention_heads), which bitsack cannot run or check here "
-                          "(transformers 5.24 has no DeciLM model, vLLM needs a GPU); valid: a "
-                          "bits-only plan (no unit pruned), or --format gguf (arch deci)")
-    state, tensors, groups, notes = _build(src)
-    return write_folder(out, FORMAT, force, lambda tmp: _write(src, tmp, state, tensors, groups,
-                                                               notes))
+    lay = decilm.layout(src) if src.pruned_layers() else None
+    state, tensors, groups, notes = _build(src, lay)
+    return write_folder(out, FORMAT, force, lambda tmp: _write(src, lay, tmp, state, tensors,
+                                                               groups, notes))
 
 
-def _build(src: Source) -> tuple[dict[str, np.ndarray], list[ExportedTensor],
-                                 dict[tuple[int, int], list[str]], list[str]]:
+def _modules(src: Source, lay: decilm.DeciLayout | None,
+             ) -> tuple[dict[str, Matrix], dict[str, np.ndarray], dict[str, float]]:
+    """The matrices to write (``{module: matrix}``, model order), the other tensors, and for
+    each padded matrix the fraction of its entries that are padding."""
     tied = bool(src.config.get("tie_word_embeddings", False))
+    modules = {n: matrix_of(n, m, FORMAT) for n, m in src.packed_modules().items()
+               if not (n == "lm_head" and tied)}  # the embedding's tensor, re-tied by loaders
+    dense = {k: v for k, v in dense_state(src).items() if not (tied and k == "lm_head.weight")}
+    if lay is None:
+        return modules, dense, {}
+
+    def matrix(name: str) -> Matrix:
+        if name in modules:
+            return modules[name]
+        return DenseMatrix(name, dense[f"{name}.weight"])
+
+    hidden = int(src.config["hidden_size"])
+    out = {n: m for n, m in modules.items() if not n.startswith("model.layers.")}
+    padded: dict[str, float] = {}
+    for i in range(src.num_layers):
+        for name, m in decilm.layer_matrices(lay, i, matrix, hidden).items():
+            before = modules.get(name)
+            kept = 0 if before is None else int(np.prod(_shape(before)))
+            if kept != int(np.prod(_shape(m))):
+                padded[name] = 1 - kept / int(np.prod(_shape(m)))
+            out[name] = m
+    norms = {n for i in range(src.num_layers) for n in decilm.layer_norms(lay, i)}
+    dense = {k: v for k, v in dense.items() if not k.startswith("model.layers.") or k in norms}
+    return out, dense, padded
+
+
+def _shape(m: Matrix) -> tuple[int, int]:
+    return m.shape if isinstance(m, GridMatrix) else m.weight.shape
+
+
+def _build(src: Source, lay: decilm.DeciLayout | None,
+           ) -> tuple[dict[str, np.ndarray], list[ExportedTensor],
+                      dict[tuple[int, int], list[str]], list[str]]:
     state: dict[str, np.ndarray] = {}
     tensors: list[ExportedTensor] = []
     groups: dict[tuple[int, int], list[str]] = {}
     notes: list[str] = []
-    for name, module in src.packed_modules().items():
-        if name == "lm_head" and tied:
-            continue  # the embedding's tensor, re-tied by every loader
-        m = matrix_of(name, module, FORMAT)
+    modules, dense, padded = _modules(src, lay)
+    pad_bytes = 0.0
+    written = 0
+    for name, m in modules.items():
         if isinstance(m, GridMatrix) and name in _EMBEDDINGS:
             w = m.dequantize()
             m = DenseMatrix(name, w.astype(np.float16), exact=False)
@@ -185,21 +219,30 @@ def _build(src: Source) -> tuple[dict[str, np.ndarray], list[ExportedTensor],
                          f"packed weights written dense float16 (vLLM quantizes linear layers "
                          f"only): one fp16 rounding per weight, max |error| {err:.3g}")
         if isinstance(m, DenseMatrix):
-            state[f"{name}.weight"] = m.weight
-            tensors.append(ExportedTensor(f"{name}.weight", "F16", m.weight.shape,
-                                          m.weight.nbytes, name))
-            continue
-        for leaf, arr in grid_tensors(m).items():
+            arrays = {"weight": m.weight}
+        else:
+            arrays = grid_tensors(m)
+            groups.setdefault((m.bits, m.group_size), []).append(name)
+        size = 0
+        for leaf, arr in arrays.items():
             state[f"{name}.{leaf}"] = arr
             kind = f"I32 (int{m.bits} g{m.group_size})" if leaf == "weight_packed" else \
                 st_dtype(arr.dtype)
             tensors.append(ExportedTensor(f"{name}.{leaf}", kind, arr.shape, arr.nbytes, name))
-        groups.setdefault((m.bits, m.group_size), []).append(name)
-    for k, v in dense_state(src).items():
-        if tied and k == "lm_head.weight":
-            continue
+            size += arr.nbytes
+        if name.startswith("model.layers."):
+            written += size
+            pad_bytes += size * padded.get(name, 0.0)
+    for k, v in dense.items():
         state[k] = v
         tensors.append(ExportedTensor(k, st_dtype(v.dtype), v.shape, v.nbytes))
+    if lay is not None:
+        notes.append(decilm.padding_note(lay, round(pad_bytes), written))
+        if lay.zero_attention:
+            notes.append(f"layers {list(lay.zero_attention)}: the first layer that computes "
+                         "anything has no attention left; written with a zero attention (one "
+                         "KV head, dense fp16 zeros, output exactly 0) because vLLM's DeciLM "
+                         "layer needs an attention before its first MLP")
     dtype = str(src.config.get("dtype", src.config.get("torch_dtype")))
     if dtype != "float16":
         notes.append(f"config dtype {dtype} -> float16: the scales are fp16 (bfloat16 would "
@@ -217,8 +260,9 @@ def quantization_config(groups: dict[tuple[int, int], list[str]]) -> dict[str, A
             "ignore": [], "kv_cache_scheme": None}
 
 
-def _write(src: Source, tmp: Path, state: dict[str, np.ndarray], tensors: list[ExportedTensor],
-           groups: dict[tuple[int, int], list[str]], notes: list[str]) -> ExportResult:
+def _write(src: Source, lay: decilm.DeciLayout | None, tmp: Path, state: dict[str, np.ndarray],
+           tensors: list[ExportedTensor], groups: dict[tuple[int, int], list[str]],
+           notes: list[str]) -> ExportResult:
     import torch
     from safetensors.torch import save_file
 
@@ -226,14 +270,20 @@ def _write(src: Source, tmp: Path, state: dict[str, np.ndarray], tensors: list[E
               str(tmp / "model.safetensors"), metadata={"format": "pt"})
     cfg = dict(src.config)
     cfg.pop("torch_dtype", None)
+    if lay is not None:
+        cfg = decilm.decilm_config(cfg, lay)
+        decilm.copy_code(tmp)
     cfg["dtype"] = "float16"
     cfg["quantization_config"] = quantization_config(groups)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for p in sorted(src.path.iterdir()):
         if p.is_file() and p.name not in _OWN_FILES:
             shutil.copyfile(p, tmp / p.name)  # tokenizer, generation config
-    layout = {"architecture": src.model_type, "kind": "bits-only",
+    layout = {"architecture": src.model_type if lay is None else "DeciLMForCausalLM",
+              "kind": "bits-only" if lay is None else "pruned",
               "schemes": {f"int{b}-g{g}": len(n) for (b, g), n in sorted(groups.items())}}
+    if lay is not None:
+        layout.update(lay.to_dict())
     return ExportResult(format=FORMAT, out=tmp, files={}, tensors=tuple(tensors),
                         source=src.path, source_packed_bytes=src.meta.get("packed_bytes"),
                         layout=layout, notes=tuple(notes))

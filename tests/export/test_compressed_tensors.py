@@ -207,16 +207,6 @@ def test_a_matrix_that_mixes_bit_widths_is_refused(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
-def test_a_pruned_model_is_refused_naming_what_is_missing(tmp_path):
-    src = make_folder(tmp_path / "c", dict(pruned=("L1.attn.g0", "L0.mlp.c1")))
-    with pytest.raises(ExportError) as err:
-        export_model(src, tmp_path / "ct", "compressed-tensors")
-    msg = str(err.value)
-    assert "layer 0: 64 of 96 MLP channels kept" in msg
-    assert "layer 1: 1 of 2 KV head groups kept" in msg
-    assert "DeciLM" in msg and "gguf" in msg
-
-
 def test_a_group_that_does_not_divide_the_row_is_refused():
     m = GridMatrix("x", 4, 32, np.zeros((2, 48), np.uint8), np.ones((2, 2), np.float16),
                    np.zeros((2, 2), np.float16))

@@ -1,0 +1,243 @@
+"""The DeciLM / Nemotron-NAS layout of a pruned model, as the compressed-tensors export writes it.
+
+vLLM serves per-layer head and MLP sizes only through its ``DeciLMForCausalLM``
+(``vllm/model_executor/models/nemotron_nas.py``), configured by ``block_configs``: per layer,
+``attention.no_op`` or ``attention.n_heads_in_group`` (that layer's KV heads are
+``num_attention_heads // n_heads_in_group``), and ``ffn.no_op`` or ``ffn.ffn_mult`` (MLP width
+``int(2·ffn_mult·hidden/3)`` rounded up to a multiple of 256). Two things there are fixed that
+bitsack's pruning is not, so the export zero-pads, which changes no output:
+
+- **Query heads.** Every attention layer has ``num_attention_heads`` query heads. bitsack prunes
+  a KV head with its ``r`` query heads, so a layer keeping ``k`` KV heads has ``k·r``. The export
+  sets ``num_attention_heads = H' = r·max_i k_i`` and gives layer ``i`` the fewest KV heads
+  ``k'_i ≥ k_i`` that divide ``H'`` into groups of at least ``r`` query heads; KV head ``g < k_i``
+  serves query slots ``g·n … g·n + r − 1`` (``n = H'/k'_i``) with bitsack's heads of group ``g``,
+  in order. The other slots have zero q rows and zero o_proj columns (their attention output is
+  multiplied by zero), the KV heads ``≥ k_i`` zero k / v rows.
+- **MLP widths** are multiples of 256: a kept width ``w`` gets zero gate / up rows and zero down
+  columns up to ``⌈w/256⌉·256`` (``silu(0)·0 = 0``). ``ffn_mult`` is written so that the
+  formula gives that width exactly.
+
+A zero row or column of a quantized matrix has codes, scale and zero point 0 (it dequantizes to
+exactly 0); o_proj / down_proj columns move in whole groups, so the group size must divide the
+columns of each head and the MLP padding (refused otherwise, naming the module). The padding
+costs file bytes (reported in the export's notes and layout), not quality.
+
+**A vLLM quirk worked around:** its DeciLM layer feeds the MLP through
+``post_attention_layernorm(hidden, residual)``, which returns one tensor, not two, while no
+attention has yet set ``residual``. So the first layer that computes anything must have
+attention: if it has none, it gets a zero attention (one KV head, dense fp16 zeros, its
+attention output exactly 0), reported in the notes.
+
+Layers that are no-ops in a part carry neither that part's tensors nor its norm, as vLLM's
+loader expects. Refused: biases (q/k/v/o or MLP), an active sliding window, and anything
+``bitsack.export.common`` refuses.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitsack.export.common import DenseMatrix, ExportError, Matrix, Source
+
+#: The remote code a pruned export carries, and the ``auto_map`` naming it.
+CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
+            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def ffn_mult_for(width: int, hidden: int) -> float:
+    """The ``ffn_mult`` (rounded to 6 decimals, as Nemotron-NAS configs are) whose MLP width is
+    ``width``, a positive multiple of 256: aimed at ``width − 128``, the middle of the interval
+    that rounds up to ``width``."""
+    from bitsack.export.decilm_code.configuration_decilm import (
+        FFN_MULTIPLE,
+        intermediate_size_of,
+    )
+
+    mult = round((width - FFN_MULTIPLE / 2) * 3 / (2 * hidden), 6)
+    assert intermediate_size_of(mult, hidden) == width, (width, hidden, mult)
+    return mult
+
+
+@dataclass(frozen=True)
+class DeciLayout:
+    """Per-layer sizes of the export (see module docstring).
+
+    Attributes:
+        heads: ``num_attention_heads`` of every attention layer, padding included (``H'``).
+        head_dim: size of a head.
+        ratio: query heads per KV head in the base model (``r``).
+        kv_kept: bitsack's KV heads per layer.
+        kv_slots: KV heads written per layer (0: attention is a no-op).
+        ffn_kept: bitsack's MLP width per layer.
+        ffn_width: MLP width written per layer (0: the MLP is a no-op).
+        zero_attention: layers given a zero attention (the vLLM quirk).
+    """
+
+    heads: int
+    head_dim: int
+    ratio: int
+    kv_kept: tuple[int, ...]
+    kv_slots: tuple[int, ...]
+    ffn_kept: tuple[int, ...]
+    ffn_width: tuple[int, ...]
+    zero_attention: tuple[int, ...] = ()
+
+    def query_rows(self, i: int) -> np.ndarray:
+        """Row of the written q_proj (column of o_proj) of each of bitsack's rows of layer
+        ``i``, in bitsack's order (KV group by KV group, ``ratio`` heads each)."""
+        n = self.heads // self.kv_slots[i]
+        slots = [g * n + j for g in range(self.kv_kept[i]) for j in range(self.ratio)]
+        return _head_rows(slots, self.head_dim)
+
+    def block_configs(self, hidden: int) -> list[dict[str, Any]]:
+        """``block_configs`` of config.json, in the Nemotron-NAS schema."""
+        out = []
+        for kv, width in zip(self.kv_slots, self.ffn_width, strict=True):
+            attn = {"no_op": kv == 0, "replace_with_linear": False}
+            if kv:
+                attn["n_heads_in_group"] = self.heads // kv
+            ffn = {"no_op": width == 0, "replace_with_linear": False}
+            if width:
+                ffn["ffn_mult"] = ffn_mult_for(width, hidden)
+            out.append({"attention": attn, "ffn": ffn})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_attention_heads": self.heads, "kv_heads": list(self.kv_slots),
+                "kv_heads_kept": list(self.kv_kept), "ffn_width": list(self.ffn_width),
+                "ffn_width_kept": list(self.ffn_kept),
+                "zero_attention_layers": list(self.zero_attention)}
+
+
+def _head_rows(slots: list[int], head_dim: int) -> np.ndarray:
+    return (np.asarray(slots, dtype=np.int64)[:, None] * head_dim
+            + np.arange(head_dim)).reshape(-1)
+
+
+def layout(src: Source) -> DeciLayout:
+    """The DeciLM layout of the pruned folder ``src``.
+
+    Raises:
+        ExportError: biases, an active sliding window, or a model with no layer left.
+    """
+    from bitsack.export.decilm_code.configuration_decilm import FFN_MULTIPLE
+
+    c = src.config
+    for key in ("attention_bias", "mlp_bias"):
+        if c.get(key):
+            raise ExportError(key, "true: the DeciLM export writes no bias tensors; valid: "
+                              "false (a pruned Llama / Mistral without biases)")
+    biased = sorted(k for k in src.model.state_dict() if k.endswith(".bias"))
+    if biased:
+        raise ExportError(biased[0], f"is a bias ({len(biased)} in all); the DeciLM export of "
+                          "a pruned model writes none; valid: a model without biases, or a "
+                          "bits-only plan")
+    if c.get("sliding_window") and c.get("use_sliding_window", True):
+        raise ExportError("sliding_window", f"{c['sliding_window']}: vLLM's DeciLM attends "
+                          "to the whole context; valid: a model without a sliding window")
+    heads, kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
+    head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
+    r = heads // kv
+    dims = src.layer_dims()
+    kv_kept = tuple(int(d["kv_heads"]) for d in dims)
+    ffn_kept = tuple(int(d["mlp_width"]) for d in dims)
+    if not any(kv_kept) and not any(ffn_kept):
+        raise ExportError("model", "keeps no attention head and no MLP channel in any layer; "
+                          "valid: a plan that keeps something")
+    h = r * max(max(kv_kept), 1)
+    slots = [0 if k == 0 else min(s for s in range(k, h // r + 1) if h % s == 0)
+             for k in kv_kept]
+    first = next(i for i in range(len(dims)) if kv_kept[i] or ffn_kept[i])
+    zero_attention: tuple[int, ...] = ()
+    if kv_kept[first] == 0:
+        slots[first] = 1
+        zero_attention = (first,)
+    width = tuple(-(-w // FFN_MULTIPLE) * FFN_MULTIPLE for w in ffn_kept)
+    return DeciLayout(heads=h, head_dim=head_dim, ratio=r, kv_kept=kv_kept,
+                      kv_slots=tuple(slots), ffn_kept=ffn_kept, ffn_width=width,
+                      zero_attention=zero_attention)
+
+
+def layer_matrices(lay: DeciLayout, i: int, matrix: Any, hidden: int) -> dict[str, Matrix]:
+    """The matrices written for layer ``i`` (``{module name: matrix}``), padded to the
+    layout; ``matrix(name)`` gives bitsack's matrix of a module."""
+    pre = f"model.layers.{i}."
+    out: dict[str, Matrix] = {}
+    d, h = lay.head_dim, lay.heads
+    if i in lay.zero_attention:
+        for part, shape in (("q_proj", (h * d, hidden)), ("k_proj", (d, hidden)),
+                            ("v_proj", (d, hidden)), ("o_proj", (hidden, h * d))):
+            out[pre + "self_attn." + part] = DenseMatrix(
+                pre + "self_attn." + part, np.zeros(shape, dtype=np.float16))
+    elif lay.kv_slots[i]:
+        q_rows = lay.query_rows(i)
+        kv_rows = _head_rows(list(range(lay.kv_kept[i])), d)
+        kv_total = lay.kv_slots[i] * d
+        for part in _ATTN:
+            name = pre + "self_attn." + part
+            m = matrix(name)
+            if part == "q_proj":
+                m = m.spread_rows(q_rows, h * d)
+            elif part == "o_proj":
+                m = m.spread_columns(q_rows, h * d)
+            else:
+                m = m.spread_rows(kv_rows, kv_total)
+            out[name] = m
+    w, kept = lay.ffn_width[i], lay.ffn_kept[i]
+    if w:
+        index = np.arange(kept)
+        for part in _MLP:
+            name = pre + "mlp." + part
+            m = matrix(name)
+            out[name] = m.spread_columns(index, w) if part == "down_proj" else \
+                m.spread_rows(index, w)
+    return out
+
+
+def layer_norms(lay: DeciLayout, i: int) -> tuple[str, ...]:
+    """The norm weights layer ``i`` keeps (a no-op part has none)."""
+    pre = f"model.layers.{i}."
+    return tuple(pre + n for n, on in (("input_layernorm.weight", lay.kv_slots[i]),
+                                       ("post_attention_layernorm.weight", lay.ffn_width[i]))
+                 if on)
+
+
+def decilm_config(base: dict[str, Any], lay: DeciLayout) -> dict[str, Any]:
+    """config.json of the export (before its ``quantization_config``): the base Llama config
+    with DeciLM's model type, architecture, code, head count and ``block_configs``."""
+    cfg = dict(base)
+    first_kv = next(k for k in lay.kv_slots if k) if any(lay.kv_slots) else 1
+    cfg.update({
+        "model_type": "nemotron-nas", "architectures": ["DeciLMForCausalLM"],
+        "auto_map": dict(AUTO_MAP), "num_attention_heads": lay.heads,
+        "num_key_value_heads": first_kv, "head_dim": lay.head_dim,
+        "intermediate_size": max(lay.ffn_width),
+        "block_configs": lay.block_configs(int(base["hidden_size"]))})
+    return cfg
+
+
+def padding_note(lay: DeciLayout, pad_bytes: int, layer_bytes: int) -> str:
+    """What the zero-padding adds: ``pad_bytes`` of the ``layer_bytes`` written for the
+    layers' matrices."""
+    return (f"DeciLM layout: {lay.heads} query heads in every attention layer, MLP widths "
+            "multiples of 256; bitsack's pruned heads and channels are zero-padded back where "
+            f"that needs it (no output changes): about {pad_bytes:,} bytes of zero rows / "
+            f"columns ({100 * pad_bytes / max(layer_bytes, 1):.1f} % of the layers' "
+            f"{layer_bytes:,} bytes)")
+
+
+def copy_code(out: Path) -> None:
+    """Copy the DeciLM configuration and model code into the export folder ``out``."""
+    here = Path(__file__).resolve().parent / "decilm_code"
+    for name in CODE_FILES:
+        shutil.copyfile(here / name, out / name)
