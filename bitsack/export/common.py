@@ -101,9 +101,9 @@ class GridMatrix:
         """The grid of ``rows`` rows whose row ``index[i]`` is row ``i`` and every other row
         zero (codes, scale and zero point 0: it dequantizes to exactly 0)."""
         return GridMatrix(self.name, self.bits, self.group_size,
-                          _spread(self.codes, index, rows, 0), _spread(self.scale, index, rows, 0),
-                          _spread(self.zero, index, rows, 0), self.scale_bits,
-                          None if self.step is None else _spread(self.step, index, rows, 0))
+                          spread(self.codes, index, rows, 0), spread(self.scale, index, rows, 0),
+                          spread(self.zero, index, rows, 0), self.scale_bits,
+                          None if self.step is None else spread(self.step, index, rows, 0))
 
     def spread_columns(self, index: np.ndarray, cols: int) -> GridMatrix:
         """The grid of ``cols`` columns whose column ``index[j]`` is column ``j`` and every
@@ -123,12 +123,12 @@ class GridMatrix:
                               "the group boundaries); valid: a group size that divides the "
                               "columns of every head (head_dim) and every padding")
         starts = dest[:, 0] // g
-        return GridMatrix(self.name, self.bits, g, _spread(self.codes, index, cols, 1),
-                          _spread(self.scale, starts, cols // g, 1),
-                          _spread(self.zero, starts, cols // g, 1))
+        return GridMatrix(self.name, self.bits, g, spread(self.codes, index, cols, 1),
+                          spread(self.scale, starts, cols // g, 1),
+                          spread(self.zero, starts, cols // g, 1))
 
 
-def _spread(a: np.ndarray, index: np.ndarray, size: int, axis: int) -> np.ndarray:
+def spread(a: np.ndarray, index: np.ndarray, size: int, axis: int) -> np.ndarray:
     """``a`` placed at positions ``index`` of a zero array of ``size`` along ``axis``."""
     shape = list(a.shape)
     shape[axis] = size
@@ -156,11 +156,11 @@ class DenseMatrix:
 
     def spread_rows(self, index: np.ndarray, rows: int) -> DenseMatrix:
         """``rows`` rows: row ``index[i]`` is row ``i``, the others zero."""
-        return DenseMatrix(self.name, _spread(self.weight, index, rows, 0), self.exact)
+        return DenseMatrix(self.name, spread(self.weight, index, rows, 0), self.exact)
 
     def spread_columns(self, index: np.ndarray, cols: int) -> DenseMatrix:
         """``cols`` columns: column ``index[j]`` is column ``j``, the others zero."""
-        return DenseMatrix(self.name, _spread(self.weight, index, cols, 1), self.exact)
+        return DenseMatrix(self.name, spread(self.weight, index, cols, 1), self.exact)
 
 
 #: A matrix as an export writes it.

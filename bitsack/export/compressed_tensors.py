@@ -42,7 +42,7 @@ cannot run here (no GPU, not installed): that it serves the folder is inferred f
 
 Refused (``ExportError``): a matrix that mixes (bits, group size); a group size that does not
 divide its rows (compressed-tensors requires it); for pruned models, what the DeciLM layout
-cannot hold (biases, a sliding window, groups that the padding would split).
+cannot hold (a sliding window, groups that the padding would split).
 
 Known loader limits (compressed-tensors 0.20.1 + transformers 5.24, not of this file):
 transformers' default path cannot load *any* asymmetric pack-quantized checkpoint (it sizes
@@ -191,9 +191,10 @@ def _modules(src: Source, lay: decilm.DeciLayout | None,
             if kept != int(np.prod(_shape(m))):
                 padded[name] = 1 - kept / int(np.prod(_shape(m)))
             out[name] = m
-    norms = {n for i in range(src.num_layers) for n in decilm.layer_norms(lay, i)}
-    dense = {k: v for k, v in dense.items() if not k.startswith("model.layers.") or k in norms}
-    return out, dense, padded
+    kept = {k: v for k, v in dense.items() if not k.startswith("model.layers.")}
+    for i in range(src.num_layers):
+        kept.update(decilm.layer_vectors(lay, i, dense, hidden))
+    return out, kept, padded
 
 
 def _shape(m: Matrix) -> tuple[int, int]:
@@ -239,10 +240,15 @@ def _build(src: Source, lay: decilm.DeciLayout | None,
     if lay is not None:
         notes.append(decilm.padding_note(lay, round(pad_bytes), written))
         if lay.zero_attention:
-            notes.append(f"layers {list(lay.zero_attention)}: the first layer that computes "
-                         "anything has no attention left; written with a zero attention (one "
-                         "KV head, dense fp16 zeros, output exactly 0) because vLLM's DeciLM "
-                         "layer needs an attention before its first MLP")
+            notes.append(f"layers {list(lay.zero_attention)}: attention pruned whole, written as "
+                         "a zero attention (one KV head, dense fp16 zeros; its output is the "
+                         "output bias bitsack keeps, or exactly 0) — where the layer has that "
+                         "bias, or where vLLM's DeciLM layer needs an attention before the "
+                         "first MLP")
+        if lay.zero_ffn:
+            notes.append(f"layers {list(lay.zero_ffn)}: MLP pruned whole but its output bias "
+                         "kept, written as a zero MLP of 256 channels (dense fp16 zeros) "
+                         "adding that bias")
     dtype = str(src.config.get("dtype", src.config.get("torch_dtype")))
     if dtype != "float16":
         notes.append(f"config dtype {dtype} -> float16: the scales are fp16 (bfloat16 would "
@@ -271,7 +277,7 @@ def _write(src: Source, lay: decilm.DeciLayout | None, tmp: Path, state: dict[st
     cfg = dict(src.config)
     cfg.pop("torch_dtype", None)
     if lay is not None:
-        cfg = decilm.decilm_config(cfg, lay)
+        cfg = decilm.decilm_config(cfg, lay, state)
         decilm.copy_code(tmp)
     cfg["dtype"] = "float16"
     cfg["quantization_config"] = quantization_config(groups)

@@ -23,15 +23,21 @@ exactly 0); o_proj / down_proj columns move in whole groups, so the group size m
 columns of each head and the MLP padding (refused otherwise, naming the module). The padding
 costs file bytes (reported in the export's notes and layout), not quality.
 
-**A vLLM quirk worked around:** its DeciLM layer feeds the MLP through
-``post_attention_layernorm(hidden, residual)``, which returns one tensor, not two, while no
-attention has yet set ``residual``. So the first layer that computes anything must have
-attention: if it has none, it gets a zero attention (one KV head, dense fp16 zeros, its
-attention output exactly 0), reported in the notes.
+**Zero parts.** A part pruned whole is a no-op, except in two cases, where it is written as
+zeros (dense fp16; attention: one KV head; MLP: 256 channels) and reported in the notes:
+
+- it has an output bias: bitsack's pruned block still adds it (``PrunedBlock``), and the zero
+  part's o_proj / down_proj bias is that bias;
+- a vLLM quirk: its DeciLM layer feeds the MLP through
+  ``post_attention_layernorm(hidden, residual)``, which returns one tensor, not two, while no
+  attention has yet set ``residual``; so the first layer that computes anything gets a zero
+  attention (output exactly 0) if it has none.
 
 Layers that are no-ops in a part carry neither that part's tensors nor its norm, as vLLM's
-loader expects. Refused: biases (q/k/v/o or MLP), an active sliding window, and anything
-``bitsack.export.common`` refuses.
+loader expects. Biases follow their rows (zero where padded); config.json says which exist as
+vLLM reads them (``qkv_bias``, ``attention_bias`` for o_proj, ``mlp_bias``), so Qwen2's q/k/v
+biases go through. Refused: an active sliding window, and anything ``bitsack.export.common``
+refuses.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from bitsack.export.common import DenseMatrix, ExportError, Matrix, Source
+from bitsack.export.common import DenseMatrix, ExportError, Matrix, Source, spread
 
 #: The remote code a pruned export carries, and the ``auto_map`` naming it.
 CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -80,7 +86,10 @@ class DeciLayout:
         kv_slots: KV heads written per layer (0: attention is a no-op).
         ffn_kept: bitsack's MLP width per layer.
         ffn_width: MLP width written per layer (0: the MLP is a no-op).
-        zero_attention: layers given a zero attention (the vLLM quirk).
+        zero_attention: layers whose attention is written as zeros (one KV head): pruned
+            whole but carrying an output bias, or the vLLM quirk.
+        zero_ffn: layers whose MLP is written as zeros (256 channels): pruned whole but
+            carrying an output bias.
     """
 
     heads: int
@@ -91,6 +100,11 @@ class DeciLayout:
     ffn_kept: tuple[int, ...]
     ffn_width: tuple[int, ...]
     zero_attention: tuple[int, ...] = ()
+    zero_ffn: tuple[int, ...] = ()
+
+    def zero(self, i: int, part: str) -> bool:
+        """Whether ``part`` of layer ``i`` is written as zeros."""
+        return i in (self.zero_attention if part in _ATTN else self.zero_ffn)
 
     def query_rows(self, i: int) -> np.ndarray:
         """Row of the written q_proj (column of o_proj) of each of bitsack's rows of layer
@@ -116,7 +130,8 @@ class DeciLayout:
         return {"num_attention_heads": self.heads, "kv_heads": list(self.kv_slots),
                 "kv_heads_kept": list(self.kv_kept), "ffn_width": list(self.ffn_width),
                 "ffn_width_kept": list(self.ffn_kept),
-                "zero_attention_layers": list(self.zero_attention)}
+                "zero_attention_layers": list(self.zero_attention),
+                "zero_ffn_layers": list(self.zero_ffn)}
 
 
 def _head_rows(slots: list[int], head_dim: int) -> np.ndarray:
@@ -128,20 +143,11 @@ def layout(src: Source) -> DeciLayout:
     """The DeciLM layout of the pruned folder ``src``.
 
     Raises:
-        ExportError: biases, an active sliding window, or a model with no layer left.
+        ExportError: an active sliding window.
     """
     from bitsack.export.decilm_code.configuration_decilm import FFN_MULTIPLE
 
     c = src.config
-    for key in ("attention_bias", "mlp_bias"):
-        if c.get(key):
-            raise ExportError(key, "true: the DeciLM export writes no bias tensors; valid: "
-                              "false (a pruned Llama / Mistral without biases)")
-    biased = sorted(k for k in src.model.state_dict() if k.endswith(".bias"))
-    if biased:
-        raise ExportError(biased[0], f"is a bias ({len(biased)} in all); the DeciLM export of "
-                          "a pruned model writes none; valid: a model without biases, or a "
-                          "bits-only plan")
     if c.get("sliding_window") and c.get("use_sliding_window", True):
         raise ExportError("sliding_window", f"{c['sliding_window']}: vLLM's DeciLM attends "
                           "to the whole context; valid: a model without a sliding window")
@@ -151,71 +157,105 @@ def layout(src: Source) -> DeciLayout:
     dims = src.layer_dims()
     kv_kept = tuple(int(d["kv_heads"]) for d in dims)
     ffn_kept = tuple(int(d["mlp_width"]) for d in dims)
-    if not any(kv_kept) and not any(ffn_kept):
-        raise ExportError("model", "keeps no attention head and no MLP channel in any layer; "
-                          "valid: a plan that keeps something")
     h = r * max(max(kv_kept), 1)
     slots = [0 if k == 0 else min(s for s in range(k, h // r + 1) if h % s == 0)
              for k in kv_kept]
-    first = next(i for i in range(len(dims)) if kv_kept[i] or ffn_kept[i])
-    zero_attention: tuple[int, ...] = ()
-    if kv_kept[first] == 0:
-        slots[first] = 1
-        zero_attention = (first,)
-    width = tuple(-(-w // FFN_MULTIPLE) * FFN_MULTIPLE for w in ffn_kept)
+    width = [-(-w // FFN_MULTIPLE) * FFN_MULTIPLE for w in ffn_kept]
+    # a part pruned whole still adds its output bias (bitsack's PrunedBlock): a zero part
+    state = src.model.state_dict()
+    zero_attn = {i for i in range(len(dims))
+                 if kv_kept[i] == 0 and f"model.layers.{i}.self_attn.bias" in state}
+    zero_ffn = {i for i in range(len(dims))
+                if ffn_kept[i] == 0 and f"model.layers.{i}.mlp.bias" in state}
+    first = next((i for i in range(len(dims)) if kv_kept[i] or ffn_kept[i] or i in zero_ffn),
+                 None)
+    if first is not None and kv_kept[first] == 0:
+        zero_attn.add(first)  # the vLLM quirk
+    for i in zero_attn:
+        slots[i] = 1
+    for i in zero_ffn:
+        width[i] = FFN_MULTIPLE
     return DeciLayout(heads=h, head_dim=head_dim, ratio=r, kv_kept=kv_kept,
-                      kv_slots=tuple(slots), ffn_kept=ffn_kept, ffn_width=width,
-                      zero_attention=zero_attention)
+                      kv_slots=tuple(slots), ffn_kept=ffn_kept, ffn_width=tuple(width),
+                      zero_attention=tuple(sorted(zero_attn)), zero_ffn=tuple(sorted(zero_ffn)))
+
+
+def placement(lay: DeciLayout, i: int, part: str) -> tuple[int, np.ndarray, int]:
+    """Where bitsack's rows or columns of ``part`` (``q_proj`` … ``down_proj``) of layer ``i``
+    go in the written matrix: (axis, index of each, written size along that axis). The
+    other axis and the parts not padded along it keep their size."""
+    d, h = lay.head_dim, lay.heads
+    if part in ("q_proj", "o_proj"):
+        return (0 if part == "q_proj" else 1), lay.query_rows(i), h * d
+    if part in ("k_proj", "v_proj"):
+        return 0, _head_rows(list(range(lay.kv_kept[i])), d), lay.kv_slots[i] * d
+    return (1 if part == "down_proj" else 0), np.arange(lay.ffn_kept[i]), lay.ffn_width[i]
+
+
+def _parts(lay: DeciLayout, i: int) -> list[str]:
+    """The module names layer ``i`` writes, under transformers' naming."""
+    pre = f"model.layers.{i}."
+    attn = [pre + "self_attn." + p for p in _ATTN] if lay.kv_slots[i] else []
+    return attn + ([pre + "mlp." + p for p in _MLP] if lay.ffn_width[i] else [])
 
 
 def layer_matrices(lay: DeciLayout, i: int, matrix: Any, hidden: int) -> dict[str, Matrix]:
     """The matrices written for layer ``i`` (``{module name: matrix}``), padded to the
     layout; ``matrix(name)`` gives bitsack's matrix of a module."""
-    pre = f"model.layers.{i}."
     out: dict[str, Matrix] = {}
-    d, h = lay.head_dim, lay.heads
-    if i in lay.zero_attention:
-        for part, shape in (("q_proj", (h * d, hidden)), ("k_proj", (d, hidden)),
-                            ("v_proj", (d, hidden)), ("o_proj", (hidden, h * d))):
-            out[pre + "self_attn." + part] = DenseMatrix(
-                pre + "self_attn." + part, np.zeros(shape, dtype=np.float16))
-    elif lay.kv_slots[i]:
-        q_rows = lay.query_rows(i)
-        kv_rows = _head_rows(list(range(lay.kv_kept[i])), d)
-        kv_total = lay.kv_slots[i] * d
-        for part in _ATTN:
-            name = pre + "self_attn." + part
+    for name in _parts(lay, i):
+        part = name.rpartition(".")[2]
+        axis, index, size = placement(lay, i, part)
+        if lay.zero(i, part):
+            shape = (size, hidden) if axis == 0 else (hidden, size)
+            out[name] = DenseMatrix(name, np.zeros(shape, dtype=np.float16))
+        else:
             m = matrix(name)
-            if part == "q_proj":
-                m = m.spread_rows(q_rows, h * d)
-            elif part == "o_proj":
-                m = m.spread_columns(q_rows, h * d)
-            else:
-                m = m.spread_rows(kv_rows, kv_total)
-            out[name] = m
-    w, kept = lay.ffn_width[i], lay.ffn_kept[i]
-    if w:
-        index = np.arange(kept)
-        for part in _MLP:
-            name = pre + "mlp." + part
-            m = matrix(name)
-            out[name] = m.spread_columns(index, w) if part == "down_proj" else \
-                m.spread_rows(index, w)
+            out[name] = m.spread_rows(index, size) if axis == 0 else \
+                m.spread_columns(index, size)
     return out
 
 
-def layer_norms(lay: DeciLayout, i: int) -> tuple[str, ...]:
-    """The norm weights layer ``i`` keeps (a no-op part has none)."""
+def layer_vectors(lay: DeciLayout, i: int, dense: dict[str, np.ndarray], hidden: int,
+                  ) -> dict[str, np.ndarray]:
+    """The norms and biases written for layer ``i``: a no-op part has neither, biases of
+    padded rows are zero, and a zero attention's biases (where the model has them) too."""
     pre = f"model.layers.{i}."
-    return tuple(pre + n for n, on in (("input_layernorm.weight", lay.kv_slots[i]),
-                                       ("post_attention_layernorm.weight", lay.ffn_width[i]))
-                 if on)
+    out = {pre + n: dense[pre + n] for n, on in (("input_layernorm.weight", lay.kv_slots[i]),
+                                                 ("post_attention_layernorm.weight",
+                                                  lay.ffn_width[i])) if on}
+    biases = {k.rsplit(".", 2)[-2]: v.dtype for k, v in dense.items() if k.endswith(".bias")}
+    for name in _parts(lay, i):
+        part = name.rpartition(".")[2]
+        block_bias = name.rpartition(".")[0] + ".bias"  # a PrunedBlock's output bias
+        if part not in biases and block_bias not in dense:
+            continue
+        axis, index, size = placement(lay, i, part)
+        if lay.zero(i, part):
+            out[name + ".bias"] = dense[block_bias] if axis == 1 and block_bias in dense \
+                else np.zeros(size if axis == 0 else hidden, biases.get(part, np.float32))
+        elif axis == 0:
+            out[name + ".bias"] = spread(dense[name + ".bias"], index, size, 0)
+        else:
+            out[name + ".bias"] = dense[name + ".bias"]
+    return out
 
 
-def decilm_config(base: dict[str, Any], lay: DeciLayout) -> dict[str, Any]:
+def bias_config(dense: dict[str, np.ndarray]) -> dict[str, bool]:
+    """The bias flags of the export's config as vLLM's DeciLM reads them: ``qkv_bias`` (q/k/v),
+    ``attention_bias`` (o_proj; q/k/v too unless ``qkv_bias`` says otherwise), ``mlp_bias``."""
+    parts = {k.rsplit(".", 2)[-2] for k in dense if k.endswith(".bias")}
+    return {"qkv_bias": bool(parts & {"q_proj", "k_proj", "v_proj"}),
+            "attention_bias": "o_proj" in parts,
+            "mlp_bias": bool(parts & set(_MLP))}
+
+
+def decilm_config(base: dict[str, Any], lay: DeciLayout,
+                  dense: dict[str, np.ndarray]) -> dict[str, Any]:
     """config.json of the export (before its ``quantization_config``): the base Llama config
-    with DeciLM's model type, architecture, code, head count and ``block_configs``."""
-    cfg = dict(base)
+    with DeciLM's model type, architecture, code, head count, bias flags and
+    ``block_configs``; ``dense`` is the model's unpacked tensors (for its biases)."""
+    cfg = {**base, **bias_config(dense)}
     first_kv = next(k for k in lay.kv_slots if k) if any(lay.kv_slots) else 1
     cfg.update({
         "model_type": "nemotron-nas", "architectures": ["DeciLMForCausalLM"],

@@ -65,10 +65,12 @@ class DeciLMAttention(nn.Module):
         self.heads = config.num_attention_heads
         self.kv_heads = kv_heads
         self.head_dim = config.head_dim
+        # as vLLM reads them: o_proj's bias is attention_bias, q/k/v's qkv_bias if given
         h, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
+        qkv = bool(getattr(config, "qkv_bias", bias))
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=qkv)
+        self.k_proj = nn.Linear(h, kv_heads * self.head_dim, bias=qkv)
+        self.v_proj = nn.Linear(h, kv_heads * self.head_dim, bias=qkv)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
