@@ -351,6 +351,7 @@ def _search(ctx: Context, lm, units) -> Planned:
     from dataclasses import replace
 
     from bitsack.data import calibration_splits
+    from bitsack.profiling.build import unit_shapes
     from bitsack.search.driver import measured_search, uniform_fits
     from bitsack.search.types import SearchConfig
     from bitsack.solver.costs.formats import stores_pruned
@@ -360,8 +361,9 @@ def _search(ctx: Context, lm, units) -> Planned:
     limits = limits_for(cfg, units)
     costs = unit_costs_for(lm.model, units, replace(menu, prune=True), cfg)
     # pruning enters as measured moves where bits alone cannot meet the budget
+    prunable = stores_pruned(cfg.format, unit_shapes(lm.model, units))
     bits_fit = any(uniform_fits(c, costs, limits) for c in menu.steps)
-    if cfg.prune and not bits_fit and stores_pruned(cfg.format):
+    if cfg.prune and not bits_fit and prunable:
         menu = replace(menu, prune=True)
         ctx.say("search: no uniform plan meets the budget; pruning moves are measured too")
     starts = {}
@@ -397,7 +399,7 @@ def _search(ctx: Context, lm, units) -> Planned:
         calib_tokens=calibration(cfg, lm.tokenizer), apply=apply_config(cfg), config=config,
         run_dir=ctx.out, store_key=store_key, starts=starts, window=cfg.search_window,
         progress=ctx.say, constraints=format_constraints(cfg, lm.model, units, menu),
-        prune_starts=cfg.prune and stores_pruned(cfg.format))
+        prune_starts=cfg.prune and prunable)
     record = {**outcome.result.to_dict(), "final": outcome.final}
     accepted = [s for s in outcome.result.steps if s.accepted and s.certificate]
     cert = {**_usage_certificate(costs, outcome.result.plan, limits),

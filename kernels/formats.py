@@ -248,6 +248,10 @@ def packed_nbytes(rows: int, cols: int, bits: int, group_size: int,
 #: Where a plan can go: bitsack's own folder (any mix inside a matrix), or an export.
 TARGET_FORMATS = ("bitsack", "compressed-tensors", "gguf")
 
+#: MLP widths of the DeciLM / Nemotron-NAS layout, in which a pruned model is exported to
+#: compressed-tensors (vLLM's ``ffn_mult`` rounds up to a multiple of this; the export pads).
+DECILM_FFN_MULTIPLE = 256
+
 #: ggml's block of the legacy types (Q4_0 … Q8_0): 32 weights.
 GGUF_BLOCK = 32
 #: ggml's K-quant super-block: 256 weights (and ``SUPER_COLS``, bitsack's step width).
@@ -356,12 +360,18 @@ def gguf_nbytes(rows: int, cols: int, bits: int, group_size: int = GGUF_BLOCK,
     return rows * (cols // block) * GGUF_BLOCK_BYTES[kind]
 
 
-def compressed_tensors_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+#: The ``weight_shape`` tensor (int64 ``[2]``) of every quantized compressed-tensors module.
+CT_SHAPE_BYTES = 16
+
+
+def compressed_tensors_nbytes(rows: int, cols: int, bits: int, group_size: int, *,
+                              shape: bool = True) -> int:
     """Bytes of one ``rows × cols`` linear module in the compressed-tensors export
     (``pack-quantized``, bits 1..8): ``weight_packed`` int32 ``[rows, ceil(cols·b/32)]``,
     ``weight_scale`` fp16 ``[rows, cols/G]``, ``weight_zero_point`` int32
-    ``[ceil(rows·b/32), cols/G]`` (packed along the rows), ``weight_shape`` int64 ``[2]``;
-    16 bits: the fp16 weights; 0 (pruned): 0.
+    ``[ceil(rows·b/32), cols/G]`` (packed along the rows), and with ``shape`` the
+    ``weight_shape`` int64 ``[2]`` (``CT_SHAPE_BYTES``); 16 bits: the fp16 weights; 0 (pruned):
+    0.
 
     Raises:
         ValidationError: ``group_size`` does not divide ``cols`` (the format needs whole
@@ -379,7 +389,7 @@ def compressed_tensors_nbytes(rows: int, cols: int, bits: int, group_size: int) 
                               "stores whole groups)")
     groups = cols // group_size
     return (rows * words_per_row(cols, bits) * 4 + rows * groups * 2
-            + words_per_row(rows, bits) * groups * 4 + 2 * 8)
+            + words_per_row(rows, bits) * groups * 4 + (CT_SHAPE_BYTES if shape else 0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ format ``compressed-tensors`` or ``gguf``, a problem (or a search menu) is *reta
    Every unit of a group gets the same options. What each format stores:
 
    - ``compressed-tensors``: bits 1–8 (``pack-quantized``) with a group size dividing every
-     row and every column slice of a unit, and 16 (fp16). No pruning (the export refuses
-     pruned models). Embeddings are written fp16 at any option, so only ``b16`` is left there.
+     row and every column slice of a unit, and 16 (fp16). Embeddings are written fp16 at any
+     option, so only ``b16`` is left there. Pruning, exported in vLLM's DeciLM layout
+     (``bitsack.export.decilm``), where the model's MLP width is a multiple of 256
+     (``prune_refusal``): otherwise that layout pads every MLP of a pruned model, bytes no
+     unit's price can carry.
    - ``gguf``: every option some ggml type holds exactly (``kernels.formats.gguf_type``:
      min-max grids with fp16 scales 1–3 bits as Q4_0, 4 as Q4_1, 5 as Q5_1, 6–8 as Q8_0 (8
      re-rounded); symmetric grids 4 / 5 bits as Q4_0 / Q5_0 and, with scale codes on rows of
@@ -28,16 +31,22 @@ format ``compressed-tensors`` or ``gguf``, a problem (or a search menu) is *reta
      so the group size does not change the bytes).
 
 3. **Constraints** (``target_constraints``), per group of two or more units: ``same_option``
-   (compressed-tensors; gguf without pruning), or for gguf with pruning ``same_bits`` — a
-   pruned unit leaves the tensor (``deci`` sizes each layer), the kept ones share a bit-width,
-   and step 2 leaves one group size per bit-width, so they share one ggml type. gguf with
-   pruning also keeps at least one head group of the first layer (``min_kept``): llama.cpp
-   reads the head size from layer 0.
+   (without pruning), or with pruning ``same_bits`` — a pruned unit leaves the tensor (GGUF's
+   ``deci`` and vLLM's DeciLM size each layer), the kept ones share a bit-width, and step 2
+   leaves one group size per bit-width, so they share one type. compressed-tensors allows that
+   only for MLP blocks of whole multiples of 256 channels: DeciLM fixes the query-head count
+   and rounds MLP widths up to 256, so a head group pruned alone, or a narrower block, would be
+   zero-padded back, bytes its price does not carry; its head groups (and narrower blocks) are
+   pruned all together or not at all (``same_option``). With pruning, at least one head group
+   of the first layer is kept (``min_kept``): llama.cpp reads the head size from layer 0, and
+   vLLM's DeciLM needs an attention before the first MLP (the export would add a zero one).
 4. **Bytes**: ``MemoryModel(format=...)`` (``bitsack.solver.costs.memory``), the exact tensor
    bytes the export writes for the units' weights; the sum over a plan that meets the
    constraints is those tensors' size in the file. Not counted (as in bitsack's own format):
-   norms, biases, weights outside every unit, file headers, and the zero FFN of 32 channels
-   that a gguf ``deci`` layer gets when its whole MLP is pruned but its attention kept.
+   norms, biases, weights outside every unit, file headers, the zero FFN of 32 channels
+   that a gguf ``deci`` layer gets when its whole MLP is pruned but its attention kept, and
+   the zero parts a compressed-tensors DeciLM export writes for a part pruned whole that
+   keeps an output bias (models with o_proj / down_proj biases).
 
 ``retarget(problem, fmt)`` applies 2–4 to a problem (the losses are the format-free ones: a
 format changes what is stored, not how a grid perturbs the model); a problem carries the
@@ -50,7 +59,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitsack.errors import ValidationError
-from bitsack.kernels.formats import GGUF_BLOCK, TARGET_FORMATS, gguf_type
+from bitsack.kernels.formats import DECILM_FFN_MULTIPLE, GGUF_BLOCK, TARGET_FORMATS, gguf_type
 from bitsack.solver.costs.base import SliceShape, UnitShape
 from bitsack.solver.costs.memory import MemoryModel, check_format, type_cols, unit_nbytes
 from bitsack.solver.problem import Constraint, Problem, ProblemSettings, parse_option
@@ -60,9 +69,24 @@ __all__ = ["TARGET_FORMATS", "check_format", "geometry_metadata", "matrix_groups
            "target_options", "with_scale_bits"]
 
 
-def stores_pruned(fmt: str) -> bool:
-    """Whether ``fmt`` can hold a plan that prunes units."""
-    return check_format(fmt) != "compressed-tensors"
+def prune_refusal(fmt: str, shapes: Sequence[UnitShape] = ()) -> str | None:
+    """Why ``fmt`` cannot hold a plan that prunes units of the model of ``shapes``, or None
+    when it can (compressed-tensors: MLP widths must be multiples of 256, see step 2)."""
+    if check_format(fmt) != "compressed-tensors":
+        return None
+    for u in shapes:
+        if u.kind == "mlp_group":
+            width = u.slices[0].matrix[u.slices[0].dim]
+            if width % DECILM_FFN_MULTIPLE:
+                return (f"its {width}-wide MLPs are no multiple of {DECILM_FFN_MULTIPLE}: the "
+                        "DeciLM layout of a pruned compressed-tensors export pads every MLP "
+                        "to one, bytes no unit's price carries")
+    return None
+
+
+def stores_pruned(fmt: str, shapes: Sequence[UnitShape] = ()) -> bool:
+    """Whether ``fmt`` can hold a plan that prunes units (of the model of ``shapes``)."""
+    return prune_refusal(fmt, shapes) is None
 
 
 def refusal(fmt: str, unit: UnitShape, option: str, settings: ProblemSettings,
@@ -77,8 +101,7 @@ def refusal(fmt: str, unit: UnitShape, option: str, settings: ProblemSettings,
     if fmt == "bitsack" or spec.bits == 16:
         return None
     if spec.bits == 0:
-        return None if stores_pruned(fmt) else \
-            f"{fmt} stores no pruned structure (the export refuses pruned models)"
+        return prune_refusal(fmt, [unit])
     g = settings.group_size_of(spec)
     if fmt == "compressed-tensors" and unit.kind == "embedding":
         return None  # written fp16 (priced so); dominated by b16
@@ -160,15 +183,18 @@ def _undominated(fmt: str, members: Sequence[UnitShape], options: Sequence[str],
 
 
 def _restrict(fmt: str, members: Sequence[UnitShape], options: Sequence[str],
-              settings: ProblemSettings, grid: tuple[int | None, bool] = (None, False)
-              ) -> tuple[tuple[str, ...], dict[str, str]]:
+              settings: ProblemSettings, grid: tuple[int | None, bool] = (None, False),
+              model: Sequence[UnitShape] = ()) -> tuple[tuple[str, ...], dict[str, str]]:
     """The options ``fmt`` stores on every unit of ``members`` and none dominates, and why
-    each other one is left out; ``grid``: (scale bits, symmetric)."""
+    each other one is left out; ``grid``: (scale bits, symmetric); ``model``: every unit of
+    the model (whether it can be pruned at all: ``prune_refusal``)."""
     why: dict[str, str] = {}
     stored = []
     for o in options:
         reason = next(((u.id, r) for u in members
                        if (r := refusal(fmt, u, o, settings, *grid))), None)
+        if reason is None and o == "prune" and (r := prune_refusal(fmt, model)):
+            reason = ("model", r)
         if reason is None:
             stored.append(o)
         else:
@@ -208,7 +234,8 @@ def target_options(fmt: str, shapes: Sequence[UnitShape],
     for group in matrix_groups([by_id[u] for u in options]):
         members = [by_id[u] for u in group]
         common = [o for o in options[group[0]] if all(o in options[u] for u in group)]
-        kept, why = _restrict(fmt, members, common, settings, (scale_bits, symmetric))
+        kept, why = _restrict(fmt, members, common, settings, (scale_bits, symmetric),
+                              list(shapes))
         if not kept:
             detail = "; ".join(f"{o}: {r}" for o, r in why.items()) or "no option in common"
             raise ValidationError(f"units.{group[0]}", f"{fmt} can store none of its options "
@@ -238,7 +265,7 @@ def target_menu(fmt: str, shapes: Sequence[UnitShape], options: Sequence[str],
         settings = ProblemSettings(group_size=settings)
     if fmt == "bitsack":
         return tuple(options)
-    kept, why = _restrict(fmt, shapes, options, settings, (scale_bits, symmetric))
+    kept, why = _restrict(fmt, shapes, options, settings, (scale_bits, symmetric), shapes)
     if not kept:
         detail = "; ".join(f"{o}: {r}" for o, r in why.items())
         raise ValidationError("menu", f"{fmt} stores none of {list(options)} ({detail}); "
@@ -259,6 +286,7 @@ def target_constraints(fmt: str, shapes: Sequence[UnitShape],
     if not isinstance(settings, ProblemSettings):
         settings = ProblemSettings(group_size=settings)
     present = [s for s in shapes if s.id in options]
+    by_id = {s.id: s for s in present}
     out: list[Constraint] = []
     for group in matrix_groups(present):
         if len(group) < 2:
@@ -267,15 +295,24 @@ def target_constraints(fmt: str, shapes: Sequence[UnitShape],
         kept = [parse_option(o) for o in offered if o != "prune"]
         one_type_per_bits = len({s.bits for s in kept}) == \
             len({(s.bits, settings.group_size_of(s)) for s in kept})
-        kind = "same_bits" if "prune" in offered and one_type_per_bits else "same_option"
+        partial = fmt == "gguf" or all(_whole_ffn_blocks(by_id[u]) for u in group)
+        kind = "same_bits" if "prune" in offered and one_type_per_bits and partial \
+            else "same_option"
         out.append(Constraint(kind, tuple(group)))
-    if fmt == "gguf":
+    if fmt in ("gguf", "compressed-tensors"):
         heads = [s for s in present if s.kind == "head_group" and s.layer is not None]
         first = min((s.layer for s in heads), default=None)
         layer0 = tuple(s.id for s in heads if s.layer == first)
         if layer0 and any("prune" in options[u] for u in layer0):
             out.append(Constraint("min_kept", layer0, count=1))
     return tuple(out)
+
+
+def _whole_ffn_blocks(unit: UnitShape) -> bool:
+    """Whether ``unit`` is an MLP block of whole multiples of 256 channels (a DeciLM export
+    prunes it without padding)."""
+    return unit.kind == "mlp_group" and all(s.width % DECILM_FFN_MULTIPLE == 0
+                                            for s in unit.slices)
 
 
 # ---- problems ---------------------------------------------------------------------------

@@ -14,14 +14,17 @@ the written files):
   ``deci``), 0. The type is the one of fewest bytes that holds the option's grid exactly
   (``kernels.formats.gguf_type``: bits, group size, scale codes, symmetric or not, and the
   row width — ``type_cols``).
-- ``compressed-tensors``: the zero points are packed along the rows and each module has a
-  shape tensor, so a matrix's bytes ``X`` do not split by rows exactly. Each slice gets a
-  telescoping share: rows (or columns) ``[a, b)`` of an ``n``-long axis cost
-  ``⌊X·b/n⌋ − ⌊X·a/n⌋``, integers that add up to ``X`` over the slices of the matrix. This is
-  exact when every unit of the matrix takes one option, which the format's constraints
-  (``bitsack.solver.costs.formats``) require. Embeddings (and an untied ``lm_head``) are
-  written as fp16 whatever their option (vLLM quantizes linear layers only;
-  ``bitsack.export.compressed_tensors``): 2 bytes per weight.
+- ``compressed-tensors``: the zero points are packed along the rows, so a matrix's bytes
+  ``X`` do not split by rows exactly. Each slice gets a telescoping share: rows (or columns)
+  ``[a, b)`` of an ``n``-long axis cost ``⌊X·b/n⌋ − ⌊X·a/n⌋``, integers that add up to ``X``
+  over the slices of the matrix. This is exact when every unit of the matrix takes one
+  option, or when the kept ones share one and every unit is a multiple of 256 channels
+  (``32 | 256·b``: the packing splits there), which the format's constraints
+  (``bitsack.solver.costs.formats``) require. ``X`` leaves out each quantized module's 16-byte
+  ``weight_shape`` tensor, which no share of a partly pruned matrix could carry (not counted,
+  like norms). Embeddings (and an untied ``lm_head``) are written as fp16 whatever their
+  option (vLLM quantizes linear layers only; ``bitsack.export.compressed_tensors``): 2 bytes
+  per weight.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def unit_nbytes(fmt: str, unit: UnitShape, bits: int, group_size: int,
                                type_cols(s)) for s in unit.slices)
     if unit.kind == "embedding":  # compressed-tensors writes embeddings fp16
         return 2 * unit.params
-    return sum(_share(compressed_tensors_nbytes(*s.matrix, bits, group_size), s)
+    return sum(_share(compressed_tensors_nbytes(*s.matrix, bits, group_size, shape=False), s)
                for s in unit.slices)
 
 
@@ -132,8 +135,9 @@ class MemoryModel(CostModel):
                                "2*rows*cols; pruned: 0"}
         if self.format == "compressed-tensors":
             formula = ("per matrix X = rows*ceil(bits*cols/32)*4 + rows*(cols/g)*2 + "
-                       "ceil(rows*bits/32)*(cols/g)*4 + 16, slice [a,b) of n: "
-                       "floor(X*b/n) - floor(X*a/n); embeddings and 16 bits: 2*rows*cols")
+                       "ceil(rows*bits/32)*(cols/g)*4 (the 16-byte weight_shape not "
+                       "counted), slice [a,b) of n: floor(X*b/n) - floor(X*a/n); embeddings "
+                       "and 16 bits: 2*rows*cols")
         elif self.scale_bits is not None:
             return {"name": self.name, "resources": list(self.resources),
                     "scale_bits": self.scale_bits,

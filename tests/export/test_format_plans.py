@@ -83,9 +83,11 @@ def _one_type_per_matrix(plan: dict[str, str], fmt: str, vocab_groups: int = 1) 
 
 def _unit_tensor_bytes(result, folder) -> int:
     """Bytes the export wrote for tensors that came from the planned units' matrices (the
-    packed modules of the folder; not norms, not a zero FFN)."""
+    packed modules of the folder; not norms, not a zero FFN, not compressed-tensors'
+    16-byte ``weight_shape`` of each module)."""
     packed = json.loads((folder / "bitsack.json").read_text())["packed"]
-    return sum(t.nbytes for t in result.tensors if t.source in packed)
+    return sum(t.nbytes for t in result.tensors
+               if t.source in packed and not t.name.endswith(".weight_shape"))
 
 
 # compressed-tensors keeps embeddings fp16 (a fifth of this tiny model's weights): the budgets
@@ -242,3 +244,49 @@ def test_profile_refuses_vocab_groups_without_the_embedding(tiny, tmp_path, caps
     assert main(["profile", "--model", "tiny", "--calib", str(calib), "--units", "heads,mlp",
                  "--vocab-groups", "3", "--out", str(tmp_path / "p"), "--quiet"]) == 1
     assert "--vocab-groups: 3 with --units heads,mlp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["oneshot", "search"])
+def test_compressed_tensors_prunes_what_its_decilm_layout_holds_at_the_certified_bytes(
+        monkeypatch, tmp_path, one_thread, method):
+    # MLPs of 512 channels in blocks of 256: vLLM's DeciLM layout holds them unpadded
+    from export_helpers import patch_tiny_run
+
+    from bitsack.profiling.build import unit_shapes
+    from bitsack.solver.costs.formats import target_constraints
+
+    tiny = patch_tiny_run(monkeypatch, tmp_path, intermediate_size=512, num_hidden_layers=4)
+    out = tmp_path / "run"
+    # the search starts from the one-shot plan too, which prunes
+    s = run(_cfg(tiny, out, method=method, format="compressed-tensors", avg_bits=4.0,
+                 mlp_group=256, search_start="both"))
+    plan = json.loads((out / "solution.json").read_text())["assignment"]
+    assert "prune" in plan.values()
+    for layer in range(4):  # head groups leave together (DeciLM fixes the query heads)
+        heads = {o for u, o in plan.items() if u.startswith(f"L{layer}.attn.")}
+        assert len(heads) == 1 and (layer or heads != {"prune"})
+    model = tiny_model("llama", seed=3, intermediate_size=512, num_hidden_layers=4)
+    shapes = unit_shapes(model, model_units(model, mlp_group=256))
+    kinds = {c.units[0].split(".")[1]: c.type for c in target_constraints(
+        "compressed-tensors", shapes, {u.id: ["prune", "b4g32"] for u in shapes})
+        if c.type != "min_kept"}
+    assert kinds == {"attn": "same_option", "mlp": "same_bits"}
+    res = export_model(out / "model", tmp_path / "export", format="compressed-tensors")
+    assert res.layout["kind"] == "pruned"
+    assert _unit_tensor_bytes(res, out / "model") == s.certificate["usage"]["memory_bytes"]
+    assert any("about 0 bytes of zero rows" in n for n in res.notes)
+
+
+def test_compressed_tensors_does_not_prune_mlps_its_layout_would_pad(tiny, tmp_path):
+    # the tiny model's 96-wide MLPs: a pruned export would pad every MLP to 256
+    from bitsack.profiling.build import unit_shapes
+    from bitsack.solver.costs.formats import prune_refusal, target_options
+
+    model = tiny_model("llama", seed=3)
+    shapes = unit_shapes(model, model_units(model, mlp_group=MLP))
+    assert "96-wide MLPs are no multiple of 256" in prune_refusal("compressed-tensors", shapes)
+    why: dict[str, str] = {}
+    kept = target_options("compressed-tensors", shapes,
+                          {u.id: ["prune", "b4g32"] for u in shapes}, 32, why)
+    assert all("prune" not in o for o in kept.values())
+    assert "96-wide MLPs" in why["prune"]
