@@ -225,14 +225,18 @@ def report(args, rows: list[dict], meta: dict) -> str:
                      f"{100 * (e['ppl'] / base - 1):+.2f} % | {e['weights_bytes']:,} | "
                      f"{e['weights_bytes'] / r['packed_bytes']:.3f} | {types} |")
     L.append("")
-    L.append("Bytes: bitsack's packed bytes count the packed weights only (codes + fp16 "
-             "scale + zero: 4.5 bits/weight at g64); the exported files hold everything "
+    L.append("Bytes: bitsack's packed bytes count the packed weights only (codes, fp16 "
+             f"scales and {rows[0]['option'][1]}-bit zero points: "
+             f"{rows[0]['bits_per_weight']:.3f} bits/weight at g{args.group_size}); the "
+             "exported files hold everything "
              "(norms, metadata, tokenizer in the GGUF). compressed-tensors writes the same "
-             "codes and scales plus packed zero points, but the embedding dense in fp16 "
+             "codes, scales and packed zero points, but the embedding dense in fp16 "
              "(vLLM quantizes linear layers only) — the tied 49152 x 576 table is most of the "
-             "difference. GGUF stores every 4-bit matrix as Q4_1: blocks of 32 with their own "
-             "fp16 scale and offset (5 bits/weight), so a g64 plan costs 0.5 bit/weight more "
-             "there.")
+             "difference; a pruned export is DeciLM (Nemotron-NAS), run by transformers with "
+             "the model code it carries, zero-padded where that layout fixes sizes (its note "
+             "below says how many bytes). GGUF stores every 4-bit matrix as Q4_1: blocks of "
+             "32 with their own fp16 scale and offset (5 bits/weight), more than bitsack's "
+             "g64 grid.")
     L.append("")
     L.append("Where the exports are not bit-exact (from each export's notes):")
     L.append("")

@@ -240,3 +240,19 @@ def test_a_pruned_export_is_deterministic(tmp_path):
     b = export_model(src, tmp_path / "b", "compressed-tensors").out
     for f in ("model.safetensors", "config.json", "modeling_decilm.py"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_the_shipped_code_and_the_solver_agree_on_the_mlp_multiple():
+    # the shipped file imports no bitsack, so the 256 lives in both places
+    from bitsack.export.decilm import ffn_mult_for
+    from bitsack.export.decilm_code.configuration_decilm import (
+        FFN_MULTIPLE,
+        intermediate_size_of,
+    )
+    from bitsack.kernels.formats import DECILM_FFN_MULTIPLE
+
+    assert FFN_MULTIPLE == DECILM_FFN_MULTIPLE == 256
+    for hidden in (64, 576, 4096, 8192):
+        for width in (256, 1536, 11008 + 256 - 11008 % 256, 28672):
+            assert intermediate_size_of(ffn_mult_for(width, hidden), hidden) == width
+            assert _ffn_width(ffn_mult_for(width, hidden), hidden) == width
