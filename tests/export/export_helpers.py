@@ -86,3 +86,21 @@ def patch_tiny_run(monkeypatch, tmp_path: Path, **dims) -> tuple[Path, Path]:
     ev = tmp_path / "eval.txt"
     ev.write_text("Pack my box with five dozen liquor jugs, said the sphinx. " * 30)
     return calib, ev
+
+
+def fp16_reference(model):
+    """bitsack's model with every packed linear replaced by a dense one of its weights
+    rounded once to fp16 — what compressed-tensors' fp16-scale dequantization gives."""
+    import torch
+
+    from bitsack.kernels.packed import PackedLinear
+
+    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]:
+        lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(mod.dequantize(torch.float32).half().float())
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias.float())
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, lin)
+    return model

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from export_helpers import make_folder
+from export_helpers import fp16_reference, make_folder
 from safetensors import safe_open
 
 from bitsack.apply import load_compressed
@@ -133,20 +133,6 @@ def test_packed_words_are_bitsacks_own(tmp_path):
         assert tensors[f"{name}.weight_shape"].tolist() == [mod.out_features, mod.in_features]
 
 
-def _dense_reference(model):
-    """bitsack's model with every packed linear replaced by a dense one of its weights
-    rounded once to fp16 — what compressed-tensors' fp16-scale dequantization gives."""
-    for name, mod in list(_packed(model).items()):
-        lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(mod.dequantize(torch.float32).half().float())
-            if mod.bias is not None:
-                lin.bias.copy_(mod.bias.float())
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, lin)
-    return model
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_transformers_loads_a_single_scheme_export(tmp_path, arch):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -169,7 +155,7 @@ def test_transformers_loads_a_single_scheme_export(tmp_path, arch):
             # each weight moved by one fp16 rounding at most
             assert bool((w - mod.dequantize()).abs().le(mod.dequantize().abs() * 2**-11).all())
         got = hf(x).logits
-        ref = _dense_reference(bitsack_model)(x).logits
+        ref = fp16_reference(bitsack_model)(x).logits
     assert torch.allclose(got, ref, rtol=0, atol=1e-5)
     assert (got - own).abs().max() > 0  # the rounding is real, and small:
     assert (got - own).abs().max() < 1e-2 * own.abs().max()

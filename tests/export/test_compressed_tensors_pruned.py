@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from export_helpers import make_folder
+from export_helpers import fp16_reference, make_folder
 from safetensors import safe_open
 
 from bitsack.apply import load_compressed
@@ -139,20 +139,6 @@ def test_compressed_tensors_decompresses_to_bitsacks_weights_zero_padded(tmp_pat
     assert any(n.startswith("DeciLM layout") and "bytes of zero rows" in n for n in res.notes)
 
 
-def _rounded_reference(model):
-    """bitsack's model with each packed linear's weights rounded once to fp16 (what
-    decompression with the file's fp16 scales gives)."""
-    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]:
-        lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(mod.dequantize(torch.float32).half().float())
-            if mod.bias is not None:
-                lin.bias.copy_(mod.bias.float())
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, lin)
-    return model
-
-
 @pytest.mark.parametrize("arch,pruned,zero_attention,dims", [
     ("llama", PRUNED, [], {}),
     ("llama", ("L0.attn.g0", "L0.attn.g1"), [0], {}),
@@ -190,7 +176,7 @@ def test_the_shipped_model_code_runs_the_export_with_bitsacks_logits(tmp_path, a
         loaded = AutoModelForCausalLM.from_pretrained(
             res.out, trust_remote_code=True, dtype=torch.float32,
             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
-        ref = _rounded_reference(own)(x).logits
+        ref = fp16_reference(own)(x).logits
         assert torch.allclose(loaded(x).logits, ref, rtol=0, atol=1e-5)
         # padding: a query mask over the second half changes nothing in the first
         mask = torch.ones_like(x)
