@@ -58,7 +58,8 @@ def cells_of(args) -> list[str]:
 def cell_config(cell: str, args) -> dict[str, Any]:
     """The ``RunConfig`` fields of a cell (JSON-able; hashed into the cell's record). A cell
     ``method:format+grid/S/mN@budget`` runs on that grid with S-bit scale codes (``/S`` left
-    out: fp16 scales) and MLP blocks of N channels (``/mN`` left out: the default 128);
+    out: fp16 scales) and MLP blocks of N channels (``/mN`` left out: the default 128), and
+    with ``/noprune`` no unit pruned;
     without ``+…`` on the pinned min-max grid with fp16 scales."""
     method_fmt, _, budget = cell.partition("@")
     method, _, fmt_grid = method_fmt.partition(":")
@@ -76,6 +77,8 @@ def cell_config(cell: str, args) -> dict[str, Any]:
         mlp = [int(x[1:]) for x in rest if x.startswith("m")]
         if mlp:
             cfg["mlp_group"] = mlp[0]
+        if "noprune" in rest:
+            cfg["prune"] = False
     return cfg
 
 
@@ -296,7 +299,8 @@ def _fmt(cfg: dict[str, Any]) -> str:
         return cfg["format"]
     codes = f", {cfg['scale_bits']}-bit scale codes" if cfg.get("scale_bits") else ""
     mlp = f", MLP blocks of {cfg['mlp_group']}" if cfg.get("mlp_group") else ""
-    return f"{cfg['format']} ({cfg['grid']}{codes}{mlp})"
+    prune = ", no pruning" if cfg.get("prune") is False else ""
+    return f"{cfg['format']} ({cfg['grid']}{codes}{mlp}{prune})"
 
 
 def _short(text: str, n: int = 120) -> str:
