@@ -187,14 +187,14 @@ def _modules(src: Source, lay: decilm.DeciLayout | None,
     for i in range(src.num_layers):
         for name, m in decilm.layer_matrices(lay, i, matrix, hidden).items():
             before = modules.get(name)
-            kept = 0 if before is None else int(np.prod(_shape(before)))
-            if kept != int(np.prod(_shape(m))):
-                padded[name] = 1 - kept / int(np.prod(_shape(m)))
+            entries = 0 if before is None else int(np.prod(_shape(before)))
+            if entries != int(np.prod(_shape(m))):
+                padded[name] = 1 - entries / int(np.prod(_shape(m)))
             out[name] = m
-    kept = {k: v for k, v in dense.items() if not k.startswith("model.layers.")}
+    vectors = {k: v for k, v in dense.items() if not k.startswith("model.layers.")}
     for i in range(src.num_layers):
-        kept.update(decilm.layer_vectors(lay, i, dense, hidden))
-    return out, kept, padded
+        vectors.update(decilm.layer_vectors(lay, i, dense, hidden))
+    return out, vectors, padded
 
 
 def _shape(m: Matrix) -> tuple[int, int]:
