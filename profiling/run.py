@@ -110,10 +110,9 @@ def profile(model: torch.nn.Module, units: Sequence[UnitSpec], calib_tokens: tor
         raise ValidationError("quantizer", f"{quantizer!r}; valid: {', '.join(QUANTIZERS)}")
     tokens = check_tokens(calib_tokens)
     check_format(format)
-    all_shapes = unit_shapes(model, units)
-    layout = OptionLayout.build(units, bits, prune=stores_pruned(format, all_shapes))
+    shapes = {s.id: s for s in unit_shapes(model, units)}
+    layout = OptionLayout.build(units, bits, prune=stores_pruned(format, list(shapes.values())))
     models = make_cost_models(cost_models, cost_model_args)
-    shapes = {s.id: s for s in unit_shapes(model, layout.units)}
     left_out: dict[str, str] = {}
     if format != "bitsack":
         allowed = target_options(format, list(shapes.values()),
