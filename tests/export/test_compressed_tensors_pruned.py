@@ -145,6 +145,9 @@ def test_compressed_tensors_decompresses_to_bitsacks_weights_zero_padded(tmp_pat
     ("qwen2", PRUNED, [], {}),  # q/k/v biases
     ("llama", ("L0.attn.g0", "L0.attn.g1", "L1.attn.g1"), [0],
      dict(attention_bias=True, mlp_bias=True)),  # biases everywhere, and a zero attention's
+    ("llama", PRUNED, [], dict(rope_parameters={  # Llama-3's scaled RoPE
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
     # attention and MLP pruned whole but their output biases kept: zero parts adding them
     ("llama", ("L0.attn.g0", "L0.attn.g1", "L0.mlp.c0", "L0.mlp.c1", "L0.mlp.c2",
                "L1.attn.g0", "L1.attn.g1"), [0, 1], dict(attention_bias=True, mlp_bias=True)),
