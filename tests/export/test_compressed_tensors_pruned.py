@@ -181,10 +181,17 @@ def test_the_shipped_model_code_runs_the_export_with_bitsacks_logits(tmp_path, a
             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
         ref = fp16_reference(own)(x).logits
         assert torch.allclose(loaded(x).logits, ref, rtol=0, atol=1e-5)
-        # padding: a query mask over the second half changes nothing in the first
+        # padding: a mask over the second half changes nothing in the first; a sequence
+        # left-padded by 3 tokens gives its own logits (RoPE sees relative positions only)
         mask = torch.ones_like(x)
         mask[:, 8:] = 0
         assert torch.allclose(hf(x, attention_mask=mask).logits[:, :8], got[:, :8], atol=1e-5)
+        mask = torch.ones_like(x)
+        mask[0, :3] = 0
+        padded = hf(x, attention_mask=mask).logits
+        alone = hf(x[:1, 3:]).logits
+        assert torch.isfinite(padded).all()
+        assert torch.allclose(padded[0, 3:], alone[0], atol=1e-4)
     if zero_attention:
         q = _tensors(res.out)["model.layers.0.self_attn.q_proj.weight"]
         assert q.dtype == torch.float16 and not q.any()

@@ -171,7 +171,10 @@ class DeciLMModel(DeciLMPreTrainedModel):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            mask = (causal[None, None] & attention_mask.bool()[:, None, None, :])
+            # every position also sees itself: a padding row with no key left gives NaN in
+            # some torch versions, and NaN values poison later layers even at weight 0
+            own = torch.eye(t, dtype=torch.bool, device=x.device)
+            mask = (causal[None, None] & attention_mask.bool()[:, None, None, :]) | own
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.norm(x)
