@@ -154,6 +154,10 @@ class DenseMatrix:
     weight: np.ndarray
     exact: bool = True
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.weight.shape[0]), int(self.weight.shape[1]))
+
     def spread_rows(self, index: np.ndarray, rows: int) -> DenseMatrix:
         """``rows`` rows: row ``index[i]`` is row ``i``, the others zero."""
         return DenseMatrix(self.name, spread(self.weight, index, rows, 0), self.exact)

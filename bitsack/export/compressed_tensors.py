@@ -187,18 +187,14 @@ def _modules(src: Source, lay: decilm.DeciLayout | None,
     for i in range(src.num_layers):
         for name, m in decilm.layer_matrices(lay, i, matrix, hidden).items():
             before = modules.get(name)
-            entries = 0 if before is None else int(np.prod(_shape(before)))
-            if entries != int(np.prod(_shape(m))):
-                padded[name] = 1 - entries / int(np.prod(_shape(m)))
+            entries = 0 if before is None else int(np.prod(before.shape))
+            if entries != int(np.prod(m.shape)):
+                padded[name] = 1 - entries / int(np.prod(m.shape))
             out[name] = m
     vectors = {k: v for k, v in dense.items() if not k.startswith("model.layers.")}
     for i in range(src.num_layers):
         vectors.update(decilm.layer_vectors(lay, i, dense, hidden))
     return out, vectors, padded
-
-
-def _shape(m: Matrix) -> tuple[int, int]:
-    return m.shape if isinstance(m, GridMatrix) else m.weight.shape
 
 
 def _build(src: Source, lay: decilm.DeciLayout | None,

@@ -135,8 +135,10 @@ class DeciLayout:
 
 
 def _head_rows(slots: list[int], head_dim: int) -> np.ndarray:
-    return (np.asarray(slots, dtype=np.int64)[:, None] * head_dim
-            + np.arange(head_dim)).reshape(-1)
+    """Rows of heads ``slots`` (``head_dim`` rows each), in that order."""
+    from bitsack.models.surgery import expand_positions
+
+    return expand_positions(slots, head_dim).numpy()
 
 
 def layout(src: Source) -> DeciLayout:

@@ -194,8 +194,7 @@ def _tensors(src: Source, hp: Hyper) -> list[tuple[str, GridMatrix | DenseMatrix
                          "self_attn.o_proj"):
                 m = matrix(pre + part)
                 if part in ("self_attn.q_proj", "self_attn.k_proj"):
-                    rows = m.shape[0] if isinstance(m, GridMatrix) else m.weight.shape[0]
-                    m = _permute_rows(m, rope_permutation(rows, hp.head_dim))
+                    m = _permute_rows(m, rope_permutation(m.shape[0], hp.head_dim))
                 out.append((blk + _LLAMA_NAMES[part] + ".weight", m, pre + part))
         if hp.n_ff[i] > 0:
             out.append((blk + "ffn_norm.weight", vector(pre + "post_attention_layernorm.weight"),
